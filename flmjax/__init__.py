@@ -1,0 +1,1 @@
+"""flmjax: Flow Language Models (FLM) and one-step Flow Map Language Models (FMLM) in JAX."""

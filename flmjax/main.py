@@ -1,0 +1,64 @@
+"""The command line: python -m flmjax.main --config=configs/NAME.py --workdir=DIR --mode=MODE.
+
+Fields of the config can be overridden with --config.FIELD=VALUE.
+Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch) and
+pipeline (every stage in order; today that is prepare).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from flmjax.data import pipeline
+from flmjax.errors import UsageError
+
+SAMPLE_EXAMPLES = 2  # examples of the first batch that prepare prints
+
+
+def prepare(config, workdir: str) -> None:
+  """Builds (or finds) the tokenizer and shards, prints statistics and a sample batch."""
+  prepared = pipeline.prepare(config, workdir)
+  batch = next(iter(pipeline.train_batches(prepared, config.batch_size, config.seed)))
+  if jax.process_index():
+    return
+  meta = prepared.meta
+  print(f"prepared {meta['corpus']} with {meta['tokenizer']} (V = {meta['vocab_size']:,}, "
+        f"L = {meta['seq_len']}) in {prepared.path}")
+  for split, stats in meta["splits"].items():
+    print(f"  {split}: {stats['documents']:,} documents, {stats['tokens']:,} tokens, "
+          f"{stats['examples']:,} examples, {stats['dropped_tail_tokens']:,} tail tokens "
+          "dropped")
+  print(f"  undecodable bytes (read as U+FFFD): {meta['undecodable_bytes']:,}; "
+        f"empty documents left out: {meta['empty_documents']:,}")
+  tokens = batch["tokens"]
+  print(f"first training batch: int32 {list(tokens.shape)}; example 0 starts "
+        f"{tokens[0, :6].tolist()} and ends {tokens[0, -3:].tolist()} (BOS = "
+        f"{meta['bos_id']}, EOS = {meta['eos_id']}); decoded:")
+  for i, text in enumerate(prepared.tokenizer.decode_batch(tokens[:SAMPLE_EXAMPLES])):
+    print(f"  [{i}] {text!r}")
+
+
+MODES = {"prepare": prepare, "pipeline": prepare}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (data, checkpoints, outputs).")
+_MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+  except UsageError as e:
+    print(f"flmjax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

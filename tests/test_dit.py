@@ -1,0 +1,137 @@
+"""The DiT denoiser: shapes, initialisation, caps, rotary, attention paths, sizes."""
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flmjax.models import dit
+
+V, D, L, B = 97, 64, 16, 3
+
+
+def _model(**kw):
+  kw = {"dtype": jnp.float32, **kw}
+  return dit.DiT(V, D, 2, 4, 32, rngs=nnx.Rngs(0), **kw)
+
+
+def _perturb(model, scale=0.3, seed=1):
+  """Random values for every parameter (zero-initialised layers included)."""
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _inputs(seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(k1, (B, L, D)), jax.random.uniform(k2, (B,))
+
+
+def test_output_shape_and_zero_initial_logits():
+  h, tau = _inputs()
+  logits = _model()(h, tau)
+  assert logits.shape == (B, L, V) and logits.dtype == jnp.float32
+  np.testing.assert_array_equal(logits, 0.0)
+
+
+def test_embedding_init_is_uniform_with_bound_one_over_sqrt_d():
+  embed = np.asarray(dit.DiT(4000, D, 1, 4, 32, rngs=nnx.Rngs(0)).vocab_embed[...])
+  bound = 1 / math.sqrt(D)
+  assert np.abs(embed).max() <= bound and np.abs(embed).max() > 0.99 * bound
+  assert abs(embed.var() - bound**2 / 3) < 0.02 * bound**2  # variance of U(-b, b)
+
+
+def test_output_cap_is_30_tanh_of_the_raw_logits():
+  h, tau = _inputs()
+  capped = _perturb(_model(), scale=3.0)
+  raw = _perturb(_model(output_cap=0.0), scale=3.0)
+  raw_logits, capped_logits = raw(h, tau), capped(h, tau)
+  assert np.abs(raw_logits).max() > 60  # large enough for the cap to matter
+  np.testing.assert_allclose(capped_logits, 30 * np.tanh(raw_logits / 30), rtol=1e-5,
+                             atol=1e-4)
+
+
+def _numpy_attention(q, k, v, cap):
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if cap:
+    scores = cap * np.tanh(scores / cap)
+  scores = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", scores / scores.sum(-1, keepdims=True), v)
+
+
+def test_soft_capped_attention_matches_its_definition():
+  q, k, v = (np.asarray(jax.random.normal(key, (2, 8, 2, 16))) for key in
+             jax.random.split(jax.random.key(0), 3))
+  q = 40 * q  # raw scores far above the cap of 50
+  got = dit.attention(q, k, v, softcap=50.0, fused=False)
+  np.testing.assert_allclose(got, _numpy_attention(q, k, v, 50.0), atol=1e-5)
+  assert not np.allclose(got, _numpy_attention(q, k, v, 0.0), atol=1e-3)
+
+
+def test_fused_and_plain_attention_agree_without_cap():
+  h, tau = _inputs()
+  plain = _perturb(_model(attn_softcap=0.0, attention_impl="plain"))
+  fused = _perturb(_model(attn_softcap=0.0, attention_impl="fused"))
+  assert fused.fused and not plain.fused
+  np.testing.assert_allclose(fused(h, tau), plain(h, tau), atol=2e-5)
+
+
+def test_fused_attention_with_a_soft_cap_is_refused():
+  with pytest.raises(ValueError, match="soft cap"):
+    _model(attention_impl="fused")
+
+
+def test_rotary_is_a_rotation_with_relative_positions():
+  x = jax.random.normal(jax.random.key(0), (1, L, 2, 16))
+  rotated = dit.rotary(x)
+  np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1),
+                             jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  q = jnp.broadcast_to(x[:, :1], x.shape)  # the same vector at every position
+  k = jnp.broadcast_to(x[:, 1:2], x.shape)
+  dots = jnp.einsum("bmhd,bnhd->hmn", dit.rotary(q), dit.rotary(k))
+  for offset in (0, 3, -5):  # <R_m q, R_n k> depends on m - n only
+    diag = jnp.diagonal(dots, offset=offset, axis1=1, axis2=2)
+    np.testing.assert_allclose(diag, diag[:, :1] * jnp.ones_like(diag), rtol=1e-4,
+                               atol=1e-4)
+  np.testing.assert_allclose(dit.rotary(x)[:, 0], x[:, 0])  # position 0: identity
+
+
+def test_two_time_model_at_init_equals_the_one_time_model():
+  h, tau_s = _inputs()
+  tau_t = jax.random.uniform(jax.random.key(9), (B,))
+  one = _perturb(_model())
+  two = _model(two_time=True)
+  shared = nnx.state(one)
+  nnx.update(two, shared)  # all but sigma_map_prime, whose last layer stays zero
+  np.testing.assert_allclose(two(h, tau_s, tau_t), one(h, tau_s), atol=1e-6)
+  two.sigma_map_prime.fc2.kernel[...] = jnp.ones_like(two.sigma_map_prime.fc2.kernel[...])
+  assert not np.allclose(two(h, tau_s, tau_t), one(h, tau_s), atol=1e-3)
+
+
+def test_dropout_only_with_a_key():
+  h, tau = _inputs()
+  model = _perturb(_model(dropout_rate=0.5))
+  np.testing.assert_array_equal(model(h, tau), model(h, tau))
+  assert not np.allclose(model(h, tau, dropout_rng=jax.random.key(0)), model(h, tau))
+
+
+def test_bfloat16_blocks_stay_close_to_float32():
+  h, tau = _inputs()
+  exact = _perturb(_model(), scale=0.1)
+  fast = _perturb(_model(dtype=jnp.bfloat16), scale=0.1)
+  np.testing.assert_allclose(fast(h, tau), exact(h, tau), atol=0.05)
+
+
+@pytest.mark.parametrize("vocab, millions", [(30522, 139), (50258, 170)])
+def test_small_config_has_the_papers_parameter_count(vocab, millions):
+  model = nnx.eval_shape(lambda: dit.DiT(vocab, 768, 12, 12, 128, rngs=nnx.Rngs(0)))
+  state = nnx.state(model, nnx.Param)
+  total = sum(x.size for x in jax.tree.leaves(state))
+  blocks = sum(x.size for x in jax.tree.leaves(state["blocks"]))
+  assert round(blocks / 1e6, 1) == 92.1
+  assert abs(total / 1e6 - millions) < 1.0

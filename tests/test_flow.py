@@ -1,0 +1,114 @@
+"""Flow math: stratified times, the FLM loss by hand, latent noise == V-space noise."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flmjax import flow
+from flmjax.models import dit
+from flmjax.schedule import get_schedule
+
+V, D, L, B = 97, 32, 8, 4
+
+
+def test_stratified_uniform_puts_one_draw_in_each_stratum():
+  n = 64
+  u = np.asarray(flow.stratified_uniform(jax.random.key(3), n))
+  np.testing.assert_array_equal(np.floor(np.sort(u) * n), np.arange(n))
+  assert not np.all(np.diff(u) > 0)  # permuted, not sorted
+
+
+def test_flm_loss_equals_a_hand_computed_cross_entropy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  tokens = np.array([[0, 4, 2], [1, 1, 3]])
+  mask = np.array([[1, 1, 0], [1, 0, 1]], np.float32)
+  expected = []
+  for b, l in zip(*np.nonzero(mask)):
+    z = logits[b, l].astype(np.float64)
+    expected.append(np.log(np.exp(z).sum()) - z[tokens[b, l]])
+  embed = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  loss, metrics = flow.flm_loss(lambda h, tau, key: jnp.asarray(logits), embed,
+                                jnp.asarray(tokens), jax.random.key(0), get_schedule(5),
+                                mask=jnp.asarray(mask))
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-6)
+  np.testing.assert_allclose(metrics["cross_entropy"], np.mean(expected), rtol=1e-6)
+  weighted, _ = flow.flm_loss(lambda h, tau, key: jnp.asarray(logits), embed,
+                              jnp.asarray(tokens), jax.random.key(0), get_schedule(5),
+                              mask=jnp.asarray(mask), loss_weight=lambda tau: 0 * tau + 0.5)
+  np.testing.assert_allclose(weighted, np.exp(-0.5) * np.mean(expected) + 0.5, rtol=1e-6)
+
+
+def test_flm_loss_conditions_on_tau_and_corrupts_at_t_of_tau():
+  embed = jax.random.normal(jax.random.key(1), (V, D))
+  tokens = jax.random.randint(jax.random.key(2), (B, L), 0, V)
+  seen = {}
+
+  def denoiser(h, tau, key):
+    seen.update(h=h, tau=tau)
+    return jnp.zeros((B, L, V))
+
+  rng = jax.random.key(5)
+  flow.flm_loss(denoiser, embed, tokens, rng, get_schedule(V))
+  rng_tau, rng_noise, _ = jax.random.split(rng, 3)
+  tau = flow.stratified_uniform(rng_tau, B)
+  np.testing.assert_allclose(seen["tau"], tau)
+  t = get_schedule(V).t(tau)[:, None, None]
+  noise = flow.embedded_noise(rng_noise, embed, (B, L))
+  np.testing.assert_allclose(seen["h"], (1 - t) * noise + t * embed[tokens], atol=1e-5)
+
+
+def test_latent_noise_has_covariance_e_transpose_e():
+  embed = jax.random.normal(jax.random.key(0), (V, D)) / np.sqrt(D)
+  samples = np.asarray(flow.embedded_noise(jax.random.key(1), embed, (200_000,)),
+                       np.float64)
+  gram = np.asarray(embed, np.float64).T @ np.asarray(embed, np.float64)
+  cov = samples.T @ samples / len(samples)
+  assert np.abs(cov - gram).max() < 0.03 * np.abs(gram).max()
+  assert np.abs(samples.mean(0)).max() < 0.02
+
+
+def _random_model(depth=2):
+  """A DiT with every parameter random (no zero-initialised layer)."""
+  graphdef, state = nnx.split(dit.DiT(V, D, depth, 4, 16, rngs=nnx.Rngs(0),
+                                      dtype=jnp.float32))
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return nnx.merge(graphdef, jax.tree.unflatten(
+      treedef, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+
+
+def test_latent_path_equals_v_space_path_for_the_same_noise():
+  model = _random_model()
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V)
+  eps = jax.random.normal(jax.random.key(2), (B, L, V))
+  t = jnp.array([0.1, 0.5, 0.8, 0.95])
+  x_t = flow.interpolate(eps, jax.nn.one_hot(tokens, V), t)
+  embed = model.vocab_embed[...]
+  h_latent = flow.interpolate(model.embed(eps), embed[tokens], t)
+  np.testing.assert_allclose(h_latent, model.embed(x_t), atol=1e-5)
+  tau = jnp.array([0.2, 0.4, 0.6, 0.8])
+  np.testing.assert_allclose(model(h_latent, tau), model(model.embed(x_t), tau), atol=1e-4)
+
+
+def test_gradients_are_finite_on_both_paths():
+  graphdef, params = nnx.split(_random_model(depth=1))
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V)
+
+  def loss(params, latent):
+    m = nnx.merge(graphdef, params)
+    return flow.flm_loss(lambda h, tau, key: m(h, tau), m.vocab_embed[...], tokens,
+                         jax.random.key(3), get_schedule(V), latent=latent)[0]
+
+  for latent in (True, False):
+    value, grads = jax.value_and_grad(loss)(params, latent)
+    leaves = jax.tree.leaves(grads)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in leaves)
+    assert all(np.abs(g).max() > 0 for g in leaves)
+
+
+def test_velocity_definition():
+  x, denoised, t = jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.array([0.5, 0.0])
+  np.testing.assert_allclose(flow.velocity(x, denoised, t),
+                             [[-1 / (0.5 + 1e-5)] * 3, [-1 / (1 + 1e-5)] * 3], rtol=1e-6)

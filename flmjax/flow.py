@@ -69,9 +69,13 @@ def noisy_latent(rng: jax.Array, embed: jax.Array, tokens: jax.Array, t: jax.Arr
 
 
 def token_cross_entropy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """-log softmax(logits)[token], [B, L] float32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  """-log softmax(logits)[token] = logsumexp(logits) - logits[token], [B, L] float32.
+
+  Written without log_softmax so that no second [B, L, V] array is kept for backward.
+  """
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.Array,

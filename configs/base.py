@@ -63,6 +63,49 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute type of the blocks' matmuls and attention; parameters stay float32.
   config.model.dtype = "bfloat16"
 
+  config.train = ml_collections.ConfigDict()
+  # Optimizer updates in the whole run (the paper trains the teacher for 1M).
+  config.train.steps = 1_000_000
+  # AdamW (REFERENCE.md section 6): peak learning rate, betas, epsilon, weight decay.
+  config.train.learning_rate = 3e-4
+  config.train.b1 = 0.9
+  config.train.b2 = 0.999
+  config.train.eps = 1e-8
+  config.train.weight_decay = 0.0
+  # Gradients are clipped to this global norm before AdamW (0 turns clipping off).
+  config.train.grad_clip = 1.0
+  # Linear warmup from 0 over this many steps, then a constant learning rate.
+  config.train.warmup_steps = 2500
+  # EMA of the parameters, decay min(ema_decay, (1 + n) / (10 + n)) after update n.
+  config.train.ema_decay = 0.9999
+  # Split each global batch into this many sequential parts (gradient accumulation) when
+  # it does not fit in memory; the update is the same up to float rounding.
+  config.train.grad_accum = 1
+  # Steps between progress lines / metrics.jsonl entries (averages over the window).
+  config.train.log_every = 100
+  # Steps between validation losses (EMA weights, fixed noise) over at most
+  # eval_batches batches of the validation split (0: all of it).
+  config.train.eval_every = 5000
+  config.train.eval_batches = 16
+  # Steps between decoded samples (EMA weights, Euler sampler) in WORKDIR/samples/.
+  config.train.sample_every = 5000
+  config.train.sample_steps = 8
+  config.train.num_samples = 4
+  # Steps between checkpoints; keep the last keep_checkpoints of them, plus every
+  # keep_period-th step (0: none kept apart).
+  config.train.checkpoint_every = 5000
+  config.train.keep_checkpoints = 3
+  config.train.keep_period = 100_000
+
+  config.mesh = ml_collections.ConfigDict()
+  # Device mesh (data, fsdp, tensor); one size may be -1 to take the remaining devices.
+  # Batches split over data x fsdp; parameters and optimizer state shard over fsdp.
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  # Multi-process runs (TPU pods, GPU clusters): call jax.distributed.initialize().
+  config.distributed = False
+
   # How the noise is drawn: "latent" draws eps @ E ~ N(0, E^T E) in D dimensions and
   # samples in D dimensions; "vocab" builds the V-dimensional noise (for parity checks).
   config.noise = "latent"

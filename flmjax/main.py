@@ -1,17 +1,20 @@
 """The command line: python -m flmjax.main --config=configs/NAME.py --workdir=DIR --mode=MODE.
 
 Fields of the config can be overridden with --config.FIELD=VALUE.
-Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch) and
-pipeline (every stage in order; today that is prepare).
+Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch), train
+(the FLM teacher; resumes from WORKDIR/checkpoints) and pipeline (every stage in order;
+today prepare and train).
 """
 
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
+from flmjax import train
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 
@@ -41,7 +44,12 @@ def prepare(config, workdir: str) -> None:
     print(f"  [{i}] {text!r}")
 
 
-MODES = {"prepare": prepare, "pipeline": prepare}
+def run_pipeline(config, workdir: str) -> None:
+  prepare(config, workdir)
+  train.train(config, workdir)
+
+
+MODES = {"prepare": prepare, "train": train.train, "pipeline": run_pipeline}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -50,15 +58,37 @@ _MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _fail(message: str) -> None:
+  print(f"flmjax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a one-line error for a config override that does not exist
+  (ml_collections raises AttributeError/KeyError naming the field)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _fail(f"unknown config field {e}; configs/base.py lists every field.")
+  except flags.Error as e:
+    _fail(f"{e}; see --help.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request
+    logging.set_verbosity(logging.WARNING)
   try:
     MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UsageError as e:
-    print(f"flmjax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
+  except FloatingPointError as e:
+    print(f"flmjax: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    sys.exit(130)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

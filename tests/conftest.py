@@ -23,6 +23,16 @@ def small_config(**data):
   return config
 
 
+def train_config(**train):
+  """small_config() with a model and run small enough for a few seconds of training."""
+  config = small_config()
+  config.model.update(width=32, depth=1, heads=2, cond_width=16, dtype="float32")
+  config.train.update(steps=4, warmup_steps=2, log_every=1, eval_every=0, eval_batches=2,
+                      sample_every=0, sample_steps=2, num_samples=2, checkpoint_every=2)
+  config.train.update(train)
+  return config
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
   """The embedded corpus prepared with small_config()."""

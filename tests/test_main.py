@@ -1,6 +1,9 @@
 """The command line, run as a user runs it."""
 
+import json
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 
@@ -30,4 +33,47 @@ def test_bad_input_exits_with_a_message(tmp_path):
               "--config.data.path=/nonexistent/corpus", *SMALL)
   assert run.returncode == 2
   assert "flmjax: error: data.path=/nonexistent/corpus does not exist" in run.stderr
+  assert "Traceback" not in run.stderr
+
+
+TRAIN = SMALL + ["--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2",
+                 "--config.model.cond_width=16", "--config.train.log_every=1",
+                 "--config.train.warmup_steps=2", "--config.train.eval_every=0",
+                 "--config.train.eval_batches=2", "--config.train.sample_every=0",
+                 "--config.train.num_samples=2", "--config.train.sample_steps=2"]
+
+
+def test_train_is_stopped_by_sigterm_and_resumes(tmp_path):
+  process = subprocess.Popen(
+      [sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
+       f"--workdir={tmp_path}", "--mode=train", "--config.train.steps=100000",
+       "--config.train.checkpoint_every=0", *TRAIN],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  for line in process.stdout:
+    if line.startswith("step 3/"):
+      process.send_signal(signal.SIGTERM)
+      break
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  saved = re.search(r"SIGTERM: saved step (\d+)", out)
+  assert saved, out
+  step = int(saved.group(1))
+  assert (tmp_path / "checkpoints" / str(step)).is_dir()
+  assert json.loads((tmp_path / "config.json").read_text())["config"]["train"]["steps"] == 100000
+  run = _main(tmp_path, "--mode=train", f"--config.train.steps={step + 2}", *TRAIN)
+  assert run.returncode == 0, run.stderr
+  assert f"resumed from {tmp_path / 'checkpoints'} at step {step}" in run.stdout
+  assert f"step {step + 2}/{step + 2}" in run.stdout
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert [l["step"] for l in lines if "loss" in l][-3:] == [step, step + 1, step + 2]
+  assert "valid_loss" in lines[-1]
+  samples = json.loads((tmp_path / "samples" / f"step_{step + 2}.json").read_text())
+  assert len(samples["samples"]) == 2 and samples["sampler"] == "euler"
+
+
+def test_unknown_config_field_is_named(tmp_path):
+  run = _main(tmp_path, "--mode=train", "--config.train.stpes=3")
+  assert run.returncode == 2
+  assert "flmjax: error: unknown config field" in run.stderr and "stpes" in run.stderr
   assert "Traceback" not in run.stderr

@@ -1,0 +1,15 @@
+"""The paper's LM1B teacher: DiT small, BERT WordPiece (V = 30522), L = 128, batch 512.
+
+Needs Hugging Face datasets with internet access, and bert-base-uncased's vocab.txt:
+  --config.tokenizer.path=/path/to/vocab.txt
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.data.corpus = "lm1b"
+  config.data.seq_len = 128
+  config.tokenizer.kind = "bert"
+  return config

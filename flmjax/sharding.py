@@ -1,0 +1,85 @@
+"""Device mesh and partition rules: one code path from one CPU to a pod.
+
+The mesh has axes (data, fsdp, tensor); sizes come from `config.mesh`, and one size of -1
+takes the devices left over. Batches are split over (data, fsdp). Parameters carry logical
+axis names (flmjax/models/dit.py) that RULES maps to mesh axes: with fsdp > 1 the
+parameters, optimizer state and EMA are sharded over `fsdp` (ZeRO-3 style, gathered by
+XLA where used); `tensor` splits heads, MLP and vocabulary. A dimension that a mesh axis
+does not divide is kept whole rather than padded.
+"""
+
+import math
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+import ml_collections
+
+from flmjax.errors import UsageError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "cond": None,
+    "freq": None,
+}
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize() when the config asks for a multi-process run; the
+  cluster (TPU pod, SLURM, coordinator variables) is discovered by JAX itself."""
+  if config.distributed:
+    jax.distributed.initialize()
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, device_count: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor) from `config.mesh`, with one -1 filled in."""
+  sizes = [cfg[axis] for axis in AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UsageError(f"mesh {dict(zip(AXES, sizes))}: sizes must be positive, with at most "
+                     "one -1 (which takes the remaining devices).")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if device_count % known:
+      raise UsageError(f"mesh {dict(zip(AXES, sizes))}: {device_count} devices are not a "
+                       f"multiple of {known}.")
+    sizes[sizes.index(-1)] = device_count // known
+  if math.prod(sizes) != device_count:
+    raise UsageError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"but {device_count} are present; set one of config.mesh.* to -1.")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh(mesh_shape(cfg, len(devices)), AXES, devices=devices,
+                       axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Rows over (data, fsdp), everything else whole."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_sharding(names, shape, mesh: jax.sharding.Mesh) -> NamedSharding:
+  """A NamedSharding for an array of `shape` whose axes have logical `names`."""
+  used, spec = set(), []
+  for name, size in zip(names or (None,) * len(shape), shape):
+    axis = RULES.get(name) if name else None
+    if axis is None or axis in used or size % mesh.shape[axis]:
+      spec.append(None)
+    else:
+      spec.append(axis)
+      used.add(axis)
+  return NamedSharding(mesh, PartitionSpec(*spec))

@@ -1,0 +1,427 @@
+"""The one training loop: FLM teacher training now, distillation by swapping the objective.
+
+The train state is a plain pytree {step, params, ema, opt_state, rng}; `train_step` is a
+pure function of (state, batch, frozen) jitted with the mesh's shardings and with the
+state donated. An objective is any function (model, batch, rng, frozen) -> (loss,
+metrics); `frozen` holds arrays it reads but does not train (a distillation teacher), and
+is None for FLM.
+
+Recipe (REFERENCE.md section 6): AdamW with gradient clipping by global norm, linear
+warmup then constant; EMA with decay min(ema_decay, (1 + n) / (10 + n)) after the n-th
+update. Validation loss and samples use the EMA weights.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import signal
+import time
+from typing import Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flmjax import checkpoint, flow, sampling, sharding
+from flmjax.data import pipeline
+from flmjax.errors import UsageError
+from flmjax.models import dit
+from flmjax.schedule import get_schedule
+
+Objective = Callable  # (model, batch, rng, frozen) -> (loss, metrics)
+
+
+def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 over `warmup_steps`, then constant."""
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate,
+                                                     cfg.warmup_steps),
+                               optax.constant_schedule(cfg.learning_rate)],
+                              [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW (the `train` section of a config)."""
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+      optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay))
+
+
+def ema_decay(updates: jax.Array, max_decay: float) -> jax.Array:
+  """The EMA decay after `updates` optimizer updates: min(max, (1 + n) / (10 + n))."""
+  return jnp.minimum(max_decay, (1.0 + updates) / (10.0 + updates))
+
+
+def denoising_objective(config: ml_collections.ConfigDict, vocab_size: int, *,
+                        dropout: bool = True) -> Objective:
+  """The FLM cross entropy (flow.flm_loss) of the model; dropout only when training."""
+  if config.noise not in ("latent", "vocab"):
+    raise UsageError(f"noise={config.noise!r} must be 'latent' or 'vocab'.")
+  schedule = get_schedule(vocab_size)
+
+  def objective(model, batch, rng, frozen):
+    del frozen
+
+    def denoiser(h, tau, key):
+      return model(h, tau, dropout_rng=key if dropout else None)
+
+    return flow.flm_loss(denoiser, model.vocab_embed[...], batch["tokens"], rng, schedule,
+                         latent=config.noise == "latent",
+                         loss_weight=model.loss_weight if model.loss_weight_mlp else None)
+  return objective
+
+
+def _microbatches(batch, count: int):
+  """[B, ...] -> [count, B / count, ...] with microbatch i = rows i::count, so each device
+  keeps its share of every microbatch."""
+  def split(x):
+    return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: dict, batch: dict, frozen, *, graphdef, tx, objective: Objective,
+               cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """One optimizer update on the global batch (accumulated over cfg.grad_accum parts)."""
+  rng = jax.random.fold_in(state["rng"], state["step"])
+
+  def loss_fn(params, microbatch, key):
+    return objective(nnx.merge(graphdef, params), microbatch, key, frozen)
+
+  def gradients(microbatch, key):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], microbatch, key)
+    return grads, metrics
+
+  if cfg.grad_accum == 1:
+    grads, metrics = gradients(batch, rng)
+  else:
+    parts = _microbatches(batch, cfg.grad_accum)
+    keys = jax.random.split(rng, cfg.grad_accum)
+    total = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+        gradients, jax.tree.map(lambda x: x[0], parts), keys[0]))
+    (grads, metrics), _ = jax.lax.scan(
+        lambda total, part: (jax.tree.map(jnp.add, total, gradients(*part)), None),
+        total, (parts, keys))
+    grads, metrics = jax.tree.map(lambda x: x / cfg.grad_accum, (grads, metrics))
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  decay = ema_decay(state["step"] + 1, cfg.ema_decay)
+  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                 lr=learning_rate(cfg)(state["step"]),
+                 # the step number if this step's loss is not finite, else 0
+                 nonfinite_step=jnp.where(jnp.isfinite(metrics["loss"]), 0, state["step"] + 1))
+  return dict(state, step=state["step"] + 1, params=params, ema=ema,
+              opt_state=opt_state), metrics
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run is made of: the mesh, the model's graph and the state's layout."""
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  state_shardings: dict
+  abstract_state: dict
+
+  @property
+  def param_shardings(self):
+    return self.state_shardings["params"]
+
+
+def plan(config: ml_collections.ConfigDict, params_fn: Callable, mesh) -> Run:
+  """Shapes and shardings of the train state whose params come from `params_fn()` (a
+  function returning an nnx Module of Params), without allocating anything."""
+  tx = make_optimizer(config.train)
+  abstract_model = nnx.eval_shape(params_fn)
+  graphdef, abstract_params = nnx.split(abstract_model)
+  names = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  param_shardings = jax.tree.map(
+      lambda x, spec: sharding.logical_sharding(tuple(spec), x.shape, mesh),
+      abstract_params, names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  replicated = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  shardings = {"step": replicated, "params": param_shardings, "ema": param_shardings,
+               "opt_state": opt_shardings, "rng": replicated}
+  abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+                    "params": abstract_params, "ema": abstract_params,
+                    "opt_state": abstract_opt,
+                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      shardings)
+  return Run(mesh, graphdef, tx, shardings, abstract_state)
+
+
+def init_state(run: Run, params_fn: Callable, seed: int) -> dict:
+  """A fresh train state, created directly with its shardings."""
+  def init():
+    params = nnx.to_pure_dict(nnx.state(params_fn(), nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
+            "opt_state": run.tx.init(params), "rng": jax.random.PRNGKey(seed)}
+  return jax.jit(init, out_shardings=run.state_shardings)()
+
+
+def compile_step(run: Run, objective: Objective, cfg, frozen_shardings=None):
+  """train_step jitted with the run's shardings; the state is donated."""
+  batch_sharding = sharding.batch_sharding(run.mesh)
+  return jax.jit(
+      functools.partial(train_step, graphdef=run.graphdef, tx=run.tx, objective=objective,
+                        cfg=cfg),
+      in_shardings=(run.state_shardings, batch_sharding, frozen_shardings),
+      out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+      donate_argnums=0)
+
+
+def say(message: str) -> None:
+  """A line for the person running the job (process 0 only)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def check_workdir(workdir: str) -> pathlib.Path:
+  """Creates the workdir and proves it writable, before anything is compiled."""
+  path = pathlib.Path(workdir).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UsageError(f"--workdir={workdir} is not writable ({e.strerror}); choose another "
+                     "directory.") from None
+  return path
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+class Logger:
+  """metrics.jsonl and a progress line on process 0; TensorBoard when tensorboardX is
+  installed."""
+
+  def __init__(self, workdir: pathlib.Path, total_steps: int):
+    self.main = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.metrics_file = workdir / "metrics.jsonl"
+    self.tensorboard = None
+    if self.main:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+      except ImportError:
+        pass
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.main:
+      return
+    with self.metrics_file.open("a") as f:
+      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if self.tensorboard is not None:
+      for name, value in metrics.items():
+        if isinstance(value, (int, float)):
+          self.tensorboard.add_scalar(name, value, step)
+      self.tensorboard.flush()
+
+  def progress(self, step: int, metrics: dict) -> None:
+    eta = (self.total_steps - step) * metrics["step_seconds"]
+    say(f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | grad "
+        f"{metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
+        f"{metrics['tokens_per_second']:,.0f} tokens/s | {metrics['step_seconds']:.3f} s/step "
+        f"| ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+
+def make_validation(objective: Objective, graphdef, prepared, config, mesh):
+  """A function params -> mean objective over the validation split (at most
+  config.train.eval_batches batches, None if it has no full batch), with fixed noise so
+  that values are comparable across a run."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  rng = jax.random.PRNGKey(config.seed + 1)
+
+  @jax.jit
+  def loss(params, batch, key):
+    return objective(nnx.merge(graphdef, params), batch, key, None)[0]
+
+  def validate(params) -> float | None:
+    total, count = 0.0, 0
+    for i, local in enumerate(pipeline.eval_batches(prepared, "valid", config.batch_size)):
+      if count == config.train.eval_batches:
+        break
+      total += float(loss(params, pipeline.to_global(local, batch_sharding),
+                          jax.random.fold_in(rng, i)))
+      count += 1
+    return total / count if count else None
+  return validate
+
+
+def write_samples(workdir: pathlib.Path, step: int, graphdef, params, tokenizer, config,
+                  rng) -> list[str]:
+  """Euler samples of the EMA model, decoded, saved as samples/step_STEP.json."""
+  start = time.perf_counter()
+  tokens = np.asarray(sampling.sample_flm(graphdef, params, rng, config.train.num_samples,
+                                          config.data.seq_len, config.train.sample_steps))
+  seconds = time.perf_counter() - start
+  texts = tokenizer.decode_batch(tokens)
+  if jax.process_index() == 0:
+    folder = workdir / "samples"
+    folder.mkdir(exist_ok=True)
+    (folder / f"step_{step}.json").write_text(json.dumps(
+        {"step": step, "sampler": "euler", "steps": config.train.sample_steps,
+         "seconds_per_sample": seconds / len(texts), "samples": texts}, indent=1))
+  return texts
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prepared, *,
+        params_fn: Callable, objective: Objective, frozen=None, frozen_shardings=None,
+        kind: str = "flm") -> dict:
+  """Trains from WORKDIR's latest checkpoint (or from `params_fn()`) to
+  config.train.steps, and returns the final train state.
+
+  `kind` names the run ("flm" for the teacher) in its checkpoints, so that a checkpoint
+  of another kind is refused.
+  """
+  path = check_workdir(workdir)
+  cfg = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  parallel = sharding.data_parallel_size(mesh)
+  if config.batch_size % (parallel * cfg.grad_accum):
+    raise UsageError(f"batch_size={config.batch_size} must be a multiple of the data-parallel "
+                     f"size {parallel} (mesh data x fsdp) times train.grad_accum="
+                     f"{cfg.grad_accum}.")
+  run = plan(config, params_fn, mesh)
+  record = dict(checkpoint.run_record(config, prepared.tokenizer.vocab_size,
+                                      prepared.tokenizer.fingerprint), kind=kind)
+  checkpoints = checkpoint.Checkpoints(path / "checkpoints", cfg.keep_checkpoints,
+                                       cfg.keep_period)
+  batches = iter(pipeline.train_batches(prepared, config.batch_size, config.seed))
+  last_saved = checkpoints.latest_step()
+  if last_saved is None:
+    state = init_state(run, params_fn, config.seed)
+  else:
+    saved = checkpoints.record(last_saved)
+    if saved.get("kind") != kind:
+      raise UsageError(f"{path / 'checkpoints'} holds a {saved.get('kind')!r} run, not "
+                       f"{kind!r}; use another --workdir.")
+    checkpoint.check_compatible(saved, record, str(path / "checkpoints"))
+    state = checkpoints.restore(last_saved, run.abstract_state, batches)
+    say(f"resumed from {path / 'checkpoints'} at step {last_saved}")
+  if jax.process_index() == 0:
+    (path / "config.json").write_text(json.dumps(record, indent=1))
+
+  step_fn = compile_step(run, objective, cfg, frozen_shardings)
+  validate = make_validation(denoising_objective(config, prepared.tokenizer.vocab_size,
+                                                 dropout=False),
+                             run.graphdef, prepared, config, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  logger = Logger(path, cfg.steps)
+  stop = _StopRequest()
+  step = int(state["step"])
+  window, first_bad, window_steps, window_start = None, None, 0, time.perf_counter()
+
+  def due(every: int) -> bool:
+    return step == cfg.steps or bool(every and step % every == 0)
+
+  def check_finite():
+    if first_bad is not None and int(first_bad):
+      raise FloatingPointError(
+          f"the loss became NaN or inf at step {int(first_bad)}; stopping. The last good "
+          f"checkpoint is step {last_saved} in {path / 'checkpoints'}.")
+
+  def save():
+    nonlocal last_saved
+    check_finite()
+    if step != last_saved:
+      checkpoints.save(step, state, batches, record)
+      last_saved = step
+
+  try:
+    while step < cfg.steps:
+      state, metrics = step_fn(state, pipeline.to_global(next(batches), batch_sharding),
+                               frozen)
+      step += 1
+      nonfinite = metrics.pop("nonfinite_step")
+      first_bad = nonfinite if first_bad is None else jnp.where(first_bad > 0, first_bad,
+                                                                nonfinite)
+      window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+      window_steps += 1
+      if due(cfg.log_every) or stop.requested:
+        check_finite()
+        elapsed = time.perf_counter() - window_start
+        summary = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+        summary.update(step_seconds=elapsed / window_steps, tokens_per_second=(
+            config.batch_size * config.data.seq_len * window_steps / elapsed))
+        logger.write(step, summary)
+        logger.progress(step, summary)
+        window, window_steps, window_start = None, 0, time.perf_counter()
+      if due(cfg.eval_every):
+        valid = validate(state["ema"])
+        if valid is not None:
+          logger.write(step, {"valid_loss": valid})
+          say(f"step {step} | validation loss (EMA) {valid:.4f}")
+      if due(cfg.sample_every):
+        texts = write_samples(path, step, run.graphdef, state["ema"], prepared.tokenizer,
+                              config, jax.random.PRNGKey(config.seed))
+        say(f"step {step} | sample: {texts[0][:200]!r}")
+      if due(cfg.checkpoint_every) or stop.requested:
+        save()
+      if stop.requested:
+        say(f"SIGTERM: saved step {step} to {path / 'checkpoints'}; stopping")
+        break
+  except KeyboardInterrupt:
+    save()
+    say(f"interrupted: saved step {step} to {path / 'checkpoints'}")
+    raise
+  finally:
+    stop.restore()
+    checkpoints.close()
+  return state
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`--mode=train`: the FLM teacher."""
+  sharding.initialize_distributed(config)
+  check_workdir(workdir)
+  if config.model.two_time:
+    raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
+                     "one-time FLM teacher.")
+  prepared = pipeline.prepare(config, workdir)
+  vocab_size = prepared.tokenizer.vocab_size
+
+  def params_fn():
+    return dit.from_config(config.model, vocab_size, nnx.Rngs(config.seed))
+
+  return fit(config, workdir, prepared, params_fn=params_fn,
+             objective=denoising_objective(config, vocab_size))
+
+
+def model_flops_per_token(config: ml_collections.ConfigDict, vocab_size: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward): the blocks' and output
+  layer's matmuls (2 per multiply-add) and attention's two L x L products. The input
+  projection is a gather in latent form and not counted."""
+  d, depth, length = config.model.width, config.model.depth, config.data.seq_len
+  block = 3 * d * d + d * d + 2 * config.model.mlp_ratio * d * d
+  forward = 2 * (depth * block + d * vocab_size) + depth * 4 * length * d
+  return 3.0 * forward
+

@@ -106,6 +106,32 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-process runs (TPU pods, GPU clusters): call jax.distributed.initialize().
   config.distributed = False
 
+  config.distill = ml_collections.ConfigDict()
+  # --mode=distill: the FMLM student (REFERENCE.md section 5). It starts from the EMA
+  # weights of the FLM run in config.teacher_checkpoint and trains with the loop above,
+  # with these fields in place of train.steps, train.learning_rate, train.b2 and
+  # batch_size (0 keeps batch_size).
+  config.distill.objective = "semigroup"  # "semigroup" (PSD), "eulerian" or "lagrangian"
+  config.distill.diagonal_fraction = 0.5  # rows with s = t, target the teacher's D_s
+  config.distill.boundary_fraction = (1 - 0.5) / 32  # rows with tau_s = 0, tau_t = 1
+  config.distill.steps = 100_000
+  config.distill.learning_rate = 3e-4
+  config.distill.b2 = 0.95
+  config.distill.batch_size = 0
+  # The teacher for --mode=distill: a --mode=train workdir (its latest EMA weights).
+  config.teacher_checkpoint = ""
+
+  config.sample = ml_collections.ConfigDict()
+  # --mode=sample: weights from config.checkpoint (a train/distill workdir or an export);
+  # FLM teachers use the Euler sampler, FMLM students the flow-map sampler.
+  config.sample.steps = 1
+  config.sample.num_samples = 16
+  # Churn of the flow-map sampler in [0, 1]: 0 is the deterministic flow map; the paper
+  # evaluates LM1B with 0.8 and OWT with 1.0. Also used by the samples taken during
+  # distillation.
+  config.sample.gamma = 0.0
+  config.checkpoint = ""
+
   # How the noise is drawn: "latent" draws eps @ E ~ N(0, E^T E) in D dimensions and
   # samples in D dimensions; "vocab" builds the V-dimensional noise (for parity checks).
   config.noise = "latent"

@@ -1,8 +1,9 @@
 """Orbax checkpoints: the train state, the Grain iterator position and the run's config.
 
 Each step directory WORKDIR/checkpoints/STEP holds three items: `state` (step, params, EMA,
-optimizer state, RNG), `data` (every process's Grain iterator state) and `config` (the
-resolved config, V, tokenizer fingerprint and git hash, as JSON). Saving is asynchronous;
+optimizer state, RNG), `data` (every process's Grain iterator state) and `config` (the run
+record: kind, resolved config, V, tokenizer and git hash, as JSON). An export
+(DIR/params + DIR/record.json) holds weights only, for sampling and as a teacher. Saving is asynchronous;
 restoring places every array directly with the shardings of the current mesh, so a run
 can resume on another device count.
 """
@@ -33,16 +34,21 @@ def git_hash() -> str | None:
     return None
 
 
-def run_record(config: ml_collections.ConfigDict, vocab_size: int,
-               tokenizer_fingerprint: str) -> dict:
-  """What a checkpoint says about the run that wrote it."""
-  return {"config": json.loads(config.to_json_best_effort()), "vocab_size": vocab_size,
-          "tokenizer_fingerprint": tokenizer_fingerprint, "git": git_hash()}
+def run_record(config: ml_collections.ConfigDict, tokenizer, kind: str) -> dict:
+  """What a checkpoint says about the run that wrote it: its kind ("flm" teacher or
+  "fmlm" student), resolved config, V, tokenizer (to decode samples later) and commit."""
+  return {"kind": kind, "config": json.loads(config.to_json_best_effort()),
+          "vocab_size": tokenizer.vocab_size,
+          "tokenizer": {"kind": tokenizer.kind, "source": tokenizer.source,
+                        "fingerprint": tokenizer.fingerprint},
+          "git": git_hash()}
 
 
 def check_compatible(saved: dict, current: dict, where: str) -> None:
   """Refuses a checkpoint whose architecture or vocabulary differs from this run's."""
   diffs = []
+  if saved.get("kind") != current["kind"]:
+    diffs.append(f"kind {saved.get('kind')!r} != {current['kind']!r}")
   if saved["vocab_size"] != current["vocab_size"]:
     diffs.append(f"vocab_size {saved['vocab_size']} != {current['vocab_size']}")
   for section in ARCHITECTURE_KEYS:
@@ -104,3 +110,47 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def export(directory: pathlib.Path, params, record: dict) -> None:
+  """Weights only (params, e.g. the EMA) and the run record, in DIRECTORY/{params,
+  record.json}; what `--mode=sample` and distillation load."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save((directory / "params").absolute(), params, force=True)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    (directory / "record.json").write_text(json.dumps(record, indent=1))
+
+
+def _locate(directory: pathlib.Path) -> tuple[str, pathlib.Path, int | None]:
+  for folder in (directory, directory / "export"):
+    if (folder / "params").is_dir() and (folder / "record.json").is_file():
+      return "export", folder, None
+  if (directory / "checkpoints").is_dir():
+    step = Checkpoints(directory / "checkpoints").latest_step()
+    if step is not None:
+      return "checkpoint", directory / "checkpoints", step
+  raise UsageError(f"{directory} holds no flmjax checkpoint (checkpoints/STEP) or export "
+                   "(params + record.json); point it at a training or distillation workdir.")
+
+
+def read_record(directory: str | pathlib.Path) -> dict:
+  """The run record of the weights in `directory` (a workdir or an export)."""
+  kind, folder, step = _locate(pathlib.Path(directory).expanduser())
+  if kind == "export":
+    return json.loads((folder / "record.json").read_text())
+  return Checkpoints(folder).record(step)
+
+
+def load_ema(directory: str | pathlib.Path, abstract_params):
+  """The EMA weights in `directory` (an export, or a workdir's latest checkpoint), placed
+  as the ShapeDtypeStructs of `abstract_params` say."""
+  kind, folder, step = _locate(pathlib.Path(directory).expanduser())
+  if kind == "export":
+    return ocp.StandardCheckpointer().restore((folder / "params").absolute(), abstract_params)
+  target = {"ema": abstract_params}
+  restore = ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)
+  return Checkpoints(folder).manager.restore(
+      step, args=ocp.args.Composite(state=restore))["state"]["ema"]

@@ -16,6 +16,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 VELOCITY_EPS = 1e-5  # the reference's guard on 1 - t in the velocity
@@ -48,18 +49,43 @@ def noise_factor(embed: jax.Array) -> jax.Array:
 
 
 def embedded_noise(rng: jax.Array, embed: jax.Array, shape: tuple[int, ...],
-                   latent: bool = True) -> jax.Array:
+                   latent: bool = True, factor: jax.Array | None = None) -> jax.Array:
   """eps @ E [*shape, D] for eps ~ N(0, I_V) [*shape, V].
 
-  Latent (the default when V > D): xi @ C^T with xi ~ N(0, I_D), never building eps.
+  Latent (the default when V > D): xi @ C^T with xi ~ N(0, I_D), never building eps;
+  `factor` is C when the caller has it already (samplers draw at every step).
   Otherwise (or when V <= D, where E^T E is singular) eps is drawn and projected.
   """
   vocab_size, dim = embed.shape
   if latent and vocab_size > dim:
     xi = jax.random.normal(rng, (*shape, dim), jnp.float32)
-    return jnp.matmul(xi, noise_factor(embed).T, precision=HIGHEST)
+    factor = noise_factor(embed) if factor is None else factor
+    return jnp.matmul(xi, factor.T, precision=HIGHEST)
   eps = jax.random.normal(rng, (*shape, vocab_size), jnp.float32)
   return jnp.matmul(eps, embed, precision=HIGHEST)
+
+
+def joint_embedded_noise(rng: jax.Array, embeds: tuple[jax.Array, ...],
+                         shape: tuple[int, ...], latent: bool = True) -> list[jax.Array]:
+  """[eps @ E_1, eps @ E_2, ...] for ONE eps ~ N(0, I_V), as when a teacher and a student
+  with different projections read the same noisy input. Without gradient.
+
+  Latent: xi @ F^T with xi ~ N(0, I_{sum D}) and F F^T = M^T M for M = [E_1, E_2, ...],
+  F from an eigendecomposition, since M^T M is singular whenever the E_i are linearly
+  dependent (a student starts with the teacher's E). The gradient through the noise is
+  left out (only this path does so; E still learns through the data and the flow map).
+  """
+  stacked = jnp.concatenate(embeds, axis=1)
+  if latent:
+    eigenvalues, vectors = jnp.linalg.eigh(jnp.matmul(stacked.T, stacked, precision=HIGHEST))
+    factor = vectors * jnp.sqrt(jnp.maximum(eigenvalues, 0))
+    xi = jax.random.normal(rng, (*shape, stacked.shape[1]), jnp.float32)
+    noise = jnp.matmul(xi, factor.T, precision=HIGHEST)
+  else:
+    eps = jax.random.normal(rng, (*shape, stacked.shape[0]), jnp.float32)
+    noise = jnp.matmul(eps, stacked, precision=HIGHEST)
+  noise = jax.lax.stop_gradient(noise)
+  return jnp.split(noise, np.cumsum([e.shape[1] for e in embeds])[:-1].tolist(), axis=-1)
 
 
 def noisy_latent(rng: jax.Array, embed: jax.Array, tokens: jax.Array, t: jax.Array,
@@ -100,3 +126,42 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   count = jnp.maximum(mask.sum(), 1.0)
   loss = (token_loss * mask).sum() / count
   return loss, {"loss": loss, "cross_entropy": (cross_entropy * mask).sum() / count}
+
+
+# --- The flow map (REFERENCE.md section 5) -------------------------------------------
+
+DENOMINATOR_EPS = 1e-8  # the reference's guard in the semigroup coefficients
+
+
+def _column(x, ndim):
+  return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def flow_map(x, denoised, s, t):
+  """X_{s,t}(x) = ((1 - t) / (1 - s)) x + ((t - s) / (1 - s)) delta_{s,t}(x); s, t [B]."""
+  s, t = _column(s, x.ndim), _column(t, x.ndim)
+  one_minus_s = 1 - s + DENOMINATOR_EPS
+  return (1 - t) / one_minus_s * x + (t - s) / one_minus_s * denoised
+
+
+def semigroup_weight(s, u, t):
+  """lambda = (1 - t)(u - s) / ((1 - u)(t - s)): delta_{s,t} = lambda delta_{s,u} +
+  (1 - lambda) delta_{u,t}(X_{s,u}) for an exact flow map; in [0, 1] for s <= u <= t."""
+  return (1 - t) * (u - s) / ((1 - u) * (t - s) + DENOMINATOR_EPS)
+
+
+def soft_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
+  """-sum_v target[v] log softmax(logits)[v], [B, L] float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(target * logp, axis=-1)
+
+
+def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
+  """Euclidean projection onto the probability simplex (entmax with alpha = 2)."""
+  z = jnp.moveaxis(z, axis, -1)
+  z_sorted = -jnp.sort(-z, axis=-1)
+  cumulative = jnp.cumsum(z_sorted, axis=-1) - 1
+  k = jnp.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+  support = jnp.sum(z_sorted - cumulative / k > 0, axis=-1, keepdims=True)
+  threshold = jnp.take_along_axis(cumulative, support - 1, axis=-1) / support
+  return jnp.moveaxis(jnp.maximum(z - threshold, 0), -1, axis)

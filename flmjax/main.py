@@ -2,10 +2,12 @@
 
 Fields of the config can be overridden with --config.FIELD=VALUE.
 Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch), train
-(the FLM teacher; resumes from WORKDIR/checkpoints) and pipeline (every stage in order;
-today prepare and train).
+(the FLM teacher; resumes from WORKDIR/checkpoints), distill (the FMLM student from
+--config.teacher_checkpoint), sample (from --config.checkpoint) and pipeline (prepare,
+train and distill in WORKDIR/teacher and WORKDIR/student).
 """
 
+import os
 import sys
 
 from absl import app
@@ -14,7 +16,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flmjax import train
+from flmjax import distill, evaluate, train
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 
@@ -45,11 +47,17 @@ def prepare(config, workdir: str) -> None:
 
 
 def run_pipeline(config, workdir: str) -> None:
+  """prepare -> train (WORKDIR/teacher) -> distill (WORKDIR/student); each stage resumes."""
+  config.data.dir = config.data.dir or os.path.join(workdir, "data")
   prepare(config, workdir)
-  train.train(config, workdir)
+  teacher = os.path.join(workdir, "teacher")
+  train.train(config, teacher)
+  config.teacher_checkpoint = teacher
+  distill.distill(config, os.path.join(workdir, "student"))
 
 
-MODES = {"prepare": prepare, "train": train.train, "pipeline": run_pipeline}
+MODES = {"prepare": prepare, "train": train.train, "distill": distill.distill,
+         "sample": evaluate.sample, "pipeline": run_pipeline}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

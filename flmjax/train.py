@@ -134,17 +134,24 @@ class Run:
     return self.state_shardings["params"]
 
 
+def param_layout(params_fn: Callable, mesh) -> tuple[nnx.GraphDef, dict]:
+  """The graph of the module `params_fn()` builds, and its parameters as
+  ShapeDtypeStructs carrying their shardings on `mesh`; nothing is allocated."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(params_fn))
+  names = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+  return graphdef, jax.tree.map(
+      lambda x, spec: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=sharding.logical_sharding(tuple(spec), x.shape, mesh)),
+      nnx.to_pure_dict(abstract), names,
+      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
 def plan(config: ml_collections.ConfigDict, params_fn: Callable, mesh) -> Run:
   """Shapes and shardings of the train state whose params come from `params_fn()` (a
   function returning an nnx Module of Params), without allocating anything."""
   tx = make_optimizer(config.train)
-  abstract_model = nnx.eval_shape(params_fn)
-  graphdef, abstract_params = nnx.split(abstract_model)
-  names = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-  abstract_params = nnx.to_pure_dict(abstract_params)
-  param_shardings = jax.tree.map(
-      lambda x, spec: sharding.logical_sharding(tuple(spec), x.shape, mesh),
-      abstract_params, names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  graphdef, abstract_params = param_layout(params_fn, mesh)
+  param_shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
   replicated = sharding.replicated(mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optax.tree_map_params(
@@ -163,13 +170,20 @@ def plan(config: ml_collections.ConfigDict, params_fn: Callable, mesh) -> Run:
   return Run(mesh, graphdef, tx, shardings, abstract_state)
 
 
-def init_state(run: Run, params_fn: Callable, seed: int) -> dict:
-  """A fresh train state, created directly with its shardings."""
-  def init():
-    params = nnx.to_pure_dict(nnx.state(params_fn(), nnx.Param))
+def random_params(run: Run, params_fn: Callable):
+  """Freshly initialised parameters of `params_fn()`, created directly with their
+  shardings."""
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(params_fn(), nnx.Param)),
+                 out_shardings=run.param_shardings)()
+
+
+def init_state(run: Run, params, seed: int) -> dict:
+  """A fresh train state around `params`: EMA equal to them, a new optimizer state."""
+  def init(params):
     return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
             "opt_state": run.tx.init(params), "rng": jax.random.PRNGKey(seed)}
-  return jax.jit(init, out_shardings=run.state_shardings)()
+  return jax.jit(init, in_shardings=(run.param_shardings,),
+                 out_shardings=run.state_shardings)(params)
 
 
 def compile_step(run: Run, objective: Objective, cfg, frozen_shardings=None):
@@ -276,31 +290,35 @@ def make_validation(objective: Objective, graphdef, prepared, config, mesh):
   return validate
 
 
-def write_samples(workdir: pathlib.Path, step: int, graphdef, params, tokenizer, config,
-                  rng) -> list[str]:
-  """Euler samples of the EMA model, decoded, saved as samples/step_STEP.json."""
-  start = time.perf_counter()
-  tokens = np.asarray(sampling.sample_flm(graphdef, params, rng, config.train.num_samples,
-                                          config.data.seq_len, config.train.sample_steps))
-  seconds = time.perf_counter() - start
-  texts = tokenizer.decode_batch(tokens)
+def write_samples(path: pathlib.Path, samplers: dict, graphdef, params, tokenizer,
+                  rng) -> dict[str, list[str]]:
+  """Runs each sampler (graphdef, params, rng) -> tokens [N, L], decodes the tokens and
+  writes {name: {seconds_per_sample, samples}} to `path` as JSON. Seconds include
+  compilation the first time a sampler runs."""
+  written, record = {}, {}
+  for name, sampler in samplers.items():
+    start = time.perf_counter()
+    tokens = np.asarray(sampler(graphdef, params, rng))
+    seconds = time.perf_counter() - start
+    written[name] = tokenizer.decode_batch(tokens)
+    record[name] = {"seconds_per_sample": seconds / len(tokens), "samples": written[name]}
   if jax.process_index() == 0:
-    folder = workdir / "samples"
-    folder.mkdir(exist_ok=True)
-    (folder / f"step_{step}.json").write_text(json.dumps(
-        {"step": step, "sampler": "euler", "steps": config.train.sample_steps,
-         "seconds_per_sample": seconds / len(texts), "samples": texts}, indent=1))
-  return texts
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+  return written
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prepared, *,
-        params_fn: Callable, objective: Objective, frozen=None, frozen_shardings=None,
-        kind: str = "flm") -> dict:
-  """Trains from WORKDIR's latest checkpoint (or from `params_fn()`) to
-  config.train.steps, and returns the final train state.
+        params_fn: Callable, objective: Objective, samplers: dict, kind: str = "flm",
+        initial_params: Callable | None = None, frozen=None,
+        frozen_shardings=None) -> tuple[Run, dict]:
+  """Trains from WORKDIR's latest checkpoint to config.train.steps and returns the run and
+  its final train state.
 
-  `kind` names the run ("flm" for the teacher) in its checkpoints, so that a checkpoint
-  of another kind is refused.
+  A fresh run starts from `initial_params(run)`, by default `params_fn()` freshly
+  initialised. `samplers` maps names to functions (graphdef, params, rng) -> tokens, run
+  on the EMA weights every train.sample_every steps. `kind` names the run ("flm" teacher,
+  "fmlm" student) in its checkpoints, so that a checkpoint of another kind is refused.
   """
   path = check_workdir(workdir)
   cfg = config.train
@@ -311,20 +329,17 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
                      f"size {parallel} (mesh data x fsdp) times train.grad_accum="
                      f"{cfg.grad_accum}.")
   run = plan(config, params_fn, mesh)
-  record = dict(checkpoint.run_record(config, prepared.tokenizer.vocab_size,
-                                      prepared.tokenizer.fingerprint), kind=kind)
+  record = checkpoint.run_record(config, prepared.tokenizer, kind)
   checkpoints = checkpoint.Checkpoints(path / "checkpoints", cfg.keep_checkpoints,
                                        cfg.keep_period)
   batches = iter(pipeline.train_batches(prepared, config.batch_size, config.seed))
   last_saved = checkpoints.latest_step()
   if last_saved is None:
-    state = init_state(run, params_fn, config.seed)
+    params = (initial_params or functools.partial(random_params, params_fn=params_fn))(run)
+    state = init_state(run, params, config.seed)
   else:
-    saved = checkpoints.record(last_saved)
-    if saved.get("kind") != kind:
-      raise UsageError(f"{path / 'checkpoints'} holds a {saved.get('kind')!r} run, not "
-                       f"{kind!r}; use another --workdir.")
-    checkpoint.check_compatible(saved, record, str(path / "checkpoints"))
+    checkpoint.check_compatible(checkpoints.record(last_saved), record,
+                                str(path / "checkpoints"))
     state = checkpoints.restore(last_saved, run.abstract_state, batches)
     say(f"resumed from {path / 'checkpoints'} at step {last_saved}")
   if jax.process_index() == 0:
@@ -381,9 +396,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
           logger.write(step, {"valid_loss": valid})
           say(f"step {step} | validation loss (EMA) {valid:.4f}")
       if due(cfg.sample_every):
-        texts = write_samples(path, step, run.graphdef, state["ema"], prepared.tokenizer,
-                              config, jax.random.PRNGKey(config.seed))
-        say(f"step {step} | sample: {texts[0][:200]!r}")
+        written = write_samples(path / "samples" / f"step_{step}.json", samplers,
+                                run.graphdef, state["ema"], prepared.tokenizer,
+                                jax.random.PRNGKey(config.seed))
+        for name, texts in written.items():
+          say(f"step {step} | {name}: {texts[0][:160]!r}")
       if due(cfg.checkpoint_every) or stop.requested:
         save()
       if stop.requested:
@@ -396,7 +413,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
   finally:
     stop.restore()
     checkpoints.close()
-  return state
+  return run, state
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -412,8 +429,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def params_fn():
     return dit.from_config(config.model, vocab_size, nnx.Rngs(config.seed))
 
+  samplers = {f"euler_{config.train.sample_steps}": functools.partial(
+      sampling.sample_flm, batch_size=config.train.num_samples, seq_len=config.data.seq_len,
+      steps=config.train.sample_steps, latent=config.noise == "latent")}
   return fit(config, workdir, prepared, params_fn=params_fn,
-             objective=denoising_objective(config, vocab_size))
+             objective=denoising_objective(config, vocab_size), samplers=samplers)[1]
 
 
 def model_flops_per_token(config: ml_collections.ConfigDict, vocab_size: int) -> float:

@@ -48,7 +48,7 @@ def _setup(config, devices):
     return dit.from_config(config.model, V, nnx.Rngs(config.seed))
 
   run = train.plan(config, params_fn, mesh)
-  return run, train.init_state(run, params_fn, config.seed)
+  return run, train.init_state(run, train.random_params(run, params_fn), config.seed)
 
 
 def _step_fn(run, config, objective):
@@ -147,7 +147,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
   with pytest.raises(FloatingPointError, match="NaN or inf at step 3.*last good checkpoint is "
                                                 "step 2"):
-    train.fit(config, str(tmp_path), prepared, params_fn=params_fn, objective=objective)
+    train.fit(config, str(tmp_path), prepared, params_fn=params_fn, objective=objective,
+              samplers={})
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 

@@ -26,8 +26,9 @@ GPT2_PAD = "[PAD]"  # the reference adds one pad token after <|endoftext|>: V = 
 
 
 class Tokenizer(abc.ABC):
-  """Text <-> token ids."""
+  """Text <-> token ids. `source` is the file or folder it was loaded from."""
   kind: str
+  source: str
   vocab_size: int
   bos_id: int
   eos_id: int
@@ -59,6 +60,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model: bytes, source: str):
     self._sp = spm.SentencePieceProcessor(model_proto=model)
+    self.source = source
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
       raise UsageError(f"SentencePiece model {source} has no BOS or EOS piece; train it "
@@ -103,6 +105,7 @@ class GPT2Tokenizer(_HuggingFaceTokenizer):
     tok.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True),
                             tokenizers.AddedToken(GPT2_PAD, special=True)])
     super().__init__(tok)
+    self.source = str(encoder_json.parent)
     self.bos_id = self.eos_id = tok.token_to_id("<|endoftext|>")
     self.pad_id = tok.token_to_id(GPT2_PAD)
     self.fingerprint = _digest(b"gpt2", encoder_json.read_bytes(), vocab_bpe.read_bytes())
@@ -128,6 +131,7 @@ class BertTokenizer(_HuggingFaceTokenizer):
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True)
                             for s in specials if s in vocab])
     super().__init__(tok)
+    self.source = str(vocab_txt)
     self.bos_id = self.eos_id = vocab["[CLS]"]
     self.pad_id = vocab["[PAD]"]
     self.fingerprint = _digest(b"bert", vocab_txt.read_bytes())
@@ -209,3 +213,22 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, data_dir: pathlib.Path,
     partial.write_bytes(model)
     os.replace(partial, cached)  # atomic: a half-written model is never picked up
   return SentencePieceTokenizer(cached.read_bytes(), str(cached))
+
+
+def load_tokenizer(record: dict) -> Tokenizer:
+  """The tokenizer a run record names ({"kind", "source", "fingerprint"}), checked to be
+  the same files."""
+  kind, source = record["kind"], pathlib.Path(record["source"])
+  if not source.exists():
+    raise UsageError(f"the tokenizer of this checkpoint ({kind}, {source}) is missing; "
+                     "restore that file or folder.")
+  if kind == "sentencepiece":
+    tokenizer = SentencePieceTokenizer(source.read_bytes(), str(source))
+  elif kind == "gpt2":
+    tokenizer = GPT2Tokenizer(*gpt2_files(str(source)))
+  else:
+    tokenizer = BertTokenizer(source)
+  if tokenizer.fingerprint != record["fingerprint"]:
+    raise UsageError(f"the tokenizer files at {source} changed since the checkpoint was "
+                     "written; restore them.")
+  return tokenizer

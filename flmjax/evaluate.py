@@ -1,21 +1,33 @@
-"""Sampling and evaluation of trained weights: `--mode=sample`.
+"""Sampling and evaluation of trained weights: `--mode=sample` and `--mode=eval`.
 
 Weights come from `config.checkpoint`: a training or distillation workdir (the latest
 checkpoint's EMA weights) or an export. The run record saved with them says which model
 it is, so the sampler follows: the Euler sampler for an FLM teacher, the flow-map sampler
 (with churn `sample.gamma`) for an FMLM student.
+
+Evaluation (REFERENCE.md section 7): samples are decoded to text, re-encoded with the
+evaluator's tokenizer, cut to L tokens and padded with its EOS; the generative perplexity
+is exp(total NLL / total tokens) over all samples, counting every non-EOS target token and
+the first EOS of each row (position 0 has no context and is not scored). Entropy is each
+sample's unigram entropy (nats) over its own token ids, averaged. The "dataset" row scores
+held-out real examples the same way.
 """
 
 import functools
+import json
 import pathlib
+import time
 
 from flax import nnx
 import jax
 import ml_collections
+import numpy as np
 
 from flmjax import checkpoint, sampling, sharding, train
+from flmjax.data import pipeline
 from flmjax.data.tokenizers import load_tokenizer
 from flmjax.errors import UsageError
+from flmjax.evaluators import load_evaluator
 from flmjax.models import dit
 
 
@@ -63,3 +75,165 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[st
   for text in written[name][:3]:
     train.say(f"  {text[:200]!r}")
   return written
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+  """Mean over rows of the entropy (nats) of each row's own token frequencies."""
+  entropies = []
+  for row in np.asarray(tokens):
+    counts = np.unique(row, return_counts=True)[1]
+    p = counts / counts.sum()
+    entropies.append(float(-(p * np.log(p)).sum()))
+  return float(np.mean(entropies))
+
+
+def generative_perplexity(evaluator, texts: list[str], seq_len: int,
+                          batch_size: int) -> dict:
+  """gen PPL of `texts` under `evaluator`, per section 7, with the count of texts that
+  encode to nothing (scored as a row of EOS, of which only the first counts)."""
+  ids = np.full((len(texts), seq_len), evaluator.eos_id, np.int32)
+  empty = 0
+  for i, encoded in enumerate(evaluator.encode(texts)):
+    encoded = encoded[:seq_len]
+    ids[i, :len(encoded)] = encoded
+    empty += not encoded
+  targets = ids[:, 1:]
+  is_eos = targets == evaluator.eos_id
+  first_eos = is_eos & (np.cumsum(is_eos, axis=1) == 1)
+  mask = ~is_eos | first_eos
+  nll, count = 0.0, 0
+  for start in range(0, len(texts), batch_size):
+    rows = slice(start, start + batch_size)
+    logprobs = np.asarray(evaluator.token_logprobs(ids[rows]), np.float64)
+    nll -= float((logprobs * mask[rows]).sum())
+    count += int(mask[rows].sum())
+  return {"gen_ppl": float(np.exp(nll / count)), "tokens": count, "empty_samples": empty}
+
+
+def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, float]:
+  """Tokens and seconds per sample of a compiled (warmed-up) sampler."""
+  jax.block_until_ready(sampler(graphdef, params, jax.random.fold_in(rng, 1)))
+  start = time.perf_counter()
+  tokens = np.asarray(jax.block_until_ready(sampler(graphdef, params, rng)))
+  return tokens, (time.perf_counter() - start) / len(tokens)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             models: dict[str, tuple[str, list[int]]]) -> list[dict]:
+  """Samples each model {label: (weights directory, step counts)} with a fixed seed,
+  scores every step count and the dataset row, and writes WORKDIR/eval/results.json,
+  results.md and gen_ppl.png. Returns the rows."""
+  cfg = config.eval
+  path = train.check_workdir(workdir) / "eval"
+  evaluator = None
+  if cfg.evaluator != "none":
+    evaluator = load_evaluator(cfg.evaluator, cfg.evaluator_path)
+  rows, seq_len, tokenizer = [], None, None
+  for label, (directory, steps) in models.items():
+    record, graphdef, params, tokenizer = load(config, directory)
+    seq_len = record["config"]["data"]["seq_len"]
+    for n in steps:
+      name, sampler = sampler_for(record, n, cfg.num_samples, config.sample.gamma,
+                                  config.noise == "latent")
+      tokens, seconds = _timed_samples(sampler, graphdef, params,
+                                       jax.random.PRNGKey(config.seed))
+      texts = tokenizer.decode_batch(tokens)
+      row = {"model": label, "kind": record["kind"], "sampler": name, "steps": n,
+             "seconds_per_sample": seconds, "entropy": unigram_entropy(tokens),
+             "samples": texts}
+      if evaluator is not None:
+        row.update(generative_perplexity(evaluator, texts, seq_len, cfg.batch_size))
+      rows.append(row)
+      train.say(f"eval {label} {name}: " + ", ".join(
+          f"{k} {row[k]:.4g}" for k in ("gen_ppl", "entropy", "seconds_per_sample")
+          if k in row))
+  rows.append(_dataset_row(config, workdir, evaluator, seq_len, tokenizer))
+  _write(path, rows, evaluator.name if evaluator else "none")
+  return rows
+
+
+def _dataset_row(config, workdir, evaluator, seq_len, tokenizer) -> dict:
+  """Held-out examples of the validation split, scored like samples."""
+  prepared = pipeline.prepare(config, workdir)
+  if prepared.tokenizer.fingerprint != tokenizer.fingerprint:
+    raise UsageError("the data of this config were tokenized with another tokenizer than "
+                     "the evaluated model; use the model's data settings.")
+  batches = pipeline.eval_batches(prepared, "valid", 1, process_index=0, process_count=1)
+  tokens = np.concatenate([b["tokens"] for _, b in zip(range(config.eval.num_samples),
+                                                       batches)])
+  texts = tokenizer.decode_batch(tokens)
+  row = {"model": "dataset", "kind": "data", "sampler": "validation split", "steps": 0,
+         "entropy": unigram_entropy(tokens), "samples": texts}
+  if evaluator is not None:
+    row.update(generative_perplexity(evaluator, texts, seq_len, config.eval.batch_size))
+  return row
+
+
+def _write(path: pathlib.Path, rows: list[dict], evaluator: str) -> None:
+  if jax.process_index():
+    return
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "results.json").write_text(json.dumps({"evaluator": evaluator, "rows": rows},
+                                                indent=1))
+  lines = [f"| model | sampler | steps | gen PPL ({evaluator}) | entropy | s/sample |",
+           "|---|---|---|---|---|---|"]
+  for row in rows:
+    ppl = f"{row['gen_ppl']:.2f}" if "gen_ppl" in row else "-"
+    seconds = f"{row['seconds_per_sample']:.4f}" if "seconds_per_sample" in row else "-"
+    lines.append(f"| {row['model']} | {row['sampler']} | {row['steps'] or '-'} | {ppl} | "
+                 f"{row['entropy']:.2f} | {seconds} |")
+  table = "\n".join(lines) + "\n"
+  (path / "results.md").write_text(table)
+  train.say(table)
+  _plot(path / "gen_ppl.png", rows, evaluator)
+
+
+def _plot(path: pathlib.Path, rows: list[dict], evaluator: str) -> None:
+  """Gen PPL against steps, and against seconds per sample (log axis), per model."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  scored = [r for r in rows if "gen_ppl" in r and r["kind"] != "data"]
+  if not scored:
+    return
+  figure, (by_steps, by_time) = plt.subplots(1, 2, figsize=(10, 4))
+  for label in dict.fromkeys(r["model"] for r in scored):
+    mine = [r for r in scored if r["model"] == label]
+    by_steps.plot([r["steps"] for r in mine], [r["gen_ppl"] for r in mine], "o-", label=label)
+    by_time.plot([r["seconds_per_sample"] for r in mine], [r["gen_ppl"] for r in mine], "o-",
+                 label=label)
+  for r in rows:
+    if r["kind"] == "data" and "gen_ppl" in r:
+      for axis in (by_steps, by_time):
+        axis.axhline(r["gen_ppl"], color="gray", linestyle="--", label="dataset")
+  by_steps.set(xscale="log", xlabel="steps", ylabel=f"gen PPL ({evaluator})")
+  by_time.set(xscale="log", xlabel="seconds per sample", ylabel=f"gen PPL ({evaluator})")
+  by_steps.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def parse_steps(text: str) -> list[int]:
+  try:
+    steps = [int(s) for s in str(text).split(",") if s.strip()]
+  except ValueError:
+    steps = []
+  if not steps or min(steps) < 1:
+    raise UsageError(f"eval.steps={text!r} must be positive step counts separated by commas, "
+                     "e.g. 1,8,64.")
+  return steps
+
+
+def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """`--mode=eval`: evaluates config.checkpoint at every eval.steps count."""
+  sharding.initialize_distributed(config)
+  if not config.checkpoint:
+    raise UsageError("--mode=eval needs --config.checkpoint=DIR, a training or distillation "
+                     "workdir or an export.")
+  record = checkpoint.read_record(config.checkpoint)
+  # The dataset row reads the model's own prepared data unless told otherwise.
+  config.data.dir = config.data.dir or record["config"]["data"]["dir"] or str(
+      pathlib.Path(config.checkpoint) / "data")
+  return evaluate(config, workdir, {record["kind"].upper(): (config.checkpoint,
+                                                             parse_steps(config.eval.steps))})

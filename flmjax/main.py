@@ -3,8 +3,8 @@
 Fields of the config can be overridden with --config.FIELD=VALUE.
 Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch), train
 (the FLM teacher; resumes from WORKDIR/checkpoints), distill (the FMLM student from
---config.teacher_checkpoint), sample (from --config.checkpoint) and pipeline (prepare,
-train and distill in WORKDIR/teacher and WORKDIR/student).
+--config.teacher_checkpoint), sample and eval (of --config.checkpoint) and pipeline
+(prepare, train in WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval).
 """
 
 import os
@@ -47,17 +47,21 @@ def prepare(config, workdir: str) -> None:
 
 
 def run_pipeline(config, workdir: str) -> None:
-  """prepare -> train (WORKDIR/teacher) -> distill (WORKDIR/student); each stage resumes."""
+  """prepare -> train (WORKDIR/teacher) -> distill (WORKDIR/student) -> eval (WORKDIR/eval);
+  rerunning resumes each stage where it stopped."""
   config.data.dir = config.data.dir or os.path.join(workdir, "data")
   prepare(config, workdir)
-  teacher = os.path.join(workdir, "teacher")
+  teacher, student = os.path.join(workdir, "teacher"), os.path.join(workdir, "student")
   train.train(config, teacher)
   config.teacher_checkpoint = teacher
-  distill.distill(config, os.path.join(workdir, "student"))
+  distill.distill(config, student)
+  evaluate.evaluate(config, workdir, {
+      "FLM": (teacher, evaluate.parse_steps(config.eval.teacher_steps)),
+      "FMLM": (student, evaluate.parse_steps(config.eval.student_steps))})
 
 
 MODES = {"prepare": prepare, "train": train.train, "distill": distill.distill,
-         "sample": evaluate.sample, "pipeline": run_pipeline}
+         "sample": evaluate.sample, "eval": evaluate.eval_mode, "pipeline": run_pipeline}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

@@ -1,0 +1,95 @@
+"""Evaluation: entropy and gen PPL by hand, the sweep's outputs, and the whole pipeline."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import train_config
+from flmjax import evaluate, train
+from flmjax.errors import UsageError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_unigram_entropy_by_hand():
+  tokens = np.array([[1, 1, 2, 3], [5, 5, 5, 5]])
+  first = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25))
+  np.testing.assert_allclose(evaluate.unigram_entropy(tokens), (first + 0.0) / 2)
+
+
+class CharEvaluator:
+  """A toy evaluator: characters 'a'..'z' are ids 1..26, id 0 is EOS; p(next) depends only
+  on the next id: p(id) proportional to id + 1."""
+  eos_id = 0
+  name = "toy"
+
+  def __init__(self):
+    weights = np.arange(1, 28, dtype=np.float64)
+    self.logp = np.log(weights / weights.sum())
+
+  def encode(self, texts):
+    return [[ord(c) - ord("a") + 1 for c in text.lower() if "a" <= c <= "z"] for text in texts]
+
+  def token_logprobs(self, ids):
+    return self.logp[ids[:, 1:]]
+
+
+def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
+  toy = CharEvaluator()
+  texts = ["abc", "zz", ""]
+  result = evaluate.generative_perplexity(toy, texts, seq_len=5, batch_size=2)
+  # Targets are positions 1..4: "abc" -> b, c, EOS (first), [EOS skipped];
+  # "zz" -> z, EOS, [EOS, EOS skipped]; "" -> EOS (first), [the rest skipped].
+  scored = [2, 3, 0, 26, 0, 0]
+  expected = np.exp(-np.mean([toy.logp[i] for i in scored]))
+  np.testing.assert_allclose(result["gen_ppl"], expected, rtol=1e-12)
+  assert result["tokens"] == 6 and result["empty_samples"] == 1
+
+
+def test_eval_steps_are_validated():
+  assert evaluate.parse_steps("1, 8,64") == [1, 8, 64]
+  with pytest.raises(UsageError, match="eval.steps='1,x'"):
+    evaluate.parse_steps("1,x")
+
+
+def test_sweep_writes_table_json_and_plot(tmp_path, monkeypatch):
+  monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
+  config = train_config(steps=2)
+  config.data.dir = str(tmp_path / "data")
+  train.train(config, str(tmp_path / "teacher"))
+  config.eval.num_samples = 4
+  rows = evaluate.evaluate(config, str(tmp_path), {"FLM": (str(tmp_path / "teacher"), [1, 2])})
+  assert [(r["model"], r["steps"]) for r in rows] == [("FLM", 1), ("FLM", 2), ("dataset", 0)]
+  saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert saved["evaluator"] == "toy" and len(saved["rows"]) == 3
+  assert all(len(r["samples"]) == 4 and r["gen_ppl"] > 1 for r in saved["rows"])
+  table = (tmp_path / "eval" / "results.md").read_text()
+  assert "| FLM | euler_2 | 2 |" in table and "| dataset |" in table
+  assert (tmp_path / "eval" / "gen_ppl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pipeline_runs_end_to_end(tmp_path):
+  small = ["--config.data.max_documents=300", "--config.tokenizer.vocab_size=512",
+           "--config.data.seq_len=32", "--config.batch_size=8", "--config.model.width=32",
+           "--config.model.depth=1", "--config.model.heads=2", "--config.model.cond_width=16",
+           "--config.train.steps=2", "--config.distill.steps=2", "--config.train.log_every=1",
+           "--config.train.eval_batches=1", "--config.train.num_samples=2",
+           "--config.eval.num_samples=4", "--config.eval.teacher_steps=1,2",
+           "--config.eval.student_steps=1"]
+  run = subprocess.run([sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
+                        f"--workdir={tmp_path}", "--mode=pipeline", *small], cwd=ROOT,
+                       capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  for name in ("FLM | euler_1", "FLM | euler_2", "FMLM | flowmap_1", "dataset"):
+    assert f"| {name}" in run.stdout
+  assert (tmp_path / "student" / "export" / "record.json").is_file()
+  assert (tmp_path / "eval" / "gen_ppl.png").is_file()
+  again = subprocess.run([sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
+                          f"--workdir={tmp_path}", "--mode=pipeline", *small], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from" in again.stdout and "step 1/2" not in again.stdout

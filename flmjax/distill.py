@@ -135,8 +135,13 @@ def distillation_objective(config: ml_collections.ConfigDict, vocab_size: int,
     off = slice(n_diag, None)
     off_tau = tuple(x[off] for x in tau)
     off_times = tuple(x[off] for x in times)
-    teacher_probs = None if teacher is None else jax.lax.stop_gradient(
-        jax.nn.softmax(teacher(h_teacher[0], tau[0]), axis=-1))
+    teacher_probs = None
+    if teacher is not None:  # D_s on the diagonal rows (on all rows for the Eulerian)
+      rows = slice(None) if cfg.objective == "eulerian" else slice(0, n_diag)
+      teacher_probs = jax.lax.stop_gradient(
+          jax.nn.softmax(teacher(h_teacher[0][rows], tau[0][rows]), axis=-1))
+    elif cfg.objective == "eulerian":
+      raise ValueError("the eulerian objective follows the teacher's flow; pass its params")
     if cfg.objective == "semigroup":
       target = semigroup_target(student, h_s[off], embed, off_tau, off_times)
     elif cfg.objective == "eulerian":

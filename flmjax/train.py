@@ -406,6 +406,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
       if stop.requested:
         say(f"SIGTERM: saved step {step} to {path / 'checkpoints'}; stopping")
         break
+      if not window_steps:  # time spent evaluating or saving is not training time
+        window_start = time.perf_counter()
   except KeyboardInterrupt:
     save()
     say(f"interrupted: saved step {step} to {path / 'checkpoints'}")

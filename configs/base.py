@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer.path = ""
 
   config.model = ml_collections.ConfigDict()
-  # The DiT denoiser (REFERENCE.md section 3); defaults are the paper's "small" size.
+  # The DiT denoiser (the paper's DiT backbone); defaults are the paper's "small" size.
   config.model.width = 768  # D, the residual width (also the width of E)
   config.model.depth = 12  # transformer blocks
   config.model.heads = 12  # attention heads (head size = width / heads, even)
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   # Optimizer updates in the whole run (the paper trains the teacher for 1M).
   config.train.steps = 1_000_000
-  # AdamW (REFERENCE.md section 6): peak learning rate, betas, epsilon, weight decay.
+  # AdamW (the paper's training recipe): peak learning rate, betas, epsilon, weight decay.
   config.train.learning_rate = 3e-4
   config.train.b1 = 0.9
   config.train.b2 = 0.999
@@ -107,7 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed = False
 
   config.distill = ml_collections.ConfigDict()
-  # --mode=distill: the FMLM student (REFERENCE.md section 5). It starts from the EMA
+  # --mode=distill: the FMLM student (the paper's v2 flow map). It starts from the EMA
   # weights of the FLM run in config.teacher_checkpoint and trains with the loop above,
   # with these fields in place of train.steps, train.learning_rate, train.b2 and
   # batch_size (0 keeps batch_size).
@@ -133,8 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = ""
 
   config.eval = ml_collections.ConfigDict()
-  # --mode=eval (of config.checkpoint) and the pipeline's last stage (REFERENCE.md
-  # section 7): samples with seed `seed` at each step count, scored by an evaluator LM.
+  # --mode=eval (of config.checkpoint) and the pipeline's last stage (the paper's
+  # evaluation protocol): samples with seed `seed` at each step count, scored by an
+  # evaluator LM.
   config.eval.steps = "1,8,64"  # step counts, comma separated
   config.eval.num_samples = 64
   config.eval.batch_size = 16  # evaluator batch

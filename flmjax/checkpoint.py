@@ -3,9 +3,9 @@
 Each step directory WORKDIR/checkpoints/STEP holds three items: `state` (step, params, EMA,
 optimizer state, RNG), `data` (every process's Grain iterator state) and `config` (the run
 record: kind, resolved config, V, tokenizer and git hash, as JSON). An export
-(DIR/params + DIR/record.json) holds weights only, for sampling and as a teacher. Saving is asynchronous;
-restoring places every array directly with the shardings of the current mesh, so a run
-can resume on another device count.
+(DIR/params + DIR/record.json) holds weights only, for sampling and as a teacher. Saving
+is asynchronous; restoring places every array directly with the shardings of the current
+mesh, so a run can resume on another device count.
 """
 
 import json

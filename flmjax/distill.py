@@ -1,4 +1,4 @@
-"""FMLM self-distillation (REFERENCE.md section 5): a two-time student from an FLM teacher.
+"""FMLM self-distillation (the paper's v2 flow map method): a two-time student from an FLM teacher.
 
 The student delta_{s,t}(x) = softmax(net(x, tau_s, tau_t)) starts as the teacher's EMA
 weights with a second, zeroed time embedder, so delta_{s,s} = D_s at step 0. Each global

@@ -5,7 +5,7 @@ checkpoint's EMA weights) or an export. The run record saved with them says whic
 it is, so the sampler follows: the Euler sampler for an FLM teacher, the flow-map sampler
 (with churn `sample.gamma`) for an FMLM student.
 
-Evaluation (REFERENCE.md section 7): samples are decoded to text, re-encoded with the
+Evaluation (the paper's evaluation protocol): samples are decoded to text, re-encoded with the
 evaluator's tokenizer, cut to L tokens and padded with its EOS; the generative perplexity
 is exp(total NLL / total tokens) over all samples, counting every non-EOS target token and
 the first EOS of each row (position 0 has no context and is not scored). Entropy is each
@@ -46,6 +46,10 @@ def load(config: ml_collections.ConfigDict, directory: str):
 def sampler_for(record: dict, steps: int, num_samples: int, gamma: float, latent: bool):
   """(name, function (graphdef, params, rng) -> tokens) for the kind of model saved."""
   seq_len = record["config"]["data"]["seq_len"]
+  if record["kind"] != "fmlm" and gamma:
+    raise UsageError(f"sample.gamma={gamma} is the churn of the flow-map sampler, but these "
+                     "weights are an FLM teacher (Euler sampler); set sample.gamma=0 or "
+                     "point config.checkpoint at a distilled student.")
   if record["kind"] == "fmlm":
     return f"flowmap_{steps}", functools.partial(
         sampling.sample_flow_map, batch_size=num_samples, seq_len=seq_len, steps=steps,

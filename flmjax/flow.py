@@ -1,4 +1,4 @@
-"""The flow's pure math (REFERENCE.md sections 1 and 2): interpolant, noise, velocity, loss.
+"""The flow's pure math: interpolant, noise, velocity and the FLM loss.
 
 Data are one-hot tokens x1 [B, L, V], noise eps ~ N(0, I) of the same shape, and
 x_t = (1 - t) eps + t x1 (noise at t = 0, data at t = 1). The network sees x_t only
@@ -134,7 +134,7 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   return loss, {"loss": loss, "cross_entropy": (cross_entropy * mask).sum() / count}
 
 
-# --- The flow map (REFERENCE.md section 5) -------------------------------------------
+# --- The flow map (the paper's v2 method) ---------------------------------------------
 
 DENOMINATOR_EPS = 1e-8  # the reference's guard in the semigroup coefficients
 

@@ -1,4 +1,4 @@
-"""Compiled samplers: the Euler sampler of FLM (REFERENCE.md section 4) and the flow-map
+"""Compiled samplers: the Euler sampler of FLM (the paper's FLM sampler) and the flow-map
 sampler of FMLM with churn (section 5).
 
 tau_i = linspace(0, 1, N + 1), t_i = t(tau_i), computed on the host in float64. For

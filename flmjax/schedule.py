@@ -7,7 +7,7 @@ x_t is the right token with probability
 
 and tau(t) = V / (V - 1) * (q(t) - 1 / V), clipped to [0, 1], is how far decoding has come
 from chance (0 at pure noise) to certainty (1). The network is conditioned on tau, training
-draws tau uniformly and samplers step uniformly in tau (REFERENCE.md section 2).
+draws tau uniformly and samplers step uniformly in tau (the paper's time reparameterisation).
 
 The map is steep at both ends: for V ~ 50k, tau stays below 0.01 until t ~ 0.65, then
 rises to 0.99 by t ~ 0.87, and is within 1e-10 of 1 beyond t ~ 0.92. So we follow the

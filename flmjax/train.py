@@ -6,7 +6,7 @@ state donated. An objective is any function (model, batch, rng, frozen) -> (loss
 metrics); `frozen` holds arrays it reads but does not train (a distillation teacher), and
 is None for FLM.
 
-Recipe (REFERENCE.md section 6): AdamW with gradient clipping by global norm, linear
+Recipe (the paper's training recipe): AdamW with gradient clipping by global norm, linear
 warmup then constant; EMA with decay min(ema_decay, (1 + n) / (10 + n)) after the n-th
 update. Validation loss and samples use the EMA weights.
 """

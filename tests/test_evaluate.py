@@ -56,6 +56,13 @@ def test_eval_steps_are_validated():
     evaluate.parse_steps("1,x")
 
 
+def test_churn_on_a_teacher_is_refused():
+  record = {"kind": "flm", "config": {"data": {"seq_len": 8}}}
+  with pytest.raises(UsageError, match="sample.gamma=0.8 is the churn of the flow-map"):
+    evaluate.sampler_for(record, 4, 2, 0.8, True)
+  assert evaluate.sampler_for(record, 4, 2, 0.0, True)[0] == "euler_4"
+
+
 def test_sweep_writes_table_json_and_plot(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
   config = train_config(steps=2)

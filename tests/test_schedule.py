@@ -11,7 +11,7 @@ from scipy import integrate, stats
 from flmjax import schedule
 from flmjax.errors import UsageError
 
-# REFERENCE.md section 2, values of the reference's own tables.
+# the paper's time reparameterisation, values of the reference's own tables.
 TAU_TO_T = {
     30522: {0.01: 0.6312, 0.1: 0.7359, 0.25: 0.7735, 0.5: 0.8045, 0.75: 0.8281,
             0.9: 0.8450, 0.99: 0.8676, 1.0: 1.0},

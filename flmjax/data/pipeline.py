@@ -5,7 +5,7 @@
 share, in a seeded order whose position is saved and restored with the iterator state;
 `to_global` assembles the per-process batches into one sharded jax.Array.
 
-Wrapping (REFERENCE.md section 6): every document gets EOS appended, documents are
+Wrapping (the paper's training recipe): every document gets EOS appended, documents are
 concatenated, cut into chunks of L - 2 tokens and each chunk is framed BOS ... EOS. The
 last, partial chunk of each split is dropped (its size is reported as
 `dropped_tail_tokens`).

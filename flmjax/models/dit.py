@@ -1,4 +1,4 @@
-"""The DiT denoiser of FLM and FMLM (REFERENCE.md section 3), in Flax NNX.
+"""The DiT denoiser of FLM and FMLM (the paper's DiT backbone), in Flax NNX.
 
 The network never sees a V-dimensional input: callers pass `h = x @ E` ([B, L, D], see
 `DiT.embed` and flmjax/flow.py), and it returns V logits per position. Time conditioning is

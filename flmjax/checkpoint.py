@@ -20,8 +20,9 @@ import orbax.checkpoint as ocp
 
 from flmjax.errors import UsageError
 
-# Config sections whose change makes a checkpoint unusable (the parameters differ).
-ARCHITECTURE_KEYS = ("model",)
+# Model settings that do not change the parameters: a checkpoint may be resumed, sampled
+# or distilled with other values.
+NOT_ARCHITECTURE = ("dropout", "dtype", "attention")
 
 
 def git_hash() -> str | None:
@@ -51,10 +52,9 @@ def check_compatible(saved: dict, current: dict, where: str) -> None:
     diffs.append(f"kind {saved.get('kind')!r} != {current['kind']!r}")
   if saved["vocab_size"] != current["vocab_size"]:
     diffs.append(f"vocab_size {saved['vocab_size']} != {current['vocab_size']}")
-  for section in ARCHITECTURE_KEYS:
-    old, new = saved["config"].get(section, {}), current["config"][section]
-    diffs += [f"{section}.{k} {old.get(k)!r} != {new.get(k)!r}"
-              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  old, new = saved["config"]["model"], current["config"]["model"]
+  diffs += [f"model.{k} {old.get(k)!r} != {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in NOT_ARCHITECTURE and old.get(k) != new.get(k)]
   if diffs:
     raise UsageError(f"the checkpoint in {where} was written with another architecture or "
                      f"vocabulary ({'; '.join(diffs)}; saved != current). Use a new "
@@ -78,13 +78,10 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, iterator, record: dict) -> None:
-    """Starts an asynchronous save; `wait` blocks until it is on disk."""
+    """Starts an asynchronous save; `close` waits until it is on disk."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
         config=ocp.args.JsonSave(record)), force=True)
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def record(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(
@@ -134,18 +131,34 @@ def _locate(directory: pathlib.Path) -> tuple[str, pathlib.Path, int | None]:
                    "(params + record.json); point it at a training or distillation workdir.")
 
 
-def read_record(directory: str | pathlib.Path) -> dict:
-  """The run record of the weights in `directory` (a workdir or an export)."""
-  kind, folder, step = _locate(pathlib.Path(directory).expanduser())
+def latest_step(directory: str | pathlib.Path) -> int | None:
+  """The step of the weights `directory` holds (None for an export)."""
+  return _locate(pathlib.Path(directory).expanduser())[2]
+
+
+def _at_step(directory, step):
+  kind, folder, latest = _locate(pathlib.Path(directory).expanduser())
+  if kind == "checkpoint" and step is not None and step != latest:
+    if not (folder / str(step)).is_dir():
+      raise UsageError(f"{folder} no longer holds step {step} (this run started from it); "
+                       "restore it, or start the run again in a new workdir.")
+    latest = step
+  return kind, folder, latest
+
+
+def read_record(directory: str | pathlib.Path, step: int | None = None) -> dict:
+  """The run record of the weights in `directory` (a workdir or an export), at its latest
+  checkpoint or at `step`."""
+  kind, folder, step = _at_step(directory, step)
   if kind == "export":
     return json.loads((folder / "record.json").read_text())
   return Checkpoints(folder).record(step)
 
 
-def load_ema(directory: str | pathlib.Path, abstract_params):
-  """The EMA weights in `directory` (an export, or a workdir's latest checkpoint), placed
-  as the ShapeDtypeStructs of `abstract_params` say."""
-  kind, folder, step = _locate(pathlib.Path(directory).expanduser())
+def load_ema(directory: str | pathlib.Path, abstract_params, step: int | None = None):
+  """The EMA weights in `directory` (an export, or a workdir's latest checkpoint or
+  `step`), placed as the ShapeDtypeStructs of `abstract_params` say."""
+  kind, folder, step = _at_step(directory, step)
   if kind == "export":
     return ocp.StandardCheckpointer().restore((folder / "params").absolute(), abstract_params)
   target = {"ema": abstract_params}

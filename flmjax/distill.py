@@ -174,7 +174,7 @@ def check_teacher(record: dict, config: ml_collections.ConfigDict, where: str) -
                      "distillation needs an FLM teacher trained with --mode=train.")
   saved = record["config"]["model"]
   diffs = [f"model.{k} {saved.get(k)!r} != {v!r}" for k, v in config.model.to_dict().items()
-           if k not in ("two_time", "dropout") and saved.get(k) != v]
+           if k not in ("two_time", *checkpoint.NOT_ARCHITECTURE) and saved.get(k) != v]
   if diffs:
     raise UsageError(f"teacher_checkpoint={where} has another architecture ({'; '.join(diffs)}"
                      "; teacher != this config). Use the teacher's model settings.")
@@ -184,7 +184,6 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
   """`--mode=distill`: trains the FMLM student from config.teacher_checkpoint with the
   training loop (train.* as overridden by distill.*), then exports the student's EMA
   weights to WORKDIR/export."""
-  sharding.initialize_distributed(config)
   config = copy.deepcopy(config)  # the student's settings stay out of the caller's config
   config.lock()
   cfg = config.distill
@@ -193,8 +192,13 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
   if not config.teacher_checkpoint:
     raise UsageError("--mode=distill needs --config.teacher_checkpoint=DIR, the workdir (or "
                      "export) of a teacher trained with --mode=train.")
-  train.check_workdir(workdir)
-  record = checkpoint.read_record(config.teacher_checkpoint)
+  path = train.check_workdir(workdir)
+  # A resumed student keeps the teacher step it started from, even if the teacher trained on.
+  own = checkpoint.Checkpoints(path / "checkpoints")
+  resumed = own.latest_step()
+  teacher_step = (own.record(resumed)["teacher_step"] if resumed is not None
+                  else checkpoint.latest_step(config.teacher_checkpoint))
+  record = checkpoint.read_record(config.teacher_checkpoint, teacher_step)
   check_teacher(record, config, config.teacher_checkpoint)
   prepared = pipeline.prepare(config, workdir)
   vocab_size = prepared.tokenizer.vocab_size
@@ -213,7 +217,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
   config.model.two_time = True
   teacher_graphdef, teacher_abstract = train.param_layout(
       lambda: dit.from_config(teacher_model, vocab_size, nnx.Rngs(config.seed)), mesh)
-  teacher_params = checkpoint.load_ema(config.teacher_checkpoint, teacher_abstract)
+  teacher_params = checkpoint.load_ema(config.teacher_checkpoint, teacher_abstract,
+                                       teacher_step)
 
   def student_fn():
     return dit.from_config(config.model, vocab_size, nnx.Rngs(config.seed))
@@ -222,6 +227,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
     """The teacher's EMA weights plus the student's zero-initialised second embedder."""
     return dict(train.random_params(run, student_fn), **teacher_params)
 
+  teacher = {"teacher": str(config.teacher_checkpoint), "teacher_step": teacher_step}
   samplers = {f"flowmap_{n}": functools.partial(
       sampling.sample_flow_map, batch_size=config.train.num_samples,
       seq_len=config.data.seq_len, steps=n, gamma=config.sample.gamma,
@@ -230,9 +236,10 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
       config, workdir, prepared, params_fn=student_fn,
       objective=distillation_objective(config, vocab_size, teacher_graphdef),
       samplers=samplers, kind="fmlm", initial_params=initial_params, frozen=teacher_params,
-      frozen_shardings=jax.tree.map(lambda x: x.sharding, teacher_abstract))
-  export_dir = train.check_workdir(workdir) / "export"
-  checkpoint.export(export_dir, state["ema"], checkpoint.run_record(config, prepared.tokenizer,
-                                                                    "fmlm"))
+      frozen_shardings=jax.tree.map(lambda x: x.sharding, teacher_abstract),
+      record_extra=teacher)
+  export_dir = path / "export"
+  checkpoint.export(export_dir, state["ema"],
+                    dict(checkpoint.run_record(config, prepared.tokenizer, "fmlm"), **teacher))
   train.say(f"exported the student's EMA weights to {export_dir}")
   return run, state

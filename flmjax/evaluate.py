@@ -7,8 +7,10 @@ it is, so the sampler follows: the Euler sampler for an FLM teacher, the flow-ma
 
 Evaluation (the paper's evaluation protocol): samples are decoded to text, re-encoded with the
 evaluator's tokenizer, cut to L tokens and padded with its EOS; the generative perplexity
-is exp(total NLL / total tokens) over all samples, counting every non-EOS target token and
-the first EOS of each row (position 0 has no context and is not scored). Entropy is each
+is exp(total NLL / total tokens) over all samples, counting every non-EOS token and the
+first EOS of each row, found over the whole row (position 0 has no context and is not
+scored, so an EOS there, as when a GPT-2 sample starts with <|endoftext|>, counts
+none). Entropy is each
 sample's unigram entropy (nats) over its own token ids, averaged. The "dataset" row scores
 held-out real examples the same way.
 """
@@ -62,7 +64,6 @@ def sampler_for(record: dict, steps: int, num_samples: int, gamma: float, latent
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[str]]:
   """`--mode=sample`: writes WORKDIR/samples/NAME.json with decoded samples and the time
   per sample (measured on a second, compiled run)."""
-  sharding.initialize_distributed(config)
   if not config.checkpoint:
     raise UsageError("--mode=sample needs --config.checkpoint=DIR, a training or "
                      "distillation workdir or an export.")
@@ -101,10 +102,9 @@ def generative_perplexity(evaluator, texts: list[str], seq_len: int,
     encoded = encoded[:seq_len]
     ids[i, :len(encoded)] = encoded
     empty += not encoded
-  targets = ids[:, 1:]
-  is_eos = targets == evaluator.eos_id
+  is_eos = ids == evaluator.eos_id
   first_eos = is_eos & (np.cumsum(is_eos, axis=1) == 1)
-  mask = ~is_eos | first_eos
+  mask = (~is_eos | first_eos)[:, 1:]  # targets: positions 1..L-1
   nll, count = 0.0, 0
   for start in range(0, len(texts), batch_size):
     rows = slice(start, start + batch_size)
@@ -137,7 +137,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     record, graphdef, params, tokenizer = load(config, directory)
     seq_len = record["config"]["data"]["seq_len"]
     for n in steps:
-      name, sampler = sampler_for(record, n, cfg.num_samples, config.sample.gamma,
+      gamma = config.sample.gamma if record["kind"] == "fmlm" else 0.0  # Euler: no churn
+      name, sampler = sampler_for(record, n, cfg.num_samples, gamma,
                                   config.noise == "latent")
       tokens, seconds = _timed_samples(sampler, graphdef, params,
                                        jax.random.PRNGKey(config.seed))
@@ -231,7 +232,6 @@ def parse_steps(text: str) -> list[int]:
 
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """`--mode=eval`: evaluates config.checkpoint at every eval.steps count."""
-  sharding.initialize_distributed(config)
   if not config.checkpoint:
     raise UsageError("--mode=eval needs --config.checkpoint=DIR, a training or distillation "
                      "workdir or an export.")

@@ -16,7 +16,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flmjax import distill, evaluate, train
+from flmjax import distill, evaluate, sharding, train
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 
@@ -91,6 +91,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request
     logging.set_verbosity(logging.WARNING)
+  sharding.initialize_distributed(_CONFIG.value)
   try:
     MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UsageError as e:

@@ -29,9 +29,10 @@ RULES = {
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """jax.distributed.initialize() when the config asks for a multi-process run; the
-  cluster (TPU pod, SLURM, coordinator variables) is discovered by JAX itself."""
-  if config.distributed:
+  """jax.distributed.initialize() when the config asks for a multi-process run (before
+  anything touches the devices); the cluster (TPU pod, SLURM, coordinator variables) is
+  discovered by JAX itself."""
+  if config.distributed and not jax.distributed.is_initialized():
     jax.distributed.initialize()
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -264,7 +265,7 @@ class Logger:
     say(f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | grad "
         f"{metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
         f"{metrics['tokens_per_second']:,.0f} tokens/s | {metrics['step_seconds']:.3f} s/step "
-        f"| ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        f"| ETA {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}")
 
 
 def make_validation(objective: Objective, graphdef, prepared, config, mesh):
@@ -281,7 +282,7 @@ def make_validation(objective: Objective, graphdef, prepared, config, mesh):
   def validate(params) -> float | None:
     total, count = 0.0, 0
     for i, local in enumerate(pipeline.eval_batches(prepared, "valid", config.batch_size)):
-      if count == config.train.eval_batches:
+      if config.train.eval_batches and count == config.train.eval_batches:
         break
       total += float(loss(params, pipeline.to_global(local, batch_sharding),
                           jax.random.fold_in(rng, i)))
@@ -310,15 +311,16 @@ def write_samples(path: pathlib.Path, samplers: dict, graphdef, params, tokenize
 
 def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prepared, *,
         params_fn: Callable, objective: Objective, samplers: dict, kind: str = "flm",
-        initial_params: Callable | None = None, frozen=None,
-        frozen_shardings=None) -> tuple[Run, dict]:
+        initial_params: Callable | None = None, frozen=None, frozen_shardings=None,
+        record_extra: dict | None = None) -> tuple[Run, dict]:
   """Trains from WORKDIR's latest checkpoint to config.train.steps and returns the run and
   its final train state.
 
   A fresh run starts from `initial_params(run)`, by default `params_fn()` freshly
   initialised. `samplers` maps names to functions (graphdef, params, rng) -> tokens, run
   on the EMA weights every train.sample_every steps. `kind` names the run ("flm" teacher,
-  "fmlm" student) in its checkpoints, so that a checkpoint of another kind is refused.
+  "fmlm" student) in its checkpoints, so that a checkpoint of another kind is refused;
+  `record_extra` adds fields to the run record saved with them.
   """
   path = check_workdir(workdir)
   cfg = config.train
@@ -329,7 +331,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
                      f"size {parallel} (mesh data x fsdp) times train.grad_accum="
                      f"{cfg.grad_accum}.")
   run = plan(config, params_fn, mesh)
-  record = checkpoint.run_record(config, prepared.tokenizer, kind)
+  record = dict(checkpoint.run_record(config, prepared.tokenizer, kind), **(record_extra or {}))
   checkpoints = checkpoint.Checkpoints(path / "checkpoints", cfg.keep_checkpoints,
                                        cfg.keep_period)
   batches = iter(pipeline.train_batches(prepared, config.batch_size, config.seed))
@@ -360,9 +362,18 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
 
   def check_finite():
     if first_bad is not None and int(first_bad):
+      kept = (f"the last good checkpoint is step {last_saved} in {path / 'checkpoints'}"
+              if last_saved is not None else "no checkpoint was written")
       raise FloatingPointError(
-          f"the loss became NaN or inf at step {int(first_bad)}; stopping. The last good "
-          f"checkpoint is step {last_saved} in {path / 'checkpoints'}.")
+          f"the loss became NaN or inf at step {int(first_bad)}; stopping, {kept}.")
+
+  def stop_agreed() -> bool:
+    """SIGTERM reaches processes at different times; they agree (at log steps) so that
+    all of them save and stop at the same step."""
+    if jax.process_count() == 1:
+      return stop.requested
+    return due(cfg.log_every) and bool(
+        multihost_utils.process_allgather(np.asarray(stop.requested)).any())
 
   def save():
     nonlocal last_saved
@@ -381,7 +392,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
                                                                 nonfinite)
       window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
       window_steps += 1
-      if due(cfg.log_every) or stop.requested:
+      stopping = stop_agreed()
+      if due(cfg.log_every) or stopping:
         check_finite()
         elapsed = time.perf_counter() - window_start
         summary = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
@@ -401,16 +413,19 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
                                 jax.random.PRNGKey(config.seed))
         for name, texts in written.items():
           say(f"step {step} | {name}: {texts[0][:160]!r}")
-      if due(cfg.checkpoint_every) or stop.requested:
+      if due(cfg.checkpoint_every) or stopping:
         save()
-      if stop.requested:
+      if stopping:
         say(f"SIGTERM: saved step {step} to {path / 'checkpoints'}; stopping")
         break
       if not window_steps:  # time spent evaluating or saving is not training time
         window_start = time.perf_counter()
   except KeyboardInterrupt:
-    save()
-    say(f"interrupted: saved step {step} to {path / 'checkpoints'}")
+    try:
+      save()
+      say(f"interrupted: saved step {step} to {path / 'checkpoints'}")
+    except RuntimeError:  # interrupted mid-step: the donated state is gone
+      say(f"interrupted mid-step; the last checkpoint is step {last_saved}")
     raise
   finally:
     stop.restore()
@@ -420,7 +435,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode=train`: the FLM teacher."""
-  sharding.initialize_distributed(config)
   check_workdir(workdir)
   if config.model.two_time:
     raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "

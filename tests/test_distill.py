@@ -1,6 +1,7 @@
 """FMLM distillation: split and times, the three targets, student init, flow-map sampler."""
 
 import functools
+import json
 
 from flax import nnx
 import jax
@@ -300,3 +301,29 @@ def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path):
   config.model.width = 48
   with pytest.raises(UsageError, match="model.width 32 != 48"):
     distill.distill(config, str(tmp_path / "s"))
+
+
+def test_resumed_student_keeps_its_teacher_step(tmp_path):
+  config = train_config(steps=2, checkpoint_every=1)
+  config.train.keep_checkpoints = 2
+  config.data.dir = str(tmp_path / "data")
+  teacher_dir, student_dir = str(tmp_path / "t"), str(tmp_path / "s")
+  train.train(config, teacher_dir)
+  config.teacher_checkpoint = teacher_dir
+  config.distill.steps = 2
+  distill.distill(config, student_dir)
+  train.train(_with_data_dir(train_config(steps=3, checkpoint_every=1), tmp_path), teacher_dir)
+  config.distill.steps = 3
+  distill.distill(config, student_dir)  # still distils from teacher step 2
+  record = json.loads((tmp_path / "s" / "export" / "record.json").read_text())
+  assert record["teacher_step"] == 2
+  train.train(_with_data_dir(train_config(steps=5, checkpoint_every=1), tmp_path), teacher_dir)
+  config.distill.steps = 4  # teacher step 2 has rotated away (two kept)
+  with pytest.raises(UsageError, match="no longer holds step 2"):
+    distill.distill(config, student_dir)
+
+
+def _with_data_dir(config, tmp_path):
+  config.train.keep_checkpoints = 2
+  config.data.dir = str(tmp_path / "data")
+  return config

@@ -42,12 +42,13 @@ def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
   toy = CharEvaluator()
   texts = ["abc", "zz", ""]
   result = evaluate.generative_perplexity(toy, texts, seq_len=5, batch_size=2)
-  # Targets are positions 1..4: "abc" -> b, c, EOS (first), [EOS skipped];
-  # "zz" -> z, EOS, [EOS, EOS skipped]; "" -> EOS (first), [the rest skipped].
-  scored = [2, 3, 0, 26, 0, 0]
+  # Targets are positions 1..4: "abc" -> b, c, EOS (the row's first), [EOS skipped];
+  # "zz" -> z, EOS, [EOS, EOS skipped]; "" -> its first EOS is position 0, which is not a
+  # target, so nothing of that row counts.
+  scored = [2, 3, 0, 26, 0]
   expected = np.exp(-np.mean([toy.logp[i] for i in scored]))
   np.testing.assert_allclose(result["gen_ppl"], expected, rtol=1e-12)
-  assert result["tokens"] == 6 and result["empty_samples"] == 1
+  assert result["tokens"] == 5 and result["empty_samples"] == 1
 
 
 def test_eval_steps_are_validated():

@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import time
 from typing import Iterable, Iterator, Sequence
 
@@ -149,7 +150,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
               "tokenizer_fingerprint": tokenizer.fingerprint, "seq_len": seq_len,
               "vocab_size": tokenizer.vocab_size}
   if not (path / "meta.json").is_file():
-    partial = root / f".{path.name}.partial-{os.getpid()}"
+    partial = root / (f".{path.name}.partial-{socket.gethostname()}-{jax.process_index()}-"
+                      f"{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     dtype = _token_dtype(tokenizer.vocab_size)

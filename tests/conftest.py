@@ -11,6 +11,18 @@ import pytest  # pylint: disable=wrong-import-position
 from configs import tiny  # pylint: disable=wrong-import-position
 
 
+def randomize(model, seed: int = 7, scale: float = 0.3):
+  """`model` with every parameter drawn from N(0, scale^2), zero-initialised layers
+  included, so that every path through the network matters."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return nnx.merge(graphdef, jax.tree.unflatten(
+      treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+
+
 def small_config(**data):
   """configs/tiny.py shrunk to seconds: 400 documents, V = 512, L = 32, batch 8."""
   config = tiny.get_config()

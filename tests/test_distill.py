@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import train_config
+from conftest import randomize, train_config
 from flmjax import distill, evaluate, flow, sampling, train
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -19,12 +19,8 @@ from flmjax.schedule import get_schedule
 V, D, L, B = 61, 32, 8, 16
 
 
-def _random(model, seed=7, scale=0.3):
-  graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return graphdef, jax.tree.unflatten(
-      treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+def _random(model, seed=7):
+  return nnx.split(randomize(model, seed))
 
 
 def _student(seed=7):

@@ -1,5 +1,6 @@
 """The DiT denoiser: shapes, initialisation, caps, rotary, attention paths, sizes."""
 
+import functools
 import math
 
 from flax import nnx
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import randomize
 from flmjax.models import dit
 
 V, D, L, B = 97, 64, 16, 3
@@ -18,13 +20,7 @@ def _model(**kw):
   return dit.DiT(V, D, 2, 4, 32, rngs=nnx.Rngs(0), **kw)
 
 
-def _perturb(model, scale=0.3, seed=1):
-  """Random values for every parameter (zero-initialised layers included)."""
-  graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  leaves = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+_perturb = functools.partial(randomize, seed=1)
 
 
 def _inputs(seed=0):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import randomize
 from flmjax import flow
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
@@ -70,13 +71,8 @@ def test_latent_noise_has_covariance_e_transpose_e():
 
 
 def _random_model(depth=2):
-  """A DiT with every parameter random (no zero-initialised layer)."""
-  graphdef, state = nnx.split(dit.DiT(V, D, depth, 4, 16, rngs=nnx.Rngs(0),
-                                      dtype=jnp.float32))
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  return nnx.merge(graphdef, jax.tree.unflatten(
-      treedef, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+  return randomize(dit.DiT(V, D, depth, 4, 16, rngs=nnx.Rngs(0), dtype=jnp.float32),
+                   scale=0.2)
 
 
 def test_latent_path_equals_v_space_path_for_the_same_noise():

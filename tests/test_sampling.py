@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from conftest import randomize
 from flmjax import flow, sampling
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
@@ -14,11 +15,8 @@ V, D, L, B = 61, 32, 8, 4
 
 
 def _random_model(seed=7):
-  graphdef, state = nnx.split(dit.DiT(V, D, 1, 4, 16, rngs=nnx.Rngs(0), dtype=jnp.float32))
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return graphdef, jax.tree.unflatten(
-      treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  return nnx.split(randomize(dit.DiT(V, D, 1, 4, 16, rngs=nnx.Rngs(0), dtype=jnp.float32),
+                             seed=seed))
 
 
 def test_grid_follows_the_schedule():

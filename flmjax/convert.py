@@ -1,0 +1,349 @@
+"""Weights in the reference PyTorch layout: import the released FLM/FMLM checkpoints, export
+flmjax models for PyTorch users.
+
+  python -m flmjax.convert import --from=SRC --to=DIR --config=configs/owt.py
+  python -m flmjax.convert export --from=WORKDIR --to=DIR
+  python -m flmjax.convert random --to=DIR --config=configs/owt_distill.py
+
+`import` reads SRC, a Hugging Face directory (config.json + model.safetensors, names
+without a prefix), a .safetensors file, or a Lightning .ckpt (names under `backbone.`,
+possibly with `._orig_mod`; the EMA weights `ema.shadow_params` by default, `--weights=raw`
+for the trained ones; needs torch). It infers V, D, blocks, heads (from the rotary buffer,
+else config.json's `n_heads`, else the config's), conditioning width, MLP ratio and one-
+or two-time conditioning (an FMLM student has `sigma_map_prime`) from the tensors, and
+writes DIR/params (Orbax) + DIR/record.json, an export that `--mode=sample`, `--mode=eval`
+and `--config.teacher_checkpoint` accept. The config supplies what the weights do not
+say: the tokenizer (its V must match), L, the caps and the data settings.
+
+`export` writes DIR/model.safetensors with the reference names and layouts (PyTorch
+Linear weights are (out, in)) plus DIR/config.json describing the architecture. `random`
+writes weights of the config's shape in that layout, N(0, 0.02^2) (norm scales 1), a
+stand-in for a download when checking or timing the import and the samplers.
+"""
+
+import json
+import pathlib
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import safetensors.numpy
+
+from flmjax import checkpoint, sharding, train
+from flmjax.data import tokenizers
+from flmjax.errors import UsageError
+from flmjax.models import dit
+
+INV_FREQ = "rotary_emb.inv_freq"  # a buffer of the reference: checked, never stored
+HEADS_KEYS = ("n_heads", "num_heads", "num_attention_heads", "heads")
+
+
+def _linear(ref: str, ours: tuple, bias: bool = True) -> list[tuple[str, tuple, bool]]:
+  """(reference name, flmjax path, transposed) of a Linear layer."""
+  return [(f"{ref}.weight", (*ours, "kernel"), True)] + (
+      [(f"{ref}.bias", (*ours, "bias"), False)] if bias else [])
+
+
+def name_map(depth: int, two_time: bool) -> list[tuple[str, tuple, bool]]:
+  """Every parameter as (reference name, path in flmjax's params, transposed)."""
+  names = [("vocab_embed.embedding", ("vocab_embed",), False)]
+  for embedder in ("sigma_map", "sigma_map_prime")[:1 + two_time]:
+    names += _linear(f"{embedder}.mlp.0", (embedder, "fc1"))
+    names += _linear(f"{embedder}.mlp.2", (embedder, "fc2"))
+  for i in range(depth):
+    ref, ours = f"blocks.{i}", ("blocks", i)
+    names += [(f"{ref}.norm1.weight", (*ours, "norm1", "norm", "scale"), False)]
+    names += _linear(f"{ref}.attn_qkv", (*ours, "attn_qkv"), bias=False)
+    names += _linear(f"{ref}.attn_out", (*ours, "attn_out"), bias=False)
+    names += [(f"{ref}.norm2.weight", (*ours, "norm2", "norm", "scale"), False)]
+    names += _linear(f"{ref}.mlp.0", (*ours, "mlp_in"))
+    names += _linear(f"{ref}.mlp.2", (*ours, "mlp_out"))
+    names += _linear(f"{ref}.adaLN_modulation", (*ours, "adaln"))
+  names += [("output_layer.norm_final.weight", ("norm_final", "norm", "scale"), False)]
+  names += _linear("output_layer.adaLN_modulation", ("final_adaln",))
+  names += _linear("output_layer.linear", ("output",))
+  return names
+
+
+def inv_freq(head_dim: int) -> np.ndarray:
+  """The reference's rotary frequencies 1 / 10000^(2i / head_dim), float32."""
+  return (1.0 / 10000 ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(
+      np.float32)
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def to_reference(params: dict, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """flmjax params (a pure dict) -> {reference name: float32 array in PyTorch layout}."""
+  if model.learned_loss_weight:
+    raise UsageError("model.learned_loss_weight=True has no counterpart in the reference's "
+                     "v2 layout; export a model trained without it.")
+  tensors = {}
+  for ref, path, transposed in name_map(model.depth, model.two_time):
+    value = np.asarray(_get(params, path), np.float32)
+    tensors[ref] = np.ascontiguousarray(value.T if transposed else value)
+  tensors[INV_FREQ] = inv_freq(model.width // model.heads)
+  return tensors
+
+
+def from_reference(tensors: dict[str, np.ndarray], model: ml_collections.ConfigDict) -> dict:
+  """{reference name: array} -> flmjax params (a pure dict of float32 arrays)."""
+  params = {}
+  for ref, path, transposed in name_map(model.depth, model.two_time):
+    value = np.asarray(tensors[ref], np.float32)
+    _set(params, path, value.T if transposed else value)
+  return params
+
+
+def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
+                       model: ml_collections.ConfigDict) -> tuple[int, dict]:
+  """(V, model fields) from the tensors' names and shapes; heads from the rotary buffer,
+  else from `meta` (config.json), else `model.heads`."""
+  for key in ("vocab_embed.embedding", "sigma_map.mlp.2.weight", "blocks.0.mlp.0.weight"):
+    if key not in tensors:
+      raise UsageError(f"the weights have no {key!r}; they are not an FLM/FMLM DiT in the "
+                       "reference's layout (names as in its models/dit.py, without a "
+                       "prefix).")
+  vocab, width = tensors["vocab_embed.embedding"].shape
+  blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
+  if blocks != set(range(len(blocks))):
+    raise UsageError(f"the weights' blocks are numbered {sorted(blocks)}; expected 0..N-1.")
+  hidden = tensors["blocks.0.mlp.0.weight"].shape[0]
+  if hidden % width:
+    raise UsageError(f"blocks.0.mlp.0.weight has {hidden} rows, not a multiple of the width "
+                     f"{width}.")
+  if INV_FREQ in tensors:
+    heads = width // (2 * tensors[INV_FREQ].shape[-1])
+  else:
+    heads = next((int(meta[k]) for k in HEADS_KEYS if k in meta), model.heads)
+  return vocab, {"width": width, "depth": len(blocks), "heads": heads,
+                 "cond_width": tensors["sigma_map.mlp.2.weight"].shape[0],
+                 "mlp_ratio": hidden // width,
+                 "two_time": any(k.startswith("sigma_map_prime.") for k in tensors),
+                 "learned_loss_weight": False}
+
+
+def check_tensors(tensors: dict[str, np.ndarray], vocab: int,
+                  model: ml_collections.ConfigDict) -> None:
+  """Refuses missing, unexpected or mis-shaped tensors, naming the first ones."""
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: dit.from_config(model, vocab, nnx.Rngs(0))), nnx.Param))
+  expected = {ref: _get(abstract, path).shape[::-1] if transposed else
+              _get(abstract, path).shape
+              for ref, path, transposed in name_map(model.depth, model.two_time)}
+  expected[INV_FREQ] = (model.width // model.heads // 2,)
+  missing = [k for k in expected if k not in tensors and k != INV_FREQ]
+  unexpected = [k for k in tensors if k not in expected]
+  wrong = [f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})" for k in expected
+           if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])]
+  for problem, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("mis-shaped", wrong)):
+    if keys:
+      raise UsageError(f"{len(keys)} {problem} tensor(s) for a DiT with V {vocab}, width "
+                       f"{model.width}, {model.depth} blocks, {model.heads} heads, "
+                       f"conditioning {model.cond_width}: {', '.join(keys[:5])}.")
+  if INV_FREQ in tensors and not np.allclose(tensors[INV_FREQ], inv_freq(
+      model.width // model.heads), rtol=1e-5):
+    raise UsageError(f"{INV_FREQ} is not 1 / 10000^(2i / head_dim); flmjax's rotary "
+                     "embedding would not match these weights.")
+
+
+def _numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, np.float32)
+
+
+def from_lightning(ckpt: dict, ema: bool = True) -> dict[str, np.ndarray]:
+  """The backbone's tensors of a loaded Lightning checkpoint: `state_dict` keys under
+  `backbone.` (with any `._orig_mod` of torch.compile removed), and with `ema` the EMA
+  weights `ema.shadow_params`, listed in the backbone's named_parameters() order (the
+  state_dict's order without its buffers)."""
+  if "state_dict" not in ckpt:
+    raise UsageError("the checkpoint has no 'state_dict'; it is not a Lightning checkpoint.")
+  tensors = {}
+  for key, value in ckpt["state_dict"].items():
+    key = key.replace("._orig_mod", "").replace("_orig_mod.", "")
+    if key.startswith("backbone."):
+      tensors[key[len("backbone."):]] = _numpy(value)
+  if not tensors:
+    raise UsageError("the checkpoint's state_dict has no 'backbone.' weights.")
+  if not ema:
+    return tensors
+  shadow = (ckpt.get("ema") or {}).get("shadow_params")
+  if shadow is None:
+    raise UsageError("the checkpoint has no EMA weights (ema.shadow_params); import the "
+                     "trained weights with --weights=raw.")
+  names = [k for k in tensors if k != INV_FREQ]
+  if len(shadow) != len(names):
+    raise UsageError(f"ema.shadow_params holds {len(shadow)} tensors but the backbone has "
+                     f"{len(names)} parameters; import with --weights=raw.")
+  for name, value in zip(names, shadow):
+    value = _numpy(value)
+    if value.shape != tensors[name].shape:
+      raise UsageError(f"ema.shadow_params does not follow the backbone's parameter order "
+                       f"({name}: {value.shape} vs {tensors[name].shape}); import with "
+                       "--weights=raw.")
+    tensors[name] = value
+  return tensors
+
+
+def read_reference(source: str, ema: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+  """(tensors, config.json contents or {}) of a Hugging Face directory, a .safetensors
+  file or a Lightning .ckpt."""
+  path = pathlib.Path(source).expanduser()
+  meta = {}
+  if path.is_dir():
+    if (path / "config.json").is_file():
+      meta = json.loads((path / "config.json").read_text())
+    path = path / "model.safetensors"
+  if not path.is_file():
+    raise UsageError(f"--from={source}: no such file; give a directory holding "
+                     "model.safetensors, a .safetensors file or a Lightning .ckpt.")
+  if path.suffix == ".safetensors":
+    return safetensors.numpy.load_file(str(path)), meta
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UsageError(f"reading {path} (a PyTorch checkpoint) needs torch: pip install torch "
+                     "(the CPU build is enough).") from None
+  return from_lightning(torch.load(path, map_location="cpu", weights_only=False), ema), meta
+
+
+def _tokenizer(config: ml_collections.ConfigDict):
+  if config.tokenizer.kind == "sentencepiece" and not config.tokenizer.path:
+    raise UsageError("an imported model needs the tokenizer it was trained with: set "
+                     "--config.tokenizer.path (or use tokenizer.kind=gpt2 / bert).")
+  return tokenizers.build_tokenizer(config.tokenizer, pathlib.Path("."), None)
+
+
+def _new_directory(directory: str, *names: str) -> pathlib.Path:
+  path = train.check_workdir(directory)
+  taken = [n for n in names if (path / n).exists()]
+  if taken:
+    raise UsageError(f"--to={directory} already holds {', '.join(taken)}; choose a new "
+                     "directory (nothing was overwritten).")
+  return path
+
+
+def import_weights(source: str, directory: str, config: ml_collections.ConfigDict,
+                   ema: bool = True) -> dict:
+  """Writes the export DIRECTORY/{params, record.json} of the reference weights in
+  `source`; returns its run record."""
+  path = _new_directory(directory, "params", "record.json")
+  tensors, meta = read_reference(source, ema)
+  vocab, fields = infer_architecture(tensors, meta, config.model)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(fields)
+  check_tensors(tensors, vocab, config.model)
+  tokenizer = _tokenizer(config)
+  if tokenizer.vocab_size != vocab:
+    raise UsageError(f"the weights have V = {vocab} but the config's tokenizer "
+                     f"({config.tokenizer.kind}) has {tokenizer.vocab_size}; use the config "
+                     "of the data they were trained on (configs/owt.py: GPT-2, 50258; "
+                     "configs/lm1b.py: BERT, 30522).")
+  kind = "fmlm" if config.model.two_time else "flm"
+  record = checkpoint.run_record(config, tokenizer, kind)
+  record["imported_from"] = str(source)
+  params = jax.tree.map(jnp.asarray, from_reference(tensors, config.model))
+  checkpoint.export(path, params, record)
+  return record
+
+
+def write_reference(directory: pathlib.Path, tensors: dict[str, np.ndarray],
+                    model: ml_collections.ConfigDict, vocab: int, kind: str) -> None:
+  safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
+  (directory / "config.json").write_text(json.dumps({
+      "kind": kind, "vocab_size": vocab, "hidden_size": model.width,
+      "n_blocks": model.depth, "n_heads": model.heads, "cond_dim": model.cond_width,
+      "mlp_ratio": model.mlp_ratio, "two_time": model.two_time,
+      "attn_softcap": model.attn_softcap, "output_cap": model.output_cap}, indent=1))
+
+
+def export_weights(source: str, directory: str) -> dict:
+  """Writes DIRECTORY/{model.safetensors, config.json} from the EMA weights of `source`
+  (a workdir or an export); returns its run record."""
+  path = _new_directory(directory, "model.safetensors", "config.json")
+  record = checkpoint.read_record(source)
+  model = ml_collections.ConfigDict(record["config"]["model"])
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}),
+                            jax.devices()[:1])
+  _, abstract = train.param_layout(
+      lambda: dit.from_config(model, record["vocab_size"], nnx.Rngs(0)), mesh)
+  params = checkpoint.load_ema(source, abstract)
+  write_reference(path, to_reference(params, model), model, record["vocab_size"],
+                  record["kind"])
+  return record
+
+
+def random_weights(directory: str, config: ml_collections.ConfigDict) -> None:
+  """Writes weights of the config's shape (V from its tokenizer) in the reference layout."""
+  path = _new_directory(directory, "model.safetensors", "config.json")
+  vocab = _tokenizer(config).vocab_size
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: dit.from_config(config.model, vocab, nnx.Rngs(0))), nnx.Param))
+  rng = np.random.default_rng(config.seed)
+  params = jax.tree.map_with_path(
+      lambda p, x: np.ones(x.shape, np.float32) if "scale" in jax.tree_util.keystr(p)
+      else rng.normal(0, 0.02, x.shape).astype(np.float32), abstract)
+  write_reference(path, to_reference(params, config.model), config.model, vocab,
+                  "fmlm" if config.model.two_time else "flm")
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A flmjax config (tokenizer, L).")
+_FROM = flags.DEFINE_string("from", None, "import: reference weights; export: a workdir.")
+_TO = flags.DEFINE_string("to", None, "The directory to write.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
+                             "Which weights of a Lightning .ckpt to import.")
+COMMANDS = ("import", "export", "random")
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"give one command: {', '.join(COMMANDS)}")
+  command = argv[1]
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request
+    logging.set_verbosity(logging.WARNING)
+  needed = {"import": ("from", "to", "config"), "export": ("from", "to"),
+            "random": ("to", "config")}[command]
+  missing = [f"--{n}" for n in needed if flags.FLAGS[n].value is None]
+  try:
+    if missing:
+      raise UsageError(f"{command} needs {' and '.join(missing)}.")
+    if command == "import":
+      record = import_weights(_FROM.value, _TO.value, _CONFIG.value, _WEIGHTS.value == "ema")
+      model = record["config"]["model"]
+      train.say(f"imported a {record['kind']} DiT (V {record['vocab_size']}, width "
+                f"{model['width']}, {model['depth']} blocks, {model['heads']} heads) to "
+                f"{_TO.value}; sample with --config.checkpoint={_TO.value}")
+    elif command == "export":
+      record = export_weights(_FROM.value, _TO.value)
+      train.say(f"exported the {record['kind']} EMA weights of {_FROM.value} to {_TO.value}")
+    else:
+      random_weights(_TO.value, _CONFIG.value)
+      train.say(f"wrote random weights of the config's shape to {_TO.value}")
+  except UsageError as e:
+    print(f"flmjax.convert: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

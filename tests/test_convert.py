@@ -1,0 +1,267 @@
+"""Reference-layout weights: import/export round trips, and logits against a numpy forward
+pass of the reference DiT written here from REFERENCE.md section 3 (no flmjax code)."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+from flax import nnx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from conftest import small_config
+from flmjax import convert, evaluate
+from flmjax.errors import UsageError
+from flmjax.models import dit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=0.3):
+  """Random weights with the reference's names and PyTorch shapes ((out, in) Linears)."""
+  rng = np.random.default_rng(seed)
+  shapes = {"vocab_embed.embedding": (vocab, width)}
+  for embedder in ("sigma_map", "sigma_map_prime")[:1 + two_time]:
+    shapes.update({f"{embedder}.mlp.0.weight": (cond, 256), f"{embedder}.mlp.0.bias": (cond,),
+                   f"{embedder}.mlp.2.weight": (cond, cond), f"{embedder}.mlp.2.bias": (cond,)})
+  for i in range(depth):
+    b = f"blocks.{i}."
+    shapes.update({b + "norm1.weight": (width,), b + "attn_qkv.weight": (3 * width, width),
+                   b + "attn_out.weight": (width, width), b + "norm2.weight": (width,),
+                   b + "mlp.0.weight": (4 * width, width), b + "mlp.0.bias": (4 * width,),
+                   b + "mlp.2.weight": (width, 4 * width), b + "mlp.2.bias": (width,),
+                   b + "adaLN_modulation.weight": (6 * width, cond),
+                   b + "adaLN_modulation.bias": (6 * width,)})
+  shapes.update({"output_layer.norm_final.weight": (width,),
+                 "output_layer.adaLN_modulation.weight": (2 * width, cond),
+                 "output_layer.adaLN_modulation.bias": (2 * width,),
+                 "output_layer.linear.weight": (vocab, width),
+                 "output_layer.linear.bias": (vocab,)})
+  tensors = {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+  head_dim = width // heads
+  tensors["rotary_emb.inv_freq"] = (
+      1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+  return tensors
+
+
+def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
+  """The reference DiT in float64 numpy: x [B, L, V] noisy one-hot -> logits [B, L, V]."""
+  w = {k: v.astype(np.float64) for k, v in w.items()}
+
+  def linear(h, name):
+    return h @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
+
+  def silu(h):
+    return h / (1 + np.exp(-h))
+
+  def layer_norm(h, weight):
+    mean = h.mean(-1, keepdims=True)
+    var = ((h - mean) ** 2).mean(-1, keepdims=True)
+    return (h - mean) / np.sqrt(var + 1e-5) * weight
+
+  def time_embedding(prefix, tau):
+    half = 128
+    freqs = np.exp(-math.log(10000) * np.arange(half) / half)
+    args = tau[:, None] * freqs[None]
+    features = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+    return linear(silu(linear(features, prefix + ".mlp.0")), prefix + ".mlp.2")
+
+  def modulate(h, shift, scale):
+    return h * (1 + scale[:, None]) + shift[:, None]
+
+  def rotate(q):  # [B, L, H, Dh], rotate-half
+    head_dim = q.shape[-1]
+    inv_freq = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
+    angles = np.arange(q.shape[1])[:, None] * inv_freq[None]
+    angles = np.concatenate([angles, angles], -1)[None, :, None, :]
+    q1, q2 = q[..., :head_dim // 2], q[..., head_dim // 2:]
+    return q * np.cos(angles) + np.concatenate([-q2, q1], -1) * np.sin(angles)
+
+  c = time_embedding("sigma_map", tau_s)
+  if "sigma_map_prime.mlp.0.weight" in w:
+    c = c + time_embedding("sigma_map_prime", tau_t)
+  c = silu(c)
+  h = x @ w["vocab_embed.embedding"]
+  batch, length, width = h.shape
+  depth = len({k.split(".")[1] for k in w if k.startswith("blocks.")})
+  for i in range(depth):
+    b = f"blocks.{i}."
+    chunks = np.split(linear(c, b + "adaLN_modulation"), 6, axis=-1)
+    a = modulate(layer_norm(h, w[b + "norm1.weight"]), chunks[0], chunks[1])
+    qkv = linear(a, b + "attn_qkv").reshape(batch, length, 3, heads, width // heads)
+    q, k, v = rotate(qkv[:, :, 0]), rotate(qkv[:, :, 1]), qkv[:, :, 2]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(width // heads)
+    scores = softcap * np.tanh(scores / softcap)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attn = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, width)
+    h = h + chunks[2][:, None] * linear(attn, b + "attn_out")
+    m = linear(modulate(layer_norm(h, w[b + "norm2.weight"]), chunks[3], chunks[4]),
+               b + "mlp.0")
+    m = 0.5 * m * (1 + np.tanh(math.sqrt(2 / math.pi) * (m + 0.044715 * m ** 3)))
+    h = h + chunks[5][:, None] * linear(m, b + "mlp.2")
+  shift, scale = np.split(linear(c, "output_layer.adaLN_modulation"), 2, axis=-1)
+  logits = linear(modulate(layer_norm(h, w["output_layer.norm_final.weight"]), shift, scale),
+                  "output_layer.linear")
+  return output_cap * np.tanh(logits / output_cap)
+
+
+def _model_config(**fields):
+  model = small_config().model
+  model.update(dtype="float32", **fields)
+  return model
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+def test_imported_weights_give_the_reference_logits(two_time):
+  vocab, width, depth, heads, length = 97, 64, 2, 2, 16
+  tensors = reference_tensors(vocab, width, depth, heads, 32, two_time)
+  model_cfg = _model_config()
+  found, fields = convert.infer_architecture(tensors, {}, model_cfg)
+  assert found == vocab
+  assert fields == {"width": width, "depth": depth, "heads": heads, "cond_width": 32,
+                    "mlp_ratio": 4, "two_time": two_time, "learned_loss_weight": False}
+  model_cfg.update(fields)
+  convert.check_tensors(tensors, vocab, model_cfg)
+  model = dit.from_config(model_cfg, vocab, nnx.Rngs(0))
+  nnx.update(model, nnx.State(convert.from_reference(tensors, model_cfg)))
+
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, vocab, (2, length))
+  t = np.array([0.3, 0.8])
+  x = ((1 - t[:, None, None]) * rng.standard_normal((2, length, vocab))
+       + t[:, None, None] * np.eye(vocab)[tokens]).astype(np.float32)
+  tau_s, tau_t = np.array([0.2, 0.7], np.float32), np.array([0.5, 1.0], np.float32)
+  expected = numpy_forward(tensors, x.astype(np.float64), tau_s.astype(np.float64),
+                           tau_t.astype(np.float64), heads)
+  got = model(model.embed(jnp.asarray(x)), jnp.asarray(tau_s),
+              jnp.asarray(tau_t) if two_time else None)
+  assert np.abs(expected).max() > 5  # the weights drive the logits well away from 0
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def _write_hf(directory, tensors, meta=None):
+  directory.mkdir(parents=True, exist_ok=True)
+  safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
+  if meta is not None:
+    (directory / "config.json").write_text(json.dumps(meta))
+
+
+def test_import_export_round_trip_is_bit_exact(tmp_path, prepared):
+  config = small_config()
+  config.tokenizer.path = prepared.tokenizer.source
+  tensors = reference_tensors(prepared.tokenizer.vocab_size, 64, 2, 2, 32, two_time=True)
+  _write_hf(tmp_path / "hf", tensors)
+  record = convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "imported"), config)
+  assert record["kind"] == "fmlm" and record["config"]["model"]["width"] == 64
+  convert.export_weights(str(tmp_path / "imported"), str(tmp_path / "exported"))
+  back = safetensors.numpy.load_file(str(tmp_path / "exported" / "model.safetensors"))
+  assert set(back) == set(tensors)
+  for name, value in tensors.items():
+    if name == "rotary_emb.inv_freq":  # a buffer, recomputed on export
+      np.testing.assert_allclose(back[name], value, rtol=1e-6)
+    else:
+      assert back[name].dtype == np.float32 and np.array_equal(back[name], value), name
+  meta = json.loads((tmp_path / "exported" / "config.json").read_text())
+  assert meta["n_heads"] == 2 and meta["n_blocks"] == 2 and meta["two_time"]
+  with pytest.raises(UsageError, match="already holds model.safetensors"):
+    convert.export_weights(str(tmp_path / "imported"), str(tmp_path / "exported"))
+
+
+def test_import_refuses_wrong_tensors_by_name(tmp_path):
+  model_cfg = _model_config()
+  tensors = reference_tensors(97, 64, 2, 2, 32, two_time=False)
+  vocab, fields = convert.infer_architecture(tensors, {}, model_cfg)
+  model_cfg.update(fields)
+  for change, message in [
+      (lambda t: t.pop("blocks.1.mlp.2.bias"), "missing tensor.*blocks.1.mlp.2.bias"),
+      (lambda t: t.update({"blocks.0.attn.extra": np.zeros(3, np.float32)}),
+       "unexpected tensor.*blocks.0.attn.extra"),
+      (lambda t: t.update({"blocks.0.attn_out.weight": np.zeros((64, 32), np.float32)}),
+       r"mis-shaped tensor.*blocks.0.attn_out.weight \(64, 32\) \(expected \(64, 64\)\)")]:
+    broken = dict(tensors)
+    change(broken)
+    with pytest.raises(UsageError, match=message):
+      convert.check_tensors(broken, vocab, model_cfg)
+  with pytest.raises(UsageError, match="no 'vocab_embed.embedding'"):
+    convert.infer_architecture({"x": np.zeros(1)}, {}, model_cfg)
+
+
+def test_heads_come_from_config_json_without_the_rotary_buffer():
+  tensors = reference_tensors(97, 64, 1, 4, 32, two_time=False)
+  del tensors["rotary_emb.inv_freq"]
+  assert convert.infer_architecture(tensors, {"n_heads": 4}, _model_config())[1]["heads"] == 4
+  assert convert.infer_architecture(tensors, {}, _model_config(heads=8))[1]["heads"] == 8
+
+
+def test_lightning_checkpoint_takes_the_backbone_and_its_ema():
+  tensors = reference_tensors(97, 64, 1, 2, 32, two_time=False)
+  names = [k for k in tensors if k != "rotary_emb.inv_freq"]
+  state = {"backbone._orig_mod." + k: v for k, v in tensors.items()}
+  state["noise.unused"] = np.zeros(2)
+  shadow = [tensors[k] + 1 for k in names]
+  ckpt = {"state_dict": state, "ema": {"shadow_params": shadow}}
+  raw = convert.from_lightning(ckpt, ema=False)
+  assert set(raw) == set(tensors) and np.array_equal(raw["blocks.0.mlp.0.bias"],
+                                                     tensors["blocks.0.mlp.0.bias"])
+  ema = convert.from_lightning(ckpt, ema=True)
+  assert np.array_equal(ema["blocks.0.mlp.0.bias"], tensors["blocks.0.mlp.0.bias"] + 1)
+  assert np.array_equal(ema["rotary_emb.inv_freq"], tensors["rotary_emb.inv_freq"])
+  with pytest.raises(UsageError, match="holds 5 tensors"):
+    convert.from_lightning({"state_dict": state, "ema": {"shadow_params": shadow[:5]}})
+  with pytest.raises(UsageError, match="--weights=raw"):
+    convert.from_lightning({"state_dict": state})
+
+
+def test_gpt2_sized_import_samples_one_step(tmp_path, prepared):
+  """An OWT-vocabulary FMLM (GPT-2 tokenizer, V 50258), small width, imported and sampled
+  with --mode=sample's code path."""
+  tensors = reference_tensors(50258, 64, 1, 2, 32, two_time=True, scale=0.02)
+  _write_hf(tmp_path / "hf", tensors, {"n_heads": 2})
+  config = small_config()
+  config.tokenizer.kind = "gpt2"
+  config.data.seq_len = 64
+  record = convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "imported"), config)
+  assert record["vocab_size"] == 50258 and record["tokenizer"]["kind"] == "gpt2"
+  config.checkpoint = str(tmp_path / "imported")
+  config.sample.update(steps=1, num_samples=2, gamma=1.0)
+  written = evaluate.sample(config, str(tmp_path / "out"))
+  assert len(written["flowmap_1"]) == 2
+  saved = json.loads((tmp_path / "out" / "samples" / "flowmap_1.json").read_text())
+  assert saved["flowmap_1"]["samples"] == written["flowmap_1"]
+  other = small_config()
+  other.tokenizer.path = prepared.tokenizer.source
+  with pytest.raises(UsageError, match="V = 50258 but the config's tokenizer"):
+    convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "again"), other)
+  with pytest.raises(UsageError, match="needs the tokenizer it was trained with"):
+    convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "again"), small_config())
+
+
+def test_command_line_random_import_export(tmp_path):
+  small = ["--config=configs/owt.py", "--config.model.width=64", "--config.model.depth=1",
+           "--config.model.heads=2", "--config.model.cond_width=16"]
+
+  def convert_cli(*args):
+    return subprocess.run([sys.executable, "-m", "flmjax.convert", *args], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+
+  run = convert_cli("random", f"--to={tmp_path}/random", *small)
+  assert run.returncode == 0, run.stderr
+  run = convert_cli("import", f"--from={tmp_path}/random", f"--to={tmp_path}/imported",
+                    "--config=configs/owt.py")
+  assert run.returncode == 0, run.stderr
+  assert "imported a flm DiT (V 50258, width 64, 1 blocks, 2 heads)" in run.stdout
+  run = convert_cli("export", f"--from={tmp_path}/imported", f"--to={tmp_path}/exported")
+  assert run.returncode == 0, run.stderr
+  first, back = (safetensors.numpy.load_file(f"{tmp_path}/{d}/model.safetensors")
+                 for d in ("random", "exported"))
+  assert all(np.array_equal(first[k], back[k]) for k in first)
+  run = convert_cli("import", f"--from={tmp_path}/random", f"--to={tmp_path}/imported",
+                    "--config=configs/owt.py")
+  assert run.returncode == 2 and "already holds params, record.json" in run.stderr
+  run = convert_cli("import", f"--to={tmp_path}/x", "--config=configs/owt.py")
+  assert run.returncode == 2 and "import needs --from" in run.stderr

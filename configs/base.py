@@ -105,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.tensor = 1
   # Multi-process runs (TPU pods, GPU clusters): call jax.distributed.initialize().
   config.distributed = False
+  # --mode=compile: the TPU slice to compile for without its hardware (e.g. "v5e:8x8",
+  # "v5p:2x2x4"; needs libtpu); "" compiles for the local devices.
+  config.topology = ""
 
   config.distill = ml_collections.ConfigDict()
   # --mode=distill: the FMLM student (the paper's v2 flow map). It starts from the EMA

@@ -180,15 +180,23 @@ def check_teacher(record: dict, config: ml_collections.ConfigDict, where: str) -
                      "; teacher != this config). Use the teacher's model settings.")
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str):
-  """`--mode=distill`: trains the FMLM student from config.teacher_checkpoint with the
-  training loop (train.* as overridden by distill.*), then exports the student's EMA
-  weights to WORKDIR/export."""
+def student_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` for the student: two-time model, and distill.* in place of
+  train.steps, train.learning_rate, train.b2 and batch_size (0 keeps it)."""
   config = copy.deepcopy(config)  # the student's settings stay out of the caller's config
   config.lock()
   cfg = config.distill
   config.batch_size = cfg.batch_size or config.batch_size
   config.train.update(steps=cfg.steps, learning_rate=cfg.learning_rate, b2=cfg.b2)
+  config.model.two_time = True
+  return config
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str):
+  """`--mode=distill`: trains the FMLM student from config.teacher_checkpoint with the
+  training loop (train.* as overridden by distill.*), then exports the student's EMA
+  weights to WORKDIR/export."""
+  config = student_config(config)
   if not config.teacher_checkpoint:
     raise UsageError("--mode=distill needs --config.teacher_checkpoint=DIR, the workdir (or "
                      "export) of a teacher trained with --mode=train.")
@@ -214,7 +222,6 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
 
   mesh = sharding.make_mesh(config.mesh)
   teacher_model = ml_collections.ConfigDict(dict(config.model.to_dict(), two_time=False))
-  config.model.two_time = True
   teacher_graphdef, teacher_abstract = train.param_layout(
       lambda: dit.from_config(teacher_model, vocab_size, nnx.Rngs(config.seed)), mesh)
   teacher_params = checkpoint.load_ema(config.teacher_checkpoint, teacher_abstract,

@@ -3,8 +3,9 @@
 Fields of the config can be overridden with --config.FIELD=VALUE.
 Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch), train
 (the FLM teacher; resumes from WORKDIR/checkpoints), distill (the FMLM student from
---config.teacher_checkpoint), sample and eval (of --config.checkpoint) and pipeline
-(prepare, train in WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval).
+--config.teacher_checkpoint), sample and eval (of --config.checkpoint), pipeline
+(prepare, train in WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval) and
+compile (the steps and the sampler compiled for --config.topology, with memory and FLOPs).
 """
 
 import os
@@ -16,7 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flmjax import distill, evaluate, sharding, train
+from flmjax import aot, distill, evaluate, sharding, train
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 
@@ -61,7 +62,8 @@ def run_pipeline(config, workdir: str) -> None:
 
 
 MODES = {"prepare": prepare, "train": train.train, "distill": distill.distill,
-         "sample": evaluate.sample, "eval": evaluate.eval_mode, "pipeline": run_pipeline}
+         "sample": evaluate.sample, "eval": evaluate.eval_mode, "pipeline": run_pipeline,
+         "compile": aot.compile_mode}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

@@ -19,10 +19,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flmjax import flow
+from flmjax import flow, sharding
 from flmjax.schedule import get_schedule
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mesh(params):
+  """The mesh the parameters are placed on (None when they are not on one)."""
+  placement = getattr(params["vocab_embed"], "sharding", None)
+  return placement.mesh if isinstance(placement, jax.sharding.NamedSharding) else None
+
+
+def _split_rows(x, mesh):
+  """x with its rows split over the mesh's batch axes when they divide them."""
+  if mesh is None or x.shape[0] % sharding.data_parallel_size(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
+
+
+def _whole(tokens, mesh):
+  """Tokens replicated, so that every process can read all of them."""
+  if mesh is None:
+    return tokens
+  return jax.lax.with_sharding_constraint(tokens, sharding.replicated(mesh))
 
 
 def euler_grid(vocab_size: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,25 +86,28 @@ def euler_from(graphdef, params, z, tau, coeff, latent: bool = True) -> jax.Arra
   return _integrate(model, state, tau.astype(jnp.float32), coeff.astype(jnp.float32), latent)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "seq_len", "latent"))
-def euler_tokens(graphdef, params, rng, tau, coeff, batch_size, seq_len, latent):
-  """Tokens [batch_size, seq_len] int32 from fresh noise and a grid from `euler_grid`."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "seq_len", "latent",
+                                             "mesh"))
+def euler_tokens(graphdef, params, rng, tau, coeff, batch_size, seq_len, latent, mesh=None):
+  """Tokens [batch_size, seq_len] int32 from fresh noise and a grid from `euler_grid`;
+  with `mesh`, the samples are split over its batch axes and the tokens replicated."""
   model = nnx.merge(graphdef, params)
   shape = (batch_size, seq_len)
   if latent:
     state = flow.embedded_noise(rng, model.vocab_embed[...], shape)
   else:
     state = jax.random.normal(rng, (*shape, model.vocab_size), jnp.float32)
-  probs = _integrate(model, state, tau.astype(jnp.float32), coeff.astype(jnp.float32),
-                     latent)
-  return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  probs = _integrate(model, _split_rows(state, mesh), tau.astype(jnp.float32),
+                     coeff.astype(jnp.float32), latent)
+  return _whole(jnp.argmax(probs, axis=-1).astype(jnp.int32), mesh)
 
 
 def sample_flm(graphdef, params, rng: jax.Array, batch_size: int, seq_len: int, steps: int,
                *, latent: bool = True) -> jax.Array:
   """Tokens [batch_size, seq_len] int32 from `steps` Euler steps of an FLM denoiser."""
   tau, coeff = euler_grid(params["vocab_embed"].shape[0], steps)
-  return euler_tokens(graphdef, params, rng, tau, coeff, batch_size, seq_len, latent)
+  return euler_tokens(graphdef, params, rng, tau, coeff, batch_size, seq_len, latent,
+                      _mesh(params))
 
 
 def flow_map_grid(vocab_size: int, steps: int, gamma: float) -> dict[str, np.ndarray]:
@@ -156,9 +179,11 @@ def flow_map_from(graphdef, params, z, grid, rng, latent: bool = True,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "seq_len", "latent",
-                                             "churn"))
-def flow_map_tokens(graphdef, params, rng, grid, batch_size, seq_len, latent, churn):
-  """Tokens [batch_size, seq_len] int32 from fresh noise and a `flow_map_grid`."""
+                                             "churn", "mesh"))
+def flow_map_tokens(graphdef, params, rng, grid, batch_size, seq_len, latent, churn,
+                    mesh=None):
+  """Tokens [batch_size, seq_len] int32 from fresh noise and a `flow_map_grid`; with
+  `mesh`, the samples are split over its batch axes and the tokens replicated."""
   model = nnx.merge(graphdef, params)
   rng_init, rng_churn = jax.random.split(rng)
   shape = (batch_size, seq_len)
@@ -167,8 +192,8 @@ def flow_map_tokens(graphdef, params, rng, grid, batch_size, seq_len, latent, ch
   else:
     state = jax.random.normal(rng_init, (*shape, model.vocab_size), jnp.float32)
   grid = jax.tree.map(lambda x: x.astype(jnp.float32), grid)
-  probs = _flow_map_integrate(model, state, grid, rng_churn, latent, churn)
-  return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  probs = _flow_map_integrate(model, _split_rows(state, mesh), grid, rng_churn, latent, churn)
+  return _whole(jnp.argmax(probs, axis=-1).astype(jnp.int32), mesh)
 
 
 def sample_flow_map(graphdef, params, rng: jax.Array, batch_size: int, seq_len: int,
@@ -177,4 +202,4 @@ def sample_flow_map(graphdef, params, rng: jax.Array, batch_size: int, seq_len: 
   (one step is delta_{0,1}(z))."""
   grid = flow_map_grid(params["vocab_embed"].shape[0], steps, gamma)
   return flow_map_tokens(graphdef, params, rng, grid, batch_size, seq_len, latent,
-                         gamma > 0 and steps > 1)
+                         gamma > 0 and steps > 1, _mesh(params))

@@ -1,0 +1,143 @@
+"""`--mode=compile`: ahead-of-time compilation for a target slice, without its hardware.
+
+With `--config.topology=v5e:8x8` (any TPU slice name libtpu knows: v5e:AxB, v5p:AxBxC,
+v6e:AxB; install it with pip install "jax[tpu]==<the installed jax version>") the train
+step, the distillation step and the one-step sampler are lowered and compiled for that
+slice on this machine, with the config's mesh laid over its chips. With an empty
+topology they are compiled for the local devices. For each it prints XLA's per-chip
+memory plan (arguments + outputs + temporaries - aliased + code) against the chip's HBM,
+the FLOPs per chip from XLA's cost analysis, and the step time those FLOPs imply at
+ASSUMED_MFU of the chip's bf16 peak; the same goes to WORKDIR/compile.json. Nothing is
+allocated and no data is read: V comes from the tokenizer's files where the config
+names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-uncased's
+30522 (BERT without tokenizer.path).
+"""
+
+import json
+
+from flax import nnx
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+import jax.numpy as jnp
+import ml_collections
+
+from flmjax import distill, sampling, sharding, train
+from flmjax.data import tokenizers
+from flmjax.errors import UsageError
+from flmjax.models import dit
+
+GIB = 2**30
+ASSUMED_MFU = 0.4
+# device_kind -> (HBM bytes, bf16 peak FLOP/s) per chip, from the vendors' spec sheets.
+CHIPS = {
+    "TPU v5 lite": (16 * GIB, 197e12),  # v5e
+    "TPU v5": (95 * GIB, 459e12),  # v5p
+    "TPU v6 lite": (32 * GIB, 918e12),  # v6e (Trillium)
+    "NVIDIA H100 80GB HBM3": (80 * GIB, 989e12),
+    "NVIDIA H200": (141 * GIB, 989e12),
+}
+BERT_BASE_UNCASED = 30522
+
+
+def target_devices(topology: str) -> list:
+  """The devices of a TPU slice description, or the local devices for ""."""
+  if not topology:
+    return jax.devices()
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return topologies.get_topology_desc(topology, "tpu").devices
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f"topology={topology!r} could not be described ({str(e)[:200]}); it "
+                     "needs libtpu (pip install \"jax[tpu]==" + jax.__version__ + "\") and a "
+                     "slice name such as v5e:4x4, v5e:8x8 or v5p:2x2x4.") from None
+
+
+def vocab_size(config: ml_collections.ConfigDict) -> int:
+  cfg = config.tokenizer
+  if cfg.kind == "gpt2" or (cfg.kind == "bert" and cfg.path):
+    return tokenizers.build_tokenizer(cfg, None, None).vocab_size
+  return BERT_BASE_UNCASED if cfg.kind == "bert" else cfg.vocab_size
+
+
+def _report(name: str, compiled, devices, batch: int) -> dict:
+  memory = compiled.memory_analysis()
+  per_chip = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+                 + memory.generated_code_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  entry = {"computation": name, "batch": batch, "bytes_per_chip": per_chip,
+           "argument_bytes": int(memory.argument_size_in_bytes),
+           "temp_bytes": int(memory.temp_size_in_bytes),
+           "flops_per_chip": float(cost.get("flops", 0.0))}
+  hbm, peak = CHIPS.get(devices[0].device_kind, (None, None))
+  if hbm:
+    entry.update(hbm_fraction=per_chip / hbm,
+                 seconds_at_assumed_mfu=entry["flops_per_chip"] / (peak * ASSUMED_MFU))
+  return entry
+
+
+def compile_all(config: ml_collections.ConfigDict) -> dict:
+  """Compiles the three computations for config.topology; returns the report."""
+  devices = target_devices(config.topology)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  vocab = vocab_size(config)
+  seq_len = config.data.seq_len
+  batch_spec = sharding.batch_sharding(mesh)
+  report = {"topology": config.topology or "local", "device_kind": devices[0].device_kind,
+            "chips": len(devices), "mesh": dict(mesh.shape), "vocab_size": vocab,
+            "seq_len": seq_len, "assumed_mfu": ASSUMED_MFU, "computations": []}
+
+  def step(cfg, params_fn, objective, frozen=None):
+    parallel = sharding.data_parallel_size(mesh) * cfg.train.grad_accum
+    if cfg.batch_size % parallel:
+      raise UsageError(f"batch_size={cfg.batch_size} must be a multiple of the data-parallel "
+                       f"size times train.grad_accum ({parallel}).")
+    run = train.plan(cfg, params_fn, mesh)
+    tokens = jax.ShapeDtypeStruct((cfg.batch_size, seq_len), jnp.int32, sharding=batch_spec)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen) if frozen else None
+    fn = train.compile_step(run, objective, cfg.train, frozen_shardings)
+    return run, fn.lower(run.abstract_state, {"tokens": tokens}, frozen).compile()
+
+  def teacher_fn():
+    return dit.from_config(config.model, vocab, nnx.Rngs(0))
+
+  _, compiled = step(config, teacher_fn, train.denoising_objective(config, vocab))
+  report["computations"].append(_report("train step", compiled, devices, config.batch_size))
+
+  student = distill.student_config(config)
+  teacher_graphdef, teacher_abstract = train.param_layout(teacher_fn, mesh)
+  run, compiled = step(
+      student, lambda: dit.from_config(student.model, vocab, nnx.Rngs(0)),
+      distill.distillation_objective(student, vocab, teacher_graphdef), teacher_abstract)
+  report["computations"].append(_report("distill step", compiled, devices,
+                                        student.batch_size))
+
+  num = config.sample.num_samples
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
+  compiled = sampling.flow_map_tokens.lower(
+      run.graphdef, run.abstract_state["ema"], rng, sampling.flow_map_grid(vocab, 1, 0.0),
+      num, seq_len, config.noise == "latent", False, mesh).compile()
+  report["computations"].append(_report("one-step sampler", compiled, devices, num))
+  return report
+
+
+def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`--mode=compile`: prints the per-chip memory and FLOPs table, writes compile.json."""
+  path = train.check_workdir(workdir)
+  report = compile_all(config)
+  mesh = ", ".join(f"{k} {v}" for k, v in report["mesh"].items())
+  train.say(f"compiled for {report['topology']}: {report['chips']} x {report['device_kind']}, "
+            f"mesh {mesh}, V {report['vocab_size']}, L {report['seq_len']}")
+  train.say(f"| computation | batch | memory per chip | of HBM | GFLOPs per chip | "
+            f"step at {ASSUMED_MFU:.0%} MFU |")
+  train.say("|---|---|---|---|---|---|")
+  for c in report["computations"]:
+    fraction = f"{c['hbm_fraction']:.0%}" if "hbm_fraction" in c else "-"
+    seconds = (f"{c['seconds_at_assumed_mfu'] * 1e3:,.1f} ms" if "seconds_at_assumed_mfu" in c
+               else "-")
+    train.say(f"| {c['computation']} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB | "
+              f"{fraction} | {c['flops_per_chip'] / 1e9:,.0f} | {seconds} |")
+  if jax.process_index() == 0:
+    (path / "compile.json").write_text(json.dumps(report, indent=1))
+  return report

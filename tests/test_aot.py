@@ -1,0 +1,41 @@
+"""--mode=compile: the steps and the sampler compiled for a TPU slice this machine lacks."""
+
+import pytest
+
+from conftest import train_config
+from flmjax import aot, train
+
+pytest.importorskip("libtpu", reason='needs libtpu: pip install -e ".[tpu]"')
+
+
+def _config(**mesh):
+  config = train_config()
+  config.model.update(width=128, depth=2, heads=2, dtype="bfloat16")
+  config.data.seq_len = 64
+  config.batch_size = 16
+  config.sample.num_samples = 4
+  config.topology = "v5e:2x2"
+  config.mesh.update(mesh)
+  return config
+
+
+def test_compiles_for_a_v5e_slice_and_reports_memory_and_flops(tmp_path, capsys):
+  config = _config(data=4)
+  report = aot.compile_mode(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "compiled for v5e:2x2: 4 x TPU v5 lite, mesh data 4, fsdp 1, tensor 1" in out
+  assert [c["computation"] for c in report["computations"]] == [
+      "train step", "distill step", "one-step sampler"]
+  assert (tmp_path / "compile.json").is_file()
+  step = report["computations"][0]
+  assert 0 < step["bytes_per_chip"] < 16 * 2**30 and 0 < step["hbm_fraction"] < 1
+  # XLA's count against the model's matmuls (3 x forward), shared by 4 chips; XLA also
+  # counts the noise draw, norms and softmaxes, so it is somewhat larger.
+  model = train.model_flops_per_token(config, 512) * 16 * 64 / 4
+  assert 1.0 <= step["flops_per_chip"] / model <= 1.6
+  assert step["seconds_at_assumed_mfu"] == pytest.approx(
+      step["flops_per_chip"] / (197e12 * aot.ASSUMED_MFU))
+
+  fsdp = aot.compile_all(_config(data=1, fsdp=4))["computations"][0]
+  # Parameters, EMA and Adam moments sharded 4 ways: about a quarter of the arguments.
+  assert fsdp["argument_bytes"] < 0.4 * step["argument_bytes"]

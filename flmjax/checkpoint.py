@@ -90,7 +90,9 @@ class Checkpoints:
   def restore(self, step: int, abstract_state, iterator):
     """The train state placed as `abstract_state` says, and the iterator moved to where it
     was. When the checkpoint was written by another number of processes, every process
-    continues from the position the step implies (one batch per step)."""
+    continues from the global batch the step implies (one per step): the global batches
+    do not depend on the number of processes (data/pipeline.py), so the data continue
+    exactly."""
     state = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))["state"]
     data_file = (self.directory / str(step) / "data"
@@ -99,8 +101,8 @@ class Checkpoints:
       self.manager.restore(step, args=ocp.args.Composite(
           data=grain.checkpoint.CheckpointRestore(iterator)))
     else:
-      logging.warning("checkpoint %d was written by another number of processes; the data "
-                      "order continues from step %d of this process's share", step, step)
+      logging.info("checkpoint %d was written by another number of processes; the data "
+                   "continue from global batch %d", step, step)
       iterator.set_state({"next_index": step})
     return state
 

@@ -87,11 +87,21 @@ def test_two_processes_read_disjoint_shares_covering_the_split(prepared):
                                                   process_count=1)])))
   assert not rows[0] & rows[1]
   assert len(everything - rows[0] - rows[1]) <= 3  # at most the odd remainder is unread
-  train = [_take(pipeline.train_batches(prepared, 8, seed=1, process_index=i,
-                                        process_count=2), 3) for i in range(2)]
-  assert train[0][0].shape == (4, prepared.seq_len)
-  assert not set(map(tuple, np.concatenate(train[0]))) & set(map(tuple,
-                                                                 np.concatenate(train[1])))
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes(prepared):
+  """Process i holds rows [i * B/P, (i + 1) * B/P) of each global batch, which is the
+  same batch a single process reads."""
+  steps = prepared.meta["splits"]["train"]["examples"] // 8 + 3  # into the second epoch
+  single = _take(pipeline.train_batches(prepared, 8, seed=1, process_index=0,
+                                        process_count=1), steps)
+  for count in (2, 4):
+    shares = [_take(pipeline.train_batches(prepared, 8, seed=1, process_index=i,
+                                           process_count=count), steps)
+              for i in range(count)]
+    assert shares[0][0].shape == (8 // count, prepared.seq_len)
+    for step, batch in enumerate(single):
+      np.testing.assert_array_equal(np.concatenate([s[step] for s in shares]), batch)
 
 
 def test_to_global_builds_a_sharded_batch(prepared):

@@ -193,16 +193,43 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
+def _split(prepared: Prepared, split: str):
+  source = grain.sources.ArrayRecordDataSource(prepared.files(split)) \
+      if prepared.meta["splits"][split]["examples"] else []
+  return grain.MapDataset.source(source)
+
+
+def _decoded(prepared: Prepared, dataset):
+  return dataset.map(functools.partial(_decode_record, dtype=prepared.meta["dtype"]))
+
+
 def _process_share(prepared: Prepared, split: str, process_index, process_count):
   """This process's strided share of a split; all shares have the same length."""
   if process_index is None:
     process_index, process_count = jax.process_index(), jax.process_count()
-  source = grain.sources.ArrayRecordDataSource(prepared.files(split)) \
-      if prepared.meta["splits"][split]["examples"] else []
-  dataset = grain.MapDataset.source(source)
+  dataset = _split(prepared, split)
   usable = len(dataset) - len(dataset) % process_count
-  dataset = dataset[process_index:usable:process_count]
-  return dataset.map(functools.partial(_decode_record, dtype=prepared.meta["dtype"]))
+  return _decoded(prepared, dataset[process_index:usable:process_count])
+
+
+class _ProcessRows(grain.MapDataset):
+  """One process's rows of every global batch: its element j is element
+  (j // local) * batch + index * local + j % local of the global order, so process `index`
+  holds rows [index * local, (index + 1) * local) of each global batch, the rows its
+  devices hold in the batch-sharded global array."""
+
+  def __init__(self, parent: grain.MapDataset, batch: int, local: int, index: int):
+    super().__init__(parent)
+    self._batch, self._local, self._index = batch, local, index
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch * self._local
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    batch, row = divmod(j, self._local)
+    return self._parent[batch * self._batch + self._index * self._local + row]
 
 
 def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
@@ -210,20 +237,25 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
                   process_count: int | None = None) -> grain.IterDataset:
   """Endless batches {"tokens": int32 [batch_size / processes, L]} of the training split.
 
-  Each epoch is a fresh seeded permutation of this process's share. Iterate with
-  `it = iter(ds)`; `it.get_state()` / `it.set_state(state)` save and restore the position.
+  Each epoch is a fresh seeded permutation of the whole split, cut into global batches of
+  `batch_size`; each process reads only its own rows of each. The global batches are
+  the same for any number of processes, so a run may resume on another slice size and
+  see the same data. Iterate with `it = iter(ds)`; `it.get_state()` / `it.set_state()`
+  save and restore the position ({"next_index": the number of batches read}).
   """
-  if process_count is None:
-    process_count = jax.process_count()
+  if process_index is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
   local = _local_batch_size(batch_size, process_count)
-  dataset = _process_share(prepared, "train", process_index, process_count)
-  if len(dataset) < local:
+  dataset = _split(prepared, "train")
+  if len(dataset) < batch_size:
     examples = prepared.meta["splits"]["train"]["examples"]
     raise UsageError(
         f"the training split has {examples} examples of L={prepared.seq_len} tokens, fewer "
         f"than one batch (batch_size={batch_size}); lower batch_size or data.seq_len, or "
         "use a larger corpus.")
-  dataset = dataset.shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
+  dataset = _ProcessRows(dataset.shuffle(seed=seed).repeat(), batch_size, local,
+                         process_index)
+  dataset = _decoded(prepared, dataset).batch(local, drop_remainder=True)
   return dataset.map(_to_batch).to_iter_dataset()
 
 

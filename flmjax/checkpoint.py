@@ -5,7 +5,8 @@ optimizer state, RNG), `data` (every process's Grain iterator state) and `config
 record: kind, resolved config, V, tokenizer and git hash, as JSON). An export
 (DIR/params + DIR/record.json) holds weights only, for sampling and as a teacher. Saving
 is asynchronous; restoring places every array directly with the shardings of the current
-mesh, so a run can resume on another device count.
+mesh, so a run can resume on another device count. Directories may be local or on cloud
+storage (gs://...): paths go through etils.epath, arrays through Orbax/TensorStore.
 """
 
 import json
@@ -13,6 +14,7 @@ import pathlib
 import subprocess
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import ml_collections
@@ -61,16 +63,21 @@ def check_compatible(saved: dict, current: dict, where: str) -> None:
                      "--workdir, or run with the checkpoint's config.")
 
 
+def absolute(path: epath.Path) -> epath.Path:
+  """Orbax needs absolute paths; a cloud path (gs://...) is one already."""
+  return path if "://" in str(path) else path.absolute()
+
+
 class Checkpoints:
   """An Orbax CheckpointManager over WORKDIR/checkpoints.
 
   Keeps the last `keep` checkpoints plus every `keep_period`-th step.
   """
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3, keep_period: int = 0):
-    self.directory = pathlib.Path(directory)
+  def __init__(self, directory: str | epath.Path, keep: int = 3, keep_period: int = 0):
+    self.directory = epath.Path(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory.absolute(), options=ocp.CheckpointManagerOptions(
+        absolute(self.directory), options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_period or None,
             enable_async_checkpointing=True, create=True))
 
@@ -111,17 +118,17 @@ class Checkpoints:
     self.manager.close()
 
 
-def export(directory: pathlib.Path, params, record: dict) -> None:
+def export(directory: epath.Path, params, record: dict) -> None:
   """Weights only (params, e.g. the EMA) and the run record, in DIRECTORY/{params,
   record.json}; what `--mode=sample` and distillation load."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save((directory / "params").absolute(), params, force=True)
+  checkpointer.save(absolute(directory / "params"), params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     (directory / "record.json").write_text(json.dumps(record, indent=1))
 
 
-def _locate(directory: pathlib.Path) -> tuple[str, pathlib.Path, int | None]:
+def _locate(directory: epath.Path) -> tuple[str, epath.Path, int | None]:
   for folder in (directory, directory / "export"):
     if (folder / "params").is_dir() and (folder / "record.json").is_file():
       return "export", folder, None
@@ -133,13 +140,13 @@ def _locate(directory: pathlib.Path) -> tuple[str, pathlib.Path, int | None]:
                    "(params + record.json); point it at a training or distillation workdir.")
 
 
-def latest_step(directory: str | pathlib.Path) -> int | None:
+def latest_step(directory: str | epath.Path) -> int | None:
   """The step of the weights `directory` holds (None for an export)."""
-  return _locate(pathlib.Path(directory).expanduser())[2]
+  return _locate(epath.Path(directory).expanduser())[2]
 
 
 def _at_step(directory, step):
-  kind, folder, latest = _locate(pathlib.Path(directory).expanduser())
+  kind, folder, latest = _locate(epath.Path(directory).expanduser())
   if kind == "checkpoint" and step is not None and step != latest:
     if not (folder / str(step)).is_dir():
       raise UsageError(f"{folder} no longer holds step {step} (this run started from it); "
@@ -148,7 +155,7 @@ def _at_step(directory, step):
   return kind, folder, latest
 
 
-def read_record(directory: str | pathlib.Path, step: int | None = None) -> dict:
+def read_record(directory: str | epath.Path, step: int | None = None) -> dict:
   """The run record of the weights in `directory` (a workdir or an export), at its latest
   checkpoint or at `step`."""
   kind, folder, step = _at_step(directory, step)
@@ -157,12 +164,12 @@ def read_record(directory: str | pathlib.Path, step: int | None = None) -> dict:
   return Checkpoints(folder).record(step)
 
 
-def load_ema(directory: str | pathlib.Path, abstract_params, step: int | None = None):
+def load_ema(directory: str | epath.Path, abstract_params, step: int | None = None):
   """The EMA weights in `directory` (an export, or a workdir's latest checkpoint or
   `step`), placed as the ShapeDtypeStructs of `abstract_params` say."""
   kind, folder, step = _at_step(directory, step)
   if kind == "export":
-    return ocp.StandardCheckpointer().restore((folder / "params").absolute(), abstract_params)
+    return ocp.StandardCheckpointer().restore(absolute(folder / "params"), abstract_params)
   target = {"ema": abstract_params}
   restore = ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -17,9 +17,9 @@ held-out real examples the same way.
 
 import functools
 import json
-import pathlib
 import time
 
+from etils import epath
 from flax import nnx
 import jax
 import ml_collections
@@ -76,7 +76,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[st
   written = train.write_samples(out, {name: sampler}, graphdef, params, tokenizer,
                                 jax.random.PRNGKey(config.seed))
   train.say(f"wrote {len(written[name])} samples of the {record['kind']} model in "
-            f"{pathlib.Path(config.checkpoint)} to {out}")
+            f"{config.checkpoint} to {out}")
   for text in written[name][:3]:
     train.say(f"  {text[:200]!r}")
   return written
@@ -174,7 +174,7 @@ def _dataset_row(config, workdir, evaluator, seq_len, tokenizer) -> dict:
   return row
 
 
-def _write(path: pathlib.Path, rows: list[dict], evaluator: str) -> None:
+def _write(path: epath.Path, rows: list[dict], evaluator: str) -> None:
   if jax.process_index():
     return
   path.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def _write(path: pathlib.Path, rows: list[dict], evaluator: str) -> None:
   _plot(path / "gen_ppl.png", rows, evaluator)
 
 
-def _plot(path: pathlib.Path, rows: list[dict], evaluator: str) -> None:
+def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
   """Gen PPL against steps, and against seconds per sample (log axis), per model."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -215,7 +215,8 @@ def _plot(path: pathlib.Path, rows: list[dict], evaluator: str) -> None:
   by_time.set(xscale="log", xlabel="seconds per sample", ylabel=f"gen PPL ({evaluator})")
   by_steps.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  with path.open("wb") as f:
+    figure.savefig(f, format="png", dpi=100)
   plt.close(figure)
 
 
@@ -238,6 +239,6 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   record = checkpoint.read_record(config.checkpoint)
   # The dataset row reads the model's own prepared data unless told otherwise.
   config.data.dir = config.data.dir or record["config"]["data"]["dir"] or str(
-      pathlib.Path(config.checkpoint) / "data")
+      epath.Path(config.checkpoint) / "data")
   return evaluate(config, workdir, {record["kind"].upper(): (config.checkpoint,
                                                              parse_steps(config.eval.steps))})

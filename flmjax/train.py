@@ -15,11 +15,11 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 import signal
 import time
 from typing import Callable
 
+from etils import epath
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
@@ -204,9 +204,10 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def check_workdir(workdir: str) -> pathlib.Path:
-  """Creates the workdir and proves it writable, before anything is compiled."""
-  path = pathlib.Path(workdir).expanduser()
+def check_workdir(workdir: str) -> epath.Path:
+  """Creates the workdir (local, or on cloud storage as gs://...) and proves it writable,
+  before anything is compiled."""
+  path = epath.Path(workdir).expanduser()
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write-test-{os.getpid()}"
@@ -235,12 +236,14 @@ class _StopRequest:
 
 class Logger:
   """metrics.jsonl and a progress line on process 0; TensorBoard when tensorboardX is
-  installed."""
+  installed. The file is rewritten whole at each write (cloud storage cannot append)."""
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int):
+  def __init__(self, workdir: epath.Path, total_steps: int):
     self.main = jax.process_index() == 0
     self.total_steps = total_steps
     self.metrics_file = workdir / "metrics.jsonl"
+    self.lines = self.metrics_file.read_text() if self.main and self.metrics_file.exists() \
+        else ""
     self.tensorboard = None
     if self.main:
       try:
@@ -252,8 +255,8 @@ class Logger:
   def write(self, step: int, metrics: dict) -> None:
     if not self.main:
       return
-    with self.metrics_file.open("a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.lines += json.dumps({"step": step, **metrics}) + "\n"
+    self.metrics_file.write_text(self.lines)
     if self.tensorboard is not None:
       for name, value in metrics.items():
         if isinstance(value, (int, float)):
@@ -291,7 +294,7 @@ def make_validation(objective: Objective, graphdef, prepared, config, mesh):
   return validate
 
 
-def write_samples(path: pathlib.Path, samplers: dict, graphdef, params, tokenizer,
+def write_samples(path: epath.Path, samplers: dict, graphdef, params, tokenizer,
                   rng) -> dict[str, list[str]]:
   """Runs each sampler (graphdef, params, rng) -> tokens [N, L], decodes the tokens and
   writes {name: {seconds_per_sample, samples}} to `path` as JSON. Seconds include

@@ -157,3 +157,10 @@ def test_empty_corpus_is_refused_and_leaves_no_cache(tmp_path):
   leftovers = [p.name for p in (tmp_path / "work" / "data").iterdir()]
   assert leftovers == [prepared.path.name]  # nothing partial left behind
   shutil.rmtree(tmp_path / "work")
+
+
+def test_data_directory_must_be_local(tmp_path):
+  config = small_config()
+  config.data.dir = "gs://bucket/data"
+  with pytest.raises(UsageError, match="gs://bucket/data is not local; set --config.data.dir"):
+    pipeline.prepare(config, str(tmp_path))

@@ -128,7 +128,14 @@ class Prepared:
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
-  return pathlib.Path(config.data.dir or os.path.join(workdir, "data")).expanduser()
+  """config.data.dir, else WORKDIR/data; a local directory (shards are written and read
+  with local file operations)."""
+  path = config.data.dir or os.path.join(workdir, "data")
+  if "://" in path:
+    raise UsageError(f"the data directory {path} is not local; set --config.data.dir to a "
+                     "local directory (on every host of a multi-host run), e.g. "
+                     "/tmp/flmjax-data.")
+  return pathlib.Path(path).expanduser()
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:

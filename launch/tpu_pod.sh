@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Runs flmjax on a Cloud TPU VM slice: creates the slice (or reuses it by name), installs
+# this checkout on every worker, and runs the same main command on all of them, streaming
+# their logs. Each worker is one JAX process; --config.distributed=True makes them join
+# through jax.distributed.initialize(), which discovers the slice itself.
+#
+#   launch/tpu_pod.sh --name=flm-owt --zone=us-east5-a --accelerator=v5litepod-64 \
+#       --version=v2-alpha-tpuv5-lite --workdir=gs://BUCKET/owt \
+#       [--config=configs/owt.py] [--mode=train] [--dry-run] [-- --config.FIELD=VALUE ...]
+#
+# The workdir must be on Cloud Storage (gs://...), which every worker sees; the prepared
+# data go to a local directory on each worker (/tmp/flmjax-data). Rerunning the same
+# command resumes from the latest checkpoint, on this or another slice size. When done:
+#   gcloud compute tpus tpu-vm stop NAME --zone=ZONE     # keep the slice, stop billing
+#   gcloud compute tpus tpu-vm delete NAME --zone=ZONE   # remove it
+set -euo pipefail
+
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+fail() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+
+name="" zone="" accelerator="" version="" workdir="" config="configs/owt.py" mode="train"
+dry_run=0 extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --accelerator=*) accelerator="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --workdir=*) workdir="${1#*=}" ;;
+    --config=*) config="${1#*=}" ;;
+    --mode=*) mode="${1#*=}" ;;
+    --dry-run) dry_run=1 ;;
+    -h|--help) usage ;;
+    --) shift; extra=("$@"); break ;;
+    *) fail "unknown argument $1 (see --help)" ;;
+  esac
+  shift
+done
+
+[[ -n "$name" && -n "$zone" && -n "$accelerator" && -n "$version" && -n "$workdir" ]] ||
+  fail "--name, --zone, --accelerator, --version and --workdir are required (see --help)"
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+  fail "--name=$name: lower-case letters, digits and dashes, starting with a letter"
+[[ "$accelerator" =~ ^v[0-9]+[a-z]*(pod)?-[0-9]+$ ]] ||
+  fail "--accelerator=$accelerator: a TPU type such as v5litepod-64, v5p-32 or v4-32"
+[[ "$workdir" == gs://* ]] ||
+  fail "--workdir=$workdir: the workers share no disk; use a Cloud Storage path gs://BUCKET/DIR"
+[[ -f "$config" ]] || fail "--config=$config: no such file"
+case "$mode" in prepare|train|distill|sample|eval|pipeline|compile) ;;
+  *) fail "--mode=$mode: one of prepare, train, distill, sample, eval, pipeline, compile" ;;
+esac
+
+run() {  # prints the command; runs it unless --dry-run
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  if [[ $dry_run -eq 0 ]]; then "$@"; fi
+}
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+archive="/tmp/flmjax-$name.tar.gz"
+tpu=(gcloud compute tpus tpu-vm)
+main=(python3 -m flmjax.main "--config=$config" "--workdir=$workdir" "--mode=$mode"
+      --config.distributed=True --config.data.dir=/tmp/flmjax-data "${extra[@]}")
+printf -v main_line ' %q' "${main[@]}"
+
+if [[ $dry_run -eq 1 ]] || ! "${tpu[@]}" describe "$name" --zone="$zone" >/dev/null 2>&1; then
+  echo "# create the slice unless it exists:"
+  run "${tpu[@]}" create "$name" --zone="$zone" --accelerator-type="$accelerator" \
+    --version="$version"
+fi
+echo "# install this checkout on every worker:"
+run git -C "$repo" archive --format=tar.gz --prefix=flmjax/ -o "$archive" HEAD
+run "${tpu[@]}" scp "$archive" "$name:flmjax.tar.gz" --zone="$zone" --worker=all
+run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="rm -rf flmjax && tar xzf flmjax.tar.gz && python3 -m pip install -q -e 'flmjax[tpu]'"
+echo "# run on all workers (logs of every worker stream here):"
+run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="cd flmjax &&$main_line"

@@ -1,0 +1,81 @@
+"""launch/*.sh: argument checks, and the commands their --dry-run prints."""
+
+import os
+import pathlib
+import shlex
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _launch(script, *args, env=None):
+  run = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT,
+                       capture_output=True, text=True, check=False,
+                       env=dict(os.environ, **(env or {})))
+  commands = [shlex.split(line[2:]) for line in run.stdout.splitlines() if line.startswith("+ ")]
+  return run, commands
+
+
+def test_tpu_pod_dry_run_creates_installs_and_runs_on_every_worker():
+  run, commands = _launch("tpu_pod.sh", "--name=flm-owt", "--zone=us-east5-a",
+                          "--accelerator=v5litepod-64", "--version=v2-alpha-tpuv5-lite",
+                          "--workdir=gs://bucket/owt", "--mode=train", "--dry-run", "--",
+                          "--config.mesh.fsdp=8")
+  assert run.returncode == 0, run.stderr
+  create, archive, scp, install, main = commands
+  assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "flm-owt",
+                    "--zone=us-east5-a", "--accelerator-type=v5litepod-64",
+                    "--version=v2-alpha-tpuv5-lite"]
+  assert archive[:2] == ["git", "-C"] and archive[3:5] == ["archive", "--format=tar.gz"]
+  assert scp[4:6] == ["scp", archive[-2]] and "--worker=all" in scp
+  assert install[4:6] == ["ssh", "flm-owt"] and "--worker=all" in install
+  assert "pip install -q -e 'flmjax[tpu]'" in install[-1]
+  assert main[4:6] == ["ssh", "flm-owt"] and "--worker=all" in main
+  remote = shlex.split(main[-1].removeprefix("--command="))
+  assert remote == ["cd", "flmjax", "&&", "python3", "-m", "flmjax.main",
+                    "--config=configs/owt.py", "--workdir=gs://bucket/owt", "--mode=train",
+                    "--config.distributed=True", "--config.data.dir=/tmp/flmjax-data",
+                    "--config.mesh.fsdp=8"]
+
+
+def test_tpu_pod_refuses_a_local_workdir_and_bad_types():
+  base = ["--name=flm", "--zone=z", "--version=v", "--dry-run"]
+  run, _ = _launch("tpu_pod.sh", *base, "--accelerator=v5p-32", "--workdir=/tmp/x")
+  assert run.returncode == 2 and "use a Cloud Storage path gs://BUCKET/DIR" in run.stderr
+  run, _ = _launch("tpu_pod.sh", *base, "--accelerator=v5p", "--workdir=gs://b/x")
+  assert run.returncode == 2 and "--accelerator=v5p: a TPU type" in run.stderr
+  run, _ = _launch("tpu_pod.sh", "--zone=z", "--dry-run")
+  assert run.returncode == 2 and "are required" in run.stderr
+
+
+def test_gpu_single_host_dry_run():
+  run, [command] = _launch("gpu_single_host.sh", "--workdir=/tmp/run", "--gpus=0,1",
+                           "--mode=distill", "--dry-run", "--",
+                           "--config.teacher_checkpoint=/tmp/teacher",
+                           env={"XLA_FLAGS": "--xla_dump_to=/tmp/dump"})
+  assert run.returncode == 0, run.stderr
+  assert command == [
+      "env", "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true --xla_dump_to=/tmp/dump",
+      "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "CUDA_VISIBLE_DEVICES=0,1", "python", "-m",
+      "flmjax.main", "--config=configs/owt.py", "--workdir=/tmp/run", "--mode=distill",
+      "--config.teacher_checkpoint=/tmp/teacher"]
+  run, _ = _launch("gpu_single_host.sh", "--workdir=/tmp/run", "--gpus=all", "--dry-run")
+  assert run.returncode == 2 and "--gpus=all: GPU indices" in run.stderr
+
+
+def test_slurm_dry_run_starts_one_process_per_gpu():
+  run, [command] = _launch("slurm_gpu.sh", "--nodes=4", "--gpus-per-node=8",
+                           "--workdir=/shared/owt", "--partition=gpu", "--time=12:00:00",
+                           "--dry-run", env={"XLA_FLAGS": ""})
+  assert run.returncode == 0, run.stderr
+  assert command[:7] == ["srun", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8",
+                         "--kill-on-bad-exit=1", "--partition=gpu", "--time=12:00:00"]
+  assert command[7:10] == ["env", "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true",
+                           "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"]
+  assert command[10:] == ["python", "-m", "flmjax.main", "--config=configs/owt.py",
+                          "--workdir=/shared/owt", "--mode=train", "--config.distributed=True",
+                          "--config.data.dir=/tmp/flmjax-data"]
+  run, _ = _launch("slurm_gpu.sh", "--nodes=0", "--workdir=/shared/owt", "--dry-run")
+  assert run.returncode == 2 and "--nodes=0: a positive integer" in run.stderr
+  run, _ = _launch("slurm_gpu.sh", "--nodes=2", "--workdir=runs/owt", "--dry-run")
+  assert run.returncode == 2 and "an absolute path on a shared filesystem" in run.stderr

@@ -14,6 +14,7 @@ names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-
 """
 
 import json
+import os
 
 from flax import nnx
 import jax
@@ -44,6 +45,9 @@ def target_devices(topology: str) -> list:
   if not topology:
     return jax.devices()
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # Describing a slice loads libtpu, which by default allows one user per machine; this
+  # process only compiles, so it may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return topologies.get_topology_desc(topology, "tpu").devices
   except Exception as e:  # pylint: disable=broad-except
@@ -59,17 +63,31 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
   return BERT_BASE_UNCASED if cfg.kind == "bert" else cfg.vocab_size
 
 
-def _report(name: str, compiled, devices, batch: int) -> dict:
+def _compiled(name: str, batch: int, lower) -> tuple[dict, object]:
+  """({computation, batch}, the compiled computation), or (the same with the compiler's
+  out-of-memory message, None) when it cannot fit the chip."""
+  entry = {"computation": name, "batch": batch}
+  try:
+    return entry, lower().compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return dict(entry, error=str(e).split("\n")[0]), None
+
+
+def _report(entry: dict, compiled, devices) -> dict:
+  if compiled is None:
+    return entry
   memory = compiled.memory_analysis()
   per_chip = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes
                  + memory.generated_code_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  entry = {"computation": name, "batch": batch, "bytes_per_chip": per_chip,
-           "argument_bytes": int(memory.argument_size_in_bytes),
-           "temp_bytes": int(memory.temp_size_in_bytes),
-           "flops_per_chip": float(cost.get("flops", 0.0))}
+  entry = dict(entry, bytes_per_chip=per_chip,
+               argument_bytes=int(memory.argument_size_in_bytes),
+               temp_bytes=int(memory.temp_size_in_bytes),
+               flops_per_chip=float(cost.get("flops", 0.0)))
   hbm, peak = CHIPS.get(devices[0].device_kind, (None, None))
   if hbm:
     entry.update(hbm_fraction=per_chip / hbm,
@@ -88,7 +106,7 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
             "chips": len(devices), "mesh": dict(mesh.shape), "vocab_size": vocab,
             "seq_len": seq_len, "assumed_mfu": ASSUMED_MFU, "computations": []}
 
-  def step(cfg, params_fn, objective, frozen=None):
+  def step(name, cfg, params_fn, objective, frozen=None):
     parallel = sharding.data_parallel_size(mesh) * cfg.train.grad_accum
     if cfg.batch_size % parallel:
       raise UsageError(f"batch_size={cfg.batch_size} must be a multiple of the data-parallel "
@@ -97,28 +115,27 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, seq_len), jnp.int32, sharding=batch_spec)
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen) if frozen else None
     fn = train.compile_step(run, objective, cfg.train, frozen_shardings)
-    return run, fn.lower(run.abstract_state, {"tokens": tokens}, frozen).compile()
+    report["computations"].append(_report(*_compiled(
+        name, cfg.batch_size, lambda: fn.lower(run.abstract_state, {"tokens": tokens}, frozen)),
+        devices))
+    return run
 
   def teacher_fn():
     return dit.from_config(config.model, vocab, nnx.Rngs(0))
 
-  _, compiled = step(config, teacher_fn, train.denoising_objective(config, vocab))
-  report["computations"].append(_report("train step", compiled, devices, config.batch_size))
-
+  step("train step", config, teacher_fn, train.denoising_objective(config, vocab))
   student = distill.student_config(config)
   teacher_graphdef, teacher_abstract = train.param_layout(teacher_fn, mesh)
-  run, compiled = step(
-      student, lambda: dit.from_config(student.model, vocab, nnx.Rngs(0)),
-      distill.distillation_objective(student, vocab, teacher_graphdef), teacher_abstract)
-  report["computations"].append(_report("distill step", compiled, devices,
-                                        student.batch_size))
-
+  run = step("distill step", student,
+             lambda: dit.from_config(student.model, vocab, nnx.Rngs(0)),
+             distill.distillation_objective(student, vocab, teacher_graphdef),
+             teacher_abstract)
   num = config.sample.num_samples
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
-  compiled = sampling.flow_map_tokens.lower(
-      run.graphdef, run.abstract_state["ema"], rng, sampling.flow_map_grid(vocab, 1, 0.0),
-      num, seq_len, config.noise == "latent", False, mesh).compile()
-  report["computations"].append(_report("one-step sampler", compiled, devices, num))
+  report["computations"].append(_report(*_compiled(
+      "one-step sampler", num, lambda: sampling.flow_map_tokens.lower(
+          run.graphdef, run.abstract_state["ema"], rng, sampling.flow_map_grid(vocab, 1, 0.0),
+          num, seq_len, config.noise == "latent", False, mesh)), devices))
   return report
 
 
@@ -133,6 +150,9 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"step at {ASSUMED_MFU:.0%} MFU |")
   train.say("|---|---|---|---|---|---|")
   for c in report["computations"]:
+    if "error" in c:
+      train.say(f"| {c['computation']} | {c['batch']} | does not fit: {c['error']} | | | |")
+      continue
     fraction = f"{c['hbm_fraction']:.0%}" if "hbm_fraction" in c else "-"
     seconds = (f"{c['seconds_at_assumed_mfu'] * 1e3:,.1f} ms" if "seconds_at_assumed_mfu" in c
                else "-")

@@ -24,7 +24,7 @@ from flmjax.errors import UsageError
 
 # Model settings that do not change the parameters: a checkpoint may be resumed, sampled
 # or distilled with other values.
-NOT_ARCHITECTURE = ("dropout", "dtype", "attention")
+NOT_ARCHITECTURE = ("dropout", "dtype", "attention", "remat")
 
 
 def git_hash() -> str | None:

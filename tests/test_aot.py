@@ -39,3 +39,12 @@ def test_compiles_for_a_v5e_slice_and_reports_memory_and_flops(tmp_path, capsys)
   fsdp = aot.compile_all(_config(data=1, fsdp=4))["computations"][0]
   # Parameters, EMA and Adam moments sharded 4 ways: about a quarter of the arguments.
   assert fsdp["argument_bytes"] < 0.4 * step["argument_bytes"]
+
+
+def test_a_step_too_large_for_the_chip_is_reported_not_raised(tmp_path, capsys):
+  config = _config(data=4)
+  config.batch_size = 2**18
+  report = aot.compile_mode(config, str(tmp_path))
+  assert "RESOURCE_EXHAUSTED" in report["computations"][0]["error"]
+  assert "| train step | 262144 | does not fit: " in capsys.readouterr().out
+  assert "bytes_per_chip" in report["computations"][2]  # the sampler still fits

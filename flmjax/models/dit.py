@@ -150,14 +150,14 @@ class DiT(nnx.Module):
                mlp_ratio: int = 4, dropout_rate: float = 0.0, attn_softcap: float = 50.0,
                output_cap: float = 30.0, two_time: bool = False,
                learned_loss_weight: bool = False, attention_impl: str = "auto",
-               dtype=jnp.bfloat16, rngs: nnx.Rngs):
+               remat: bool = False, dtype=jnp.bfloat16, rngs: nnx.Rngs):
     if dim % heads or (dim // heads) % 2:
       raise ValueError(f"width {dim} must split into {heads} heads of even size")
     if attention_impl not in ("auto", "plain", "fused"):
       raise ValueError(f"attention_impl must be auto, plain or fused, not {attention_impl!r}")
     if attention_impl == "fused" and attn_softcap:
       raise ValueError("attention_impl=fused has no soft cap: set attn_softcap=0 or use plain")
-    self.vocab_size, self.dim = vocab_size, dim
+    self.vocab_size, self.dim, self.remat = vocab_size, dim, remat
     self.dropout_rate, self.attn_softcap, self.output_cap = dropout_rate, attn_softcap, output_cap
     self.fused = attention_impl == "fused" or (attention_impl == "auto" and not attn_softcap)
     # E, the input projection: kaiming-uniform (a = sqrt(5)) with fan_in = D, as PyTorch
@@ -206,10 +206,15 @@ class DiT(nnx.Module):
     """
     c = self.conditioning(tau_s, tau_t)
     x = h.astype(jnp.float32)
+
+    def run(block, x, c, rng):
+      return block(x, c, softcap=self.attn_softcap, fused=self.fused,
+                   dropout_rate=self.dropout_rate, rng=rng)
+    if self.remat:  # keep only each block's input for the backward pass; recompute the rest
+      run = nnx.remat(run)
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x = block(x, c, softcap=self.attn_softcap, fused=self.fused,
-                dropout_rate=self.dropout_rate, rng=rng)
+      x = run(block, x, c, rng)
     shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
     logits = self.output(modulate(self.norm_final(x), shift, scale)).astype(jnp.float32)
     if self.output_cap:
@@ -223,4 +228,5 @@ def from_config(cfg: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs)
              mlp_ratio=cfg.mlp_ratio, dropout_rate=cfg.dropout,
              attn_softcap=cfg.attn_softcap, output_cap=cfg.output_cap,
              two_time=cfg.two_time, learned_loss_weight=cfg.learned_loss_weight,
-             attention_impl=cfg.attention, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+             attention_impl=cfg.attention, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype),
+             rngs=rngs)

@@ -256,7 +256,9 @@ class Logger:
     if not self.main:
       return
     self.lines += json.dumps({"step": step, **metrics}) + "\n"
-    self.metrics_file.write_text(self.lines)
+    partial = self.metrics_file.parent / (self.metrics_file.name + ".partial")
+    partial.write_text(self.lines)
+    partial.replace(self.metrics_file)  # a killed write leaves the previous file whole
     if self.tensorboard is not None:
       for name, value in metrics.items():
         if isinstance(value, (int, float)):

@@ -145,3 +145,11 @@ def test_remat_gives_the_same_logits_and_gradients():
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     # the same float32 arithmetic, fused differently: equal to rounding
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()))
+
+  @jax.jit
+  def in_a_scan(graphdef, params):  # as the samplers call it
+    model = nnx.merge(graphdef, params)
+    return jax.lax.scan(lambda x, _: (model(x, tau)[..., :D], None), h, None, length=2)[0]
+
+  outputs = [in_a_scan(*nnx.split(m)) for m in (plain, remat)]
+  np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)

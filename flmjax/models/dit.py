@@ -207,14 +207,16 @@ class DiT(nnx.Module):
     c = self.conditioning(tau_s, tau_t)
     x = h.astype(jnp.float32)
 
-    def run(block, x, c, rng):
-      return block(x, c, softcap=self.attn_softcap, fused=self.fused,
-                   dropout_rate=self.dropout_rate, rng=rng)
-    if self.remat:  # keep only each block's input for the backward pass; recompute the rest
-      run = nnx.remat(run)
+    options = {"softcap": self.attn_softcap, "fused": self.fused,
+               "dropout_rate": self.dropout_rate}
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x = run(block, x, c, rng)
+      if self.remat:  # keep only the block's input for the backward pass; recompute the rest
+        graphdef, state = nnx.split(block)  # functional, so it works under any transform
+        x = jax.checkpoint(lambda state, x, c, rng, graphdef=graphdef: nnx.merge(
+            graphdef, state)(x, c, rng=rng, **options))(state, x, c, rng)
+      else:
+        x = block(x, c, rng=rng, **options)
     shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
     logits = self.output(modulate(self.norm_final(x), shift, scale)).astype(jnp.float32)
     if self.output_cap:

@@ -1,8 +1,15 @@
-"""The one exception type for mistakes a user can fix."""
+"""Exceptions the command line turns into messages instead of tracebacks."""
 
 
 class UsageError(ValueError):
   """Bad input: the message names the field, file or value and says what to do.
 
   `python -m flmjax.main` prints the message without a traceback and exits with status 2.
+  """
+
+
+class Stopped(Exception):
+  """A run stopped on request (SIGTERM) after saving a checkpoint; rerunning resumes it.
+
+  It ends the command (and a pipeline's later stages); `python -m flmjax.main` exits 0.
   """

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from flmjax import aot, distill, evaluate, sharding, train
 from flmjax.data import pipeline
-from flmjax.errors import UsageError
+from flmjax.errors import Stopped, UsageError
 
 SAMPLE_EXAMPLES = 2  # examples of the first batch that prepare prints
 
@@ -98,6 +98,8 @@ def main(argv):
     MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UsageError as e:
     _fail(str(e))
+  except Stopped:  # saved on SIGTERM; the same command resumes
+    sys.exit(0)
   except FloatingPointError as e:
     print(f"flmjax: {e}", file=sys.stderr)
     sys.exit(1)

@@ -30,7 +30,7 @@ import optax
 
 from flmjax import checkpoint, flow, sampling, sharding
 from flmjax.data import pipeline
-from flmjax.errors import UsageError
+from flmjax.errors import Stopped, UsageError
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
 
@@ -422,7 +422,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
         save()
       if stopping:
         say(f"SIGTERM: saved step {step} to {path / 'checkpoints'}; stopping")
-        break
+        raise Stopped(step)
       if not window_steps:  # time spent evaluating or saving is not training time
         window_start = time.perf_counter()
   except KeyboardInterrupt:

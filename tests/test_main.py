@@ -43,13 +43,14 @@ TRAIN = SMALL + ["--config.model.width=32", "--config.model.depth=1", "--config.
                  "--config.train.num_samples=2", "--config.train.sample_steps=2"]
 
 
-def test_train_is_stopped_by_sigterm_and_resumes(tmp_path):
+def test_sigterm_saves_ends_the_pipeline_and_train_resumes(tmp_path):
   process = subprocess.Popen(
       [sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
-       f"--workdir={tmp_path}", "--mode=train", "--config.train.steps=100000",
+       f"--workdir={tmp_path}", "--mode=pipeline", "--config.train.steps=100000",
        "--config.train.checkpoint_every=0", *TRAIN],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = tmp_path / "metrics.jsonl"
+  teacher = tmp_path / "teacher"
+  metrics = teacher / "metrics.jsonl"
   for line in process.stdout:
     if line.startswith("step 3/"):
       process.send_signal(signal.SIGTERM)
@@ -59,16 +60,18 @@ def test_train_is_stopped_by_sigterm_and_resumes(tmp_path):
   saved = re.search(r"SIGTERM: saved step (\d+)", out)
   assert saved, out
   step = int(saved.group(1))
-  assert (tmp_path / "checkpoints" / str(step)).is_dir()
-  assert json.loads((tmp_path / "config.json").read_text())["config"]["train"]["steps"] == 100000
-  run = _main(tmp_path, "--mode=train", f"--config.train.steps={step + 2}", *TRAIN)
+  assert (teacher / "checkpoints" / str(step)).is_dir()
+  assert not (tmp_path / "student").exists()  # the pipeline stopped with the teacher
+  assert json.loads((teacher / "config.json").read_text())["config"]["train"]["steps"] == 100000
+  run = _main(teacher, "--mode=train", f"--config.train.steps={step + 2}",
+              f"--config.data.dir={tmp_path / 'data'}", *TRAIN)
   assert run.returncode == 0, run.stderr
-  assert f"resumed from {tmp_path / 'checkpoints'} at step {step}" in run.stdout
+  assert f"resumed from {teacher / 'checkpoints'} at step {step}" in run.stdout
   assert f"step {step + 2}/{step + 2}" in run.stdout
   lines = [json.loads(l) for l in metrics.read_text().splitlines()]
   assert [l["step"] for l in lines if "loss" in l][-3:] == [step, step + 1, step + 2]
   assert "valid_loss" in lines[-1]
-  samples = json.loads((tmp_path / "samples" / f"step_{step + 2}.json").read_text())
+  samples = json.loads((teacher / "samples" / f"step_{step + 2}.json").read_text())
   assert len(samples["euler_2"]["samples"]) == 2
 
 

@@ -130,7 +130,9 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
              lambda: dit.from_config(student.model, vocab, nnx.Rngs(0)),
              distill.distillation_objective(student, vocab, teacher_graphdef),
              teacher_abstract)
-  num = config.sample.num_samples
+  # at least one sample per data-parallel device, so that the sampler is split like a batch
+  parallel = sharding.data_parallel_size(mesh)
+  num = -(-config.sample.num_samples // parallel) * parallel
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
   report["computations"].append(_report(*_compiled(
       "one-step sampler", num, lambda: sampling.flow_map_tokens.lower(

@@ -188,11 +188,17 @@ def init_state(run: Run, params, seed: int) -> dict:
 
 
 def compile_step(run: Run, objective: Objective, cfg, frozen_shardings=None):
-  """train_step jitted with the run's shardings; the state is donated."""
+  """train_step jitted with the run's shardings, traced under the run's mesh (so the model
+  keeps activations split over the batch axes); the state is donated."""
   batch_sharding = sharding.batch_sharding(run.mesh)
+
+  def step(state, batch, frozen):
+    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
+      return train_step(state, batch, frozen, graphdef=run.graphdef, tx=run.tx,
+                        objective=objective, cfg=cfg)
+
   return jax.jit(
-      functools.partial(train_step, graphdef=run.graphdef, tx=run.tx, objective=objective,
-                        cfg=cfg),
+      step,
       in_shardings=(run.state_shardings, batch_sharding, frozen_shardings),
       out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
       donate_argnums=0)

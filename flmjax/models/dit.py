@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from flmjax.sharding import BATCH_AXES
+
 FREQ_DIM = 256  # sinusoidal time features
 LN_EPS = 1e-5
 
@@ -74,6 +76,18 @@ def attention(q, k, v, softcap: float, fused: bool):
     scores = softcap * jnp.tanh(scores / softcap)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def split_batch(x):
+  """x [B, ...] constrained to rows over the mesh's batch axes when the caller traces under
+  a mesh (jax.sharding.use_abstract_mesh, as the train step does): with fsdp, XLA then
+  gathers the sharded weights rather than the activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
 def modulate(x, shift, scale):
@@ -205,7 +219,7 @@ class DiT(nnx.Module):
     `dropout_rng` None means no dropout (evaluation and sampling).
     """
     c = self.conditioning(tau_s, tau_t)
-    x = h.astype(jnp.float32)
+    x = split_batch(h.astype(jnp.float32))
 
     options = {"softcap": self.attn_softcap, "fused": self.fused,
                "dropout_rate": self.dropout_rate}
@@ -217,6 +231,7 @@ class DiT(nnx.Module):
             graphdef, state)(x, c, rng=rng, **options))(state, x, c, rng)
       else:
         x = block(x, c, rng=rng, **options)
+      x = split_batch(x)
     shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
     logits = self.output(modulate(self.norm_final(x), shift, scale)).astype(jnp.float32)
     if self.output_cap:

@@ -14,48 +14,24 @@
 # gpu_single_host.sh.
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-fail() { echo "slurm_gpu.sh: $*" >&2; exit 2; }
-
-nodes="" gpus_per_node=8 workdir="" config="configs/owt.py" mode="train" partition=""
-time_limit="" dry_run=0 extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --nodes=*) nodes="${1#*=}" ;;
-    --gpus-per-node=*) gpus_per_node="${1#*=}" ;;
-    --workdir=*) workdir="${1#*=}" ;;
-    --config=*) config="${1#*=}" ;;
-    --mode=*) mode="${1#*=}" ;;
-    --partition=*) partition="${1#*=}" ;;
-    --time=*) time_limit="${1#*=}" ;;
-    --dry-run) dry_run=1 ;;
-    -h|--help) usage ;;
-    --) shift; extra=("$@"); break ;;
-    *) fail "unknown argument $1 (see --help)" ;;
-  esac
-  shift
-done
+source "$(dirname "$0")/common.sh"
+OPTIONS="nodes gpus_per_node workdir config mode partition time"
+nodes="" gpus_per_node=8 workdir="" config="configs/owt.py" mode="train" partition="" time=""
+parse_args "$@"
 
 [[ -n "$nodes" && -n "$workdir" ]] || fail "--nodes and --workdir are required (see --help)"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || fail "--nodes=$nodes: a positive integer"
-[[ "$gpus_per_node" =~ ^[1-9][0-9]*$ ]] || fail "--gpus-per-node=$gpus_per_node: a positive integer"
+[[ "$gpus_per_node" =~ ^[1-9][0-9]*$ ]] ||
+  fail "--gpus-per-node=$gpus_per_node: a positive integer"
 [[ "$workdir" == /* || "$workdir" == gs://* ]] ||
   fail "--workdir=$workdir: an absolute path on a shared filesystem, or gs://BUCKET/DIR"
-[[ -z "$time_limit" || "$time_limit" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] ||
-  fail "--time=$time_limit: SLURM's format, e.g. 12:00:00 or 2-00:00:00"
-[[ -f "$config" ]] || fail "--config=$config: no such file"
-case "$mode" in prepare|train|distill|sample|eval|pipeline|compile) ;;
-  *) fail "--mode=$mode: one of prepare, train, distill, sample, eval, pipeline, compile" ;;
-esac
+[[ -z "$time" || "$time" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] ||
+  fail "--time=$time: SLURM's format, e.g. 12:00:00 or 2-00:00:00"
 
 srun_args=(--nodes="$nodes" --ntasks-per-node="$gpus_per_node" --gpus-per-node="$gpus_per_node"
            --kill-on-bad-exit=1)
 [[ -z "$partition" ]] || srun_args+=(--partition="$partition")
-[[ -z "$time_limit" ]] || srun_args+=(--time="$time_limit")
-command=(srun "${srun_args[@]}"
-         env "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true${XLA_FLAGS:+ $XLA_FLAGS}"
-         "XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-         python -m flmjax.main "--config=$config" "--workdir=$workdir" "--mode=$mode"
-         --config.distributed=True --config.data.dir=/tmp/flmjax-data "${extra[@]}")
-printf '+'; printf ' %q' "${command[@]}"; printf '\n'
-if [[ $dry_run -eq 0 ]]; then exec "${command[@]}"; fi
+[[ -z "$time" ]] || srun_args+=(--time="$time")
+run srun "${srun_args[@]}" env "${gpu_env[@]}" python -m flmjax.main "--config=$config" \
+  "--workdir=$workdir" "--mode=$mode" --config.distributed=True \
+  --config.data.dir=/tmp/flmjax-data "${extra[@]}"

@@ -15,27 +15,10 @@
 #   gcloud compute tpus tpu-vm delete NAME --zone=ZONE   # remove it
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-fail() { echo "tpu_pod.sh: $*" >&2; exit 2; }
-
+source "$(dirname "$0")/common.sh"
+OPTIONS="name zone accelerator version workdir config mode"
 name="" zone="" accelerator="" version="" workdir="" config="configs/owt.py" mode="train"
-dry_run=0 extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) name="${1#*=}" ;;
-    --zone=*) zone="${1#*=}" ;;
-    --accelerator=*) accelerator="${1#*=}" ;;
-    --version=*) version="${1#*=}" ;;
-    --workdir=*) workdir="${1#*=}" ;;
-    --config=*) config="${1#*=}" ;;
-    --mode=*) mode="${1#*=}" ;;
-    --dry-run) dry_run=1 ;;
-    -h|--help) usage ;;
-    --) shift; extra=("$@"); break ;;
-    *) fail "unknown argument $1 (see --help)" ;;
-  esac
-  shift
-done
+parse_args "$@"
 
 [[ -n "$name" && -n "$zone" && -n "$accelerator" && -n "$version" && -n "$workdir" ]] ||
   fail "--name, --zone, --accelerator, --version and --workdir are required (see --help)"
@@ -45,15 +28,6 @@ done
   fail "--accelerator=$accelerator: a TPU type such as v5litepod-64, v5p-32 or v4-32"
 [[ "$workdir" == gs://* ]] ||
   fail "--workdir=$workdir: the workers share no disk; use a Cloud Storage path gs://BUCKET/DIR"
-[[ -f "$config" ]] || fail "--config=$config: no such file"
-case "$mode" in prepare|train|distill|sample|eval|pipeline|compile) ;;
-  *) fail "--mode=$mode: one of prepare, train, distill, sample, eval, pipeline, compile" ;;
-esac
-
-run() {  # prints the command; runs it unless --dry-run
-  printf '+'; printf ' %q' "$@"; printf '\n'
-  if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 archive="/tmp/flmjax-$name.tar.gz"

@@ -61,6 +61,10 @@ def test_gpu_single_host_dry_run():
       "--config.teacher_checkpoint=/tmp/teacher"]
   run, _ = _launch("gpu_single_host.sh", "--workdir=/tmp/run", "--gpus=all", "--dry-run")
   assert run.returncode == 2 and "--gpus=all: GPU indices" in run.stderr
+  run, _ = _launch("gpu_single_host.sh", "--workdir=/tmp/run", "--zone=z", "--dry-run")
+  assert run.returncode == 2 and "unknown argument --zone=z" in run.stderr
+  run, _ = _launch("gpu_single_host.sh", "--workdir=/tmp/run", "--mode=fit", "--dry-run")
+  assert run.returncode == 2 and "--mode=fit: one of prepare" in run.stderr
 
 
 def test_slurm_dry_run_starts_one_process_per_gpu():

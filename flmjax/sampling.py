@@ -31,13 +31,6 @@ def _mesh(params):
   return placement.mesh if isinstance(placement, jax.sharding.NamedSharding) else None
 
 
-def _split_rows(x, mesh):
-  """x with its rows split over the mesh's batch axes when they divide them."""
-  if mesh is None or x.shape[0] % sharding.data_parallel_size(mesh):
-    return x
-  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
-
-
 def _whole(tokens, mesh):
   """Tokens replicated, so that every process can read all of them."""
   if mesh is None:
@@ -97,8 +90,9 @@ def euler_tokens(graphdef, params, rng, tau, coeff, batch_size, seq_len, latent,
     state = flow.embedded_noise(rng, model.vocab_embed[...], shape)
   else:
     state = jax.random.normal(rng, (*shape, model.vocab_size), jnp.float32)
-  probs = _integrate(model, _split_rows(state, mesh), tau.astype(jnp.float32),
-                     coeff.astype(jnp.float32), latent)
+  with sharding.tracing_under(mesh):
+    probs = _integrate(model, state, tau.astype(jnp.float32), coeff.astype(jnp.float32),
+                       latent)
   return _whole(jnp.argmax(probs, axis=-1).astype(jnp.int32), mesh)
 
 
@@ -192,7 +186,8 @@ def flow_map_tokens(graphdef, params, rng, grid, batch_size, seq_len, latent, ch
   else:
     state = jax.random.normal(rng_init, (*shape, model.vocab_size), jnp.float32)
   grid = jax.tree.map(lambda x: x.astype(jnp.float32), grid)
-  probs = _flow_map_integrate(model, _split_rows(state, mesh), grid, rng_churn, latent, churn)
+  with sharding.tracing_under(mesh):
+    probs = _flow_map_integrate(model, state, grid, rng_churn, latent, churn)
   return _whole(jnp.argmax(probs, axis=-1).astype(jnp.int32), mesh)
 
 

@@ -8,6 +8,7 @@ XLA where used); `tensor` splits heads, MLP and vocabulary. A dimension that a m
 does not divide is kept whole rather than padded.
 """
 
+import contextlib
 import math
 
 import jax
@@ -58,6 +59,14 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh
   devices = jax.devices() if devices is None else devices
   return jax.make_mesh(mesh_shape(cfg, len(devices)), AXES, devices=devices,
                        axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def tracing_under(mesh: jax.sharding.Mesh | None):
+  """A context in which traced code sees `mesh` (for models/dit.split_batch and bare
+  PartitionSpec constraints); nothing when mesh is None."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

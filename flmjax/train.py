@@ -193,7 +193,7 @@ def compile_step(run: Run, objective: Objective, cfg, frozen_shardings=None):
   batch_sharding = sharding.batch_sharding(run.mesh)
 
   def step(state, batch, frozen):
-    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
+    with sharding.tracing_under(run.mesh):
       return train_step(state, batch, frozen, graphdef=run.graphdef, tx=run.tx,
                         objective=objective, cfg=cfg)
 

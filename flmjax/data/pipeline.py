@@ -250,8 +250,8 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
   see the same data. Iterate with `it = iter(ds)`; `it.get_state()` / `it.set_state()`
   save and restore the position ({"next_index": the number of batches read}).
   """
-  if process_index is None:
-    process_index, process_count = jax.process_index(), jax.process_count()
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   local = _local_batch_size(batch_size, process_count)
   dataset = _split(prepared, "train")
   if len(dataset) < batch_size:

@@ -80,8 +80,8 @@ def attention(q, k, v, softcap: float, fused: bool):
 
 def split_batch(x):
   """x [B, ...] constrained to rows over the mesh's batch axes when the caller traces under
-  a mesh (jax.sharding.use_abstract_mesh, as the train step does): with fsdp, XLA then
-  gathers the sharded weights rather than the activations."""
+  a mesh (sharding.tracing_under, as the train step and the samplers do): with fsdp, XLA
+  then gathers the sharded weights rather than the activations."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x

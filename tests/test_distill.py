@@ -255,7 +255,7 @@ def _distilled(vocab_size, batches, teacher_steps, student_steps, boundary_fract
                  train.denoising_objective(config, vocab_size, dropout=False),
                  teacher_steps, batches)
   config.model.two_time = True
-  config.distill.boundary_fraction = boundary_fraction  # the default gives no such rows
+  config.distill.boundary_fraction = boundary_fraction  # the default: 0 or 1 row here
   student_graphdef, fresh = nnx.split(dit.from_config(config.model, vocab_size,
                                                       nnx.Rngs(0)))
   student = _fit(student_graphdef, dict(nnx.to_pure_dict(fresh), **teacher),

@@ -119,7 +119,8 @@ def get_config() -> ml_collections.ConfigDict:
   # batch_size (0 keeps batch_size).
   config.distill.objective = "semigroup"  # "semigroup" (PSD), "eulerian" or "lagrangian"
   config.distill.diagonal_fraction = 0.5  # rows with s = t, target the teacher's D_s
-  config.distill.boundary_fraction = (1 - 0.5) / 32  # rows with tau_s = 0, tau_t = 1
+  # Rows with tau_s = 0, tau_t = 1 (semigroup only: the other two objectives take none).
+  config.distill.boundary_fraction = (1 - 0.5) / 32
   config.distill.steps = 100_000
   config.distill.learning_rate = 3e-4
   config.distill.b2 = 0.95

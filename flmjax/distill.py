@@ -15,7 +15,10 @@ uniformly shuffled, so this is a random assignment. The off-diagonal objective i
   the vocabulary). Its target divides by 1 - t, so it uses no boundary rows;
 - lagrangian (LSD): target delta_{t,t}(X_{s,t}(x_s)) - ((t - s)(1 - t) / (1 - s))
   d/dt delta_{s,t}, by a JVP in tau_t, projected on the simplex with sparsemax; soft
-  cross entropy.
+  cross entropy. It uses no boundary rows either: at t = 1 its target is
+  sparsemax(delta_{1,1}(delta_{0,1}(x_0))), the student's own one-step output read back
+  by the denoiser, which ties nothing to the data (with them, the one step of the tiny
+  pipeline collapsed onto one repeated token).
 
 Everything the network reads is in latent form: x_s @ E, and X_{s,u} @ E =
 a (x_s @ E) + b (D_su @ E).
@@ -113,7 +116,7 @@ def distillation_objective(config: ml_collections.ConfigDict, vocab_size: int,
     raise UsageError(f"distill.objective={cfg.objective!r}; use one of {OBJECTIVES}.")
   schedule = get_schedule(vocab_size)
   latent = config.noise == "latent"
-  boundary_fraction = 0.0 if cfg.objective == "eulerian" else cfg.boundary_fraction
+  boundary_fraction = cfg.boundary_fraction if cfg.objective == "semigroup" else 0.0
 
   def objective(student, batch, rng, teacher_params):
     tokens = batch["tokens"]

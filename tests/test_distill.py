@@ -167,6 +167,22 @@ def test_objectives_give_finite_losses_and_gradients(objective, noise):
   assert np.abs(np.asarray(grads["sigma_map_prime"]["fc2"]["kernel"])).max() > 0
 
 
+@pytest.mark.parametrize("objective", distill.OBJECTIVES)
+def test_only_the_semigroup_objective_takes_boundary_rows(objective):
+  """The Eulerian target divides by 1 - t; the Lagrangian one at t = 1 is the student's
+  own one step read back by the denoiser. Their losses ignore boundary_fraction."""
+  (tg, tp), (sg, sp) = _teacher_and_student()
+  student = nnx.merge(*_random(nnx.merge(sg, sp), seed=5))
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+  losses = []
+  for fraction in (0.0, 0.25):
+    config = train_config()
+    config.distill.update(objective=objective, boundary_fraction=fraction)
+    fn = distill.distillation_objective(config, V, tg)
+    losses.append(float(fn(student, {"tokens": tokens}, jax.random.key(1), tp)[0]))
+  assert (losses[0] != losses[1]) == (objective == "semigroup")
+
+
 def test_joint_noise_has_the_joint_covariance():
   e1 = jax.random.normal(jax.random.key(0), (V, 8))
   e2 = e1 + 0.1 * jax.random.normal(jax.random.key(1), (V, 8))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flmjax.sharding import BATCH_AXES
+from flmjax.sharding import BATCH_AXES, data_parallel_size
 
 FREQ_DIM = 256  # sinusoidal time features
 LN_EPS = 1e-5
@@ -85,7 +85,7 @@ def split_batch(x):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
-  if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+  if x.shape[0] % data_parallel_size(mesh):
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 

@@ -1,4 +1,5 @@
-"""Sampling and evaluation of trained weights: `--mode=sample` and `--mode=eval`.
+"""Sampling and evaluation of trained weights: `--mode=sample`, `--mode=eval` and
+`--mode=score`.
 
 Weights come from `config.checkpoint`: a training or distillation workdir (the latest
 checkpoint's EMA weights) or an export. The run record saved with them says which model
@@ -13,6 +14,10 @@ scored, so an EOS there, as when a GPT-2 sample starts with <|endoftext|>, count
 none). Entropy is each
 sample's unigram entropy (nats) over its own token ids, averaged. The "dataset" row scores
 held-out real examples the same way.
+
+With `eval.evaluator=none` the samples are written unscored; `--mode=score` scores them
+later, on a machine that has the evaluator's weights (an accelerator host without them
+samples, another host scores).
 """
 
 import functools
@@ -153,7 +158,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"{k} {row[k]:.4g}" for k in ("gen_ppl", "entropy", "seconds_per_sample")
           if k in row))
   rows.append(_dataset_row(config, workdir, evaluator, seq_len, tokenizer))
-  _write(path, rows, evaluator.name if evaluator else "none")
+  _write(path, rows, evaluator.name if evaluator else "none", seq_len)
   return rows
 
 
@@ -174,12 +179,12 @@ def _dataset_row(config, workdir, evaluator, seq_len, tokenizer) -> dict:
   return row
 
 
-def _write(path: epath.Path, rows: list[dict], evaluator: str) -> None:
+def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int) -> None:
   if jax.process_index():
     return
   path.mkdir(parents=True, exist_ok=True)
-  (path / "results.json").write_text(json.dumps({"evaluator": evaluator, "rows": rows},
-                                                indent=1))
+  (path / "results.json").write_text(json.dumps(
+      {"evaluator": evaluator, "seq_len": seq_len, "rows": rows}, indent=1))
   lines = [f"| model | sampler | steps | gen PPL ({evaluator}) | entropy | s/sample |",
            "|---|---|---|---|---|---|"]
   for row in rows:
@@ -242,3 +247,27 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       epath.Path(config.checkpoint) / "data")
   return evaluate(config, workdir, {record["kind"].upper(): (config.checkpoint,
                                                              parse_steps(config.eval.steps))})
+
+
+def score(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """`--mode=score`: scores every row of WORKDIR/eval/results.json (written by `eval` or
+  `pipeline`, typically with eval.evaluator=none) with eval.evaluator, and rewrites
+  results.json, results.md and gen_ppl.png with the scores; the samples stay as they were."""
+  path = train.check_workdir(workdir) / "eval"
+  results = path / "results.json"
+  if not results.is_file():
+    raise UsageError(f"{results} does not exist; run --mode=eval or --mode=pipeline with "
+                     "this --workdir first.")
+  if config.eval.evaluator == "none":
+    raise UsageError("--mode=score needs an evaluator: set eval.evaluator=smollm2 or gpt2.")
+  saved = json.loads(results.read_text())
+  if "seq_len" not in saved:
+    raise UsageError(f"{results} does not say the samples' length L (written before "
+                     "--mode=score existed); run --mode=eval again.")
+  evaluator = load_evaluator(config.eval.evaluator, config.eval.evaluator_path)
+  for row in saved["rows"]:
+    row.update(generative_perplexity(evaluator, row["samples"], saved["seq_len"],
+                                      config.eval.batch_size))
+    train.say(f"score {row['model']} {row['sampler']}: gen_ppl {row['gen_ppl']:.4g}")
+  _write(path, saved["rows"], evaluator.name, saved["seq_len"])
+  return saved["rows"]

@@ -3,9 +3,9 @@
 Fields of the config can be overridden with --config.FIELD=VALUE.
 Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch), train
 (the FLM teacher; resumes from WORKDIR/checkpoints), distill (the FMLM student from
---config.teacher_checkpoint), sample and eval (of --config.checkpoint), pipeline
-(prepare, train in WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval) and
-compile (the steps and the sampler compiled for --config.topology, with memory and FLOPs).
+--config.teacher_checkpoint), sample and eval (of --config.checkpoint), score (the
+samples of WORKDIR/eval/results.json, by eval.evaluator), pipeline (prepare, train in
+WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval) and compile (the steps and the sampler compiled for --config.topology, with memory and FLOPs).
 """
 
 import os
@@ -62,8 +62,8 @@ def run_pipeline(config, workdir: str) -> None:
 
 
 MODES = {"prepare": prepare, "train": train.train, "distill": distill.distill,
-         "sample": evaluate.sample, "eval": evaluate.eval_mode, "pipeline": run_pipeline,
-         "compile": aot.compile_mode}
+         "sample": evaluate.sample, "eval": evaluate.eval_mode, "score": evaluate.score,
+         "pipeline": run_pipeline, "compile": aot.compile_mode}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)

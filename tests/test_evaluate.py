@@ -64,13 +64,15 @@ def test_churn_on_a_teacher_is_refused():
   assert evaluate.sampler_for(record, 4, 2, 0.0, True)[0] == "euler_4"
 
 
-def test_sweep_writes_table_json_and_plot(tmp_path, monkeypatch):
+def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_path,
+                                                                           monkeypatch):
   monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
   config = train_config(steps=2)
   config.data.dir = str(tmp_path / "data")
   train.train(config, str(tmp_path / "teacher"))
   config.eval.num_samples = 4
-  rows = evaluate.evaluate(config, str(tmp_path), {"FLM": (str(tmp_path / "teacher"), [1, 2])})
+  models = {"FLM": (str(tmp_path / "teacher"), [1, 2])}
+  rows = evaluate.evaluate(config, str(tmp_path), models)
   assert [(r["model"], r["steps"]) for r in rows] == [("FLM", 1), ("FLM", 2), ("dataset", 0)]
   saved = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert saved["evaluator"] == "toy" and len(saved["rows"]) == 3
@@ -78,6 +80,23 @@ def test_sweep_writes_table_json_and_plot(tmp_path, monkeypatch):
   table = (tmp_path / "eval" / "results.md").read_text()
   assert "| FLM | euler_2 | 2 |" in table and "| dataset |" in table
   assert (tmp_path / "eval" / "gen_ppl.png").read_bytes()[:4] == b"\x89PNG"
+
+  # --mode=score: the same samples written unscored, then scored, give the same rows.
+  later = str(tmp_path / "later")
+  with pytest.raises(UsageError, match="results.json does not exist"):
+    evaluate.score(config, later)
+  config.eval.evaluator = "none"
+  assert not any("gen_ppl" in r for r in evaluate.evaluate(config, later, models))
+  with pytest.raises(UsageError, match="needs an evaluator"):
+    evaluate.score(config, later)
+  config.eval.evaluator = "smollm2"  # the toy evaluator, patched in above
+  def scores(rows):  # all but the sampling time
+    return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
+
+  assert scores(evaluate.score(config, later)) == scores(saved["rows"])
+  rescored = json.loads((tmp_path / "later" / "eval" / "results.json").read_text())
+  assert rescored["evaluator"] == "toy" and scores(rescored["rows"]) == scores(saved["rows"])
+  assert (tmp_path / "later" / "eval" / "results.md").read_text().count("| FLM |") == 2
 
 
 def test_pipeline_runs_end_to_end(tmp_path):

@@ -5,7 +5,8 @@ Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch
 (the FLM teacher; resumes from WORKDIR/checkpoints), distill (the FMLM student from
 --config.teacher_checkpoint), sample and eval (of --config.checkpoint), score (the
 samples of WORKDIR/eval/results.json, by eval.evaluator), pipeline (prepare, train in
-WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval) and compile (the steps and the sampler compiled for --config.topology, with memory and FLOPs).
+WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval) and compile (the steps
+and the sampler compiled for --config.topology, with memory and FLOPs).
 """
 
 import os

@@ -82,6 +82,9 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_p
   assert (tmp_path / "eval" / "gen_ppl.png").read_bytes()[:4] == b"\x89PNG"
 
   # --mode=score: the same samples written unscored, then scored, give the same rows.
+  def scores(rows):  # all but the sampling time
+    return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
+
   later = str(tmp_path / "later")
   with pytest.raises(UsageError, match="results.json does not exist"):
     evaluate.score(config, later)
@@ -90,9 +93,6 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_p
   with pytest.raises(UsageError, match="needs an evaluator"):
     evaluate.score(config, later)
   config.eval.evaluator = "smollm2"  # the toy evaluator, patched in above
-  def scores(rows):  # all but the sampling time
-    return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
-
   assert scores(evaluate.score(config, later)) == scores(saved["rows"])
   rescored = json.loads((tmp_path / "later" / "eval" / "results.json").read_text())
   assert rescored["evaluator"] == "toy" and scores(rescored["rows"]) == scores(saved["rows"])

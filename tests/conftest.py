@@ -1,10 +1,21 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and shared small data."""
+"""Test setup: 8 fake CPU devices and a compilation cache (set before jax is imported),
+and shared small data."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's many small runs compile the same steps again and again: one persistent
+# compilation cache per test session, shared with the subprocesses that tests start.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="flmjax-test-xla-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
 
 import pytest  # pylint: disable=wrong-import-position
 

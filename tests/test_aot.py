@@ -1,11 +1,21 @@
 """--mode=compile: the steps and the sampler compiled for a TPU slice this machine lacks."""
 
+import jax
 import pytest
 
 from conftest import train_config
 from flmjax import aot, train
 
 pytest.importorskip("libtpu", reason='needs libtpu: pip install -e ".[tpu]"')
+
+
+@pytest.fixture(autouse=True)
+def _no_compilation_cache():
+  """Executables compiled for a slice without its client cannot be read back from the
+  suite's compilation cache (JAX warns and compiles again), so these tests skip it."""
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
 
 
 def _config(**mesh):

@@ -314,12 +314,14 @@ def test_one_step_student_follows_a_markov_chain_better_than_the_teachers_one_st
       vocab, chain, 600, 600, 0.25)
   euler = {steps: sampling.sample_flm(teacher_graphdef, teacher, jax.random.key(99), n,
                                       length, steps) for steps in (1, 32)}
-  one_step = sampling.sample_flow_map(student_graphdef, student, jax.random.key(99), n,
-                                      length, 1)
-  # Measured: the teacher 0.49 at one Euler step and 0.84 at 32; the student 0.66 in one.
+  flow_map = {steps: sampling.sample_flow_map(student_graphdef, student, jax.random.key(99),
+                                              n, length, steps) for steps in (1, 4)}
+  # Measured: the teacher 0.49 at one Euler step and 0.84 at 32; the student 0.66 in one
+  # step and 0.81 in four (more steps of the flow map help, as in the paper).
   assert allowed(euler[32]) >= 0.8 and allowed(euler[1]) <= 0.55
-  assert allowed(one_step) >= allowed(euler[1]) + 0.12
-  assert len({tuple(row) for row in np.asarray(one_step)}) >= 0.9 * n
+  assert allowed(flow_map[1]) >= allowed(euler[1]) + 0.12
+  assert len({tuple(row) for row in np.asarray(flow_map[1])}) >= 0.9 * n
+  assert allowed(flow_map[4]) >= allowed(flow_map[1]) + 0.08
 
 
 def test_distill_mode_exports_weights_that_sample_identically(tmp_path):

@@ -13,9 +13,10 @@ pytest.importorskip("libtpu", reason='needs libtpu: pip install -e ".[tpu]"')
 def _no_compilation_cache():
   """Executables compiled for a slice without its client cannot be read back from the
   suite's compilation cache (JAX warns and compiles again), so these tests skip it."""
+  enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   yield
-  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def _config(**mesh):

@@ -16,7 +16,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 VELOCITY_EPS = 1e-5  # the reference's guard on 1 - t in the velocity
@@ -71,27 +70,31 @@ EIGEN_RTOL = 1e-5
 def joint_embedded_noise(rng: jax.Array, embeds: tuple[jax.Array, ...],
                          shape: tuple[int, ...], latent: bool = True) -> list[jax.Array]:
   """[eps @ E_1, eps @ E_2, ...] for ONE eps ~ N(0, I_V), as when a teacher and a student
-  with different projections read the same noisy input. Without gradient.
+  with different projections read the same noisy input.
 
-  Latent: xi @ F^T with xi ~ N(0, I_{sum D}) and F F^T = M^T M for M = [E_1, E_2, ...],
-  F from an eigendecomposition, since M^T M is singular whenever the E_i are linearly
-  dependent (a student starts with the teacher's E). The gradient through the noise is
-  left out (only this path does so; E still learns through the data and the flow map).
+  Latent: only eps's coordinates in an orthonormal basis Q [V, k] of the span of all
+  the E_i matter, since eps @ E_i = (eps @ Q)(Q^T E_i) and eps @ Q ~ N(0, I_k). Q is
+  M W diag(lambda)^(-1/2) for M = [E_1, E_2, ...] and M^T M = W diag(lambda) W^T (an
+  eigendecomposition: M^T M is singular whenever the E_i are linearly dependent, as
+  when a student starts with its teacher's E); it is never built, and it is held
+  constant, so the gradient reaches each E_i as through (Q xi)^T E_i: the V-space
+  draw's own gradient with eps replaced by its part in span(Q). The rest of eps is
+  independent of every eps @ E_i, so the expected gradient is the V-space draw's.
   """
-  stacked = jnp.concatenate(embeds, axis=1)
-  if latent:
-    eigenvalues, vectors = jnp.linalg.eigh(jnp.matmul(stacked.T, stacked, precision=HIGHEST))
-    # Directions below float32's resolution of the spectrum are zero in exact arithmetic
-    # (e.g. the null space of [E, E]); the square root would amplify their rounding.
-    eigenvalues = jnp.where(eigenvalues > EIGEN_RTOL * eigenvalues[-1], eigenvalues, 0)
-    factor = vectors * jnp.sqrt(eigenvalues)
-    xi = jax.random.normal(rng, (*shape, stacked.shape[1]), jnp.float32)
-    noise = jnp.matmul(xi, factor.T, precision=HIGHEST)
-  else:
-    eps = jax.random.normal(rng, (*shape, stacked.shape[0]), jnp.float32)
-    noise = jnp.matmul(eps, stacked, precision=HIGHEST)
-  noise = jax.lax.stop_gradient(noise)
-  return jnp.split(noise, np.cumsum([e.shape[1] for e in embeds])[:-1].tolist(), axis=-1)
+  if not latent:
+    eps = jax.random.normal(rng, (*shape, embeds[0].shape[0]), jnp.float32)
+    return [jnp.matmul(eps, e, precision=HIGHEST) for e in embeds]
+  stacked = jax.lax.stop_gradient(jnp.concatenate(embeds, axis=1))
+  eigenvalues, vectors = jnp.linalg.eigh(jnp.matmul(stacked.T, stacked, precision=HIGHEST))
+  # Directions below float32's resolution of the spectrum are zero in exact arithmetic
+  # (e.g. the null space of [E, E]); dividing by their root would amplify rounding.
+  keep = eigenvalues > EIGEN_RTOL * eigenvalues[-1]
+  basis = jnp.where(keep, vectors / jnp.sqrt(jnp.where(keep, eigenvalues, 1)), 0)
+  xi = jax.random.normal(rng, (*shape, stacked.shape[1]), jnp.float32)  # eps @ Q
+
+  def project(e):  # Q^T E_i = basis^T (M^T E_i), differentiable in E_i
+    return jnp.matmul(basis.T, jnp.matmul(stacked.T, e, precision=HIGHEST), precision=HIGHEST)
+  return [jnp.matmul(xi, project(e), precision=HIGHEST) for e in embeds]
 
 
 def noisy_latent(rng: jax.Array, embed: jax.Array, tokens: jax.Array, t: jax.Array,

@@ -69,10 +69,10 @@ def denoising_objective(config: ml_collections.ConfigDict, vocab_size: int, *,
     del frozen
 
     def denoiser(h, tau, key):
-      return model(h, tau, dropout_rng=key if dropout else None)
+      return model(h, tau, dropout_rng=key if dropout else None, capped=False)
 
     return flow.flm_loss(denoiser, model.vocab_embed[...], batch["tokens"], rng, schedule,
-                         latent=config.noise == "latent",
+                         latent=config.noise == "latent", cap=model.output_cap,
                          loss_weight=model.loss_weight if model.loss_weight_mlp else None)
   return objective
 

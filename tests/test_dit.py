@@ -50,6 +50,7 @@ def test_output_cap_is_30_tanh_of_the_raw_logits():
   assert np.abs(raw_logits).max() > 60  # large enough for the cap to matter
   np.testing.assert_allclose(capped_logits, 30 * np.tanh(raw_logits / 30), rtol=1e-5,
                              atol=1e-4)
+  np.testing.assert_allclose(capped(h, tau, capped=False), raw_logits, rtol=1e-5, atol=1e-4)
 
 
 def _numpy_attention(q, k, v, cap):

@@ -39,6 +39,68 @@ def test_flm_loss_equals_a_hand_computed_cross_entropy():
                               jnp.asarray(tokens), jax.random.key(0), get_schedule(5),
                               mask=jnp.asarray(mask), loss_weight=lambda tau: 0 * tau + 0.5)
   np.testing.assert_allclose(weighted, np.exp(-0.5) * np.mean(expected) + 0.5, rtol=1e-6)
+  raw = 40 * logits  # the denoiser's raw logits, capped by the loss at 30 tanh(raw / 30)
+  capped = []
+  for b, l in zip(*np.nonzero(mask)):
+    z = 30 * np.tanh(raw[b, l].astype(np.float64) / 30)
+    capped.append(np.log(np.exp(z).sum()) - z[tokens[b, l]])
+  loss, _ = flow.flm_loss(lambda h, tau, key: jnp.asarray(raw), embed, jnp.asarray(tokens),
+                          jax.random.key(0), get_schedule(5), mask=jnp.asarray(mask), cap=30.0)
+  np.testing.assert_allclose(loss, np.mean(capped), rtol=1e-6)
+
+
+def test_capped_cross_entropy_gradient_is_autodiff_of_its_definition():
+  """token_cross_entropy's hand-written backward pass against jax.grad of the formula it
+  implements, at raw logits large enough for the cap to matter, with a non-uniform
+  cotangent, in float32 and bfloat16."""
+  rng = np.random.default_rng(1)
+  raw = jnp.asarray(rng.normal(scale=40, size=(2, 3, 7)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 7, size=(2, 3)))
+  weights = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+
+  def definition(x, cap):
+    c = 30 * jnp.tanh(x.astype(jnp.float32) / 30) if cap else x.astype(jnp.float32)
+    picked = jnp.take_along_axis(c, tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(weights * (jax.nn.logsumexp(c, axis=-1) - picked))
+
+  def custom(x, cap):
+    return jnp.sum(weights * flow.token_cross_entropy(x, tokens, cap))
+
+  for cap in (30.0, 0.0):
+    np.testing.assert_allclose(custom(raw, cap), definition(raw, cap), rtol=1e-6)
+    expected = jax.grad(definition)(raw, cap)
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(jax.grad(custom)(raw, cap), expected, rtol=1e-5, atol=1e-7)
+    half = raw.astype(jnp.bfloat16)
+    got = jax.grad(custom)(half, cap)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32),
+                               jax.grad(definition)(half, cap).astype(jnp.float32),
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_soft_cross_entropy_and_its_gradients_are_autodiff_of_its_definition():
+  """soft_cross_entropy against -sum target log softmax(cap tanh(x / cap)) by autodiff, in
+  the logits and in the target (which need not sum to one)."""
+  rng = np.random.default_rng(2)
+  raw = jnp.asarray(rng.normal(scale=40, size=(2, 3, 7)), jnp.float32)
+  target = jnp.asarray(rng.dirichlet(np.ones(7), size=(2, 3)) * 1.3, jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+
+  def definition(x, p, cap):
+    c = 30 * jnp.tanh(x / 30) if cap else x
+    return jnp.sum(weights * -jnp.sum(p * jax.nn.log_softmax(c, axis=-1), axis=-1))
+
+  def custom(x, p, cap):
+    return jnp.sum(weights * flow.soft_cross_entropy(x, p, cap))
+
+  for cap in (30.0, 0.0):
+    np.testing.assert_allclose(custom(raw, target, cap), definition(raw, target, cap),
+                               rtol=1e-5)
+    for got, expected in zip(jax.grad(custom, (0, 1))(raw, target, cap),
+                             jax.grad(definition, (0, 1))(raw, target, cap)):
+      assert np.abs(expected).max() > 0.1
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_flm_loss_conditions_on_tau_and_corrupts_at_t_of_tau():

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from flmjax import flow
 from flmjax.sharding import BATCH_AXES, data_parallel_size
 
 FREQ_DIM = 256  # sinusoidal time features
@@ -72,9 +73,7 @@ def attention(q, k, v, softcap: float, fused: bool):
     return jax.nn.dot_product_attention(q, k, v)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(q.shape[-1])
-  if softcap:
-    scores = softcap * jnp.tanh(scores / softcap)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(flow.soft_cap(scores, softcap), axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
@@ -213,10 +212,12 @@ class DiT(nnx.Module):
     """The learned log loss weight w(tau) [B] (learned_loss_weight=True only)."""
     return self.loss_weight_mlp(jax.nn.silu(self.sigma_map(tau)))[:, 0]
 
-  def __call__(self, h, tau_s, tau_t=None, *, dropout_rng=None):
+  def __call__(self, h, tau_s, tau_t=None, *, dropout_rng=None, capped: bool = True):
     """h [B, L, D] = x_t @ E, tau [B] -> logits [B, L, V] float32.
 
-    `dropout_rng` None means no dropout (evaluation and sampling).
+    `dropout_rng` None means no dropout (evaluation and sampling). `capped=False` returns
+    the logits before the output cap, for a loss that caps them itself
+    (flow.token_cross_entropy).
     """
     c = self.conditioning(tau_s, tau_t)
     x = split_batch(h.astype(jnp.float32))
@@ -233,10 +234,8 @@ class DiT(nnx.Module):
         x = block(x, c, rng=rng, **options)
       x = split_batch(x)
     shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
-    logits = self.output(modulate(self.norm_final(x), shift, scale)).astype(jnp.float32)
-    if self.output_cap:
-      logits = self.output_cap * jnp.tanh(logits / self.output_cap)
-    return logits
+    logits = self.output(modulate(self.norm_final(x), shift, scale))
+    return flow.soft_cap(logits, self.output_cap) if capped else logits
 
 
 def from_config(cfg: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> DiT:

@@ -81,8 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_steps = 2500
   # EMA of the parameters, decay min(ema_decay, (1 + n) / (10 + n)) after update n.
   config.train.ema_decay = 0.9999
-  # Split each global batch into this many sequential parts (gradient accumulation) when
-  # it does not fit in memory; the update is the same up to float rounding.
+  # Split each global batch into this many parts (gradient accumulation) when it does not
+  # fit in memory. The update has the same expectation, not the same value: times, noise
+  # and dropout are drawn per part (times stratified within each part).
   config.train.grad_accum = 1
   # Steps between progress lines / metrics.jsonl entries (averages over the window).
   config.train.log_every = 100

@@ -50,6 +50,34 @@ def split_counts(batch_size: int, diagonal_fraction: float,
   return diagonal, boundary, batch_size - diagonal - boundary
 
 
+def _boundary_fraction(cfg: ml_collections.ConfigDict) -> float:
+  return cfg.boundary_fraction if cfg.objective == "semigroup" else 0.0
+
+
+def part_counts(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """split_counts of each of the train.grad_accum parts of a global batch, which together
+  must give the global batch's counts (with floors per part, boundary rows could vanish)."""
+  cfg, batch, parts = config.distill, config.batch_size, config.train.grad_accum
+  fractions = (cfg.diagonal_fraction, _boundary_fraction(cfg))
+
+  def counts(k):  # the global counts that parts of batch / k rows add up to
+    return tuple(k * n for n in split_counts(batch // k, *fractions))
+
+  part = split_counts(batch // parts, *fractions)
+  if not part[0] or not part[2]:
+    raise UsageError(f"batch_size={batch} with train.grad_accum={parts} gives {part} "
+                     "(diagonal, boundary, off-diagonal) rows per part; both diagonal and "
+                     "off-diagonal need one.")
+  if counts(parts) != split_counts(batch, *fractions):
+    valid = [k for k in range(1, batch + 1)
+             if batch % k == 0 and counts(k) == split_counts(batch, *fractions)]
+    raise UsageError(
+        f"batch_size={batch} takes {split_counts(batch, *fractions)} (diagonal, boundary, "
+        f"off-diagonal) rows, but its train.grad_accum={parts} parts would take {part} "
+        f"each; use a grad_accum whose parts split the batch the same way: {valid}.")
+  return part
+
+
 def draw_times(rng: jax.Array, counts: tuple[int, int, int]):
   """(tau_s, tau_u, tau_t), each [sum(counts)], rows ordered diagonal, boundary, off."""
   diagonal, boundary, off = counts
@@ -116,7 +144,7 @@ def distillation_objective(config: ml_collections.ConfigDict, vocab_size: int,
     raise UsageError(f"distill.objective={cfg.objective!r}; use one of {OBJECTIVES}.")
   schedule = get_schedule(vocab_size)
   latent = config.noise == "latent"
-  boundary_fraction = cfg.boundary_fraction if cfg.objective == "semigroup" else 0.0
+  boundary_fraction = _boundary_fraction(cfg)
 
   def objective(student, batch, rng, teacher_params):
     tokens = batch["tokens"]
@@ -154,15 +182,17 @@ def distillation_objective(config: ml_collections.ConfigDict, vocab_size: int,
       target = lagrangian_target(student, h_s[off], embed, off_tau, off_times, schedule)
     target = jax.lax.stop_gradient(target)
 
-    logits = student(h_s, tau[0], tau[2], dropout_rng=rng_dropout)
+    logits = student(h_s, tau[0], tau[2], dropout_rng=rng_dropout, capped=False)
+    cap = student.output_cap
     if teacher is None:
-      diagonal = flow.token_cross_entropy(logits[:n_diag], tokens[:n_diag])
+      diagonal = flow.token_cross_entropy(logits[:n_diag], tokens[:n_diag], cap)
     else:
-      diagonal = flow.soft_cross_entropy(logits[:n_diag], teacher_probs[:n_diag])
+      diagonal = flow.soft_cross_entropy(logits[:n_diag], teacher_probs[:n_diag], cap)
     if cfg.objective == "eulerian":
-      off_diagonal = jnp.sum((jax.nn.softmax(logits[off], axis=-1) - target) ** 2, axis=-1)
+      probs = jax.nn.softmax(flow.soft_cap(logits[off], cap), axis=-1)
+      off_diagonal = jnp.sum((probs - target) ** 2, axis=-1)
     else:
-      off_diagonal = flow.soft_cross_entropy(logits[off], target)
+      off_diagonal = flow.soft_cross_entropy(logits[off], target, cap)
     diagonal_loss, off_loss = diagonal.mean(), off_diagonal.mean()
     loss = (n_diag * diagonal_loss + (tokens.shape[0] - n_diag) * off_loss) / tokens.shape[0]
     return loss, {"loss": loss, "diagonal_loss": diagonal_loss,
@@ -217,11 +247,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str):
     raise UsageError(f"teacher_checkpoint={config.teacher_checkpoint} has V = "
                      f"{record['vocab_size']}, this config's tokenizer V = {vocab_size}; use "
                      "the teacher's data and tokenizer settings.")
-  counts = split_counts(config.batch_size // config.train.grad_accum,
-                        config.distill.diagonal_fraction, config.distill.boundary_fraction)
-  if not counts[0] or not counts[2]:
-    raise UsageError(f"batch_size={config.batch_size} gives {counts} (diagonal, boundary, "
-                     "off-diagonal) rows per step; both diagonal and off-diagonal need one.")
+  part_counts(config)
 
   mesh = sharding.make_mesh(config.mesh)
   teacher_model = ml_collections.ConfigDict(dict(config.model.to_dict(), two_time=False))

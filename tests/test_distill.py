@@ -34,6 +34,23 @@ def test_split_counts_follow_the_fractions(batch, counts):
   assert distill.split_counts(batch, 0.5, 0.5 / 32) == counts
 
 
+@pytest.mark.parametrize("objective", distill.OBJECTIVES)
+def test_accumulation_parts_keep_the_global_split(objective):
+  """128 rows take (64, 2, 62); 4 parts of 32 would each floor the boundary share to 0."""
+  config = train_config()
+  config.batch_size, config.distill.objective = 128, objective
+  config.distill.update(diagonal_fraction=0.5, boundary_fraction=0.5 / 32)
+  config.train.grad_accum = 2
+  expected = (32, 1, 31) if objective == "semigroup" else (32, 0, 32)
+  assert distill.part_counts(config) == expected
+  config.train.grad_accum = 4
+  if objective == "semigroup":
+    with pytest.raises(UsageError, match=r"grad_accum=4 parts would take \(16, 0, 16\)"):
+      distill.part_counts(config)
+  else:
+    assert distill.part_counts(config) == (16, 0, 16)
+
+
 def test_times_of_each_share():
   counts = (32, 4, 64)
   tau_s, tau_u, tau_t = map(np.asarray, distill.draw_times(jax.random.key(0), counts))
@@ -100,30 +117,76 @@ def test_lagrangian_target_is_on_the_simplex():
   assert (target >= 0).all()
 
 
-def _central_difference(f, eps=2e-3):
+def _central_difference(f, eps=1e-3):
   """Fourth-order central difference of f(step) at step 0."""
   return (8 * (f(eps) - f(-eps)) - (f(2 * eps) - f(-2 * eps))) / (12 * eps)
 
 
-def test_jvp_in_tau_t_matches_finite_differences():
+def _v_space_rows():
+  """A student, a teacher and off-diagonal rows in V space: x_s = (1 - s) eps + s x1."""
   student = _student()
-  h_s, _, (tau_s, _, tau_t), _, _ = _off_diagonal_inputs(student)
-  probs = lambda b: jax.nn.softmax(student(h_s, tau_s, b), axis=-1)
-  direction = jnp.linspace(0.5, 1.5, tau_t.shape[0])
-  _, jvp = jax.jvp(probs, (tau_t,), (direction,))
-  finite = _central_difference(lambda e: probs(tau_t + e * direction))
-  np.testing.assert_allclose(jvp, finite, rtol=1e-2, atol=1e-4)  # float32 differences
+  teacher = nnx.merge(*_random(dit.DiT(V, D, 1, 4, 16, rngs=nnx.Rngs(0), dtype=jnp.float32),
+                               seed=11))
+  schedule = get_schedule(V)
+  tau = (jnp.array([0.1, 0.2, 0.3, 0.15, 0.4]), None, jnp.array([0.5, 0.6, 0.9, 0.45, 0.8]))
+  tau = (tau[0], (tau[0] + tau[2]) / 2, tau[2])
+  times = tuple(schedule.t(x) for x in tau)
+  tokens = jax.random.randint(jax.random.key(1), (5, L), 0, V)
+  s = times[0][:, None, None]
+  x_s = (1 - s) * jax.random.normal(jax.random.key(2), (5, L, V)) + s * jax.nn.one_hot(
+      tokens, V)
+  return student, teacher, x_s, tau, times, schedule
 
 
-def test_jvp_in_tau_s_and_x_matches_finite_differences():
-  student = _student()
-  h_s, _, (tau_s, _, tau_t), _, _ = _off_diagonal_inputs(student)
-  probs = lambda a, h: jax.nn.softmax(student(h, a, tau_t), axis=-1)
-  da = jnp.full_like(tau_s, 0.7)
-  dh = jax.random.normal(jax.random.key(3), h_s.shape)
-  _, jvp = jax.jvp(probs, (tau_s, h_s), (da, dh))
-  finite = _central_difference(lambda e: probs(tau_s + e * da, h_s + e * dh))
-  np.testing.assert_allclose(jvp, finite, rtol=1e-2, atol=1e-4)  # float32 differences
+def _probs(model, x, *tau):
+  return jax.nn.softmax(model(model.embed(x), *tau), axis=-1)
+
+
+def _col(x):
+  return x[:, None, None]
+
+
+def test_semigroup_target_equals_its_v_space_definition():
+  student, _, x_s, tau, (s, u, t), _ = _v_space_rows()
+  d_su = _probs(student, x_s, tau[0], tau[1])
+  x_su = _col((1 - u) / (1 - s)) * x_s + _col((u - s) / (1 - s)) * d_su
+  lam = _col((1 - t) * (u - s) / ((1 - u) * (t - s)))
+  expected = lam * d_su + (1 - lam) * _probs(student, x_su, tau[1], tau[2])
+  got = distill.semigroup_target(student, student.embed(x_s), student.vocab_embed[...], tau,
+                                 (s, u, t))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_eulerian_target_is_a_finite_difference_along_the_teachers_flow():
+  """D_s + ((1 - s)(t - s) / (1 - t)) d/ds delta_{s,t}(x_s), with x_s moving along the
+  teacher's velocity (D_s - x_s) / (1 - s) and the time entering as tau(s) (the spline,
+  not its derivative dtau/dt that the target's JVP uses)."""
+  student, teacher, x_s, tau, (s, u, t), schedule = _v_space_rows()
+  d_s = _probs(teacher, x_s, tau[0])
+  velocity = (d_s - x_s) / _col(1 - s)
+  derivative = _central_difference(
+      lambda e: _probs(student, x_s + e * velocity, schedule.tau(s + e), tau[2]))
+  correction = _col((1 - s) * (t - s) / (1 - t)) * derivative
+  got = distill.eulerian_target(student, student.embed(x_s), student.vocab_embed[...], tau,
+                                (s, u, t), d_s, schedule)
+  assert np.abs(correction).max() > 0.02
+  np.testing.assert_allclose(got, d_s + correction, atol=0.02 * np.abs(correction).max())
+
+
+def test_lagrangian_target_is_a_finite_difference_in_t():
+  """sparsemax(delta_{t,t}(X_{s,t}(x_s)) - ((t - s)(1 - t) / (1 - s)) d/dt delta_{s,t}),
+  d/dt by finite differences through tau(t)."""
+  student, _, x_s, tau, (s, u, t), schedule = _v_space_rows()
+  delta = _probs(student, x_s, tau[0], tau[2])
+  x_st = _col((1 - t) / (1 - s)) * x_s + _col((t - s) / (1 - s)) * delta
+  derivative = _central_difference(
+      lambda e: _probs(student, x_s, tau[0], schedule.tau(t + e)))
+  correction = _col((t - s) * (1 - t) / (1 - s)) * derivative
+  expected = flow.sparsemax(_probs(student, x_st, tau[2], tau[2]) - correction)
+  got = distill.lagrangian_target(student, student.embed(x_s), student.vocab_embed[...], tau,
+                                  (s, u, t), schedule)
+  assert np.abs(correction).max() > 0.02
+  np.testing.assert_allclose(got, expected, atol=0.02 * np.abs(correction).max())
 
 
 def _teacher_and_student():
@@ -237,6 +300,35 @@ def test_churn_keeps_the_noise_level_of_the_schedule(gamma):
   np.testing.assert_allclose(noise_std, 1 - t[1:-1], rtol=1e-9)
   np.testing.assert_allclose(t[:-2] * grid["keep"] + grid["move"], t[1:-1], rtol=1e-9)
   np.testing.assert_allclose(grid["noise"], gamma * (1 - t[1:-1]))
+  t_tilde = 1 - (1 - t[1:]) * np.sqrt(1 - gamma**2)  # the student's second time
+  np.testing.assert_allclose(get_schedule(V).t_host(grid["tau_tilde"]), t_tilde, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_churn_sampler_steps_by_hand(gamma):
+  """Section 5's churn sampler written out in V space, with the sampler's noise draws."""
+  graphdef, params = _random(dit.DiT(V, D, 1, 4, 16, two_time=True, rngs=nnx.Rngs(0),
+                                     dtype=jnp.float32), seed=3)
+  model = nnx.merge(graphdef, params)
+  schedule = get_schedule(V)
+  steps, rng = 3, jax.random.key(7)
+  z = jax.random.normal(jax.random.key(0), (4, L, V))
+  tau = np.linspace(0, 1, steps + 1)
+  t = schedule.t_host(tau)
+  keys = jax.random.split(rng, steps - 1)
+  for i in range(steps):
+    sigma = 1 - t[i + 1]
+    sigma_tilde = sigma * np.sqrt(1 - gamma**2)
+    t_tilde = 1 - sigma_tilde
+    probs = _probs(model, z, jnp.full(4, tau[i]), jnp.full(4, schedule.tau_host(t_tilde)))
+    if i < steps - 1:
+      z_tilde = (1 - t_tilde) / (1 - t[i]) * z + (t_tilde - t[i]) / (1 - t[i]) * probs
+      z = z_tilde + (sigma_tilde - sigma) * probs + gamma * sigma * jax.random.normal(
+          keys[i], z.shape)
+  z0 = jax.random.normal(jax.random.key(0), (4, L, V))
+  got = sampling.flow_map_from(graphdef, params, z0, sampling.flow_map_grid(V, steps, gamma),
+                               rng, latent=False, churn=True)
+  np.testing.assert_allclose(got, probs, atol=3e-5)
 
 
 def test_flow_map_sampler_steps_by_hand():

@@ -1,5 +1,11 @@
 """Tokenizers: GPT-2 ids, round trips, WordPiece on a written vocab, SentencePiece caching."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 
 from conftest import small_config
@@ -77,3 +83,39 @@ def test_vocab_size_the_corpus_cannot_support(tmp_path):
   corpus = corpora.load_corpus(config.data)
   with pytest.raises(UsageError, match="tokenizer.vocab_size=50000"):
     tokenizers.build_tokenizer(config.tokenizer, tmp_path, corpus)
+
+
+_TRAIN_SAMPLED = """
+import hashlib, random
+from flmjax.data import tokenizers
+rng = random.Random(0)
+words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(3000)]
+docs = ["\\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(20))
+        for _ in range(1000)]
+class Corpus:
+  name = "words"
+  def documents(self, split):
+    return iter(docs)
+print(hashlib.sha256(tokenizers.train_sentencepiece(Corpus(), 300, max_lines=5000)).hexdigest())
+"""
+
+
+def test_sentencepiece_trained_on_a_sample_is_the_same_in_every_process():
+  """20,000 lines, 5,000 used: two processes (two hosts) must train the same model."""
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+  digests = {subprocess.run([sys.executable, "-c", _TRAIN_SAMPLED], env=env, check=True,
+                            capture_output=True, text=True).stdout for _ in range(2)}
+  assert len(digests) == 1
+
+
+def test_sample_lines_is_a_uniform_sample_of_distinct_lines():
+  lines = [str(i) for i in range(1000)]
+  sample = tokenizers.sample_lines(iter(lines), 100)
+  assert len(set(sample)) == 100 and set(sample) <= set(lines)
+  assert tokenizers.sample_lines(iter(lines), 100) == sample  # fixed seed
+  assert tokenizers.sample_lines(iter(lines[:50]), 100) == lines[:50]
+  counts = np.zeros(1000)
+  for seed in range(200):
+    counts[[int(x) for x in tokenizers.sample_lines(iter(lines), 100, seed)]] += 1
+  # each line kept with probability 0.1: 20 of 200 draws, binomial sd 4.2
+  assert abs(counts[:500].mean() - 20) < 1.5 and abs(counts[500:].mean() - 20) < 1.5

@@ -11,6 +11,7 @@ import importlib.util
 import io
 import os
 import pathlib
+import random
 from typing import Iterator, Sequence
 
 import ml_collections
@@ -161,18 +162,33 @@ def _lines(documents: Iterator[str]) -> Iterator[str]:
     yield from (line for line in document.splitlines() if line.strip())
 
 
-def train_sentencepiece(corpus: Corpus, vocab_size: int) -> bytes:
-  """A unigram SentencePiece model (byte fallback) trained on the training split.
+def sample_lines(lines: Iterator[str], size: int, seed: int = 0) -> list[str]:
+  """At most `size` lines, a uniform sample without replacement (reservoir sampling) drawn
+  with a fixed seed, so that every process that reads the same lines gets the same ones."""
+  rng, sample = random.Random(seed), []
+  for i, line in enumerate(lines):
+    if i < size:
+      sample.append(line)
+    elif (j := rng.randrange(i + 1)) < size:
+      sample[j] = line
+  return sample
+
+
+def train_sentencepiece(corpus: Corpus, vocab_size: int, max_lines: int = 2_000_000) -> bytes:
+  """A unigram SentencePiece model (byte fallback) trained on the training split, or on
+  `max_lines` of its lines sampled with a fixed seed: SentencePiece's own sampling of
+  longer inputs is seeded per process, so hosts would train different models (its shuffle
+  of inputs that fit is the same in every process).
 
   Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>.
   """
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(corpus.documents("train")), model_writer=model,
-        vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
-        character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        sentence_iterator=iter(sample_lines(_lines(corpus.documents("train")), max_lines)),
+        model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=3, input_sentence_size=max_lines, shuffle_input_sentence=True,
         max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
     raise UsageError(f"tokenizer.vocab_size={vocab_size}: SentencePiece cannot train it on "

@@ -99,8 +99,9 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 def generative_perplexity(evaluator, texts: list[str], seq_len: int,
                           batch_size: int) -> dict:
-  """gen PPL of `texts` under `evaluator`, per section 7, with the count of texts that
-  encode to nothing (scored as a row of EOS, of which only the first counts)."""
+  """gen PPL of `texts` under `evaluator`, per section 7, with the number of tokens scored
+  and the count of texts that encode to nothing (a row of EOS, which scores nothing: its
+  first EOS is at position 0). NaN when no token is scored at all."""
   ids = np.full((len(texts), seq_len), evaluator.eos_id, np.int32)
   empty = 0
   for i, encoded in enumerate(evaluator.encode(texts)):
@@ -116,7 +117,8 @@ def generative_perplexity(evaluator, texts: list[str], seq_len: int,
     logprobs = np.asarray(evaluator.token_logprobs(ids[rows]), np.float64)
     nll -= float((logprobs * mask[rows]).sum())
     count += int(mask[rows].sum())
-  return {"gen_ppl": float(np.exp(nll / count)), "tokens": count, "empty_samples": empty}
+  gen_ppl = float(np.exp(nll / count)) if count else float("nan")
+  return {"gen_ppl": gen_ppl, "tokens": count, "empty_samples": empty}
 
 
 def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, float]:
@@ -134,13 +136,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   results.md and gen_ppl.png. Returns the rows."""
   cfg = config.eval
   path = train.check_workdir(workdir) / "eval"
+  # The dataset row's data first, so that a config that cannot give them fails before any
+  # sampling.
+  dataset = _dataset_tokens(config, workdir, {
+      directory: checkpoint.read_record(directory) for directory, _ in models.values()})
   evaluator = None
   if cfg.evaluator != "none":
     evaluator = load_evaluator(cfg.evaluator, cfg.evaluator_path)
-  rows, seq_len, tokenizer = [], None, None
+  rows = []
   for label, (directory, steps) in models.items():
     record, graphdef, params, tokenizer = load(config, directory)
-    seq_len = record["config"]["data"]["seq_len"]
     for n in steps:
       gamma = config.sample.gamma if record["kind"] == "fmlm" else 0.0  # Euler: no churn
       name, sampler = sampler_for(record, n, cfg.num_samples, gamma,
@@ -152,31 +157,46 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              "seconds_per_sample": seconds, "entropy": unigram_entropy(tokens),
              "samples": texts}
       if evaluator is not None:
-        row.update(generative_perplexity(evaluator, texts, seq_len, cfg.batch_size))
+        row.update(generative_perplexity(evaluator, texts, config.data.seq_len,
+                                         cfg.batch_size))
       rows.append(row)
       train.say(f"eval {label} {name}: " + ", ".join(
           f"{k} {row[k]:.4g}" for k in ("gen_ppl", "entropy", "seconds_per_sample")
           if k in row))
-  rows.append(_dataset_row(config, workdir, evaluator, seq_len, tokenizer))
-  _write(path, rows, evaluator.name if evaluator else "none", seq_len)
-  return rows
-
-
-def _dataset_row(config, workdir, evaluator, seq_len, tokenizer) -> dict:
-  """Held-out examples of the validation split, scored like samples."""
-  prepared = pipeline.prepare(config, workdir)
-  if prepared.tokenizer.fingerprint != tokenizer.fingerprint:
-    raise UsageError("the data of this config were tokenized with another tokenizer than "
-                     "the evaluated model; use the model's data settings.")
-  batches = pipeline.eval_batches(prepared, "valid", 1, process_index=0, process_count=1)
-  tokens = np.concatenate([b["tokens"] for _, b in zip(range(config.eval.num_samples),
-                                                       batches)])
+  tokens, tokenizer = dataset
   texts = tokenizer.decode_batch(tokens)
   row = {"model": "dataset", "kind": "data", "sampler": "validation split", "steps": 0,
          "entropy": unigram_entropy(tokens), "samples": texts}
   if evaluator is not None:
-    row.update(generative_perplexity(evaluator, texts, seq_len, config.eval.batch_size))
-  return row
+    row.update(generative_perplexity(evaluator, texts, config.data.seq_len, cfg.batch_size))
+  rows.append(row)
+  _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len)
+  return rows
+
+
+def _dataset_tokens(config, workdir, records: dict[str, dict]):
+  """(tokens [N, L], tokenizer) of eval.num_samples held-out examples of the validation
+  split, for the dataset row: prepared with this config, which must have the evaluated
+  models' L and tokenizer."""
+  for directory, record in records.items():
+    if record["config"]["data"]["seq_len"] != config.data.seq_len:
+      raise UsageError(f"the weights in {directory} have L = "
+                       f"{record['config']['data']['seq_len']}, this config data.seq_len="
+                       f"{config.data.seq_len}; the dataset row and the scores need the "
+                       "model's L: set data.seq_len to it.")
+  prepared = pipeline.prepare(config, workdir)
+  batches = pipeline.eval_batches(prepared, "valid", 1, process_index=0, process_count=1)
+  tokens = [b["tokens"] for _, b in zip(range(config.eval.num_samples), batches)]
+  if not tokens:
+    raise UsageError(f"the validation split of {prepared.path} is empty; the dataset row "
+                     "needs held-out examples (data.valid_fraction > 0 where the corpus is "
+                     "split by it).")
+  for directory, record in records.items():
+    if record["tokenizer"]["fingerprint"] != prepared.tokenizer.fingerprint:
+      raise UsageError(f"the data of this config were tokenized with another tokenizer than "
+                       f"the weights in {directory}; use the model's data and tokenizer "
+                       "settings.")
+  return np.concatenate(tokens), prepared.tokenizer
 
 
 def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int) -> None:

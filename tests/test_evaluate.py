@@ -49,6 +49,8 @@ def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
   expected = np.exp(-np.mean([toy.logp[i] for i in scored]))
   np.testing.assert_allclose(result["gen_ppl"], expected, rtol=1e-12)
   assert result["tokens"] == 5 and result["empty_samples"] == 1
+  nothing = evaluate.generative_perplexity(toy, ["", "1"], seq_len=5, batch_size=2)
+  assert np.isnan(nothing["gen_ppl"]) and nothing["tokens"] == 0
 
 
 def test_eval_steps_are_validated():
@@ -97,6 +99,15 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_p
   rescored = json.loads((tmp_path / "later" / "eval" / "results.json").read_text())
   assert rescored["evaluator"] == "toy" and scores(rescored["rows"]) == scores(saved["rows"])
   assert (tmp_path / "later" / "eval" / "results.md").read_text().count("| FLM |") == 2
+
+  # A dataset row that cannot match the model fails before any sampling.
+  monkeypatch.setattr(evaluate, "_timed_samples", lambda *a: pytest.fail("sampled"))
+  config.data.seq_len = 8
+  with pytest.raises(UsageError, match="have L = 32, this config data.seq_len=8"):
+    evaluate.evaluate(config, later, models)
+  config.data.update(seq_len=32, valid_fraction=0.0, dir=str(tmp_path / "no_valid"))
+  with pytest.raises(UsageError, match="validation split .* is empty"):
+    evaluate.evaluate(config, later, models)
 
 
 def test_pipeline_runs_end_to_end(tmp_path):

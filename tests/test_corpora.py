@@ -42,6 +42,14 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
                                             valid_fraction=0.0).data)
   assert list(corpus.documents("train")) == ["caf\ufffd and na\ufffdve \ufffd text"]
   assert corpus.stats.undecodable_bytes == 3
+  assert list(corpus.documents("valid")) == [] and len(list(corpus.documents("train"))) == 1
+  assert corpus.stats.undecodable_bytes == 3  # counted once however often it is read
+  (tmp_path / "b.txt").write_text(" \n")
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),
+                                            valid_fraction=0.0).data)
+  for _ in range(2):
+    assert len(list(corpus.documents("train"))) == 1
+  assert corpus.stats.empty_documents == 1
 
 
 def test_jsonl_line_without_the_text_field(tmp_path):

@@ -25,24 +25,32 @@ EMBEDDED_FILE = "data/summaries_en-us.json"
 
 @dataclasses.dataclass
 class ReadStats:
-  """What reading found: bytes that were not UTF-8 (read as U+FFFD), empty documents."""
-  undecodable_bytes: int = 0
-  empty_documents: int = 0
+  """What reading found: bytes that were not UTF-8 (read as U+FFFD) per source, and empty
+  documents per split; each counted once however often a source or a split is read."""
+  undecodable: dict[str, int] = dataclasses.field(default_factory=dict)
+  empty: dict[str, int] = dataclasses.field(default_factory=dict)
 
-  def decode(self, raw: bytes) -> str:
-    """UTF-8 with each undecodable byte replaced by U+FFFD and counted."""
+  @property
+  def undecodable_bytes(self) -> int:
+    return sum(self.undecodable.values())
+
+  @property
+  def empty_documents(self) -> int:
+    return sum(self.empty.values())
+
+  def decode(self, raw: bytes, source: str) -> str:
+    """UTF-8 with each undecodable byte replaced by U+FFFD and counted for `source`."""
     try:
       return raw.decode("utf-8")
     except UnicodeDecodeError:
       text = raw.decode("utf-8", "surrogateescape")  # bad bytes -> U+DC80..U+DCFF
-      text, bad = re.subn("[\udc80-\udcff]", "\ufffd", text)
-      self.undecodable_bytes += bad
+      text, self.undecodable[source] = re.subn("[\udc80-\udcff]", "\ufffd", text)
       return text
 
 
 @dataclasses.dataclass
 class Corpus:
-  """Documents of one corpus, read lazily per split; `stats` grows as they are read."""
+  """Documents of one corpus, read lazily per split; `stats` fill in as they are read."""
   name: str
   fingerprint: str
   read: Callable[[str], Iterator[str]]
@@ -52,11 +60,13 @@ class Corpus:
     """The split's non-empty documents, always in the same order."""
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    empty = 0
     for text in self.read(split):
       if text.strip():
         yield text
       else:
-        self.stats.empty_documents += 1
+        empty += 1
+    self.stats.empty[split] = empty  # a whole pass over the split
 
 
 def in_valid_split(key: str, valid_fraction: float) -> bool:
@@ -97,7 +107,7 @@ def _embedded(cfg) -> Corpus:
   stats = ReadStats()
 
   def keyed():
-    articles = json.loads(stats.decode(path.read_bytes()))
+    articles = json.loads(stats.decode(path.read_bytes(), str(path)))
     titles = sorted(articles)
     if cfg.max_documents:
       titles = titles[:cfg.max_documents]
@@ -133,7 +143,7 @@ def _directory(cfg) -> Corpus:
 
   def documents_of(path: pathlib.Path) -> Iterator[tuple[str, str]]:
     name = str(path.relative_to(base))
-    text = stats.decode(path.read_bytes())
+    text = stats.decode(path.read_bytes(), str(path))
     if path.suffix == ".txt":
       yield name, text
       return

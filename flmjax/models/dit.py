@@ -25,7 +25,8 @@ from flmjax.sharding import BATCH_AXES, data_parallel_size
 FREQ_DIM = 256  # sinusoidal time features
 LN_EPS = 1e-5
 
-# PyTorch's default Linear init (kaiming-uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
+# PyTorch's default Linear kernel init (kaiming-uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
+# Biases start at zero (PyTorch draws them from the same range).
 torch_uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 zeros = nnx.initializers.zeros_init()
 

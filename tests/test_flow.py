@@ -137,7 +137,7 @@ def _random_model(depth=2):
                    scale=0.2)
 
 
-def test_latent_path_equals_v_space_path_for_the_same_noise():
+def test_interpolating_embedded_noise_equals_embedding_the_v_space_state():
   model = _random_model()
   tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V)
   eps = jax.random.normal(jax.random.key(2), (B, L, V))

@@ -11,6 +11,7 @@ warmup then constant; EMA with decay min(ema_decay, (1 + n) / (10 + n)) after th
 update. Validation loss and samples use the EMA weights.
 """
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -185,6 +186,16 @@ def init_state(run: Run, params, seed: int) -> dict:
             "opt_state": run.tx.init(params), "rng": jax.random.PRNGKey(seed)}
   return jax.jit(init, in_shardings=(run.param_shardings,),
                  out_shardings=run.state_shardings)(params)
+
+
+def release_host_memory() -> None:
+  """Hands freed heap pages back to the OS (glibc's malloc_trim; nothing elsewhere). XLA's
+  compiler frees its working memory when it is done, but glibc keeps the pages, so the
+  process would go on holding its compile-time peak."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
 
 
 def compile_step(run: Run, objective: Objective, cfg, frozen_shardings=None):
@@ -365,7 +376,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
   batch_sharding = sharding.batch_sharding(mesh)
   logger = Logger(path, cfg.steps)
   stop = _StopRequest()
-  step = int(state["step"])
+  step = first_step = int(state["step"])
   window, first_bad, window_steps, window_start = None, None, 0, time.perf_counter()
 
   def due(every: int) -> bool:
@@ -398,6 +409,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, prepared: pipeline.Prep
       state, metrics = step_fn(state, pipeline.to_global(next(batches), batch_sharding),
                                frozen)
       step += 1
+      if step == first_step + 1:  # that call compiled the step
+        release_host_memory()
       nonfinite = metrics.pop("nonfinite_step")
       first_bad = nonfinite if first_bad is None else jnp.where(first_bad > 0, first_bad,
                                                                 nonfinite)

@@ -1,7 +1,9 @@
 """The training loop: recipe formulas, sharding invariance, resume, robustness."""
 
+import ctypes
 import functools
 import json
+import platform
 
 from flax import nnx
 import jax
@@ -191,3 +193,29 @@ def test_model_flops_per_token_counts_the_matmuls():
   expected = 3 * (2 * (blocks + 768 * 50258) + 12 * 4 * 1024 * 768)
   assert train.model_flops_per_token(config, 50258) == expected
   assert checkpoint.git_hash() is None or len(checkpoint.git_hash()) == 40
+
+
+def _resident_bytes() -> int:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_release_host_memory_returns_freed_heap_pages():
+  """200 MB freed in small heap chunks, the top of the heap still in use (as after a
+  compilation): glibc keeps the pages until release_host_memory."""
+  libc = ctypes.CDLL("libc.so.6")
+  libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+  size, count = 4096, 50_000
+  chunks = [libc.malloc(size) for _ in range(count)]
+  for chunk in chunks:
+    ctypes.memset(chunk, 1, size)
+  for chunk in chunks[:-1]:
+    libc.free(chunk)
+  before = _resident_bytes()
+  train.release_host_memory()
+  released = before - _resident_bytes()
+  libc.free(chunks[-1])
+  assert released > 0.5 * size * count

@@ -434,7 +434,7 @@ def test_one_step_student_follows_a_markov_chain():
   assert allowed(euler) >= 0.8
   assert allowed(flow_map[1]) >= 0.45
   assert len({tuple(row) for row in np.asarray(flow_map[1])}) >= 0.9 * n
-  assert allowed(flow_map[4]) >= allowed(flow_map[1]) + 0.05
+  assert allowed(flow_map[4]) >= allowed(flow_map[1]) + 0.08
 
 
 def test_distill_mode_exports_weights_that_sample_identically(tmp_path):

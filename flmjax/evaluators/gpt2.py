@@ -41,8 +41,8 @@ def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> 
   return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
-def logits(params: dict, ids: jax.Array, *, n_head: int, eps: float) -> jax.Array:
-  """ids [B, T] -> logits [B, T, V]."""
+def hidden(params: dict, ids: jax.Array, *, n_head: int, eps: float) -> jax.Array:
+  """ids [B, T] -> final hidden states [B, T, D] (after the final LayerNorm)."""
   batch, length = ids.shape
   x = params["wte"][ids] + params["wpe"][:length]
   width = x.shape[-1]
@@ -58,8 +58,7 @@ def logits(params: dict, ids: jax.Array, *, n_head: int, eps: float) -> jax.Arra
     return x + h @ p["mlp_out_kernel"] + p["mlp_out_bias"], None
 
   x, _ = jax.lax.scan(block, x, params["blocks"])
-  x = _layer_norm(x, params["ln_f_scale"], params["ln_f_bias"], eps)
-  return x @ params["wte"].T
+  return _layer_norm(x, params["ln_f_scale"], params["ln_f_bias"], eps)
 
 
 def _tokenizer(folder: pathlib.Path) -> tokenizers.Tokenizer:
@@ -113,8 +112,8 @@ def load(folder: pathlib.Path) -> Evaluator:
   if eos_id is None or tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
     raise UsageError(f"the tokenizer in {folder} does not match the model's {vocab_size} "
                      f"tokens (or lacks {EOS}); use the model's own tokenizer files.")
-  logits_fn = functools.partial(logits, n_head=config["n_head"],
+  hidden_fn = functools.partial(hidden, n_head=config["n_head"],
                                 eps=config.get("layer_norm_epsilon", 1e-5))
   return Evaluator(name=SIZE_NAMES.get((n_layer, width), folder.name), tokenizer=tokenizer,
                    eos_id=eos_id, max_length=config["n_positions"], params=params,
-                   logits_fn=logits_fn, vocab_size=vocab_size)
+                   hidden_fn=hidden_fn, unembedding="wte")

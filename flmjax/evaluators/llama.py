@@ -51,9 +51,9 @@ def _rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], -1).reshape(x.shape)
 
 
-def logits(params: dict, ids: jax.Array, *, n_head: int, n_kv_head: int, eps: float,
+def hidden(params: dict, ids: jax.Array, *, n_head: int, n_kv_head: int, eps: float,
            rope_base: float) -> jax.Array:
-  """ids [B, T] -> logits [B, T, V]."""
+  """ids [B, T] -> final hidden states [B, T, D] (after the output norm)."""
   batch, length = ids.shape
   x = params["token_embd"][ids]
   head_dim = x.shape[-1] // n_head
@@ -74,8 +74,7 @@ def logits(params: dict, ids: jax.Array, *, n_head: int, n_kv_head: int, eps: fl
     return x + (jax.nn.silu(h @ p["ffn_gate"]) * (h @ p["ffn_up"])) @ p["ffn_down"], None
 
   x, _ = jax.lax.scan(block, x, params["blocks"])
-  output = params.get("output", params["token_embd"])  # [V, D]
-  return _rms_norm(x, params["output_norm"], eps) @ output.T
+  return _rms_norm(x, params["output_norm"], eps)
 
 
 def _tokenizer(meta: dict) -> tokenizers.Tokenizer:
@@ -194,8 +193,8 @@ def load(gguf_file: pathlib.Path, cache_dir: pathlib.Path) -> Evaluator:
   else:
     meta, params = _read_gguf(gguf_file)
     _save_cache(cache_file, meta, params)
-  logits_fn = functools.partial(logits, n_head=meta["n_head"], n_kv_head=meta["n_kv_head"],
+  hidden_fn = functools.partial(hidden, n_head=meta["n_head"], n_kv_head=meta["n_kv_head"],
                                 eps=meta["eps"], rope_base=meta["rope_base"])
   return Evaluator(name=meta["name"], tokenizer=_tokenizer(meta), eos_id=meta["eos_id"],
-                   max_length=meta["context_length"], params=params, logits_fn=logits_fn,
-                   vocab_size=params["token_embd"].shape[0])
+                   max_length=meta["context_length"], params=params, hidden_fn=hidden_fn,
+                   unembedding="output" if "output" in params else "token_embd")

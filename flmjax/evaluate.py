@@ -139,7 +139,7 @@ def generative_perplexity(evaluator, texts: list[str], seq_len: int,
 
 def text_features(evaluator, texts: list[str], seq_len: int, batch_size: int) -> np.ndarray:
   """[N, D] float64: each text's mean final hidden state of `evaluator` over its evaluator
-  tokens, cut to L (the tokens gen PPL reads)."""
+  tokens, cut to L."""
   ids, lengths = _evaluator_ids(evaluator, texts, seq_len)
   return np.concatenate([
       evaluator.features(ids[start:start + batch_size], lengths[start:start + batch_size])
@@ -277,26 +277,28 @@ def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int,
 
 
 def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
-  """Gen PPL against steps, and against seconds per sample (log axis), per model."""
+  """Gen PPL and FD against steps, and against seconds per sample (log axis), per model."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
   scored = [r for r in rows if "gen_ppl" in r and r["kind"] != "data"]
   if not scored:
     return
-  figure, (by_steps, by_time) = plt.subplots(1, 2, figsize=(10, 4))
-  for label in dict.fromkeys(r["model"] for r in scored):
-    mine = [r for r in scored if r["model"] == label]
-    by_steps.plot([r["steps"] for r in mine], [r["gen_ppl"] for r in mine], "o-", label=label)
-    by_time.plot([r["seconds_per_sample"] for r in mine], [r["gen_ppl"] for r in mine], "o-",
-                 label=label)
-  for r in rows:
-    if r["kind"] == "data" and "gen_ppl" in r:
-      for axis in (by_steps, by_time):
-        axis.axhline(r["gen_ppl"], color="gray", linestyle="--", label="dataset")
-  by_steps.set(xscale="log", xlabel="steps", ylabel=f"gen PPL ({evaluator})")
-  by_time.set(xscale="log", xlabel="seconds per sample", ylabel=f"gen PPL ({evaluator})")
-  by_steps.legend()
+  metrics = {"gen_ppl": f"gen PPL ({evaluator})", "fd": f"FD ({evaluator})"}
+  figure, axes = plt.subplots(len(metrics), 2, figsize=(10, 4 * len(metrics)), squeeze=False)
+  for (metric, name), (by_steps, by_time) in zip(metrics.items(), axes):
+    for label in dict.fromkeys(r["model"] for r in scored):
+      mine = [r for r in scored if r["model"] == label]
+      by_steps.plot([r["steps"] for r in mine], [r[metric] for r in mine], "o-", label=label)
+      by_time.plot([r["seconds_per_sample"] for r in mine], [r[metric] for r in mine], "o-",
+                   label=label)
+    for r in rows:
+      if r["kind"] == "data" and metric in r:
+        for axis in (by_steps, by_time):
+          axis.axhline(r[metric], color="gray", linestyle="--", label="dataset")
+    by_steps.set(xscale="log", xlabel="steps", ylabel=name)
+    by_time.set(xscale="log", xlabel="seconds per sample", ylabel=name)
+    by_steps.legend()
   figure.tight_layout()
   with path.open("wb") as f:
     figure.savefig(f, format="png", dpi=100)
@@ -329,8 +331,9 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 def score(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """`--mode=score`: scores every row of WORKDIR/eval/results.json (written by `eval` or
-  `pipeline`, typically with eval.evaluator=none) with eval.evaluator, and rewrites
-  results.json, results.md and gen_ppl.png with the scores; the samples stay as they were."""
+  `pipeline`, typically with eval.evaluator=none) with eval.evaluator (gen PPL and FD
+  against the saved reference texts), and rewrites results.json, results.md and
+  gen_ppl.png with the scores; the samples stay as they were."""
   path = train.check_workdir(workdir) / "eval"
   results = path / "results.json"
   if not results.is_file():

@@ -22,7 +22,7 @@ of `eval.reference_samples` other held-out examples (the feature of a text is th
 the evaluator's final hidden states over its tokens, cut to L as for gen PPL). FD is low
 only when the samples are both like real text and as varied as it, as FID is for images.
 Its estimate is biased by the sample count, so compare FD only between rows of one run
-(same `eval.num_samples` and reference); the dataset row gives its floor.
+(same `eval.num_samples` and reference); the dataset row gives its level for real text.
 
 With `eval.evaluator=none` the samples are written unscored; `--mode=score` scores them
 later, on a machine that has the evaluator's weights (an accelerator host without them
@@ -149,7 +149,10 @@ def text_features(evaluator, texts: list[str], seq_len: int, batch_size: int) ->
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
   """Frechet distance between Gaussians fitted to the rows of a [N, D] and b [M, D]:
   |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), with tr (C_a C_b)^(1/2) computed as
-  the sum of the square roots of the eigenvalues of the symmetric C_a^(1/2) C_b C_a^(1/2)."""
+  the sum of the square roots of the eigenvalues of the symmetric C_a^(1/2) C_b C_a^(1/2).
+  NaN when either set has fewer than 2 rows (no covariance)."""
+  if min(len(a), len(b)) < 2:
+    return float("nan")
   cov_a, cov_b = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
   values, vectors = np.linalg.eigh(cov_a)
   root_a = (vectors * np.sqrt(values.clip(0))) @ vectors.T

@@ -85,6 +85,16 @@ def test_frechet_distance_matches_the_closed_form_of_commuting_gaussians():
   wide = rng.normal(size=(8, 20))
   scale = np.trace(np.cov(wide, rowvar=False))  # the FD of wide and a far-off constant
   assert abs(evaluate.frechet_distance(wide, wide)) < 1e-6 * scale
+  assert np.isnan(evaluate.frechet_distance(wide[:1], wide))  # one row has no covariance
+
+
+def test_text_features_batch_the_texts_with_their_own_lengths():
+  toy = CharEvaluator()
+  texts = ["abc", "z", "", "hello", "ab", "zzzzzzzz", "q"]
+  # Each text's letters, cut to L = 6; an empty text reads its first position (EOS, id 0).
+  letters = [toy.encode([t])[0][:6] or [0] for t in texts]
+  want = [np.eye(27)[ids].mean(0) for ids in letters]
+  np.testing.assert_allclose(evaluate.text_features(toy, texts, 6, batch_size=3), want)
 
 
 def test_fd_tells_function_word_text_from_held_out_text():

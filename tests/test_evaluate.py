@@ -1,11 +1,11 @@
-"""Evaluation: entropy and gen PPL by hand, the sweep's outputs, and the whole pipeline."""
+"""Evaluation: entropy, gen PPL and FD by hand, the sweep's outputs, and the whole
+pipeline."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
-
-import importlib.util
 
 import numpy as np
 import pytest

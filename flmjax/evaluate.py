@@ -117,33 +117,27 @@ def _evaluator_ids(evaluator, texts: list[str], seq_len: int) -> tuple[np.ndarra
   return ids, lengths
 
 
-def generative_perplexity(evaluator, texts: list[str], seq_len: int,
-                          batch_size: int) -> dict:
-  """gen PPL of `texts` under `evaluator`, per section 7, with the number of tokens scored
-  and the count of texts that encode to nothing (a row of EOS, which scores nothing: its
-  first EOS is at position 0). NaN when no token is scored at all."""
+def score_texts(evaluator, texts: list[str], seq_len: int,
+                batch_size: int) -> tuple[dict, np.ndarray]:
+  """({gen PPL, tokens scored, empty samples}, features [N, D] float64) of `texts` under
+  `evaluator`, from one evaluator pass per batch. Gen PPL is section 7's; the count of
+  texts that encode to nothing is reported (a row of EOS scores nothing: its first EOS is
+  at position 0), and gen PPL is NaN when no token is scored at all. A text's feature is
+  the mean of the evaluator's final hidden states over its evaluator tokens, cut to L."""
   ids, lengths = _evaluator_ids(evaluator, texts, seq_len)
-  empty = int((lengths == 0).sum())
   is_eos = ids == evaluator.eos_id
   first_eos = is_eos & (np.cumsum(is_eos, axis=1) == 1)
   mask = (~is_eos | first_eos)[:, 1:]  # targets: positions 1..L-1
-  nll, count = 0.0, 0
+  nll, count, features = 0.0, 0, []
   for start in range(0, len(texts), batch_size):
     rows = slice(start, start + batch_size)
-    logprobs = np.asarray(evaluator.token_logprobs(ids[rows]), np.float64)
-    nll -= float((logprobs * mask[rows]).sum())
+    logprobs, batch_features = evaluator.score(ids[rows], lengths[rows])
+    nll -= float((np.asarray(logprobs, np.float64) * mask[rows]).sum())
     count += int(mask[rows].sum())
+    features.append(np.asarray(batch_features, np.float64))
   gen_ppl = float(np.exp(nll / count)) if count else float("nan")
-  return {"gen_ppl": gen_ppl, "tokens": count, "empty_samples": empty}
-
-
-def text_features(evaluator, texts: list[str], seq_len: int, batch_size: int) -> np.ndarray:
-  """[N, D] float64: each text's mean final hidden state of `evaluator` over its evaluator
-  tokens, cut to L."""
-  ids, lengths = _evaluator_ids(evaluator, texts, seq_len)
-  return np.concatenate([
-      evaluator.features(ids[start:start + batch_size], lengths[start:start + batch_size])
-      for start in range(0, len(texts), batch_size)]).astype(np.float64)
+  scores = {"gen_ppl": gen_ppl, "tokens": count, "empty_samples": int((lengths == 0).sum())}
+  return scores, np.concatenate(features)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -164,8 +158,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def _scores(evaluator, texts: list[str], reference: np.ndarray, seq_len: int,
             batch_size: int) -> dict:
   """gen PPL (with its token counts) and FD against the reference features."""
-  scores = generative_perplexity(evaluator, texts, seq_len, batch_size)
-  features = text_features(evaluator, texts, seq_len, batch_size)
+  scores, features = score_texts(evaluator, texts, seq_len, batch_size)
   return {**scores, "fd": frechet_distance(features, reference)}
 
 
@@ -191,8 +184,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   evaluator = None
   if cfg.evaluator != "none":
     evaluator = load_evaluator(cfg.evaluator, cfg.evaluator_path)
-    reference_features = text_features(evaluator, reference, config.data.seq_len,
-                                       cfg.batch_size)
+    reference_features = score_texts(evaluator, reference, config.data.seq_len,
+                                     cfg.batch_size)[1]
 
   def score(texts: list[str]) -> dict:
     if evaluator is None:
@@ -350,7 +343,7 @@ def score(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                      "flmjax); run --mode=eval again.")
   evaluator = load_evaluator(config.eval.evaluator, config.eval.evaluator_path)
   seq_len, batch_size = saved["seq_len"], config.eval.batch_size
-  reference = text_features(evaluator, saved["reference"], seq_len, batch_size)
+  reference = score_texts(evaluator, saved["reference"], seq_len, batch_size)[1]
   for row in saved["rows"]:
     row.update(_scores(evaluator, row["samples"], reference, seq_len, batch_size))
     train.say(f"score {row['model']} {row['sampler']}: gen_ppl {row['gen_ppl']:.4g}, "

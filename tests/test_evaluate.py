@@ -37,19 +37,16 @@ class CharEvaluator:
   def encode(self, texts):
     return [[ord(c) - ord("a") + 1 for c in text.lower() if "a" <= c <= "z"] for text in texts]
 
-  def token_logprobs(self, ids):
-    return self.logp[ids[:, 1:]]
-
-  def features(self, ids, lengths):  # each text's letter frequencies
+  def score(self, ids, lengths):  # features: each text's letter frequencies
     inside = np.arange(ids.shape[1]) < np.maximum(lengths, 1)[:, None]
-    return np.stack([(np.eye(27)[row] * m[:, None]).sum(0) / m.sum()
-                     for row, m in zip(ids, inside)])
+    return self.logp[ids[:, 1:]], np.stack([(np.eye(27)[row] * m[:, None]).sum(0) / m.sum()
+                                            for row, m in zip(ids, inside)])
 
 
 def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
   toy = CharEvaluator()
   texts = ["abc", "zz", ""]
-  result = evaluate.generative_perplexity(toy, texts, seq_len=5, batch_size=2)
+  result = evaluate.score_texts(toy, texts, seq_len=5, batch_size=2)[0]
   # Targets are positions 1..4: "abc" -> b, c, EOS (the row's first), [EOS skipped];
   # "zz" -> z, EOS, [EOS, EOS skipped]; "" -> its first EOS is position 0, which is not a
   # target, so nothing of that row counts.
@@ -57,7 +54,7 @@ def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
   expected = np.exp(-np.mean([toy.logp[i] for i in scored]))
   np.testing.assert_allclose(result["gen_ppl"], expected, rtol=1e-12)
   assert result["tokens"] == 5 and result["empty_samples"] == 1
-  nothing = evaluate.generative_perplexity(toy, ["", "1"], seq_len=5, batch_size=2)
+  nothing = evaluate.score_texts(toy, ["", "1"], seq_len=5, batch_size=2)[0]
   assert np.isnan(nothing["gen_ppl"]) and nothing["tokens"] == 0
 
 
@@ -88,13 +85,13 @@ def test_frechet_distance_matches_the_closed_form_of_commuting_gaussians():
   assert np.isnan(evaluate.frechet_distance(wide[:1], wide))  # one row has no covariance
 
 
-def test_text_features_batch_the_texts_with_their_own_lengths():
+def test_score_texts_batches_the_features_with_their_own_lengths():
   toy = CharEvaluator()
   texts = ["abc", "z", "", "hello", "ab", "zzzzzzzz", "q"]
   # Each text's letters, cut to L = 6; an empty text reads its first position (EOS, id 0).
   letters = [toy.encode([t])[0][:6] or [0] for t in texts]
   want = [np.eye(27)[ids].mean(0) for ids in letters]
-  np.testing.assert_allclose(evaluate.text_features(toy, texts, 6, batch_size=3), want)
+  np.testing.assert_allclose(evaluate.score_texts(toy, texts, 6, batch_size=3)[1], want)
 
 
 def test_fd_tells_function_word_text_from_held_out_text():
@@ -109,7 +106,7 @@ def test_fd_tells_function_word_text_from_held_out_text():
   words = ["the", "of", "and", "in", "a", "to", "is", "was", ",", "."]
   rng = np.random.default_rng(0)
   collapsed = [" ".join(rng.choice(words, 40)) for _ in range(32)]
-  features = {name: evaluate.text_features(evaluator, texts, 64, 16)
+  features = {name: evaluate.score_texts(evaluator, texts, 64, 16)[1]
               for name, texts in [("held_out", held_out), ("reference", reference),
                                   ("collapsed", collapsed)]}
   held_out_fd = evaluate.frechet_distance(features["held_out"], features["reference"])

@@ -50,11 +50,14 @@ def _causal_softmax_attention(q, k, v):
 
 
 def _check_features(evaluator, ids: np.ndarray, hidden: np.ndarray) -> None:
-  """evaluator.features is the mean of the reference's final hidden states over each row's
-  first `lengths` positions; a length of 0 reads the first position."""
+  """evaluator.score's features are the mean of the reference's final hidden states over
+  each row's first `lengths` positions (a length of 0 reads the first position); its
+  log-probabilities do not depend on `lengths`."""
   lengths = np.array([POSITIONS, 3, 0])
+  logprobs, features = evaluator.score(ids, lengths)
   want = [hidden[i, :max(n, 1)].mean(0) for i, n in enumerate(lengths)]
-  np.testing.assert_allclose(evaluator.features(ids, lengths), want, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(features, want, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(logprobs, evaluator.token_logprobs(ids))
 
 
 # GPT-2 ---------------------------------------------------------------------------------

@@ -26,22 +26,17 @@ DEFAULT_CACHE_DIR = "~/.cache/flmjax"
 HiddenFn = Callable[[dict, jax.Array], jax.Array]
 
 
-def _token_logprobs(hidden_fn: HiddenFn, unembedding: str, params: dict,
-                    ids: jax.Array) -> jax.Array:
-  """ids [B, T] -> [B, T-1]: log p(ids[:, i+1] | ids[:, :i+1]), in float32."""
-  # The last position predicts nothing we score.
-  logits = hidden_fn(params, ids[:, :-1]) @ params[unembedding].T
+def _score(hidden_fn: HiddenFn, unembedding: str, params: dict, ids: jax.Array,
+           lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One pass over ids [B, T]: (log p(ids[:, i+1] | ids[:, :i+1]) [B, T-1] float32, the mean
+  final hidden state over each row's first `lengths` positions, at least one [B, D])."""
+  hidden = hidden_fn(params, ids)
+  logits = hidden[:, :-1] @ params[unembedding].T  # the last position predicts nothing
   target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-  return target - jax.nn.logsumexp(logits, axis=-1)
-
-
-def _mean_hidden(hidden_fn: HiddenFn, params: dict, ids: jax.Array,
-                 lengths: jax.Array) -> jax.Array:
-  """ids [B, T], lengths [B] -> [B, D]: the mean final hidden state over each row's first
-  `lengths` positions (at least one)."""
   inside = jnp.arange(ids.shape[1])[None] < jnp.maximum(lengths, 1)[:, None]
-  total = jnp.einsum("btd,bt->bd", hidden_fn(params, ids), inside.astype(jnp.float32))
-  return total / inside.sum(1, keepdims=True)
+  total = jnp.einsum("btd,bt->bd", hidden, inside.astype(hidden.dtype))
+  return (target - jax.nn.logsumexp(logits, axis=-1),
+          total / inside.sum(1, keepdims=True))
 
 
 class Evaluator:
@@ -49,7 +44,8 @@ class Evaluator:
 
   `hidden_fn(params, ids [B, T]) -> [B, T, D]` is a pure JAX function giving the final
   (normalised) hidden states; `params[unembedding]` [V, D] maps them to logits. The
-  evaluator jits both uses once (one compilation per distinct [B, T]).
+  evaluator jits one pass that gives both the log-probabilities and the mean hidden
+  states (one compilation per distinct [B, T]).
   """
 
   def __init__(self, name: str, tokenizer: tokenizers.Tokenizer, eos_id: int,
@@ -60,8 +56,7 @@ class Evaluator:
     self.vocab_size = params[unembedding].shape[0]
     self._tokenizer = tokenizer
     self._params = jax.device_put(params)
-    self._logprobs = jax.jit(functools.partial(_token_logprobs, hidden_fn, unembedding))
-    self._features = jax.jit(functools.partial(_mean_hidden, hidden_fn))
+    self._score = jax.jit(functools.partial(_score, hidden_fn, unembedding))
 
   def encode(self, texts: list[str]) -> list[list[int]]:
     """Evaluator token ids of each text, without BOS/EOS."""
@@ -81,15 +76,18 @@ class Evaluator:
                        "encode text with evaluator.encode.")
     return ids
 
+  def score(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ids int [B, T], lengths [B] -> (float32 [B, T-1] log p(ids[:, i+1] | ids[:, :i+1]),
+    float32 [B, D] the mean final hidden state over each row's first `lengths` tokens (its
+    text; the first position if empty)), from one pass."""
+    logprobs, features = self._score(self._params, jnp.asarray(self._check(ids)),
+                                     jnp.asarray(lengths, jnp.int32))
+    return np.asarray(logprobs), np.asarray(features)
+
   def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
     """ids int [B, T] -> float32 [B, T-1], log p(ids[:, i+1] | ids[:, :i+1])."""
-    return np.asarray(self._logprobs(self._params, jnp.asarray(self._check(ids))))
-
-  def features(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """ids int [B, T], lengths [B] -> float32 [B, D]: the mean of the final hidden states
-    over each row's first `lengths` tokens (its text; the first position if empty)."""
-    return np.asarray(self._features(self._params, jnp.asarray(self._check(ids)),
-                                     jnp.asarray(lengths, jnp.int32)))
+    ids = np.asarray(ids)
+    return self.score(ids, np.full(len(ids), ids.shape[-1]))[0]
 
 
 def _packaged_smollm2() -> pathlib.Path:

@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # Seed for the data order (and, later, initialisation and noise); the paper uses 1.
+  # Seed of the data order, the initialisation, the noise and the samples; the paper uses 1.
   config.seed = 1
   # Global batch size: examples per step summed over all processes and devices.
   config.batch_size = 512
@@ -57,8 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.two_time = False
   # Learned loss weighting: loss -> exp(-w(tau)) * loss + w(tau). Off in the paper (v2).
   config.model.learned_loss_weight = False
-  # Attention kernel: "plain" (soft cap supported), "fused" (jax.nn.dot_product_attention,
-  # cuDNN flash attention on GPUs; needs attn_softcap=0) or "auto" (fused when possible).
+  # Attention: "plain" (soft cap supported), "fused" (jax.nn.dot_product_attention with
+  # its default, XLA implementation; needs attn_softcap=0) or "auto" (fused when possible).
   config.model.attention = "auto"
   # Compute type of the blocks' matmuls and attention; parameters stay float32.
   config.model.dtype = "bfloat16"
@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.diagonal_fraction = 0.5  # rows with s = t, target the teacher's D_s
   # Rows with tau_s = 0, tau_t = 1 (semigroup only: the other two objectives take none).
   config.distill.boundary_fraction = (1 - 0.5) / 32
+  # The student's own targets (the semigroup's delta_{s,u} and delta_{u,t}) computed with
+  # dropout, as the reference computes them (in training mode); False: without.
+  config.distill.target_dropout = True
   config.distill.steps = 100_000
   config.distill.learning_rate = 3e-4
   config.distill.b2 = 0.95
@@ -157,7 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.teacher_steps = "1,8,64"
   config.eval.student_steps = "1,2,4"
 
-  # How the noise is drawn: "latent" draws eps @ E ~ N(0, E^T E) in D dimensions and
-  # samples in D dimensions; "vocab" builds the V-dimensional noise (for parity checks).
+  # How the noise is drawn. "latent" draws eps @ E ~ N(0, E^T E) in D dimensions and
+  # samples in D dimensions: faster and leaner, the same distribution of the network's
+  # input and so the same expected loss and gradient, but a gradient of E with far less
+  # variance, on which AdamW takes larger steps (docs/training.md). "vocab" draws the
+  # V-dimensional noise as the reference does, and reproduces its training dynamics.
   config.noise = "latent"
   return config

@@ -9,6 +9,10 @@ from configs import base
 
 def get_config():
   config = base.get_config()
+  # The noise draw: "latent" (the default) is faster and leaner; "vocab" draws the
+  # V-dimensional noise as the reference does and reproduces its training dynamics
+  # (docs/training.md, "Noise").
+  config.noise = "latent"
   config.data.corpus = "lm1b"
   config.data.seq_len = 128
   config.tokenizer.kind = "bert"

@@ -10,6 +10,10 @@ from configs import base
 
 def get_config():
   config = base.get_config()
+  # The noise draw: "latent" (the default) is faster and leaner; "vocab" draws the
+  # V-dimensional noise as the reference does and reproduces its training dynamics
+  # (docs/training.md, "Noise").
+  config.noise = "latent"
   config.data.corpus = "openwebtext"
   config.data.seq_len = 1024
   config.tokenizer.kind = "gpt2"

@@ -13,16 +13,14 @@ names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-
 30522 (BERT without tokenizer.path).
 """
 
-import json
 import os
 
-from flax import nnx
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import ml_collections
 
-from flmjax import distill, sampling, sharding, train
+from flmjax import distill, outputs, registry, sampling, sharding, state
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -63,34 +61,40 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
   return BERT_BASE_UNCASED if cfg.kind == "bert" else cfg.vocab_size
 
 
-def _compiled(name: str, batch: int, lower) -> tuple[dict, object]:
+def _compiled(name: str, batch: int, compile_fn) -> tuple[dict, object]:
   """({computation, batch}, the compiled computation), or (the same with the compiler's
   out-of-memory message, None) when it cannot fit the chip."""
   entry = {"computation": name, "batch": batch}
   try:
-    return entry, lower().compile()
+    return entry, compile_fn()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     return dict(entry, error=str(e).split("\n")[0]), None
 
 
+def planned_bytes(compiled) -> int:
+  """XLA's memory plan of a compiled computation per device: arguments + outputs +
+  temporaries - aliased (donated) + generated code."""
+  memory = compiled.memory_analysis()
+  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+             + memory.generated_code_size_in_bytes)
+
+
 def _report(entry: dict, compiled, devices) -> dict:
   if compiled is None:
     return entry
   memory = compiled.memory_analysis()
-  per_chip = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes
-                 + memory.generated_code_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  entry = dict(entry, bytes_per_chip=per_chip,
+  entry = dict(entry, bytes_per_chip=planned_bytes(compiled),
                argument_bytes=int(memory.argument_size_in_bytes),
                temp_bytes=int(memory.temp_size_in_bytes),
                flops_per_chip=float(cost.get("flops", 0.0)))
   hbm, peak = CHIPS.get(devices[0].device_kind, (None, None))
   if hbm:
-    entry.update(hbm_fraction=per_chip / hbm,
+    entry.update(hbm_fraction=entry["bytes_per_chip"] / hbm,
                  seconds_at_assumed_mfu=entry["flops_per_chip"] / (peak * ASSUMED_MFU))
   return entry
 
@@ -100,66 +104,57 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
   devices = target_devices(config.topology)
   mesh = sharding.make_mesh(config.mesh, devices)
   vocab = vocab_size(config)
-  seq_len = config.data.seq_len
-  batch_spec = sharding.batch_sharding(mesh)
   report = {"topology": config.topology or "local", "device_kind": devices[0].device_kind,
             "chips": len(devices), "mesh": dict(mesh.shape), "vocab_size": vocab,
-            "seq_len": seq_len, "assumed_mfu": ASSUMED_MFU, "computations": []}
+            "seq_len": config.data.seq_len, "assumed_mfu": ASSUMED_MFU, "computations": []}
 
-  def step(name, cfg, params_fn, objective, frozen=None):
-    parallel = sharding.data_parallel_size(mesh) * cfg.train.grad_accum
-    if cfg.batch_size % parallel:
-      raise UsageError(f"batch_size={cfg.batch_size} must be a multiple of the data-parallel "
-                       f"size times train.grad_accum ({parallel}).")
-    run = train.plan(cfg, params_fn, mesh)
-    tokens = jax.ShapeDtypeStruct((cfg.batch_size, seq_len), jnp.int32, sharding=batch_spec)
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen) if frozen else None
-    fn = train.compile_step(run, objective, cfg.train, frozen_shardings)
+  def step(name, cfg, objective, frozen=None, teacher_graphdef=None):
+    cfg = registry.with_family(cfg, objective)
+    build = dit.builder(cfg.model, vocab)
+    layout = state.plan(cfg, build, mesh)
+    loss = objective.build(cfg, vocab, teacher_graphdef)
     report["computations"].append(_report(*_compiled(
-        name, cfg.batch_size, lambda: fn.lower(run.abstract_state, {"tokens": tokens}, frozen)),
-        devices))
-    return run
+        name, cfg.batch_size, lambda: state.compile_step(layout, loss, cfg, frozen)), devices))
+    return layout
 
-  def teacher_fn():
-    return dit.from_config(config.model, vocab, nnx.Rngs(0))
-
-  step("train step", config, teacher_fn, train.denoising_objective(config, vocab))
-  student = distill.student_config(config)
-  teacher_graphdef, teacher_abstract = train.param_layout(teacher_fn, mesh)
-  run = step("distill step", student,
-             lambda: dit.from_config(student.model, vocab, nnx.Rngs(0)),
-             distill.distillation_objective(student, vocab, teacher_graphdef),
-             teacher_abstract)
+  step("train step", config, registry.OBJECTIVES["flm"])
+  teacher_graphdef, teacher_abstract = state.param_layout(
+      dit.builder(config.model, vocab), mesh)
+  layout = step("distill step", distill.student_config(config),
+                registry.OBJECTIVES[config.distill.objective], teacher_abstract,
+                teacher_graphdef)
   # at least one sample per data-parallel device, so that the sampler is split like a batch
   parallel = sharding.data_parallel_size(mesh)
   num = -(-config.sample.num_samples // parallel) * parallel
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
+  grid = sampling.flow_map_grid(vocab, 1, 0.0)
   report["computations"].append(_report(*_compiled(
-      "one-step sampler", num, lambda: sampling.flow_map_tokens.lower(
-          run.graphdef, run.abstract_state["ema"], rng, sampling.flow_map_grid(vocab, 1, 0.0),
-          num, seq_len, config.noise == "latent", False, mesh)), devices))
+      "one-step sampler", num, lambda: sampling.tokens.lower(
+          layout.graphdef, layout.abstract_state["ema"], rng, grid, rule=sampling.FLOW_MAP,
+          batch_size=num, seq_len=config.data.seq_len, latent=config.noise == "latent",
+          mesh=mesh).compile()), devices))
   return report
 
 
 def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode=compile`: prints the per-chip memory and FLOPs table, writes compile.json."""
-  path = train.check_workdir(workdir)
+  path = outputs.create_workdir(workdir)
   report = compile_all(config)
   mesh = ", ".join(f"{k} {v}" for k, v in report["mesh"].items())
-  train.say(f"compiled for {report['topology']}: {report['chips']} x {report['device_kind']}, "
-            f"mesh {mesh}, V {report['vocab_size']}, L {report['seq_len']}")
-  train.say(f"| computation | batch | memory per chip | of HBM | GFLOPs per chip | "
-            f"step at {ASSUMED_MFU:.0%} MFU |")
-  train.say("|---|---|---|---|---|---|")
+  lines = [f"compiled for {report['topology']}: {report['chips']} x {report['device_kind']}, "
+           f"mesh {mesh}, V {report['vocab_size']}, L {report['seq_len']}",
+           f"| computation | batch | memory per chip | of HBM | GFLOPs per chip | "
+           f"step at {ASSUMED_MFU:.0%} MFU |", "|---|---|---|---|---|---|"]
   for c in report["computations"]:
     if "error" in c:
-      train.say(f"| {c['computation']} | {c['batch']} | does not fit: {c['error']} | | | |")
+      lines.append(f"| {c['computation']} | {c['batch']} | does not fit: {c['error']} | | | |")
       continue
     fraction = f"{c['hbm_fraction']:.0%}" if "hbm_fraction" in c else "-"
     seconds = (f"{c['seconds_at_assumed_mfu'] * 1e3:,.1f} ms" if "seconds_at_assumed_mfu" in c
                else "-")
-    train.say(f"| {c['computation']} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB | "
-              f"{fraction} | {c['flops_per_chip'] / 1e9:,.0f} | {seconds} |")
+    lines.append(f"| {c['computation']} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB "
+                 f"| {fraction} | {c['flops_per_chip'] / 1e9:,.0f} | {seconds} |")
+  outputs.say("\n".join(lines))
   if jax.process_index() == 0:
-    (path / "compile.json").write_text(json.dumps(report, indent=1))
+    outputs.write_json(path / "compile.json", report)
   return report

@@ -2,7 +2,7 @@
 
 On random tokens, with the config's model, batch, L and mesh, it measures and prints as
 JSON:
-- the real training step (`train.train_step`: loss, gradients, clipping, AdamW, EMA):
+- the real training step (`state.train_step`: loss, gradients, clipping, AdamW, EMA):
   compile seconds, seconds per step, tokens/s, model FLOPs per token and model FLOPs
   utilisation against the matmul peak measured in the same run on the same devices;
 - the Euler sampler: seconds per sample at each of --sample_steps;
@@ -18,12 +18,11 @@ import time
 
 from absl import app
 from absl import flags
-from flax import nnx
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from flmjax import sampling, sharding, train
+from flmjax import aot, objectives, sampling, sharding, state
 from flmjax.models import dit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -35,16 +34,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each computation (m
 flags.mark_flags_as_required(["config"])
 
 
-def _planned_bytes(compiled) -> int:
-  memory = compiled.memory_analysis()
-  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-
-
-def _median(runs: list[float]) -> float:
-  return sorted(runs)[len(runs) // 2]
-
-
 def matmul_peak(dtype, size: int, repeats: int) -> float:
   """FLOP/s of a square matmul on all devices (each multiplies its own pair)."""
   devices = jax.devices()
@@ -53,60 +42,52 @@ def matmul_peak(dtype, size: int, repeats: int) -> float:
   a = jax.device_put(jnp.ones((len(devices), size, size), dtype), spec)
   matmul = jax.jit(lambda a: jnp.einsum("nij,njk->nik", a, a,
                                         preferred_element_type=dtype)).lower(a).compile()
-  jax.block_until_ready(matmul(a))
+  return 2 * size**3 * len(devices) / _timed(matmul, lambda i: (a,), repeats)
+
+
+def _timed(fn, args, repeats: int) -> float:
+  """Median seconds of fn(*args(i)) over `repeats` runs, after one untimed run."""
+  jax.block_until_ready(fn(*args(repeats)))
   runs = []
-  for _ in range(repeats):
+  for i in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
+    jax.block_until_ready(fn(*args(i)))
     runs.append(time.perf_counter() - start)
-  return 2 * size**3 * len(devices) / _median(runs)
+  return sorted(runs)[len(runs) // 2]
 
 
 def _time_train(config, vocab_size: int, repeats: int) -> tuple[dict, tuple]:
   """Timing of the training step, and (graphdef, EMA params) for the samplers."""
-  mesh = sharding.make_mesh(config.mesh)
-
-  def params_fn():
-    return dit.from_config(config.model, vocab_size, nnx.Rngs(0))
-
-  run = train.plan(config, params_fn, mesh)
-  state = train.init_state(run, train.random_params(run, params_fn), config.seed)
+  build = dit.builder(config.model, vocab_size)
+  layout = state.plan(config, build, sharding.make_mesh(config.mesh))
+  train_state = state.init_state(layout, state.random_params(layout, build), config.seed)
   tokens = jax.random.randint(jax.random.key(0), (config.batch_size, config.data.seq_len), 0,
                               vocab_size)
-  batch = {"tokens": jax.device_put(tokens, sharding.batch_sharding(mesh))}
-  objective = train.denoising_objective(config, vocab_size)
+  batch = {"tokens": jax.device_put(tokens, sharding.batch_sharding(layout.mesh))}
   start = time.perf_counter()
-  compiled = train.compile_step(run, objective, config.train).lower(state, batch,
-                                                                     None).compile()
+  compiled = state.compile_step(layout, objectives.denoising(config, vocab_size), config)
   compile_seconds = time.perf_counter() - start
-  train.release_host_memory()  # as train.fit does after compiling the step
-  state, _ = compiled(state, batch, None)
-  jax.block_until_ready(state)
-  runs = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch, None)
-    jax.block_until_ready(metrics)
-    runs.append(time.perf_counter() - start)
-  seconds = _median(runs)
+  holder = [train_state]
+
+  def step(_):  # the state is donated: each run takes the previous run's
+    holder[0], metrics = compiled(holder[0], batch, None)
+    return metrics
+
+  seconds = _timed(step, lambda i: (i,), repeats)
   return {"compile_seconds": compile_seconds, "step_seconds": seconds,
           "tokens_per_second": config.batch_size * config.data.seq_len / seconds,
-          "planned_bytes": _planned_bytes(compiled)}, (run.graphdef, state["ema"])
+          "planned_bytes": aot.planned_bytes(compiled)}, (layout.graphdef, holder[0]["ema"])
 
 
 def _time_sampler(graphdef, params, config, vocab_size, steps, latent, repeats) -> dict:
   batch, seq_len = config.batch_size, config.data.seq_len
-  tau, coeff = sampling.euler_grid(vocab_size, steps)
-  fn = jax.jit(lambda params, rng: sampling.euler_tokens(graphdef, params, rng, tau, coeff,
-                                                         batch, seq_len, latent))
-  compiled = fn.lower(params, jax.random.key(0)).compile()
-  jax.block_until_ready(compiled(params, jax.random.key(0)))
-  runs = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(params, jax.random.key(i)))
-    runs.append(time.perf_counter() - start)
-  return {"seconds_per_sample": _median(runs) / batch, "planned_bytes": _planned_bytes(compiled)}
+  grid = sampling.euler_grid(vocab_size, steps)
+  compiled = sampling.tokens.lower(graphdef, params, jax.random.key(0), grid,
+                                   rule=sampling.EULER, batch_size=batch, seq_len=seq_len,
+                                   latent=latent).compile()
+  seconds = _timed(compiled, lambda i: (params, jax.random.key(i), grid), repeats)
+  return {"seconds_per_sample": seconds / batch,
+          "planned_bytes": aot.planned_bytes(compiled)}
 
 
 def _peak_memory() -> dict:
@@ -123,7 +104,8 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
   peaks = {name: matmul_peak(dtype, size, repeats)
            for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
   peak = max(peaks.values())
-  flops_per_token = train.model_flops_per_token(config, vocab_size)
+  flops_per_token = dit.training_flops_per_token(config.model, vocab_size,
+                                                 config.data.seq_len)
   result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "vocab_size": vocab_size,
             "batch_size": config.batch_size, "seq_len": config.data.seq_len,

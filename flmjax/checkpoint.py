@@ -12,19 +12,23 @@ storage (gs://...): paths go through etils.epath, arrays through Orbax/TensorSto
 import json
 import pathlib
 import subprocess
+from typing import Callable
 
 from absl import logging
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
+from flmjax import outputs
 from flmjax.errors import UsageError
 
 # Model settings that do not change the parameters: a checkpoint may be resumed, sampled
 # or distilled with other values.
 NOT_ARCHITECTURE = ("dropout", "dtype", "attention", "remat")
+UNREADABLE = "unreadable_checkpoints"  # beside WORKDIR/checkpoints
 
 
 def git_hash() -> str | None:
@@ -47,20 +51,22 @@ def run_record(config: ml_collections.ConfigDict, tokenizer, kind: str) -> dict:
           "git": git_hash()}
 
 
-def check_compatible(saved: dict, current: dict, where: str) -> None:
-  """Refuses a checkpoint whose architecture or vocabulary differs from this run's."""
+def check_compatible(saved: dict, *, kind: str, vocab_size: int, model: dict, where: str,
+                     advice: str) -> None:
+  """Refuses weights whose run kind, vocabulary or architecture (the `model` settings but
+  NOT_ARCHITECTURE) differ from what is expected; the message names each difference."""
   diffs = []
-  if saved.get("kind") != current["kind"]:
-    diffs.append(f"kind {saved.get('kind')!r} != {current['kind']!r}")
-  if saved["vocab_size"] != current["vocab_size"]:
-    diffs.append(f"vocab_size {saved['vocab_size']} != {current['vocab_size']}")
-  old, new = saved["config"]["model"], current["config"]["model"]
-  diffs += [f"model.{k} {old.get(k)!r} != {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in NOT_ARCHITECTURE and old.get(k) != new.get(k)]
+  if saved.get("kind") != kind:
+    diffs.append(f"kind {saved.get('kind')!r} != {kind!r}")
+  if saved.get("vocab_size") != vocab_size:
+    diffs.append(f"vocab_size {saved.get('vocab_size')} != {vocab_size}")
+  old = saved["config"]["model"]
+  diffs += [f"model.{k} {old.get(k)!r} != {model.get(k)!r}"
+            for k in sorted(set(old) | set(model))
+            if k not in NOT_ARCHITECTURE and old.get(k) != model.get(k)]
   if diffs:
-    raise UsageError(f"the checkpoint in {where} was written with another architecture or "
-                     f"vocabulary ({'; '.join(diffs)}; saved != current). Use a new "
-                     "--workdir, or run with the checkpoint's config.")
+    raise UsageError(f"{where} holds weights of another kind, vocabulary or architecture "
+                     f"({'; '.join(diffs)}; saved != expected): {advice}.")
 
 
 def absolute(path: epath.Path) -> epath.Path:
@@ -113,6 +119,47 @@ class Checkpoints:
       iterator.set_state({"next_index": step})
     return state
 
+  def restore_latest(self, abstract_state, iterator,
+                     check: Callable[[dict], None]) -> tuple[int, dict] | None:
+    """(step, state) of the newest checkpoint that can be read, the iterator moved to it;
+    None when there is no checkpoint. `check(record)` may refuse a checkpoint's run record
+    (raising). A step that cannot be read is reported in one line, moved aside to
+    WORKDIR/unreadable_checkpoints/STEP (never deleted, so that new saves do not collide
+    with it) and the next older one is tried."""
+    steps = self.manager.all_steps()
+    for step in reversed(steps):
+      try:
+        record = self.record(step)
+      except Exception as e:  # pylint: disable=broad-except  # TensorStore, Orbax, OS, JSON
+        record, error = None, e
+      if record is not None:
+        check(record)
+        try:
+          return step, self.restore(step, abstract_state, iterator)
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      moved = self._move_aside(step)
+      reason = str(error).strip().split("\n")[0][:200]
+      outputs.say(f"flmjax: checkpoint {self.directory / str(step)} cannot be read "
+                  f"({reason}); moved it to {moved}; trying the one before it")
+    if steps:
+      raise UsageError(f"no checkpoint in {self.directory} can be read (the unreadable ones "
+                       f"are in {self.directory.parent / UNREADABLE}); rerun to start from "
+                       "step 0, or restore a readable checkpoint there.")
+    return None
+
+  def _move_aside(self, step: int) -> epath.Path:
+    target = self.directory.parent / UNREADABLE / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      suffix = 1
+      while target.exists():
+        target, suffix = target.parent / f"{step}.{suffix}", suffix + 1
+      (self.directory / str(step)).rename(target)
+    multihost_utils.sync_global_devices(f"moved checkpoint {step} aside")
+    self.manager.reload()
+    return target
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -125,7 +172,7 @@ def export(directory: epath.Path, params, record: dict) -> None:
   checkpointer.save(absolute(directory / "params"), params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    (directory / "record.json").write_text(json.dumps(record, indent=1))
+    outputs.write_json(directory / "record.json", record)
 
 
 def _locate(directory: epath.Path) -> tuple[str, epath.Path, int | None]:

@@ -3,7 +3,7 @@ flmjax models for PyTorch users.
 
   python -m flmjax.convert import --from=SRC --to=DIR --config=configs/owt.py
   python -m flmjax.convert export --from=WORKDIR --to=DIR
-  python -m flmjax.convert random --to=DIR --config=configs/owt_distill.py
+  python -m flmjax.convert random --to=DIR --config=configs/owt.py --config.model.two_time=True
 
 `import` reads SRC, a Hugging Face directory (config.json + model.safetensors, names
 without a prefix), a .safetensors file, or a Lightning .ckpt (names under `backbone.`,
@@ -37,7 +37,7 @@ from ml_collections import config_flags
 import numpy as np
 import safetensors.numpy
 
-from flmjax import checkpoint, sharding, train
+from flmjax import checkpoint, outputs, sharding, state
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -144,8 +144,8 @@ def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
 def check_tensors(tensors: dict[str, np.ndarray], vocab: int,
                   model: ml_collections.ConfigDict) -> None:
   """Refuses missing, unexpected or mis-shaped tensors, naming the first ones."""
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-      lambda: dit.from_config(model, vocab, nnx.Rngs(0))), nnx.Param))
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(dit.builder(model, vocab)),
+                                       nnx.Param))
   expected = {ref: _get(abstract, path).shape[::-1] if transposed else
               _get(abstract, path).shape
               for ref, path, transposed in name_map(model.depth, model.two_time)}
@@ -236,7 +236,7 @@ def _tokenizer(config: ml_collections.ConfigDict):
 
 
 def _new_directory(directory: str, *names: str) -> pathlib.Path:
-  path = train.check_workdir(directory)
+  path = outputs.create_workdir(directory)
   taken = [n for n in names if (path / n).exists()]
   if taken:
     raise UsageError(f"--to={directory} already holds {', '.join(taken)}; choose a new "
@@ -271,11 +271,11 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
 def write_reference(directory: pathlib.Path, tensors: dict[str, np.ndarray],
                     model: ml_collections.ConfigDict, vocab: int, kind: str) -> None:
   safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
-  (directory / "config.json").write_text(json.dumps({
+  outputs.write_json(directory / "config.json", {
       "kind": kind, "vocab_size": vocab, "hidden_size": model.width,
       "n_blocks": model.depth, "n_heads": model.heads, "cond_dim": model.cond_width,
       "mlp_ratio": model.mlp_ratio, "two_time": model.two_time,
-      "attn_softcap": model.attn_softcap, "output_cap": model.output_cap}, indent=1))
+      "attn_softcap": model.attn_softcap, "output_cap": model.output_cap})
 
 
 def export_weights(source: str, directory: str) -> dict:
@@ -286,8 +286,7 @@ def export_weights(source: str, directory: str) -> dict:
   model = ml_collections.ConfigDict(record["config"]["model"])
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}),
                             jax.devices()[:1])
-  _, abstract = train.param_layout(
-      lambda: dit.from_config(model, record["vocab_size"], nnx.Rngs(0)), mesh)
+  _, abstract = state.param_layout(dit.builder(model, record["vocab_size"]), mesh)
   params = checkpoint.load_ema(source, abstract)
   write_reference(path, to_reference(params, model), model, record["vocab_size"],
                   record["kind"])
@@ -298,8 +297,8 @@ def random_weights(directory: str, config: ml_collections.ConfigDict) -> None:
   """Writes weights of the config's shape (V from its tokenizer) in the reference layout."""
   path = _new_directory(directory, "model.safetensors", "config.json")
   vocab = _tokenizer(config).vocab_size
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-      lambda: dit.from_config(config.model, vocab, nnx.Rngs(0))), nnx.Param))
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(dit.builder(config.model, vocab)),
+                                       nnx.Param))
   rng = np.random.default_rng(config.seed)
   params = jax.tree.map_with_path(
       lambda p, x: np.ones(x.shape, np.float32) if "scale" in jax.tree_util.keystr(p)
@@ -331,15 +330,15 @@ def main(argv):
     if command == "import":
       record = import_weights(_FROM.value, _TO.value, _CONFIG.value, _WEIGHTS.value == "ema")
       model = record["config"]["model"]
-      train.say(f"imported a {record['kind']} DiT (V {record['vocab_size']}, width "
+      outputs.say(f"imported a {record['kind']} DiT (V {record['vocab_size']}, width "
                 f"{model['width']}, {model['depth']} blocks, {model['heads']} heads) to "
                 f"{_TO.value}; sample with --config.checkpoint={_TO.value}")
     elif command == "export":
       record = export_weights(_FROM.value, _TO.value)
-      train.say(f"exported the {record['kind']} EMA weights of {_FROM.value} to {_TO.value}")
+      outputs.say(f"exported the {record['kind']} EMA weights of {_FROM.value} to {_TO.value}")
     else:
       random_weights(_TO.value, _CONFIG.value)
-      train.say(f"wrote random weights of the config's shape to {_TO.value}")
+      outputs.say(f"wrote random weights of the config's shape to {_TO.value}")
   except UsageError as e:
     print(f"flmjax.convert: error: {e}", file=sys.stderr)
     sys.exit(2)

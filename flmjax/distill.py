@@ -3,42 +3,45 @@
 The student delta_{s,t}(x) = softmax(net(x, tau_s, tau_t)) starts as the teacher's EMA
 weights with a second, zeroed time embedder, so delta_{s,s} = D_s at step 0. Each global
 batch is split by fixed counts: a diagonal share (s = t; target the frozen teacher's
-D_s(x_s), or the data without a teacher), a boundary share (tau_s = 0, tau_t = 1) and the
-off-diagonal rest (d ~ U[0, 1], tau_s = U[0, 1] (1 - d), tau_t = tau_s + d, each
-stratified; midpoint tau_u). Rows are assigned to the shares in batch order; batches are
-uniformly shuffled, so this is a random assignment. The off-diagonal objective is one of
+D_s(x_s)), a boundary share (tau_s = 0, tau_t = 1) and the off-diagonal rest (d ~ U[0, 1],
+tau_s = U[0, 1] (1 - d), tau_t = tau_s + d, each stratified; midpoint tau_u). Rows are
+assigned to the shares in batch order; batches are uniformly shuffled, so this is a random
+assignment. The off-diagonal objective is one of
 
-- semigroup (PSD, default): target lambda delta_{s,u}(x_s) + (1 - lambda)
+- SEMIGROUP (PSD, default): target lambda delta_{s,u}(x_s) + (1 - lambda)
   delta_{u,t}(X_{s,u}(x_s)) from the student itself without gradient; soft cross entropy;
-- eulerian (ESD): target D_s + ((1 - s)(t - s) / (1 - t)) d/ds delta_{s,t} along the
+- EULERIAN (ESD): target D_s + ((1 - s)(t - s) / (1 - t)) d/ds delta_{s,t} along the
   teacher's flow, by a JVP in (tau_s, x_s); squared error on probabilities (summed over
-  the vocabulary). Its target divides by 1 - t, so it uses no boundary rows;
-- lagrangian (LSD): target delta_{t,t}(X_{s,t}(x_s)) - ((t - s)(1 - t) / (1 - s))
+  the vocabulary). Its target divides by 1 - t, so it takes no boundary rows;
+- LAGRANGIAN (LSD): target delta_{t,t}(X_{s,t}(x_s)) - ((t - s)(1 - t) / (1 - s))
   d/dt delta_{s,t}, by a JVP in tau_t, projected on the simplex with sparsemax; soft
-  cross entropy. It uses no boundary rows either: at t = 1 its target is
+  cross entropy. It takes no boundary rows either: at t = 1 its target is
   sparsemax(delta_{1,1}(delta_{0,1}(x_0))), the student's own one-step output read back
-  by the denoiser, which ties nothing to the data (with them, the one step of the tiny
-  pipeline collapsed onto one repeated token).
+  by the denoiser, which a one-hot output already meets, so those rows tie nothing to
+  the data.
 
-Everything the network reads is in latent form: x_s @ E, and X_{s,u} @ E =
-a (x_s @ E) + b (D_su @ E).
+The student's self-targets are computed in training mode, with dropout (each call its own
+mask), as the reference computes them; `distill.target_dropout=False` computes them
+without. Everything the network reads is in latent form: x_s @ E, and
+X_{s,u} @ E = a (x_s @ E) + b (D_su @ E).
 """
 
 import copy
+import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flmjax import checkpoint, flow, sampling, sharding, train
-from flmjax.data import pipeline
+from flmjax import checkpoint, flow, state
 from flmjax.errors import UsageError
 from flmjax.models import dit
-from flmjax.schedule import get_schedule
-
-OBJECTIVES = ("semigroup", "eulerian", "lagrangian")
+from flmjax.objectives import Objective
+from flmjax.schedule import Schedule, get_schedule
 
 
 def split_counts(batch_size: int, diagonal_fraction: float,
@@ -50,15 +53,143 @@ def split_counts(batch_size: int, diagonal_fraction: float,
   return diagonal, boundary, batch_size - diagonal - boundary
 
 
-def _boundary_fraction(cfg: ml_collections.ConfigDict) -> float:
-  return cfg.boundary_fraction if cfg.objective == "semigroup" else 0.0
+def draw_times(rng: jax.Array, counts: tuple[int, int, int]):
+  """(tau_s, tau_u, tau_t), each [sum(counts)], rows ordered diagonal, boundary, off."""
+  diagonal, boundary, off = counts
+  rng_diag, rng_gap, rng_start = jax.random.split(rng, 3)
+
+  def uniform(key, n):
+    return flow.stratified_uniform(key, n) if n else jnp.zeros((0,))
+
+  tau_diag = uniform(rng_diag, diagonal)
+  gap = uniform(rng_gap, off)
+  start = uniform(rng_start, off) * (1 - gap)
+  tau_s = jnp.concatenate([tau_diag, jnp.zeros(boundary), start])
+  tau_t = jnp.concatenate([tau_diag, jnp.ones(boundary), start + gap])
+  return tau_s, (tau_s + tau_t) / 2, tau_t
 
 
-def part_counts(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+class Rows(NamedTuple):
+  """The off-diagonal rows that a target reads."""
+  h_s: jax.Array  # x_s @ E_S [n, L, D]
+  embed: jax.Array  # E_S [V, D]
+  tau: tuple  # (tau_s, tau_u, tau_t), each [n]
+  times: tuple  # (s, u, t) = t(tau), each [n]
+  schedule: Schedule
+  teacher_probs: jax.Array | None = None  # D_s(x_s) [n, L, V], for the Eulerian target
+
+
+def _probs(model, h, tau_s, tau_t, dropout=None):
+  return jax.nn.softmax(model(h, tau_s, tau_t, dropout_rng=dropout), axis=-1)
+
+
+def _keys(dropout, count: int):
+  """`count` dropout keys from one, or Nones (no dropout)."""
+  return (None,) * count if dropout is None else tuple(jax.random.split(dropout, count))
+
+
+def semigroup_target(student, rows: Rows, dropout=None):
+  """lambda delta_{s,u}(x_s) + (1 - lambda) delta_{u,t}(X_{s,u}(x_s)), [n, L, V]."""
+  (tau_s, tau_u, tau_t), (s, u, t) = rows.tau, rows.times
+  key_su, key_ut = _keys(dropout, 2)
+  d_su = _probs(student, rows.h_s, tau_s, tau_u, key_su)
+  h_su = flow.flow_map(rows.h_s, flow.project(d_su, rows.embed), s, u)
+  d_ut = _probs(student, h_su, tau_u, tau_t, key_ut)
+  weight = flow.rows(flow.semigroup_weight(s, u, t), d_su.ndim)
+  return weight * d_su + (1 - weight) * d_ut
+
+
+def eulerian_target(student, rows: Rows, dropout=None):
+  """D_s + ((1 - s)(t - s) / (1 - t)) d/ds delta_{s,t}(x_s) along b_s = (D_s - x) / (1 - s)."""
+  (tau_s, _, tau_t), (s, _, t) = rows.tau, rows.times
+  velocity = flow.velocity(rows.h_s, flow.project(rows.teacher_probs, rows.embed), s)
+  _, d_delta = jax.jvp(lambda a, h: _probs(student, h, a, tau_t, dropout),
+                       (tau_s, rows.h_s), (rows.schedule.dtau_dt(s), velocity))
+  scale = (1 - s) * (t - s) / (1 - t + flow.DENOMINATOR_EPS)
+  return rows.teacher_probs + flow.rows(scale, d_delta.ndim) * d_delta
+
+
+def lagrangian_target(student, rows: Rows, dropout=None):
+  """sparsemax(delta_{t,t}(X_{s,t}(x_s)) - ((t - s)(1 - t) / (1 - s)) d/dt delta_{s,t})."""
+  (tau_s, _, tau_t), (s, _, t) = rows.tau, rows.times
+  key_st, key_tt = _keys(dropout, 2)
+  delta, d_delta = jax.jvp(lambda b: _probs(student, rows.h_s, tau_s, b, key_st), (tau_t,),
+                           (rows.schedule.dtau_dt(t),))
+  h_st = flow.flow_map(rows.h_s, flow.project(delta, rows.embed), s, t)
+  d_tt = _probs(student, h_st, tau_t, tau_t, key_tt)
+  scale = (t - s) * (1 - t) / (1 - s + flow.DENOMINATOR_EPS)
+  return flow.sparsemax(d_tt - flow.rows(scale, d_delta.ndim) * d_delta)
+
+
+def squared_error(logits, target, cap: float):
+  """|softmax(soft_cap(logits)) - target|^2 summed over the vocabulary, [n, L]."""
+  probs = jax.nn.softmax(flow.soft_cap(logits, cap), axis=-1)
+  return jnp.sum((probs - target) ** 2, axis=-1)
+
+
+def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef,
+                       *, train: bool = True, target: Callable, off_diagonal: Callable,
+                       boundary_rows: bool, teacher_off_diagonal: bool) -> state.ObjectiveFn:
+  """objective(student, batch, rng, teacher_params): the diagonal rows against the frozen
+  teacher's D_s, the off-diagonal rows against `target` with the `off_diagonal` loss."""
+  cfg = config.distill
+  schedule = get_schedule(vocab_size)
+  fractions = (cfg.diagonal_fraction, cfg.boundary_fraction if boundary_rows else 0.0)
+  target_dropout = train and cfg.target_dropout
+
+  def objective(student, batch, rng, teacher_params):
+    tokens = batch["tokens"]
+    counts = split_counts(tokens.shape[0], *fractions)
+    n_diag = counts[0]
+    rng_times, rng_noise, rng_dropout, rng_target = jax.random.split(rng, 4)
+    tau = draw_times(rng_times, counts)
+    times = tuple(schedule.t(x) for x in tau)
+    teacher = nnx.merge(teacher_graphdef, teacher_params)
+    # One noisy x_s, read by the student (x_s @ E_S) and the teacher (x_s @ E_T).
+    embeds = (student.vocab_embed[...], teacher.vocab_embed[...])
+    h_s, h_teacher = [flow.interpolate(noise, e[tokens], times[0]) for noise, e in zip(
+        flow.joint_embedded_noise(rng_noise, embeds, tokens.shape, config.noise == "latent"),
+        embeds)]
+    teacher_rows = slice(None) if teacher_off_diagonal else slice(0, n_diag)
+    teacher_probs = jax.lax.stop_gradient(jax.nn.softmax(
+        teacher(h_teacher[teacher_rows], tau[0][teacher_rows]), axis=-1))
+    off = slice(n_diag, None)
+    rows = Rows(h_s[off], embeds[0], tuple(x[off] for x in tau), tuple(x[off] for x in times),
+                schedule, teacher_probs[off] if teacher_off_diagonal else None)
+    target_probs = jax.lax.stop_gradient(
+        target(student, rows, rng_target if target_dropout else None))
+    logits = student(h_s, tau[0], tau[2], dropout_rng=rng_dropout if train else None,
+                     capped=False)
+    cap = student.output_cap
+    diagonal = flow.soft_cross_entropy(logits[:n_diag], teacher_probs[:n_diag], cap).mean()
+    off_loss = off_diagonal(logits[off], target_probs, cap).mean()
+    loss = (n_diag * diagonal + (tokens.shape[0] - n_diag) * off_loss) / tokens.shape[0]
+    return loss, {"loss": loss, "diagonal_loss": diagonal, "offdiagonal_loss": off_loss}
+  return objective
+
+
+def _flow_map(name, target, off_diagonal, *, boundary_rows=False, jvp=False,
+              teacher_off_diagonal=False) -> Objective:
+  return Objective(name, "fmlm", functools.partial(
+      flow_map_objective, target=target, off_diagonal=off_diagonal,
+      boundary_rows=boundary_rows, teacher_off_diagonal=teacher_off_diagonal),
+                   teacher=True, boundary_rows=boundary_rows, jvp=jvp)
+
+
+SEMIGROUP = _flow_map("semigroup", semigroup_target, flow.soft_cross_entropy,
+                      boundary_rows=True)
+EULERIAN = _flow_map("eulerian", eulerian_target, squared_error, jvp=True,
+                     teacher_off_diagonal=True)
+LAGRANGIAN = _flow_map("lagrangian", lagrangian_target, flow.soft_cross_entropy, jvp=True)
+
+
+def part_counts(config: ml_collections.ConfigDict,
+                objective: Objective) -> tuple[int, int, int]:
   """split_counts of each of the train.grad_accum parts of a global batch, which together
   must give the global batch's counts (with floors per part, boundary rows could vanish)."""
   cfg, batch, parts = config.distill, config.batch_size, config.train.grad_accum
-  fractions = (cfg.diagonal_fraction, _boundary_fraction(cfg))
+  fractions = (cfg.diagonal_fraction,
+               cfg.boundary_fraction if objective.boundary_rows else 0.0)
 
   def counts(k):  # the global counts that parts of batch / k rows add up to
     return tuple(k * n for n in split_counts(batch // k, *fractions))
@@ -78,204 +209,41 @@ def part_counts(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return part
 
 
-def draw_times(rng: jax.Array, counts: tuple[int, int, int]):
-  """(tau_s, tau_u, tau_t), each [sum(counts)], rows ordered diagonal, boundary, off."""
-  diagonal, boundary, off = counts
-  rng_diag, rng_gap, rng_start = jax.random.split(rng, 3)
-
-  def uniform(key, n):
-    return flow.stratified_uniform(key, n) if n else jnp.zeros((0,))
-
-  tau_diag = uniform(rng_diag, diagonal)
-  gap = uniform(rng_gap, off)
-  start = uniform(rng_start, off) * (1 - gap)
-  tau_s = jnp.concatenate([tau_diag, jnp.zeros(boundary), start])
-  tau_t = jnp.concatenate([tau_diag, jnp.ones(boundary), start + gap])
-  return tau_s, (tau_s + tau_t) / 2, tau_t
-
-
-def _probs(model, h, tau_s, tau_t):
-  return jax.nn.softmax(model(h, tau_s, tau_t), axis=-1)
-
-
-def _column(x):
-  return x[:, None, None]
-
-
-def semigroup_target(student, h_s, embed, tau, times):
-  """lambda delta_{s,u}(x_s) + (1 - lambda) delta_{u,t}(X_{s,u}(x_s)), [n, L, V]."""
-  (tau_s, tau_u, tau_t), (s, u, t) = tau, times
-  d_su = _probs(student, h_s, tau_s, tau_u)
-  h_su = flow.flow_map(h_s, jnp.matmul(d_su, embed), s, u)
-  d_ut = _probs(student, h_su, tau_u, tau_t)
-  weight = _column(flow.semigroup_weight(s, u, t))
-  return weight * d_su + (1 - weight) * d_ut
-
-
-def eulerian_target(student, h_s, embed, tau, times, teacher_probs, schedule):
-  """D_s + ((1 - s)(t - s) / (1 - t)) d/ds delta_{s,t}(x_s) along b_s = (D_s - x) / (1 - s)."""
-  (tau_s, _, tau_t), (s, _, t) = tau, times
-  velocity = flow.velocity(h_s, jnp.matmul(teacher_probs, embed), s)
-  _, d_delta = jax.jvp(lambda a, h: _probs(student, h, a, tau_t), (tau_s, h_s),
-                       (schedule.dtau_dt(s), velocity))
-  scale = (1 - s) * (t - s) / (1 - t + flow.DENOMINATOR_EPS)
-  return teacher_probs + _column(scale) * d_delta
-
-
-def lagrangian_target(student, h_s, embed, tau, times, schedule):
-  """sparsemax(delta_{t,t}(X_{s,t}(x_s)) - ((t - s)(1 - t) / (1 - s)) d/dt delta_{s,t})."""
-  (tau_s, _, tau_t), (s, _, t) = tau, times
-  delta, d_delta = jax.jvp(lambda b: _probs(student, h_s, tau_s, b), (tau_t,),
-                           (schedule.dtau_dt(t),))
-  h_st = flow.flow_map(h_s, jnp.matmul(delta, embed), s, t)
-  d_tt = _probs(student, h_st, tau_t, tau_t)
-  scale = (t - s) * (1 - t) / (1 - s + flow.DENOMINATOR_EPS)
-  return flow.sparsemax(d_tt - _column(scale) * d_delta)
-
-
-def distillation_objective(config: ml_collections.ConfigDict, vocab_size: int,
-                           teacher_graphdef) -> train.Objective:
-  """objective(student, batch, rng, teacher_params) for `config.distill.objective`.
-
-  Without a teacher (teacher_params None) the diagonal target is the data.
-  """
-  cfg = config.distill
-  if cfg.objective not in OBJECTIVES:
-    raise UsageError(f"distill.objective={cfg.objective!r}; use one of {OBJECTIVES}.")
-  schedule = get_schedule(vocab_size)
-  latent = config.noise == "latent"
-  boundary_fraction = _boundary_fraction(cfg)
-
-  def objective(student, batch, rng, teacher_params):
-    tokens = batch["tokens"]
-    counts = split_counts(tokens.shape[0], cfg.diagonal_fraction, boundary_fraction)
-    n_diag = counts[0]
-    rng_times, rng_noise, rng_dropout = jax.random.split(rng, 3)
-    tau = draw_times(rng_times, counts)
-    times = tuple(schedule.t(x) for x in tau)
-    embed = student.vocab_embed[...]
-    teacher = None if teacher_params is None else nnx.merge(teacher_graphdef, teacher_params)
-    # One noisy x_s read by the student (x_s @ E) and, if any, the teacher (x_s @ E_T).
-    embeds = (embed,) if teacher is None else (embed, teacher.vocab_embed[...])
-    if teacher is None:
-      noise = [flow.embedded_noise(rng_noise, embed, tokens.shape, latent)]
-    else:
-      noise = flow.joint_embedded_noise(rng_noise, embeds, tokens.shape, latent)
-    h_s, *h_teacher = [flow.interpolate(n, e[tokens], times[0]) for n, e in zip(noise, embeds)]
-
-    off = slice(n_diag, None)
-    off_tau = tuple(x[off] for x in tau)
-    off_times = tuple(x[off] for x in times)
-    teacher_probs = None
-    if teacher is not None:  # D_s on the diagonal rows (on all rows for the Eulerian)
-      rows = slice(None) if cfg.objective == "eulerian" else slice(0, n_diag)
-      teacher_probs = jax.lax.stop_gradient(
-          jax.nn.softmax(teacher(h_teacher[0][rows], tau[0][rows]), axis=-1))
-    elif cfg.objective == "eulerian":
-      raise ValueError("the eulerian objective follows the teacher's flow; pass its params")
-    if cfg.objective == "semigroup":
-      target = semigroup_target(student, h_s[off], embed, off_tau, off_times)
-    elif cfg.objective == "eulerian":
-      target = eulerian_target(student, h_s[off], embed, off_tau, off_times,
-                               teacher_probs[off], schedule)
-    else:
-      target = lagrangian_target(student, h_s[off], embed, off_tau, off_times, schedule)
-    target = jax.lax.stop_gradient(target)
-
-    logits = student(h_s, tau[0], tau[2], dropout_rng=rng_dropout, capped=False)
-    cap = student.output_cap
-    if teacher is None:
-      diagonal = flow.token_cross_entropy(logits[:n_diag], tokens[:n_diag], cap)
-    else:
-      diagonal = flow.soft_cross_entropy(logits[:n_diag], teacher_probs[:n_diag], cap)
-    if cfg.objective == "eulerian":
-      probs = jax.nn.softmax(flow.soft_cap(logits[off], cap), axis=-1)
-      off_diagonal = jnp.sum((probs - target) ** 2, axis=-1)
-    else:
-      off_diagonal = flow.soft_cross_entropy(logits[off], target, cap)
-    diagonal_loss, off_loss = diagonal.mean(), off_diagonal.mean()
-    loss = (n_diag * diagonal_loss + (tokens.shape[0] - n_diag) * off_loss) / tokens.shape[0]
-    return loss, {"loss": loss, "diagonal_loss": diagonal_loss,
-                  "offdiagonal_loss": off_loss}
-  return objective
-
-
-def check_teacher(record: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  """The teacher must be an FLM whose architecture is the student's (but one time)."""
-  if record.get("kind") != "flm":
-    raise UsageError(f"teacher_checkpoint={where} holds a {record.get('kind')!r} run; "
-                     "distillation needs an FLM teacher trained with --mode=train.")
-  saved = record["config"]["model"]
-  diffs = [f"model.{k} {saved.get(k)!r} != {v!r}" for k, v in config.model.to_dict().items()
-           if k not in ("two_time", *checkpoint.NOT_ARCHITECTURE) and saved.get(k) != v]
-  if diffs:
-    raise UsageError(f"teacher_checkpoint={where} has another architecture ({'; '.join(diffs)}"
-                     "; teacher != this config). Use the teacher's model settings.")
-
-
 def student_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` for the student: two-time model, and distill.* in place of
-  train.steps, train.learning_rate, train.b2 and batch_size (0 keeps it)."""
+  """A copy of `config` for the student: distill.* in place of train.steps,
+  train.learning_rate, train.b2 and batch_size (0 keeps it)."""
   config = copy.deepcopy(config)  # the student's settings stay out of the caller's config
   config.lock()
   cfg = config.distill
   config.batch_size = cfg.batch_size or config.batch_size
   config.train.update(steps=cfg.steps, learning_rate=cfg.learning_rate, b2=cfg.b2)
-  config.model.two_time = True
   return config
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str):
-  """`--mode=distill`: trains the FMLM student from config.teacher_checkpoint with the
-  training loop (train.* as overridden by distill.*), then exports the student's EMA
-  weights to WORKDIR/export."""
-  config = student_config(config)
-  if not config.teacher_checkpoint:
-    raise UsageError("--mode=distill needs --config.teacher_checkpoint=DIR, the workdir (or "
-                     "export) of a teacher trained with --mode=train.")
-  path = train.check_workdir(workdir)
-  # A resumed student keeps the teacher step it started from, even if the teacher trained on.
-  own = checkpoint.Checkpoints(path / "checkpoints")
+@dataclasses.dataclass
+class Teacher:
+  """The frozen FLM teacher of a student: its graph, EMA params and where they came from."""
+  graphdef: nnx.GraphDef
+  params: dict
+  record: dict  # {"teacher": directory, "teacher_step": step}
+
+
+def load_teacher(config: ml_collections.ConfigDict, workdir: epath.Path, vocab_size: int,
+                 mesh) -> Teacher:
+  """The EMA weights of config.teacher_checkpoint placed on `mesh`, checked against the
+  student's architecture. A resumed student keeps the teacher step it started from, even
+  if the teacher trained on."""
+  own = checkpoint.Checkpoints(workdir / "checkpoints")
   resumed = own.latest_step()
-  teacher_step = (own.record(resumed)["teacher_step"] if resumed is not None
-                  else checkpoint.latest_step(config.teacher_checkpoint))
-  record = checkpoint.read_record(config.teacher_checkpoint, teacher_step)
-  check_teacher(record, config, config.teacher_checkpoint)
-  prepared = pipeline.prepare(config, workdir)
-  vocab_size = prepared.tokenizer.vocab_size
-  if record["vocab_size"] != vocab_size:
-    raise UsageError(f"teacher_checkpoint={config.teacher_checkpoint} has V = "
-                     f"{record['vocab_size']}, this config's tokenizer V = {vocab_size}; use "
-                     "the teacher's data and tokenizer settings.")
-  part_counts(config)
-
-  mesh = sharding.make_mesh(config.mesh)
-  teacher_model = ml_collections.ConfigDict(dict(config.model.to_dict(), two_time=False))
-  teacher_graphdef, teacher_abstract = train.param_layout(
-      lambda: dit.from_config(teacher_model, vocab_size, nnx.Rngs(config.seed)), mesh)
-  teacher_params = checkpoint.load_ema(config.teacher_checkpoint, teacher_abstract,
-                                       teacher_step)
-
-  def student_fn():
-    return dit.from_config(config.model, vocab_size, nnx.Rngs(config.seed))
-
-  def initial_params(run):
-    """The teacher's EMA weights plus the student's zero-initialised second embedder."""
-    return dict(train.random_params(run, student_fn), **teacher_params)
-
-  teacher = {"teacher": str(config.teacher_checkpoint), "teacher_step": teacher_step}
-  samplers = {f"flowmap_{n}": functools.partial(
-      sampling.sample_flow_map, batch_size=config.train.num_samples,
-      seq_len=config.data.seq_len, steps=n, gamma=config.sample.gamma,
-      latent=config.noise == "latent") for n in (1, 2, 4)}
-  run, state = train.fit(
-      config, workdir, prepared, params_fn=student_fn,
-      objective=distillation_objective(config, vocab_size, teacher_graphdef),
-      samplers=samplers, kind="fmlm", initial_params=initial_params, frozen=teacher_params,
-      frozen_shardings=jax.tree.map(lambda x: x.sharding, teacher_abstract),
-      record_extra=teacher)
-  export_dir = path / "export"
-  checkpoint.export(export_dir, state["ema"],
-                    dict(checkpoint.run_record(config, prepared.tokenizer, "fmlm"), **teacher))
-  train.say(f"exported the student's EMA weights to {export_dir}")
-  return run, state
+  step = (own.record(resumed)["teacher_step"] if resumed is not None
+          else checkpoint.latest_step(config.teacher_checkpoint))
+  model = dict(config.model.to_dict(), two_time=False)
+  checkpoint.check_compatible(
+      checkpoint.read_record(config.teacher_checkpoint, step), kind="flm",
+      vocab_size=vocab_size, model=model, where=f"teacher_checkpoint={config.teacher_checkpoint}",
+      advice="distillation needs an FLM teacher trained with --mode=train, with this "
+             "config's model, data and tokenizer settings")
+  graphdef, abstract = state.param_layout(dit.builder(model, vocab_size), mesh)
+  params = checkpoint.load_ema(config.teacher_checkpoint, abstract, step)
+  return Teacher(graphdef, params, {"teacher": str(config.teacher_checkpoint),
+                                    "teacher_step": step})

@@ -10,6 +10,10 @@ C = cholesky(E^T E) and xi ~ N(0, I_D) ("latent" noise). The literal V-space dra
 The latent draw is a different function of E than eps @ E, but the same distribution for
 every E; so the expected loss, and hence the expected gradient, is the same in both.
 No Flax here: the denoiser is any function (h, tau, dropout_rng) -> logits.
+
+Precision policy: every product with E (x @ E, D @ E, the noise factor and its draws)
+runs at HIGHEST precision (`project`), since these are the network's float32 input; on
+TPU the default would be one bfloat16 pass. The blocks' matmuls run in the model's dtype.
 """
 
 import functools
@@ -20,6 +24,17 @@ import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
 VELOCITY_EPS = 1e-5  # the reference's guard on 1 - t in the velocity
+DENOMINATOR_EPS = 1e-8  # the reference's guard in the flow map and semigroup coefficients
+
+
+def project(x: jax.Array, embed: jax.Array) -> jax.Array:
+  """x [..., V] @ E [V, D] in float32 at HIGHEST precision (the precision policy above)."""
+  return jnp.matmul(x.astype(jnp.float32), embed, precision=HIGHEST)
+
+
+def rows(x: jax.Array, ndim: int) -> jax.Array:
+  """x [B] shaped to broadcast over the trailing axes of an array of rank `ndim`."""
+  return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
 def stratified_uniform(rng: jax.Array, n: int) -> jax.Array:
@@ -32,20 +47,18 @@ def stratified_uniform(rng: jax.Array, n: int) -> jax.Array:
 
 def interpolate(noise, data, t):
   """x_t = (1 - t) noise + t data, with t [B] broadcast over the trailing axes."""
-  t = t.reshape(t.shape + (1,) * (noise.ndim - t.ndim))
+  t = rows(t, noise.ndim)
   return (1 - t) * noise + t * data
 
 
 def velocity(x, denoised, t):
   """b_t(x) = (D_t(x) - x) / (1 - t + 1e-5), t [B]."""
-  t = t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
-  return (denoised - x) / (1 - t + VELOCITY_EPS)
+  return (denoised - x) / (1 - rows(t, x.ndim) + VELOCITY_EPS)
 
 
 def noise_factor(embed: jax.Array) -> jax.Array:
   """C [D, D] with C C^T = E^T E, for embed E [V, D] with V > D."""
-  gram = jnp.matmul(embed.T, embed, precision=HIGHEST)
-  return jnp.linalg.cholesky(gram)
+  return jnp.linalg.cholesky(project(embed.T, embed))
 
 
 def embedded_noise(rng: jax.Array, embed: jax.Array, shape: tuple[int, ...],
@@ -60,9 +73,8 @@ def embedded_noise(rng: jax.Array, embed: jax.Array, shape: tuple[int, ...],
   if latent and vocab_size > dim:
     xi = jax.random.normal(rng, (*shape, dim), jnp.float32)
     factor = noise_factor(embed) if factor is None else factor
-    return jnp.matmul(xi, factor.T, precision=HIGHEST)
-  eps = jax.random.normal(rng, (*shape, vocab_size), jnp.float32)
-  return jnp.matmul(eps, embed, precision=HIGHEST)
+    return project(xi, factor.T)
+  return project(jax.random.normal(rng, (*shape, vocab_size), jnp.float32), embed)
 
 
 EIGEN_RTOL = 1e-5
@@ -84,18 +96,18 @@ def joint_embedded_noise(rng: jax.Array, embeds: tuple[jax.Array, ...],
   """
   if not latent:
     eps = jax.random.normal(rng, (*shape, embeds[0].shape[0]), jnp.float32)
-    return [jnp.matmul(eps, e, precision=HIGHEST) for e in embeds]
+    return [project(eps, e) for e in embeds]
   stacked = jax.lax.stop_gradient(jnp.concatenate(embeds, axis=1))
-  eigenvalues, vectors = jnp.linalg.eigh(jnp.matmul(stacked.T, stacked, precision=HIGHEST))
+  eigenvalues, vectors = jnp.linalg.eigh(project(stacked.T, stacked))
   # Directions below float32's resolution of the spectrum are zero in exact arithmetic
   # (e.g. the null space of [E, E]); dividing by their root would amplify rounding.
   keep = eigenvalues > EIGEN_RTOL * eigenvalues[-1]
   basis = jnp.where(keep, vectors / jnp.sqrt(jnp.where(keep, eigenvalues, 1)), 0)
   xi = jax.random.normal(rng, (*shape, stacked.shape[1]), jnp.float32)  # eps @ Q
 
-  def project(e):  # Q^T E_i = basis^T (M^T E_i), differentiable in E_i
-    return jnp.matmul(basis.T, jnp.matmul(stacked.T, e, precision=HIGHEST), precision=HIGHEST)
-  return [jnp.matmul(xi, project(e), precision=HIGHEST) for e in embeds]
+  def coordinates(e):  # Q^T E_i = basis^T (M^T E_i), differentiable in E_i
+    return project(basis.T, project(stacked.T, e))
+  return [project(xi, coordinates(e)) for e in embeds]
 
 
 def noisy_latent(rng: jax.Array, embed: jax.Array, tokens: jax.Array, t: jax.Array,
@@ -128,17 +140,23 @@ def _token_cross_entropy_fwd(logits, tokens, cap):
   return logsumexp - picked, (logits, tokens, logsumexp)
 
 
+def _capped_softmax(logits, logsumexp, cap):
+  """(softmax of c = soft_cap(logits), dc/dlogits or None without a cap), [B, L, V] float32,
+  recomputed from the raw logits and the forward pass's logsumexp."""
+  x = logits.astype(jnp.float32)
+  if not cap:
+    return jnp.exp(x - logsumexp[..., None]), None
+  tanh = jnp.tanh(x / cap)
+  return jnp.exp(cap * tanh - logsumexp[..., None]), 1 - tanh * tanh
+
+
 def _token_cross_entropy_bwd(cap, residuals, g):
   logits, tokens, logsumexp = residuals
-  x = logits.astype(jnp.float32)
-  tanh = jnp.tanh(x / cap) if cap else None
-  softmax = jnp.exp((cap * tanh if cap else x) - logsumexp[..., None])
-  # Written this way, XLA:CPU fuses it into one pass; the same product written as
-  # ((softmax - onehot) * (1 - (c / cap)^2)) * g planned 0.29 GiB more at the bench's
-  # V 50258 shape.
-  grad = g[..., None] * (softmax - jax.nn.one_hot(tokens, x.shape[-1]))  # d/dc
-  if cap:
-    grad = grad * (1 - tanh * tanh)  # dc/dlogits
+  softmax, slope = _capped_softmax(logits, logsumexp, cap)
+  # g (softmax - onehot) first, then the slope: XLA:CPU fuses this order into one pass.
+  grad = g[..., None] * (softmax - jax.nn.one_hot(tokens, logits.shape[-1]))
+  if slope is not None:
+    grad = grad * slope
   return grad.astype(logits.dtype), None
 
 
@@ -172,16 +190,10 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
 
 # --- The flow map (the paper's v2 method) ---------------------------------------------
 
-DENOMINATOR_EPS = 1e-8  # the reference's guard in the semigroup coefficients
-
-
-def _column(x, ndim):
-  return x.reshape(x.shape + (1,) * (ndim - x.ndim))
-
 
 def flow_map(x, denoised, s, t):
   """X_{s,t}(x) = ((1 - t) / (1 - s)) x + ((t - s) / (1 - s)) delta_{s,t}(x); s, t [B]."""
-  s, t = _column(s, x.ndim), _column(t, x.ndim)
+  s, t = rows(s, x.ndim), rows(t, x.ndim)
   one_minus_s = 1 - s + DENOMINATOR_EPS
   return (1 - t) / one_minus_s * x + (t - s) / one_minus_s * denoised
 
@@ -211,15 +223,14 @@ def _soft_cross_entropy_fwd(logits, target, cap):
 
 def _soft_cross_entropy_bwd(cap, residuals, g):
   logits, target, logsumexp = residuals
-  x = logits.astype(jnp.float32)
-  tanh = jnp.tanh(x / cap) if cap else None
-  capped = cap * tanh if cap else x
+  softmax, slope = _capped_softmax(logits, logsumexp, cap)
   g = g[..., None]
-  grad = g * (jnp.exp(capped - logsumexp[..., None]) * jnp.sum(target, axis=-1,
-                                                                keepdims=True) - target)
-  if cap:
-    grad = grad * (1 - tanh * tanh)
-  return grad.astype(logits.dtype), (g * (logsumexp[..., None] - capped)).astype(target.dtype)
+  grad = g * (softmax * jnp.sum(target, axis=-1, keepdims=True) - target)
+  if slope is not None:
+    grad = grad * slope
+  # d/dtarget = logsumexp - c, with c = soft_cap(logits) recomputed
+  return grad.astype(logits.dtype), (g * (logsumexp[..., None] - soft_cap(logits, cap))).astype(
+      target.dtype)
 
 
 soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)

@@ -1,12 +1,8 @@
 """The command line: python -m flmjax.main --config=configs/NAME.py --workdir=DIR --mode=MODE.
 
-Fields of the config can be overridden with --config.FIELD=VALUE.
-Modes: prepare (tokenizer and shards, with statistics and a decoded sample batch), train
-(the FLM teacher; resumes from WORKDIR/checkpoints), distill (the FMLM student from
---config.teacher_checkpoint), sample and eval (of --config.checkpoint), score (the
-samples of WORKDIR/eval/results.json, by eval.evaluator), pipeline (prepare, train in
-WORKDIR/teacher, distill in WORKDIR/student, eval in WORKDIR/eval) and compile (the steps
-and the sampler compiled for --config.topology, with memory and FLOPs).
+Fields of the config can be overridden with --config.FIELD=VALUE. The modes are listed in
+flmjax/modes.py. The config is checked once (flmjax/validate.py) before anything is
+prepared or compiled; a usage error is printed as one line with exit status 2.
 """
 
 import os
@@ -18,11 +14,14 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flmjax import aot, distill, evaluate, sharding, train
+from flmjax import aot, evaluate, sharding, train
 from flmjax.data import pipeline
 from flmjax.errors import Stopped, UsageError
+from flmjax.modes import MODES
+from flmjax.validate import step_counts, validate
 
 SAMPLE_EXAMPLES = 2  # examples of the first batch that prepare prints
+HELP = {"-h", "--help", "--helpshort", "--helpfull", "-?"}
 
 
 def prepare(config, workdir: str) -> None:
@@ -56,20 +55,22 @@ def run_pipeline(config, workdir: str) -> None:
   teacher, student = os.path.join(workdir, "teacher"), os.path.join(workdir, "student")
   train.train(config, teacher)
   config.teacher_checkpoint = teacher
-  distill.distill(config, student)
+  train.distill(config, student)
   evaluate.evaluate(config, workdir, {
-      "FLM": (teacher, evaluate.parse_steps(config.eval.teacher_steps)),
-      "FMLM": (student, evaluate.parse_steps(config.eval.student_steps))})
+      "FLM": (teacher, step_counts(config.eval.teacher_steps, "eval.teacher_steps")),
+      "FMLM": (student, step_counts(config.eval.student_steps, "eval.student_steps"))})
 
 
-MODES = {"prepare": prepare, "train": train.train, "distill": distill.distill,
-         "sample": evaluate.sample, "eval": evaluate.eval_mode, "score": evaluate.score,
-         "pipeline": run_pipeline, "compile": aot.compile_mode}
+RUNS = {"prepare": prepare, "train": train.train, "distill": train.distill,
+        "sample": evaluate.sample, "eval": evaluate.eval_mode, "score": evaluate.rescore,
+        "pipeline": run_pipeline, "compile": aot.compile_mode}
+assert set(RUNS) == set(MODES), "flmjax/modes.py lists the modes main runs"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (data, checkpoints, outputs).")
-_MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
+_MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run: " + "; ".join(
+    f"{name}: {what}" for name, what in MODES.items()) + ".")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -79,14 +80,23 @@ def _fail(message: str) -> None:
 
 
 def parse_flags(argv):
-  """absl flag parsing, with a one-line error for a config override that does not exist
-  (ml_collections raises AttributeError/KeyError naming the field)."""
+  """absl flag parsing, with one-line errors for a config file that cannot be loaded and
+  for a config override that does not exist."""
   try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
+    rest = flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing --help; help is not an error
+    sys.exit(0 if HELP & set(argv[1:]) else e.code)
+  except (AttributeError, KeyError) as e:  # ml_collections names the field
     _fail(f"unknown config field {e}; configs/base.py lists every field.")
   except flags.Error as e:
     _fail(f"{e}; see --help.")
+  try:
+    _CONFIG.value.get("seed")  # a config file that failed to load raises on first use
+  except OSError as e:
+    reason = str(e).strip().split("\n")[-1].strip()
+    _fail(f"--config={flags.FLAGS['config'].config_filename}: {reason} (run from the "
+          "repository root: configs import each other as configs.*).")
+  return rest
 
 
 def main(argv):
@@ -94,9 +104,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request
     logging.set_verbosity(logging.WARNING)
-  sharding.initialize_distributed(_CONFIG.value)
+  config, mode = _CONFIG.value, _MODE.value
   try:
-    MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+    sharding.initialize_distributed(config)
+    validate(config, mode, lambda: len(
+        aot.target_devices(config.topology) if mode == "compile" else jax.devices()))
+    RUNS[mode](config, _WORKDIR.value)
   except UsageError as e:
     _fail(str(e))
   except Stopped:  # saved on SIGTERM; the same command resumes

@@ -4,15 +4,18 @@
 # the options every script has (--config, --mode).
 
 script="$(basename "$0")"
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 fail() { echo "$script: $*" >&2; exit 2; }
+# The modes flmjax.main accepts, from its one list (flmjax/modes.py imports nothing).
+modes="$(python3 "$repo/flmjax/modes.py")"
 
 parse_args() {
   dry_run=0 extra=()
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --dry-run) dry_run=1 ;;
-      -h|--help) usage ;;
+      -h|--help) usage; exit 0 ;;
       --) shift; extra=("$@"); break ;;
       --*=*)
         local key="${1%%=*}"
@@ -24,9 +27,7 @@ parse_args() {
     shift
   done
   [[ -f "$config" ]] || fail "--config=$config: no such file"
-  case "$mode" in prepare|train|distill|sample|eval|pipeline|compile) ;;
-    *) fail "--mode=$mode: one of prepare, train, distill, sample, eval, pipeline, compile" ;;
-  esac
+  [[ " $modes " == *" $mode "* ]] || fail "--mode=$mode: one of ${modes// /, }"
 }
 
 run() {  # prints the command; runs it unless --dry-run

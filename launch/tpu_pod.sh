@@ -29,7 +29,6 @@ parse_args "$@"
 [[ "$workdir" == gs://* ]] ||
   fail "--workdir=$workdir: the workers share no disk; use a Cloud Storage path gs://BUCKET/DIR"
 
-repo="$(cd "$(dirname "$0")/.." && pwd)"
 archive="/tmp/flmjax-$name.tar.gz"
 tpu=(gcloud compute tpus tpu-vm)
 main=(python3 -m flmjax.main "--config=$config" "--workdir=$workdir" "--mode=$mode"

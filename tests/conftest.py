@@ -28,10 +28,14 @@ def randomize(model, seed: int = 7, scale: float = 0.3):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return nnx.merge(graphdef, jax.tree.unflatten(
-      treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+
+  @jax.jit  # one compilation rather than one per parameter shape
+  def draw(state):
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
+                                        for k, x in zip(keys, leaves)])
+  return nnx.merge(graphdef, draw(state))
 
 
 def small_config(**data):

@@ -116,6 +116,7 @@ def _model_config(**fields):
   return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("two_time", [False, True])
 def test_imported_weights_give_the_reference_logits(two_time):
   vocab, width, depth, heads, length = 97, 64, 2, 2, 16
@@ -127,7 +128,7 @@ def test_imported_weights_give_the_reference_logits(two_time):
                     "mlp_ratio": 4, "two_time": two_time, "learned_loss_weight": False}
   model_cfg.update(fields)
   convert.check_tensors(tensors, vocab, model_cfg)
-  model = dit.from_config(model_cfg, vocab, nnx.Rngs(0))
+  model = dit.builder(model_cfg, vocab)()
   nnx.update(model, nnx.State(convert.from_reference(tensors, model_cfg)))
 
   rng = np.random.default_rng(1)
@@ -217,6 +218,7 @@ def test_lightning_checkpoint_takes_the_backbone_and_its_ema():
     convert.from_lightning({"state_dict": state})
 
 
+@pytest.mark.slow
 def test_gpt2_sized_import_samples_one_step(tmp_path, prepared):
   """An OWT-vocabulary FMLM (GPT-2 tokenizer, V 50258), small width, imported and sampled
   with --mode=sample's code path."""
@@ -241,6 +243,7 @@ def test_gpt2_sized_import_samples_one_step(tmp_path, prepared):
     convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "again"), small_config())
 
 
+@pytest.mark.slow
 def test_command_line_random_import_export(tmp_path):
   small = ["--config=configs/owt.py", "--config.model.width=64", "--config.model.depth=1",
            "--config.model.heads=2", "--config.model.cond_width=16"]
@@ -254,7 +257,10 @@ def test_command_line_random_import_export(tmp_path):
   run = convert_cli("import", f"--from={tmp_path}/random", f"--to={tmp_path}/imported",
                     "--config=configs/owt.py")
   assert run.returncode == 0, run.stderr
-  assert "imported a flm DiT (V 50258, width 64, 1 blocks, 2 heads)" in run.stdout
+  record = json.loads((tmp_path / "imported" / "record.json").read_text())
+  assert (record["kind"], record["vocab_size"]) == ("flm", 50258)
+  assert {k: record["config"]["model"][k] for k in ("width", "depth", "heads")} == {
+      "width": 64, "depth": 1, "heads": 2}
   run = convert_cli("export", f"--from={tmp_path}/imported", f"--to={tmp_path}/exported")
   assert run.returncode == 0, run.stderr
   first, back = (safetensors.numpy.load_file(f"{tmp_path}/{d}/model.safetensors")

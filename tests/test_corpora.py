@@ -81,11 +81,6 @@ def test_directory_without_text_files(tmp_path):
     corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path)).data)
 
 
-def test_unknown_corpus():
-  with pytest.raises(UsageError, match="data.corpus='wiki'"):
-    corpora.load_corpus(small_config(corpus="wiki").data)
-
-
 def test_lm1b_detokenizer():
   assert (corpora.lm1b_detokenize('He said , " it \'s fine . " ( really ) ?')
           == 'He said, "it\'s fine." (really)?')

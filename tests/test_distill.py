@@ -1,4 +1,5 @@
-"""FMLM distillation: split and times, the three targets, student init, flow-map sampler."""
+"""FMLM distillation: split and times, the three targets against their definitions, the
+objectives, the student's init, the distill mode, and learning checks."""
 
 import json
 
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 from conftest import randomize, train_config
-from flmjax import distill, evaluate, flow, sampling, train
+from flmjax import distill, evaluate, flow, objectives, registry, sampling, train
 from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
@@ -34,7 +35,7 @@ def test_split_counts_follow_the_fractions(batch, counts):
   assert distill.split_counts(batch, 0.5, 0.5 / 32) == counts
 
 
-@pytest.mark.parametrize("objective", distill.OBJECTIVES)
+@pytest.mark.parametrize("objective", registry.DISTILLATION)
 def test_accumulation_parts_keep_the_global_split(objective):
   """128 rows take (64, 2, 62); 4 parts of 32 would each floor the boundary share to 0."""
   config = train_config()
@@ -42,13 +43,14 @@ def test_accumulation_parts_keep_the_global_split(objective):
   config.distill.update(diagonal_fraction=0.5, boundary_fraction=0.5 / 32)
   config.train.grad_accum = 2
   expected = (32, 1, 31) if objective == "semigroup" else (32, 0, 32)
-  assert distill.part_counts(config) == expected
+  unit = registry.OBJECTIVES[objective]
+  assert distill.part_counts(config, unit) == expected
   config.train.grad_accum = 4
   if objective == "semigroup":
     with pytest.raises(UsageError, match=r"grad_accum=4 parts would take \(16, 0, 16\)"):
-      distill.part_counts(config)
+      distill.part_counts(config, unit)
   else:
-    assert distill.part_counts(config) == (16, 0, 16)
+    assert distill.part_counts(config, unit) == (16, 0, 16)
 
 
 def test_times_of_each_share():
@@ -91,30 +93,42 @@ def test_semigroup_target_reproduces_an_exact_flow_map():
   np.testing.assert_allclose(target, delta(x, s[:, None], t[:, None]), rtol=1e-5)
 
 
-def _off_diagonal_inputs(student, seed=0, n=6):
+def _off_diagonal_inputs(student, seed=0, n=5):
   schedule = get_schedule(V)
   tau_s, tau_u, tau_t = distill.draw_times(jax.random.key(seed), (0, 0, n))
   times = tuple(schedule.t(x) for x in (tau_s, tau_u, tau_t))
   tokens = jax.random.randint(jax.random.key(seed + 1), (n, L), 0, V)
   embed = student.vocab_embed[...]
   h_s = flow.noisy_latent(jax.random.key(seed + 2), embed, tokens, times[0])
-  return h_s, embed, (tau_s, tau_u, tau_t), times, schedule
+  return distill.Rows(h_s, embed, (tau_s, tau_u, tau_t), times, schedule)
 
 
-def test_semigroup_target_is_on_the_simplex():
+@pytest.mark.parametrize("target", [distill.semigroup_target, distill.lagrangian_target])
+@pytest.mark.parametrize("dropout", [None, jax.random.key(3)])
+def test_targets_are_on_the_simplex(target, dropout):
   student = _student()
-  h_s, embed, tau, times, _ = _off_diagonal_inputs(student)
-  target = distill.semigroup_target(student, h_s, embed, tau, times)
-  np.testing.assert_allclose(target.sum(-1), 1.0, rtol=1e-5)
-  assert (target >= 0).all()
+  student.dropout_rate = 0.5
+  value = target(student, _off_diagonal_inputs(student), dropout)
+  np.testing.assert_allclose(value.sum(-1), 1.0, rtol=1e-5)
+  assert (value >= 0).all()
 
 
-def test_lagrangian_target_is_on_the_simplex():
+def test_semigroup_target_with_dropout_uses_a_mask_per_call():
+  """With target dropout, delta_{s,u} and delta_{u,t} each draw their own mask: the target
+  is lambda delta_{s,u}(x_s; key 1) + (1 - lambda) delta_{u,t}(X_{s,u}; key 2)."""
   student = _student()
-  h_s, embed, tau, times, schedule = _off_diagonal_inputs(student)
-  target = distill.lagrangian_target(student, h_s, embed, tau, times, schedule)
-  np.testing.assert_allclose(target.sum(-1), 1.0, rtol=1e-5)
-  assert (target >= 0).all()
+  student.dropout_rate = 0.5
+  rows = _off_diagonal_inputs(student)
+  (tau_s, tau_u, tau_t), (s, u, t) = rows.tau, rows.times
+  key_su, key_ut = jax.random.split(jax.random.key(3))
+  d_su = jax.nn.softmax(student(rows.h_s, tau_s, tau_u, dropout_rng=key_su), axis=-1)
+  h_su = flow.flow_map(rows.h_s, flow.project(d_su, rows.embed), s, u)
+  d_ut = jax.nn.softmax(student(h_su, tau_u, tau_t, dropout_rng=key_ut), axis=-1)
+  lam = _col(flow.semigroup_weight(s, u, t))
+  got = distill.semigroup_target(student, rows, jax.random.key(3))
+  np.testing.assert_allclose(got, lam * d_su + (1 - lam) * d_ut, atol=1e-6)
+  without = distill.semigroup_target(student, rows)
+  assert np.abs(np.asarray(got) - np.asarray(without)).max() > 1e-3
 
 
 def _central_difference(f, eps=1e-3):
@@ -152,8 +166,8 @@ def test_semigroup_target_equals_its_v_space_definition():
   x_su = _col((1 - u) / (1 - s)) * x_s + _col((u - s) / (1 - s)) * d_su
   lam = _col((1 - t) * (u - s) / ((1 - u) * (t - s)))
   expected = lam * d_su + (1 - lam) * _probs(student, x_su, tau[1], tau[2])
-  got = distill.semigroup_target(student, student.embed(x_s), student.vocab_embed[...], tau,
-                                 (s, u, t))
+  got = distill.semigroup_target(student, distill.Rows(
+      student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), None))
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -167,8 +181,8 @@ def test_eulerian_target_is_a_finite_difference_along_the_teachers_flow():
   derivative = _central_difference(
       lambda e: _probs(student, x_s + e * velocity, schedule.tau(s + e), tau[2]))
   correction = _col((1 - s) * (t - s) / (1 - t)) * derivative
-  got = distill.eulerian_target(student, student.embed(x_s), student.vocab_embed[...], tau,
-                                (s, u, t), d_s, schedule)
+  got = distill.eulerian_target(student, distill.Rows(
+      student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), schedule, d_s))
   assert np.abs(correction).max() > 0.02
   np.testing.assert_allclose(got, d_s + correction, atol=0.02 * np.abs(correction).max())
 
@@ -183,8 +197,8 @@ def test_lagrangian_target_is_a_finite_difference_in_t():
       lambda e: _probs(student, x_s, tau[0], schedule.tau(t + e)))
   correction = _col((t - s) * (1 - t) / (1 - s)) * derivative
   expected = flow.sparsemax(_probs(student, x_st, tau[2], tau[2]) - correction)
-  got = distill.lagrangian_target(student, student.embed(x_s), student.vocab_embed[...], tau,
-                                  (s, u, t), schedule)
+  got = distill.lagrangian_target(student, distill.Rows(
+      student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), schedule))
   assert np.abs(correction).max() > 0.02
   np.testing.assert_allclose(got, expected, atol=0.02 * np.abs(correction).max())
 
@@ -208,7 +222,8 @@ def test_student_starts_equal_to_the_teacher_on_the_diagonal():
   np.testing.assert_allclose(student(h, tau, 1 - tau), teacher(h, tau), atol=1e-6)
 
 
-@pytest.mark.parametrize("objective", distill.OBJECTIVES)
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", registry.DISTILLATION)
 @pytest.mark.parametrize("noise", ["latent", "vocab"])
 def test_objectives_give_finite_losses_and_gradients(objective, noise):
   (tg, tp), (sg, sp) = _teacher_and_student()
@@ -216,7 +231,7 @@ def test_objectives_give_finite_losses_and_gradients(objective, noise):
   config = train_config()
   config.distill.objective = objective
   config.noise = noise
-  fn = distill.distillation_objective(config, V, tg)
+  fn = registry.OBJECTIVES[objective].build(config, V, tg)
   tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
 
   def loss(params):
@@ -230,7 +245,8 @@ def test_objectives_give_finite_losses_and_gradients(objective, noise):
   assert np.abs(np.asarray(grads["sigma_map_prime"]["fc2"]["kernel"])).max() > 0
 
 
-@pytest.mark.parametrize("objective", distill.OBJECTIVES)
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", registry.DISTILLATION)
 def test_only_the_semigroup_objective_takes_boundary_rows(objective):
   """The Eulerian target divides by 1 - t; the Lagrangian one at t = 1 is the student's
   own one step read back by the denoiser. Their losses ignore boundary_fraction."""
@@ -241,118 +257,9 @@ def test_only_the_semigroup_objective_takes_boundary_rows(objective):
   for fraction in (0.0, 0.25):
     config = train_config()
     config.distill.update(objective=objective, boundary_fraction=fraction)
-    fn = distill.distillation_objective(config, V, tg)
+    fn = registry.OBJECTIVES[objective].build(config, V, tg, train=False)
     losses.append(float(fn(student, {"tokens": tokens}, jax.random.key(1), tp)[0]))
   assert (losses[0] != losses[1]) == (objective == "semigroup")
-
-
-def test_joint_noise_has_the_joint_covariance():
-  e1 = jax.random.normal(jax.random.key(0), (V, 8))
-  e2 = e1 + 0.1 * jax.random.normal(jax.random.key(1), (V, 8))
-  n1, n2 = flow.joint_embedded_noise(jax.random.key(2), (e1, e2), (100_000,))
-  joint = np.concatenate([n1, n2], axis=1).astype(np.float64)
-  stacked = np.concatenate([e1, e2], axis=1).astype(np.float64)
-  cov = joint.T @ joint / len(joint)
-  assert np.abs(cov - stacked.T @ stacked).max() < 0.03 * np.abs(stacked.T @ stacked).max()
-  same, again = flow.joint_embedded_noise(jax.random.key(2), (e1, e1), (5,))
-  np.testing.assert_allclose(same, again, rtol=1e-4, atol=1e-4)  # one eps, one projection
-
-
-@pytest.mark.parametrize("latent", [True, False])
-@pytest.mark.parametrize("offset", [0.0, 0.3])
-def test_joint_noise_gradient_is_the_v_space_gradient(latent, offset):
-  """For n_S = eps @ E_S, n_T = eps @ E_T: E[(n_S a)(n_T b) + (n_S c)^2] =
-  a^T E_S^T E_T b + |E_S c|^2, whose gradient in E_S is E_T b a^T + 2 E_S c c^T; the mean
-  per-draw gradient must match it, also where E_S = E_T (a student at initialisation)."""
-  keys = jax.random.split(jax.random.key(3), 4)
-  e_t = jax.random.normal(keys[0], (V, 6))
-  e_s = e_t + offset * jax.random.normal(keys[1], (V, 6))
-  a, b, c = jax.random.normal(keys[2], (3, 6))
-
-  def f(e_s, rng):
-    n_s, n_t = flow.joint_embedded_noise(rng, (e_s, e_t), (100_000,), latent)
-    return jnp.mean((n_s @ a) * (n_t @ b) + (n_s @ c) ** 2)
-
-  grads = [jax.jit(jax.grad(f))(e_s, k) for k in jax.random.split(keys[3], 4)]
-  expected = np.outer(e_t @ b, a) + 2 * np.outer(e_s @ c, c)
-  np.testing.assert_allclose(np.mean(grads, axis=0), expected,
-                             atol=0.03 * np.abs(expected).max())
-
-
-def test_flow_map_grid_without_churn_is_the_deterministic_flow_map():
-  steps = 4
-  grid = sampling.flow_map_grid(V, steps, 0.0)
-  t = get_schedule(V).t_host(np.linspace(0, 1, steps + 1))
-  np.testing.assert_allclose(grid["keep"], (1 - t[1:-1]) / (1 - t[:-2]))
-  np.testing.assert_allclose(grid["move"], (t[1:-1] - t[:-2]) / (1 - t[:-2]))
-  np.testing.assert_allclose(grid["tau_tilde"], np.linspace(0, 1, steps + 1)[1:], atol=1e-6)
-  assert (grid["noise"] == 0).all()
-
-
-@pytest.mark.parametrize("gamma", [0.3, 0.8, 1.0])
-def test_churn_keeps_the_noise_level_of_the_schedule(gamma):
-  """z~ carries noise (1 - t_i) keep = 1 - t~; adding gamma sigma eps brings it back to
-  sigma = 1 - t_{i+1}, and the data weight to t_{i+1}."""
-  steps = 5
-  grid = sampling.flow_map_grid(V, steps, gamma)
-  t = get_schedule(V).t_host(np.linspace(0, 1, steps + 1))
-  noise_std = np.sqrt(((1 - t[:-2]) * grid["keep"]) ** 2 + grid["noise"] ** 2)
-  np.testing.assert_allclose(noise_std, 1 - t[1:-1], rtol=1e-9)
-  np.testing.assert_allclose(t[:-2] * grid["keep"] + grid["move"], t[1:-1], rtol=1e-9)
-  np.testing.assert_allclose(grid["noise"], gamma * (1 - t[1:-1]))
-  t_tilde = 1 - (1 - t[1:]) * np.sqrt(1 - gamma**2)  # the student's second time
-  np.testing.assert_allclose(get_schedule(V).t_host(grid["tau_tilde"]), t_tilde, atol=1e-6)
-
-
-@pytest.mark.parametrize("gamma", [0.5, 1.0])
-def test_churn_sampler_steps_by_hand(gamma):
-  """Section 5's churn sampler written out in V space, with the sampler's noise draws."""
-  graphdef, params = _random(dit.DiT(V, D, 1, 4, 16, two_time=True, rngs=nnx.Rngs(0),
-                                     dtype=jnp.float32), seed=3)
-  model = nnx.merge(graphdef, params)
-  schedule = get_schedule(V)
-  steps, rng = 3, jax.random.key(7)
-  z = jax.random.normal(jax.random.key(0), (4, L, V))
-  tau = np.linspace(0, 1, steps + 1)
-  t = schedule.t_host(tau)
-  keys = jax.random.split(rng, steps - 1)
-  for i in range(steps):
-    sigma = 1 - t[i + 1]
-    sigma_tilde = sigma * np.sqrt(1 - gamma**2)
-    t_tilde = 1 - sigma_tilde
-    probs = _probs(model, z, jnp.full(4, tau[i]), jnp.full(4, schedule.tau_host(t_tilde)))
-    if i < steps - 1:
-      z_tilde = (1 - t_tilde) / (1 - t[i]) * z + (t_tilde - t[i]) / (1 - t[i]) * probs
-      z = z_tilde + (sigma_tilde - sigma) * probs + gamma * sigma * jax.random.normal(
-          keys[i], z.shape)
-  z0 = jax.random.normal(jax.random.key(0), (4, L, V))
-  got = sampling.flow_map_from(graphdef, params, z0, sampling.flow_map_grid(V, steps, gamma),
-                               rng, latent=False, churn=True)
-  np.testing.assert_allclose(got, probs, atol=3e-5)
-
-
-def test_flow_map_sampler_steps_by_hand():
-  graphdef, params = _random(dit.DiT(V, D, 1, 4, 16, two_time=True, rngs=nnx.Rngs(0),
-                                     dtype=jnp.float32), seed=3)
-  model = nnx.merge(graphdef, params)
-  z = jax.random.normal(jax.random.key(0), (4, L, V))
-  steps = 3
-  tau = np.linspace(0, 1, steps + 1)
-  t = get_schedule(V).t_host(tau)
-  state = z
-  for i in range(steps):
-    probs = jax.nn.softmax(model(model.embed(state), jnp.full(4, tau[i]),
-                                 jnp.full(4, tau[i + 1])), axis=-1)
-    if i < steps - 1:
-      state = flow.flow_map(state, probs, jnp.full(4, t[i]), jnp.full(4, t[i + 1]))
-  grid = sampling.flow_map_grid(V, steps, 0.0)
-  for latent in (True, False):
-    got = sampling.flow_map_from(graphdef, params, z, grid, jax.random.key(0), latent=latent)
-    np.testing.assert_allclose(got, probs, atol=3e-5)
-  one = sampling.flow_map_from(graphdef, params, z, sampling.flow_map_grid(V, 1, 0.0),
-                               jax.random.key(0))
-  np.testing.assert_allclose(one, jax.nn.softmax(model(model.embed(z), jnp.zeros(4),
-                                                       jnp.ones(4)), axis=-1), atol=1e-6)
 
 
 def _fit(graphdef, params, objective, steps, batches, frozen=None):
@@ -378,33 +285,37 @@ def _distilled(vocab_size, batches, teacher_steps, student_steps, boundary_fract
   on `batches` and the FMLM student distilled from it with the semigroup objective."""
   config = train_config()
   config.model.update(width=64, depth=2, heads=4, cond_width=32)
-  teacher_graphdef, teacher = nnx.split(dit.from_config(config.model, vocab_size,
-                                                        nnx.Rngs(0)))
+  teacher_graphdef, teacher = nnx.split(dit.builder(config.model, vocab_size)())
   teacher = _fit(teacher_graphdef, nnx.to_pure_dict(teacher),
-                 train.denoising_objective(config, vocab_size, dropout=False),
+                 objectives.denoising(config, vocab_size, train=False),
                  teacher_steps, batches)
   config.model.two_time = True
   config.distill.boundary_fraction = boundary_fraction  # the default: 0 or 1 row here
-  student_graphdef, fresh = nnx.split(dit.from_config(config.model, vocab_size,
-                                                      nnx.Rngs(0)))
+  student_graphdef, fresh = nnx.split(dit.builder(config.model, vocab_size)())
   student = _fit(student_graphdef, dict(nnx.to_pure_dict(fresh), **teacher),
-                 distill.distillation_objective(config, vocab_size, teacher_graphdef),
+                 distill.SEMIGROUP.build(config, vocab_size, teacher_graphdef, train=False),
                  student_steps, batches, teacher)
   return teacher_graphdef, teacher, student_graphdef, student
 
 
+def _sample(rule, graphdef, params, seed, n, length, steps):
+  return sampling.sampler(rule, steps, n, length)[1](graphdef, params, jax.random.key(seed))
+
+
+@pytest.mark.slow
 def test_distilled_student_writes_a_learned_sequence_in_one_step():
   sequence = jnp.array([5, 17, 3, 42, 8, 8, 29, 11])
   teacher_graphdef, teacher, student_graphdef, student = _distilled(
       V, lambda key: jnp.broadcast_to(sequence, (32, L)), 300, 400, 0.5)
-  before = sampling.sample_flm(teacher_graphdef, teacher, jax.random.key(5), 16, L, 1)
-  after = sampling.sample_flow_map(student_graphdef, student, jax.random.key(5), 16, L, 1)
+  before = _sample(sampling.EULER, teacher_graphdef, teacher, 5, 16, L, 1)
+  after = _sample(sampling.FLOW_MAP, student_graphdef, student, 5, 16, L, 1)
   target = jnp.broadcast_to(sequence, (16, L))
   # One step from pure noise must place every token by position alone; the teacher's one
   # step gets 93% of the tokens right, the distilled student at least 98% (all of them).
   assert float((after == target).mean()) >= 0.98 > float((before == target).mean())
 
 
+@pytest.mark.slow
 def test_one_step_student_follows_a_markov_chain():
   """A source whose quality has an exact judge: 16 tokens on a ring, each followed by the
   next one or the third next one with probability 1/2. A sample's share of allowed
@@ -425,9 +336,9 @@ def test_one_step_student_follows_a_markov_chain():
 
   teacher_graphdef, teacher, student_graphdef, student = _distilled(
       vocab, chain, 600, 600, 0.25)
-  euler = sampling.sample_flm(teacher_graphdef, teacher, jax.random.key(99), n, length, 32)
-  flow_map = {steps: sampling.sample_flow_map(student_graphdef, student, jax.random.key(99),
-                                              n, length, steps) for steps in (1, 4)}
+  euler = _sample(sampling.EULER, teacher_graphdef, teacher, 99, n, length, 32)
+  flow_map = {steps: _sample(sampling.FLOW_MAP, student_graphdef, student, 99, n, length,
+                             steps) for steps in (1, 4)}
   # Measured over nine trainings (seeds and float rounding): the teacher's 32 Euler steps
   # 0.82 to 0.86; the student's one step 0.52 to 0.70 (uniform tokens: 0.125), its four
   # steps 0.09 to 0.20 higher. (The teacher's one step, argmax D_0(z): 0.14 to 0.57.)
@@ -437,6 +348,7 @@ def test_one_step_student_follows_a_markov_chain():
   assert allowed(flow_map[4]) >= allowed(flow_map[1]) + 0.08
 
 
+@pytest.mark.slow
 def test_distill_mode_exports_weights_that_sample_identically(tmp_path):
   teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
   config = train_config(steps=3)
@@ -444,32 +356,37 @@ def test_distill_mode_exports_weights_that_sample_identically(tmp_path):
   train.train(config, teacher_dir)
   config.teacher_checkpoint = teacher_dir
   config.distill.steps = 3
-  run, state = distill.distill(config, student_dir)
+  result = train.distill(config, student_dir)
   record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "student"))
   assert record["kind"] == "fmlm" and record["config"]["model"]["two_time"]
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["ema"])):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result.state["ema"])):
     np.testing.assert_array_equal(a, b)
   name, sampler = evaluate.sampler_for(record, 2, 4, 0.5, True)
   assert name == "flowmap_2"
   np.testing.assert_array_equal(sampler(graphdef, params, jax.random.key(0)),
-                                sampler(run.graphdef, state["ema"], jax.random.key(0)))
+                                sampler(result.layout.graphdef, result.state["ema"],
+                                        jax.random.key(0)))
+  lines = [json.loads(l) for l in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
+  valid = [l for l in lines if "valid_distill_loss" in l][-1]
+  assert valid["step"] == 3 and valid["valid_distill_offdiagonal_loss"] > 0
+  assert {"valid_loss", "valid_distill_diagonal_loss"} <= {k for l in lines for k in l}
   assert tokenizer.fingerprint == record["tokenizer"]["fingerprint"]
 
 
+@pytest.mark.slow
 def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path):
   config = train_config(steps=2)
-  with pytest.raises(UsageError, match="needs --config.teacher_checkpoint"):
-    distill.distill(config, str(tmp_path / "s"))
   config.teacher_checkpoint = str(tmp_path / "nothing")
   with pytest.raises(UsageError, match="holds no flmjax checkpoint"):
-    distill.distill(config, str(tmp_path / "s"))
+    train.distill(config, str(tmp_path / "s"))
   train.train(config, str(tmp_path / "t"))
   config.teacher_checkpoint = str(tmp_path / "t")
   config.model.width = 48
   with pytest.raises(UsageError, match="model.width 32 != 48"):
-    distill.distill(config, str(tmp_path / "s"))
+    train.distill(config, str(tmp_path / "s"))
 
 
+@pytest.mark.slow
 def test_resumed_student_keeps_its_teacher_step(tmp_path):
   config = train_config(steps=2, checkpoint_every=1)
   config.train.keep_checkpoints = 2
@@ -478,16 +395,16 @@ def test_resumed_student_keeps_its_teacher_step(tmp_path):
   train.train(config, teacher_dir)
   config.teacher_checkpoint = teacher_dir
   config.distill.steps = 2
-  distill.distill(config, student_dir)
+  train.distill(config, student_dir)
   train.train(_with_data_dir(train_config(steps=3, checkpoint_every=1), tmp_path), teacher_dir)
   config.distill.steps = 3
-  distill.distill(config, student_dir)  # still distils from teacher step 2
+  train.distill(config, student_dir)  # still distils from teacher step 2
   record = json.loads((tmp_path / "s" / "export" / "record.json").read_text())
   assert record["teacher_step"] == 2
   train.train(_with_data_dir(train_config(steps=5, checkpoint_every=1), tmp_path), teacher_dir)
   config.distill.steps = 4  # teacher step 2 has rotated away (two kept)
   with pytest.raises(UsageError, match="no longer holds step 2"):
-    distill.distill(config, student_dir)
+    train.distill(config, student_dir)
 
 
 def _with_data_dir(config, tmp_path):

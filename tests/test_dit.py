@@ -42,6 +42,22 @@ def test_embedding_init_is_uniform_with_bound_one_over_sqrt_d():
   assert abs(embed.var() - bound**2 / 3) < 0.02 * bound**2  # variance of U(-b, b)
 
 
+def test_linear_layers_start_as_the_references_or_at_zero():
+  """PyTorch's Linear init, U(+-1/sqrt(fan_in)) for kernel and bias, except the layers the
+  reference zeroes: adaLN, the output layer, the second time embedder's last layer."""
+  model = dit.DiT(V, 64, 1, 4, 128, two_time=True, rngs=nnx.Rngs(0))
+  block = model.blocks[0]
+  for layer, fan_in in [(model.sigma_map.fc1, dit.FREQ_DIM), (model.sigma_map.fc2, 128),
+                        (model.sigma_map_prime.fc1, dit.FREQ_DIM), (block.mlp_in, 64),
+                        (block.mlp_out, 4 * 64), (block.attn_qkv, 64)]:
+    bound = 1 / math.sqrt(fan_in)
+    for param in (layer.kernel, layer.bias) if layer.bias is not None else (layer.kernel,):
+      values = np.asarray(param[...])
+      assert 0.9 * bound < np.abs(values).max() <= bound
+  for layer in (block.adaln, model.final_adaln, model.output, model.sigma_map_prime.fc2):
+    assert not np.asarray(layer.kernel[...]).any() and not np.asarray(layer.bias[...]).any()
+
+
 def test_output_cap_is_30_tanh_of_the_raw_logits():
   h, tau = _inputs()
   capped = _perturb(_model(), scale=3.0)
@@ -70,6 +86,7 @@ def test_soft_capped_attention_matches_its_definition():
   assert not np.allclose(got, _numpy_attention(q, k, v, 0.0), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fused_and_plain_attention_agree_without_cap():
   h, tau = _inputs()
   plain = _perturb(_model(attn_softcap=0.0, attention_impl="plain"))
@@ -117,6 +134,7 @@ def test_dropout_only_with_a_key():
   assert not np.allclose(model(h, tau, dropout_rng=jax.random.key(0)), model(h, tau))
 
 
+@pytest.mark.slow
 def test_bfloat16_blocks_stay_close_to_float32():
   h, tau = _inputs()
   exact = _perturb(_model(), scale=0.1)
@@ -134,6 +152,7 @@ def test_small_config_has_the_papers_parameter_count(vocab, millions):
   assert abs(total / 1e6 - millions) < 1.0
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_logits_and_gradients():
   h, tau = _inputs()
   plain, remat = _perturb(_model()), _perturb(_model(remat=True))

@@ -50,11 +50,11 @@ def _causal_softmax_attention(q, k, v):
 
 
 def _check_features(evaluator, ids: np.ndarray, hidden: np.ndarray) -> None:
-  """evaluator.score's features are the mean of the reference's final hidden states over
-  each row's first `lengths` positions (a length of 0 reads the first position); its
-  log-probabilities do not depend on `lengths`."""
+  """The features of evaluator.logprobs_and_features are the mean of the reference's final
+  hidden states over each row's first `lengths` positions (a length of 0 reads the first
+  position); its log-probabilities do not depend on `lengths`."""
   lengths = np.array([POSITIONS, 3, 0])
-  logprobs, features = evaluator.score(ids, lengths)
+  logprobs, features = evaluator.logprobs_and_features(ids, lengths)
   want = [hidden[i, :max(n, 1)].mean(0) for i, n in enumerate(lengths)]
   np.testing.assert_allclose(features, want, atol=1e-4, rtol=0)
   np.testing.assert_array_equal(logprobs, evaluator.token_logprobs(ids))
@@ -282,6 +282,7 @@ FLUENT = ("The city council met on Tuesday evening to discuss the budget for the
           "for their patience.")
 
 
+@pytest.mark.slow
 def test_smollm2_prefers_fluent_text(tmp_path):
   spec = importlib.util.find_spec(flmjax.evaluators.SMOLLM2_PACKAGE)
   if spec is None:
@@ -310,7 +311,7 @@ def test_missing_files_and_package_raise_usage_error(tmp_path, monkeypatch):
     load_evaluator("gpt2")
   with pytest.raises(UsageError, match="no such GGUF file"):
     load_evaluator("smollm2", path=str(tmp_path / "missing.gguf"))
-  with pytest.raises(UsageError, match="unknown"):
+  with pytest.raises(UsageError, match="eval.evaluator='gpt3' is not one of"):
     load_evaluator("gpt3")
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(UsageError, match="pip install --no-deps"):

@@ -1,9 +1,11 @@
-"""Flow math: stratified times, the FLM loss by hand, latent noise == V-space noise."""
+"""Flow math: stratified times, the FLM loss by hand, latent noise == V-space noise, and
+the joint noise of a teacher and a student."""
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import randomize
 from flmjax import flow
@@ -150,6 +152,7 @@ def test_interpolating_embedded_noise_equals_embedding_the_v_space_state():
   np.testing.assert_allclose(model(h_latent, tau), model(model.embed(x_t), tau), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_on_both_paths():
   graphdef, params = nnx.split(_random_model(depth=1))
   tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V)
@@ -170,3 +173,36 @@ def test_velocity_definition():
   x, denoised, t = jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.array([0.5, 0.0])
   np.testing.assert_allclose(flow.velocity(x, denoised, t),
                              [[-1 / (0.5 + 1e-5)] * 3, [-1 / (1 + 1e-5)] * 3], rtol=1e-6)
+def test_joint_noise_has_the_joint_covariance():
+  e1 = jax.random.normal(jax.random.key(0), (V, 8))
+  e2 = e1 + 0.1 * jax.random.normal(jax.random.key(1), (V, 8))
+  n1, n2 = flow.joint_embedded_noise(jax.random.key(2), (e1, e2), (100_000,))
+  joint = np.concatenate([n1, n2], axis=1).astype(np.float64)
+  stacked = np.concatenate([e1, e2], axis=1).astype(np.float64)
+  cov = joint.T @ joint / len(joint)
+  assert np.abs(cov - stacked.T @ stacked).max() < 0.03 * np.abs(stacked.T @ stacked).max()
+  same, again = flow.joint_embedded_noise(jax.random.key(2), (e1, e1), (5,))
+  np.testing.assert_allclose(same, again, rtol=1e-4, atol=1e-4)  # one eps, one projection
+
+
+@pytest.mark.parametrize("latent", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 0.3])
+def test_joint_noise_gradient_is_the_v_space_gradient(latent, offset):
+  """For n_S = eps @ E_S, n_T = eps @ E_T: E[(n_S a)(n_T b) + (n_S c)^2] =
+  a^T E_S^T E_T b + |E_S c|^2, whose gradient in E_S is E_T b a^T + 2 E_S c c^T; the mean
+  per-draw gradient must match it, also where E_S = E_T (a student at initialisation)."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  e_t = jax.random.normal(keys[0], (V, 6))
+  e_s = e_t + offset * jax.random.normal(keys[1], (V, 6))
+  a, b, c = jax.random.normal(keys[2], (3, 6))
+
+  def f(e_s, rng):
+    n_s, n_t = flow.joint_embedded_noise(rng, (e_s, e_t), (100_000,), latent)
+    return jnp.mean((n_s @ a) * (n_t @ b) + (n_s @ c) ** 2)
+
+  grads = [jax.jit(jax.grad(f))(e_s, k) for k in jax.random.split(keys[3], 4)]
+  expected = np.outer(e_t @ b, a) + 2 * np.outer(e_s @ c, c)
+  np.testing.assert_allclose(np.mean(grads, axis=0), expected,
+                             atol=0.03 * np.abs(expected).max())
+
+

@@ -5,6 +5,8 @@ import pathlib
 import shlex
 import subprocess
 
+from flmjax.modes import MODES
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +67,16 @@ def test_gpu_single_host_dry_run():
   assert run.returncode == 2 and "unknown argument --zone=z" in run.stderr
   run, _ = _launch("gpu_single_host.sh", "--workdir=/tmp/run", "--mode=fit", "--dry-run")
   assert run.returncode == 2 and "--mode=fit: one of prepare" in run.stderr
+
+
+def test_launchers_accept_every_mode_of_main_and_help_exits_0():
+  for mode in MODES:
+    run, [command] = _launch("gpu_single_host.sh", "--workdir=/tmp/run",
+                             "--config=configs/tiny.py", f"--mode={mode}", "--dry-run")
+    assert run.returncode == 0 and f"--mode={mode}" in command, run.stderr
+  for script in ("tpu_pod.sh", "gpu_single_host.sh", "slurm_gpu.sh"):
+    run, _ = _launch(script, "--help")
+    assert run.returncode == 0 and "--workdir" in run.stdout
 
 
 def test_slurm_dry_run_starts_one_process_per_gpu():

@@ -2,10 +2,11 @@
 
 import json
 import pathlib
-import re
 import signal
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--config.data.max_documents=300", "--config.tokenizer.vocab_size=512",
@@ -18,22 +19,42 @@ def _main(workdir, *args):
        f"--workdir={workdir}", *args], cwd=ROOT, capture_output=True, text=True, check=False)
 
 
-def test_prepare_prints_statistics_and_a_decoded_batch(tmp_path):
+def _error_line(run) -> str:
+  """The one line a usage error prints (JAX's TPU library may log lines before it)."""
+  lines = [l for l in run.stderr.splitlines() if l.startswith("flmjax: error: ")]
+  assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+  return lines[0]
+
+
+def test_prepare_writes_the_shards_and_their_statistics(tmp_path):
   run = _main(tmp_path, "--mode=prepare", *SMALL)
   assert run.returncode == 0, run.stderr
-  assert "with sentencepiece (V = 512, L = 32)" in run.stdout
-  assert "train: " in run.stdout and " documents, " in run.stdout and " tokens, " in run.stdout
-  assert "first training batch: int32 [8, 32]; example 0 starts [1, " in run.stdout
-  assert "[1] '" in run.stdout  # two decoded examples
-  assert list((tmp_path / "data").glob("prepared-*/train-00000.array_record"))
+  [meta_file] = (tmp_path / "data").glob("prepared-*/meta.json")
+  meta = json.loads(meta_file.read_text())
+  assert (meta["tokenizer"], meta["vocab_size"], meta["seq_len"]) == ("sentencepiece", 512, 32)
+  assert meta["splits"]["train"]["examples"] > 8 and meta["splits"]["valid"]["documents"] > 0
+  assert (meta_file.parent / "train-00000.array_record").is_file()
 
 
-def test_bad_input_exits_with_a_message(tmp_path):
-  run = _main(tmp_path, "--mode=prepare", "--config.data.corpus=dir",
-              "--config.data.path=/nonexistent/corpus", *SMALL)
-  assert run.returncode == 2
-  assert "flmjax: error: data.path=/nonexistent/corpus does not exist" in run.stderr
-  assert "Traceback" not in run.stderr
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["--config.data.corpus=dir", "--config.data.path=/nonexistent/corpus"],
+                 "data.path=/nonexistent/corpus does not exist", marks=pytest.mark.slow),
+    (["--config.batch_size=0"], "batch_size=0 must be positive"),
+    pytest.param(["--config.train.stpes=3"], "unknown config field", marks=pytest.mark.slow),
+])
+def test_bad_input_is_one_line_with_exit_status_2(tmp_path, args, message):
+  assert message in _error_line(_main(tmp_path, "--mode=prepare", *SMALL, *args))
+
+
+@pytest.mark.slow
+def test_a_missing_config_file_is_one_line_and_help_exits_0(tmp_path):
+  run = subprocess.run([sys.executable, "-m", "flmjax.main", "--config=configs/nope.py",
+                        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                       check=False)
+  assert "--config=configs/nope.py: [Errno 2] No such file" in _error_line(run)
+  run = subprocess.run([sys.executable, "-m", "flmjax.main", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, check=False)
+  assert run.returncode == 0 and "--mode" in run.stdout
 
 
 TRAIN = SMALL + ["--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2",
@@ -43,6 +64,7 @@ TRAIN = SMALL + ["--config.model.width=32", "--config.model.depth=1", "--config.
                  "--config.train.num_samples=2", "--config.train.sample_steps=2"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_ends_the_pipeline_and_train_resumes(tmp_path):
   process = subprocess.Popen(
       [sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
@@ -55,28 +77,18 @@ def test_sigterm_saves_ends_the_pipeline_and_train_resumes(tmp_path):
     if line.startswith("step 3/"):
       process.send_signal(signal.SIGTERM)
       break
-  out, err = process.communicate(timeout=120)
+  _, err = process.communicate(timeout=120)
   assert process.returncode == 0, err
-  saved = re.search(r"SIGTERM: saved step (\d+)", out)
-  assert saved, out
-  step = int(saved.group(1))
-  assert (teacher / "checkpoints" / str(step)).is_dir()
+  step = max(int(p.name) for p in (teacher / "checkpoints").iterdir())  # saved on SIGTERM
+  logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+  assert step >= 3 and logged[-1] == step  # the step it stopped at, logged and saved
   assert not (tmp_path / "student").exists()  # the pipeline stopped with the teacher
   assert json.loads((teacher / "config.json").read_text())["config"]["train"]["steps"] == 100000
   run = _main(teacher, "--mode=train", f"--config.train.steps={step + 2}",
               f"--config.data.dir={tmp_path / 'data'}", *TRAIN)
   assert run.returncode == 0, run.stderr
-  assert f"resumed from {teacher / 'checkpoints'} at step {step}" in run.stdout
-  assert f"step {step + 2}/{step + 2}" in run.stdout
   lines = [json.loads(l) for l in metrics.read_text().splitlines()]
   assert [l["step"] for l in lines if "loss" in l][-3:] == [step, step + 1, step + 2]
   assert "valid_loss" in lines[-1]
   samples = json.loads((teacher / "samples" / f"step_{step + 2}.json").read_text())
   assert len(samples["euler_2"]["samples"]) == 2
-
-
-def test_unknown_config_field_is_named(tmp_path):
-  run = _main(tmp_path, "--mode=train", "--config.train.stpes=3")
-  assert run.returncode == 2
-  assert "flmjax: error: unknown config field" in run.stderr and "stpes" in run.stderr
-  assert "Traceback" not in run.stderr

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,7 @@ def _assert_close(got: dict, expected: dict):
     np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path, prepared):
   data_dir = prepared.path.parent
   # One process, 6 steps straight (checkpoints at 2, 4, 6): the reference.

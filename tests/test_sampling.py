@@ -1,29 +1,51 @@
-"""The Euler sampler: its steps by hand, latent == V-space, one compile, learning check."""
+"""The sampler driver and its two rules: the Euler sampler (FLM) and the flow-map sampler
+with churn (FMLM), step by step against their definitions written out in V space;
+latent == V-space; one compile per shape; learning checks."""
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from conftest import randomize
 from flmjax import flow, sampling
+from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
 
 V, D, L, B = 61, 32, 8, 4
 
 
-def _random_model(seed=7):
-  return nnx.split(randomize(dit.DiT(V, D, 1, 4, 16, rngs=nnx.Rngs(0), dtype=jnp.float32),
-                             seed=seed))
+def _random_model(seed=7, two_time=False):
+  return nnx.split(randomize(dit.DiT(V, D, 1, 4, 16, two_time=two_time, rngs=nnx.Rngs(0),
+                                     dtype=jnp.float32), seed=seed))
 
 
-def test_grid_follows_the_schedule():
-  tau, coeff = sampling.euler_grid(V, 4)
-  np.testing.assert_array_equal(tau, [0, 0.25, 0.5, 0.75])
+def _euler(graphdef, params, z, steps, latent=True):
+  return sampling.probabilities(graphdef, params, z, sampling.euler_grid(V, steps),
+                                jax.random.key(0), rule=sampling.EULER, latent=latent)
+
+
+def _flow_map(graphdef, params, z, steps, gamma=0.0, rng=jax.random.key(0), latent=True):
+  return sampling.probabilities(graphdef, params, z, sampling.flow_map_grid(V, steps, gamma),
+                                rng, rule=sampling.FLOW_MAP, latent=latent,
+                                churn=gamma > 0 and steps > 1)
+
+
+def _probs(model, x, *tau):
+  return jax.nn.softmax(model(model.embed(x), *tau), axis=-1)
+
+
+def test_euler_grid_follows_the_schedule():
+  grid = sampling.euler_grid(V, 4)
+  np.testing.assert_array_equal(grid["tau"], [0, 0.25, 0.5, 0.75])
   t = get_schedule(V).t_host(np.array([0, 0.25, 0.5, 0.75]))
-  np.testing.assert_allclose(coeff, (t[1:] - t[:-1]) / (1 - t[:-1]))
+  a = (t[1:] - t[:-1]) / (1 - t[:-1])
+  np.testing.assert_allclose(grid["move"], a)
+  np.testing.assert_allclose(grid["keep"], 1 - a)
+  assert (grid["noise"] == 0).all() and "tau_next" not in grid
 
 
 def test_euler_steps_by_hand_and_the_last_step_returns_the_denoiser():
@@ -39,35 +61,112 @@ def test_euler_steps_by_hand_and_the_last_step_returns_the_denoiser():
     if i < steps - 1:
       state = state + (t[i + 1] - t[i]) * (probs - state) / (1 - t[i])
   for latent in (False, True):
-    got = sampling.euler_from(graphdef, params, z, *sampling.euler_grid(V, steps),
-                              latent=latent)
-    np.testing.assert_allclose(got, probs, atol=2e-5)
-  one_step = sampling.euler_from(graphdef, params, z, *sampling.euler_grid(V, 1))
+    np.testing.assert_allclose(_euler(graphdef, params, z, steps, latent), probs, atol=2e-5)
+  one_step = _euler(graphdef, params, z, 1)
   np.testing.assert_allclose(
       one_step, jax.nn.softmax(model(model.embed(z), jnp.zeros(B)), axis=-1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_latent_and_v_space_samplers_give_identical_tokens():
   graphdef, params = _random_model(seed=3)
   z = jax.random.normal(jax.random.key(1), (16, L, V))
   for steps in (1, 8):
-    grid = sampling.euler_grid(V, steps)
-    latent = sampling.euler_from(graphdef, params, z, *grid, latent=True)
-    v_space = sampling.euler_from(graphdef, params, z, *grid, latent=False)
+    latent = _euler(graphdef, params, z, steps, latent=True)
+    v_space = _euler(graphdef, params, z, steps, latent=False)
     np.testing.assert_array_equal(jnp.argmax(latent, -1), jnp.argmax(v_space, -1))
 
 
 def test_sampler_compiles_once_per_batch_length_and_steps():
   graphdef, params = _random_model()
-  before = sampling.euler_tokens._cache_size()
+  before = sampling.tokens._cache_size()
+  name, sample = sampling.sampler(sampling.EULER, 4, B, L)
   for seed in range(3):
-    tokens = sampling.sample_flm(graphdef, params, jax.random.key(seed), B, L, 4)
-  assert tokens.shape == (B, L) and tokens.dtype == jnp.int32
-  assert sampling.euler_tokens._cache_size() == before + 1
-  sampling.sample_flm(graphdef, params, jax.random.key(0), B, L, 5)
-  assert sampling.euler_tokens._cache_size() == before + 2
+    tokens = sample(graphdef, params, jax.random.key(seed))
+  assert name == "euler_4" and tokens.shape == (B, L) and tokens.dtype == jnp.int32
+  assert sampling.tokens._cache_size() == before + 1
+  sampling.sampler(sampling.EULER, 5, B, L)[1](graphdef, params, jax.random.key(0))
+  assert sampling.tokens._cache_size() == before + 2
 
 
+def test_churn_on_a_sampler_without_it_is_refused():
+  with pytest.raises(UsageError, match="sample.gamma=0.8 is the churn of the flow-map"):
+    sampling.sampler(sampling.EULER, 4, 2, L, gamma=0.8)
+  assert sampling.sampler(sampling.FLOW_MAP, 4, 2, L, gamma=0.8)[0] == "flowmap_4"
+
+
+def test_flow_map_grid_without_churn_is_the_deterministic_flow_map():
+  steps = 4
+  grid = sampling.flow_map_grid(V, steps, 0.0)
+  t = get_schedule(V).t_host(np.linspace(0, 1, steps + 1))
+  np.testing.assert_allclose(grid["keep"], (1 - t[1:-1]) / (1 - t[:-2]))
+  np.testing.assert_allclose(grid["move"], (t[1:-1] - t[:-2]) / (1 - t[:-2]))
+  np.testing.assert_allclose(grid["tau_next"], np.linspace(0, 1, steps + 1)[1:], atol=1e-6)
+  assert (grid["noise"] == 0).all()
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.8, 1.0])
+def test_churn_keeps_the_noise_level_of_the_schedule(gamma):
+  """z~ carries noise (1 - t_i) keep = 1 - t~; adding gamma sigma eps brings it back to
+  sigma = 1 - t_{i+1}, and the data weight to t_{i+1}."""
+  steps = 5
+  grid = sampling.flow_map_grid(V, steps, gamma)
+  t = get_schedule(V).t_host(np.linspace(0, 1, steps + 1))
+  noise_std = np.sqrt(((1 - t[:-2]) * grid["keep"]) ** 2 + grid["noise"] ** 2)
+  np.testing.assert_allclose(noise_std, 1 - t[1:-1], rtol=1e-9)
+  np.testing.assert_allclose(t[:-2] * grid["keep"] + grid["move"], t[1:-1], rtol=1e-9)
+  np.testing.assert_allclose(grid["noise"], gamma * (1 - t[1:-1]))
+  t_tilde = 1 - (1 - t[1:]) * np.sqrt(1 - gamma**2)  # the student's second time
+  np.testing.assert_allclose(get_schedule(V).t_host(grid["tau_next"]), t_tilde, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [pytest.param(0.5, marks=pytest.mark.slow), 1.0])
+def test_churn_sampler_steps_by_hand(gamma):
+  """Section 5's churn sampler written out in V space, with the sampler's noise draws."""
+  graphdef, params = _random_model(seed=3, two_time=True)
+  model = nnx.merge(graphdef, params)
+  schedule = get_schedule(V)
+  steps, rng = 3, jax.random.key(7)
+  z = jax.random.normal(jax.random.key(0), (4, L, V))
+  tau = np.linspace(0, 1, steps + 1)
+  t = schedule.t_host(tau)
+  keys = jax.random.split(rng, steps - 1)
+  for i in range(steps):
+    sigma = 1 - t[i + 1]
+    sigma_tilde = sigma * np.sqrt(1 - gamma**2)
+    t_tilde = 1 - sigma_tilde
+    probs = _probs(model, z, jnp.full(4, tau[i]), jnp.full(4, schedule.tau_host(t_tilde)))
+    if i < steps - 1:
+      z_tilde = (1 - t_tilde) / (1 - t[i]) * z + (t_tilde - t[i]) / (1 - t[i]) * probs
+      z = z_tilde + (sigma_tilde - sigma) * probs + gamma * sigma * jax.random.normal(
+          keys[i], z.shape)
+  z0 = jax.random.normal(jax.random.key(0), (4, L, V))
+  got = _flow_map(graphdef, params, z0, steps, gamma, rng, latent=False)
+  np.testing.assert_allclose(got, probs, atol=3e-5)
+
+
+def test_flow_map_sampler_steps_by_hand():
+  graphdef, params = _random_model(seed=3, two_time=True)
+  model = nnx.merge(graphdef, params)
+  z = jax.random.normal(jax.random.key(0), (4, L, V))
+  steps = 3
+  tau = np.linspace(0, 1, steps + 1)
+  t = get_schedule(V).t_host(tau)
+  state = z
+  for i in range(steps):
+    probs = jax.nn.softmax(model(model.embed(state), jnp.full(4, tau[i]),
+                                 jnp.full(4, tau[i + 1])), axis=-1)
+    if i < steps - 1:
+      state = flow.flow_map(state, probs, jnp.full(4, t[i]), jnp.full(4, t[i + 1]))
+  for latent in (True, False):
+    np.testing.assert_allclose(_flow_map(graphdef, params, z, steps, latent=latent), probs,
+                               atol=3e-5)
+  one = _flow_map(graphdef, params, z, 1)
+  np.testing.assert_allclose(one, jax.nn.softmax(model(model.embed(z), jnp.zeros(4),
+                                                       jnp.ones(4)), axis=-1), atol=1e-6)
+
+
+@pytest.mark.slow
 def test_a_model_trained_on_one_sequence_samples_it_back():
   sequence = jnp.array([5, 17, 3, 42, 8, 8, 29, 11])
   model = dit.DiT(V, 64, 2, 4, 32, rngs=nnx.Rngs(0), dtype=jnp.float32)
@@ -95,5 +194,6 @@ def test_a_model_trained_on_one_sequence_samples_it_back():
   # From pure noise the network can place tokens only through the sequence's edges, so
   # one step is not exact yet; a few Euler steps are.
   for steps in (8, 32):
-    samples = sampling.sample_flm(graphdef, params, jax.random.key(99), 8, L, steps)
+    samples = sampling.sampler(sampling.EULER, steps, 8, L)[1](graphdef, params,
+                                                               jax.random.key(99))
     np.testing.assert_array_equal(samples, jnp.broadcast_to(sequence, (8, L)))

@@ -220,12 +220,10 @@ def _hugging_face(cfg) -> Corpus:
 
 _CORPORA = {"embedded": _embedded, "dir": _directory,
             "openwebtext": _hugging_face, "lm1b": _hugging_face}
+CORPORA = tuple(_CORPORA)
 
 
 def load_corpus(cfg: ml_collections.ConfigDict) -> Corpus:
-  """The corpus named by `cfg` (the `data` section of a config)."""
-  if cfg.corpus not in _CORPORA:
-    raise UsageError(f"data.corpus={cfg.corpus!r} is unknown; use one of {sorted(_CORPORA)}.")
-  if not 0 <= cfg.valid_fraction < 1:
-    raise UsageError(f"data.valid_fraction={cfg.valid_fraction} must be in [0, 1).")
+  """The corpus named by `cfg` (the `data` section of a config, checked by
+  flmjax/validate.py)."""
   return _CORPORA[cfg.corpus](cfg)

@@ -46,9 +46,6 @@ class Wrapper:
   """
 
   def __init__(self, seq_len: int, bos_id: int, eos_id: int):
-    if seq_len < 3:
-      raise UsageError(f"data.seq_len={seq_len}: an example needs BOS, EOS and at least "
-                       "one token; use 3 or more.")
     self.chunk = seq_len - 2
     self.bos_id, self.eos_id = bos_id, eos_id
     self.pending = np.zeros(0, np.int64)

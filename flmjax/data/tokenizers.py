@@ -197,10 +197,13 @@ def train_sentencepiece(corpus: Corpus, vocab_size: int, max_lines: int = 2_000_
   return model.getvalue()
 
 
+KINDS = ("sentencepiece", "gpt2", "bert")
+
+
 def build_tokenizer(cfg: ml_collections.ConfigDict, data_dir: pathlib.Path,
                     corpus: Corpus) -> Tokenizer:
-  """The tokenizer of `cfg` (the `tokenizer` section); a SentencePiece model is trained
-  once on `corpus` and cached under data_dir/tokenizer/."""
+  """The tokenizer of `cfg` (the `tokenizer` section, kind one of KINDS); a SentencePiece
+  model is trained once on `corpus` and cached under data_dir/tokenizer/."""
   if cfg.kind == "gpt2":
     return GPT2Tokenizer(*gpt2_files(cfg.path))
   if cfg.kind == "bert":
@@ -214,8 +217,7 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, data_dir: pathlib.Path,
       raise UsageError(f"tokenizer.path={cfg.path}: no vocab.txt there.")
     return BertTokenizer(vocab_txt)
   if cfg.kind != "sentencepiece":
-    raise UsageError(f"tokenizer.kind={cfg.kind!r} is unknown; use sentencepiece, gpt2 "
-                     "or bert.")
+    raise UsageError(f"tokenizer.kind={cfg.kind!r} is not one of {', '.join(KINDS)}.")
   if cfg.path:
     model_file = pathlib.Path(cfg.path).expanduser()
     if not model_file.is_file():

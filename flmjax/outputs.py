@@ -1,0 +1,93 @@
+"""What a run writes: its workdir, metrics.jsonl (and TensorBoard events), sample files, and
+progress lines for the person running it (process 0 only).
+
+Workdirs may be local or on cloud storage (gs://...): everything goes through etils.epath,
+and files are replaced whole rather than appended to (cloud storage cannot append).
+"""
+
+import json
+import os
+import time
+
+from etils import epath
+import jax
+import numpy as np
+
+from flmjax.errors import UsageError
+
+
+def say(message: str) -> None:
+  """A line for the person running the job (process 0 only)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def create_workdir(workdir: str) -> epath.Path:
+  """Creates the workdir and proves it writable, before anything is compiled."""
+  path = epath.Path(workdir).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UsageError(f"--workdir={workdir} is not writable ({e.strerror}); choose another "
+                     "directory.") from None
+  return path
+
+
+def write_text(path: epath.Path, text: str) -> None:
+  """Replaces `path` whole with `text`: a killed write leaves the previous file."""
+  partial = path.parent / (path.name + ".partial")
+  partial.write_text(text)
+  partial.replace(path)
+
+
+def write_json(path: epath.Path, value) -> None:
+  write_text(path, json.dumps(value, indent=1))
+
+
+class MetricsLog:
+  """WORKDIR/metrics.jsonl, one JSON object per line, and TensorBoard scalars when
+  tensorboardX is installed; written by process 0 only."""
+
+  def __init__(self, workdir: epath.Path):
+    self.main = jax.process_index() == 0
+    self.path = workdir / "metrics.jsonl"
+    self.lines = self.path.read_text() if self.main and self.path.exists() else ""
+    self.tensorboard = None
+    if self.main:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+      except ImportError:
+        pass
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.main:
+      return
+    self.lines += json.dumps({"step": step, **metrics}) + "\n"
+    write_text(self.path, self.lines)
+    if self.tensorboard is not None:
+      for name, value in metrics.items():
+        if isinstance(value, (int, float)):
+          self.tensorboard.add_scalar(name, value, step)
+      self.tensorboard.flush()
+
+
+def write_samples(path: epath.Path, samplers: dict, graphdef, params, tokenizer,
+                  rng) -> dict[str, list[str]]:
+  """Runs each sampler (graphdef, params, rng) -> tokens [N, L], decodes the tokens and
+  writes {name: {seconds_per_sample, samples}} to `path` as JSON. Seconds include
+  compilation the first time a sampler runs."""
+  written, record = {}, {}
+  for name, sampler in samplers.items():
+    start = time.perf_counter()
+    tokens = np.asarray(sampler(graphdef, params, rng))
+    seconds = time.perf_counter() - start
+    written[name] = tokenizer.decode_batch(tokens)
+    record[name] = {"seconds_per_sample": seconds / len(tokens), "samples": written[name]}
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+  return written

@@ -1,0 +1,135 @@
+"""The config, checked once, before anything is prepared or compiled.
+
+`validate(config, mode, device_count)` checks every field that does not need a file or the
+data to judge: choices, positive sizes and ranges, the mesh and the batches it must divide
+(the teacher's, the student's and each gradient-accumulation part), step lists, and what
+each mode needs. A bad value raises a UsageError naming the field and what to do, which
+the command line prints as one line with exit status 2. Files (corpus paths, tokenizer
+files, checkpoints) are checked where they are read.
+"""
+
+import functools
+import math
+from typing import Callable
+
+import ml_collections
+
+from flmjax import distill, registry, sharding
+from flmjax.data import corpora, tokenizers
+from flmjax.errors import UsageError
+from flmjax.evaluators import EVALUATORS
+
+CHOICES = {
+    "data.corpus": corpora.CORPORA,
+    "tokenizer.kind": tokenizers.KINDS,
+    "model.attention": ("auto", "plain", "fused"),
+    "model.dtype": ("float32", "bfloat16"),
+    "noise": ("latent", "vocab"),
+    "distill.objective": registry.DISTILLATION,
+    "eval.evaluator": (*EVALUATORS, "none"),
+}
+POSITIVE = (
+    "batch_size", "data.seq_len", "tokenizer.vocab_size", "model.width", "model.depth",
+    "model.heads", "model.cond_width", "model.mlp_ratio", "train.steps",
+    "train.learning_rate", "train.eps", "train.grad_accum", "train.log_every",
+    "train.sample_steps", "train.num_samples", "train.keep_checkpoints", "distill.steps",
+    "distill.learning_rate", "sample.steps", "sample.num_samples", "eval.num_samples",
+    "eval.batch_size")
+NON_NEGATIVE = (
+    "data.max_documents", "model.attn_softcap", "model.output_cap", "train.weight_decay",
+    "train.grad_clip", "train.warmup_steps", "train.eval_every", "train.eval_batches",
+    "train.sample_every", "train.checkpoint_every", "train.keep_period", "distill.batch_size")
+BELOW_ONE = (  # in [0, 1)
+    "data.valid_fraction", "model.dropout", "train.b1", "train.b2", "train.ema_decay",
+    "distill.b2", "distill.boundary_fraction")
+STEP_LISTS = ("eval.steps", "eval.teacher_steps", "eval.student_steps")
+NEEDS = {  # mode: (field, what it must name)
+    "distill": ("teacher_checkpoint", "the workdir (or export) of a teacher trained with "
+                                      "--mode=train"),
+    "sample": ("checkpoint", "a training or distillation workdir or an export"),
+    "eval": ("checkpoint", "a training or distillation workdir or an export"),
+}
+
+
+def _get(config, field: str):
+  return functools.reduce(getattr, field.split("."), config)
+
+
+def step_counts(text: str, field: str = "eval.steps") -> list[int]:
+  """[1, 8, 64] from "1,8,64"; the field is named when the text is not such a list."""
+  try:
+    steps = [int(s) for s in str(text).split(",") if s.strip()]
+  except ValueError:
+    steps = []
+  if not steps or min(steps) < 1:
+    raise UsageError(f"{field}={text!r} must be positive step counts separated by commas, "
+                     "e.g. 1,8,64.")
+  return steps
+
+
+def _fields(config: ml_collections.ConfigDict) -> None:
+  for field, choices in CHOICES.items():
+    if _get(config, field) not in choices:
+      raise UsageError(f"{field}={_get(config, field)!r} is not one of {', '.join(choices)}.")
+  for fields, ok, meaning in ((POSITIVE, lambda x: x > 0, "positive"),
+                              (NON_NEGATIVE, lambda x: x >= 0, "0 or more"),
+                              (BELOW_ONE, lambda x: 0 <= x < 1, "in [0, 1)")):
+    for field in fields:
+      if not ok(_get(config, field)):
+        raise UsageError(f"{field}={_get(config, field)} must be {meaning}.")
+  if not 0 < config.distill.diagonal_fraction < 1:
+    raise UsageError(f"distill.diagonal_fraction={config.distill.diagonal_fraction} must be "
+                     "in (0, 1): both diagonal and off-diagonal rows are needed.")
+  if not 0 <= config.sample.gamma <= 1:
+    raise UsageError(f"sample.gamma={config.sample.gamma}: the churn must be in [0, 1].")
+  if config.data.seq_len < 3:
+    raise UsageError(f"data.seq_len={config.data.seq_len}: an example needs BOS, EOS and at "
+                     "least one token; use 3 or more.")
+  if config.eval.reference_samples < 2:
+    raise UsageError(f"eval.reference_samples={config.eval.reference_samples}: FD fits a "
+                     "Gaussian to the reference examples and needs at least 2.")
+  for field in STEP_LISTS:
+    step_counts(_get(config, field), field)
+
+
+def _model(model: ml_collections.ConfigDict) -> None:
+  if model.width % model.heads or (model.width // model.heads) % 2:
+    raise UsageError(f"model.width={model.width} must split into model.heads={model.heads} "
+                     "heads of even size.")
+  if model.attention == "fused" and model.attn_softcap:
+    raise UsageError("model.attention=fused has no soft cap: set model.attn_softcap=0, or "
+                     "model.attention=plain or auto.")
+
+
+def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) -> None:
+  """The mesh fits the devices, and it divides every batch that `mode` runs."""
+  sizes = sharding.mesh_shape(config.mesh, device_count)
+  parallel = math.prod(size for axis, size in zip(sharding.AXES, sizes)
+                       if axis in sharding.BATCH_AXES)
+  student = distill.student_config(config)
+  batches = {"train": [config], "distill": [student], "pipeline": [config, student],
+             "compile": [config, student]}.get(mode, [])
+  for run in batches:
+    field = "batch_size" if run is config else "distill.batch_size (or batch_size)"
+    if run.batch_size % (parallel * config.train.grad_accum):
+      raise UsageError(f"{field}={run.batch_size} must be a multiple of the data-parallel "
+                       f"size {parallel} (mesh data x fsdp) times train.grad_accum="
+                       f"{config.train.grad_accum}.")
+  if mode in ("distill", "pipeline", "compile"):
+    distill.part_counts(student, registry.OBJECTIVES[config.distill.objective])
+
+
+def validate(config: ml_collections.ConfigDict, mode: str,
+             device_count: Callable[[], int]) -> None:
+  """Raises a UsageError naming the first field of `config` that `mode` cannot run with,
+  on a mesh of `device_count()` devices (asked only once the fields are valid, so that a
+  bad field is reported before any device is started)."""
+  _fields(config)
+  _model(config.model)
+  if mode == "train" and config.model.two_time:
+    raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
+                     "one-time FLM teacher.")
+  if mode in NEEDS and not _get(config, NEEDS[mode][0]):
+    field, what = NEEDS[mode]
+    raise UsageError(f"--mode={mode} needs --config.{field}=DIR, {what}.")
+  _batches(config, mode, device_count())

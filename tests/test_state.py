@@ -1,0 +1,162 @@
+"""The train state: recipe formulas, one update, its sharding invariance, and compiling."""
+
+import ctypes
+import functools
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import train_config
+from flmjax import objectives, sharding
+from flmjax import state as train_state
+from flmjax.models import dit
+
+V, L, B = 64, 16, 8
+
+
+def test_ema_decay_follows_its_warmup_formula():
+  n = jnp.array([1, 2, 10, 100, 10**6])
+  np.testing.assert_allclose(train_state.ema_decay(n, 0.9999),
+                             [2 / 11, 3 / 12, 11 / 20, 101 / 110, 0.9999], rtol=1e-6)
+
+
+def test_learning_rate_warms_up_linearly_then_stays_constant():
+  lr = train_state.learning_rate(train_config(learning_rate=3e-4, warmup_steps=2500).train)
+  np.testing.assert_allclose([lr(0), lr(1250), lr(2500), lr(2501), lr(10**6)],
+                             [0, 1.5e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [10.0, 0.5])
+def test_gradients_are_clipped_to_the_global_norm_before_adamw(norm):
+  """Two AdamW steps (no weight decay) against numpy Adam on the gradients scaled to global
+  norm at most 1: the second update depends on the first gradient's clipped size."""
+  cfg = train_config(grad_clip=1.0, warmup_steps=0, learning_rate=0.1).train
+  tx = train_state.make_optimizer(cfg)
+  params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  first = {"a": jnp.array([3.0, 0.0, 4.0]) * norm / 5.0, "b": jnp.zeros((2, 2))}
+  second = {"a": jnp.array([0.1, 0.2, -0.1]), "b": jnp.full((2, 2), 0.05)}
+  opt_state = tx.init(params)
+  for grads in (first, second):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  m = v = 0.0
+  expected = np.zeros(3)
+  for n, g in enumerate((np.array([3.0, 0.0, 4.0]) * min(norm, 1.0) / 5.0,
+                         np.array([0.1, 0.2, -0.1])), start=1):
+    m = cfg.b1 * m + (1 - cfg.b1) * g
+    v = cfg.b2 * v + (1 - cfg.b2) * g * g
+    expected -= 0.1 * (m / (1 - cfg.b1**n)) / (np.sqrt(v / (1 - cfg.b2**n)) + cfg.eps)
+  np.testing.assert_allclose(params["a"], expected, rtol=1e-5)
+
+
+def _setup(config, devices):
+  build = dit.builder(config.model, V, config.seed)
+  layout = train_state.plan(config, build, sharding.make_mesh(config.mesh, devices))
+  params = train_state.random_params(layout, build)
+  return layout, train_state.init_state(layout, params, config.seed)
+
+
+def _step_fn(layout, config, objective):
+  return jax.jit(functools.partial(train_state.train_step, graphdef=layout.graphdef,
+                                   tx=layout.tx, objective=objective, cfg=config.train))
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_the_single_device_step():
+  config = train_config()
+  config.model.dropout = 0.1
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+  objective = objectives.denoising(config, V)
+  results = []
+  for mesh_shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 4, 1), jax.devices())):
+    config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
+    layout, state = _setup(config, devices)
+    batch = {"tokens": jax.device_put(tokens, sharding.batch_sharding(layout.mesh))}
+    step = _step_fn(layout, config, objective)
+    for _ in range(2):
+      state, metrics = step(state, batch, None)
+    results.append((state, metrics))
+  (single, m1), (sharded, m8) = results
+  embed = sharded["params"]["vocab_embed"]
+  assert embed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert len(embed.addressable_shards) == 8
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(sharded["params"]), jax.tree.leaves(single["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_whole_batch():
+  config = train_config()
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+
+  def objective(model, batch, rng, frozen):  # deterministic, a mean over equal parts
+    logits = model(model.vocab_embed[...][batch["tokens"]], jnp.full(batch["tokens"].shape[:1],
+                                                                     0.5))
+    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][..., None],
+                                         -1))
+    return loss, {"loss": loss}
+
+  states = []
+  for accum in (1, 4):
+    config.train.grad_accum = accum
+    layout, state = _setup(config, jax.devices()[:1])
+    state, _ = _step_fn(layout, config, objective)(state, {"tokens": tokens}, None)
+    state, _ = _step_fn(layout, config, objective)(state, {"tokens": tokens}, None)
+    states.append(state)
+  for a, b in zip(jax.tree.leaves(states[0]["params"]), jax.tree.leaves(states[1]["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_ema_of_the_train_state_follows_the_parameters():
+  config = train_config(ema_decay=0.5)
+  layout, state = _setup(config, jax.devices()[:1])
+  step = _step_fn(layout, config, objectives.denoising(config, V))
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+  leaf = lambda s: np.asarray(s["output"]["bias"], np.float64)
+  ema = leaf(state["params"])
+  for n in range(1, 4):
+    state, _ = step(state, {"tokens": tokens}, None)
+    decay = min(0.5, (1 + n) / (10 + n))
+    ema = decay * ema + (1 - decay) * leaf(state["params"])
+    np.testing.assert_allclose(leaf(state["ema"]), ema, rtol=1e-5, atol=1e-9)
+
+
+def test_model_flops_per_token_counts_the_matmuls():
+  config = train_config()
+  config.model.update(width=768, depth=12, mlp_ratio=4)
+  config.data.seq_len = 1024
+  blocks = 12 * 12 * 768 * 768  # 92.1M block matmul weights, biases aside
+  expected = 3 * (2 * (blocks + 768 * 50258) + 12 * 4 * 1024 * 768)
+  assert dit.training_flops_per_token(config.model, 50258, 1024) == expected
+
+
+def _resident_bytes() -> int:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_release_host_memory_returns_freed_heap_pages():
+  """200 MB freed in small heap chunks, the top of the heap still in use (as after a
+  compilation): glibc keeps the pages until release_host_memory."""
+  libc = ctypes.CDLL("libc.so.6")
+  libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+  size, count = 4096, 50_000
+  chunks = [libc.malloc(size) for _ in range(count)]
+  for chunk in chunks:
+    ctypes.memset(chunk, 1, size)
+  for chunk in chunks[:-1]:
+    libc.free(chunk)
+  before = _resident_bytes()
+  train_state.release_host_memory()
+  released = before - _resident_bytes()
+  libc.free(chunks[-1])
+  assert released > 0.5 * size * count

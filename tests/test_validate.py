@@ -1,0 +1,88 @@
+"""The config check: every field it refuses is named, before any device is asked for."""
+
+import pytest
+
+from conftest import train_config
+from flmjax import sharding
+from flmjax.errors import UsageError
+from flmjax.validate import step_counts, validate
+
+
+def _refused(config, mode="train", devices=8) -> str:
+  with pytest.raises(UsageError) as error:
+    validate(config, mode, lambda: devices)
+  return str(error.value)
+
+
+def test_the_default_and_test_configs_are_valid():
+  for mode in ("prepare", "train", "pipeline", "compile"):
+    validate(train_config(), mode, lambda: 8)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size=0 must be positive"),
+    ("data.seq_len", 2, "data.seq_len=2: an example needs BOS, EOS"),
+    ("data.corpus", "wiki", "data.corpus='wiki' is not one of embedded, dir"),
+    ("data.valid_fraction", 1.0, r"data.valid_fraction=1.0 must be in \[0, 1\)"),
+    ("tokenizer.kind", "bpe", "tokenizer.kind='bpe' is not one of sentencepiece"),
+    ("model.attention", "flash", "model.attention='flash' is not one of auto, plain, fused"),
+    ("model.heads", 3, "model.width=32 must split into model.heads=3 heads of even size"),
+    ("model.dropout", -0.1, r"model.dropout=-0.1 must be in \[0, 1\)"),
+    ("train.grad_accum", 0, "train.grad_accum=0 must be positive"),
+    ("train.warmup_steps", -1, "train.warmup_steps=-1 must be 0 or more"),
+    ("noise", "gauss", "noise='gauss' is not one of latent, vocab"),
+    ("distill.objective", "mse", "distill.objective='mse' is not one of semigroup, eulerian"),
+    ("distill.diagonal_fraction", 1.0, r"distill.diagonal_fraction=1.0 must be in \(0, 1\)"),
+    ("sample.gamma", 1.5, r"sample.gamma=1.5: the churn must be in \[0, 1\]"),
+    ("eval.evaluator", "gpt4", "eval.evaluator='gpt4' is not one of smollm2, gpt2, none"),
+    ("eval.steps", "1,x", "eval.steps='1,x' must be positive step counts"),
+    ("eval.student_steps", "0", "eval.student_steps='0' must be positive step counts"),
+    ("eval.reference_samples", 1, "eval.reference_samples=1: FD .* at least 2"),
+])
+def test_a_bad_field_is_named(field, value, message):
+  config = train_config()
+  section, _, name = field.rpartition(".")
+  setattr(config[section] if section else config, name, value)
+  with pytest.raises(UsageError, match=message):
+    validate(config, "train", lambda: pytest.fail("asked for the devices"))
+
+
+def test_the_mesh_must_fit_the_devices_and_divide_the_batches():
+  config = train_config()
+  config.mesh.update(data=-1, fsdp=2, tensor=1)
+  assert sharding.mesh_shape(config.mesh, 8) == (4, 2, 1)
+  config.mesh.update(data=3, fsdp=1, tensor=1)
+  assert "needs 3 devices" in _refused(config)
+  config = train_config()
+  config.batch_size = 12
+  assert "batch_size=12 must be a multiple of the data-parallel size 8" in _refused(config)
+  validate(config, "train", lambda: 4)
+  config = train_config()
+  config.train.grad_accum = 2
+  assert "times train.grad_accum=2" in _refused(config)
+  config = train_config()
+  config.distill.batch_size, config.teacher_checkpoint = 4, "teacher"
+  validate(config, "train", lambda: 8)  # the teacher's batch is 8
+  assert "distill.batch_size (or batch_size)=4" in _refused(config, "distill")
+
+
+def test_gradient_accumulation_must_keep_the_students_split():
+  config = train_config()
+  config.batch_size, config.train.grad_accum = 128, 4
+  config.distill.boundary_fraction = 0.5 / 32  # 2 rows of 128; 0 of each part of 32
+  validate(config, "train", lambda: 8)
+  assert "grad_accum=4 parts would take (16, 0, 16)" in _refused(config, "pipeline")
+
+
+def test_modes_name_what_they_need():
+  config = train_config()
+  assert "--mode=distill needs --config.teacher_checkpoint=DIR" in _refused(config, "distill")
+  assert "--mode=eval needs --config.checkpoint=DIR" in _refused(config, "eval")
+  config.model.two_time = True
+  assert "model.two_time=True is the distilled student" in _refused(config, "train")
+
+
+def test_step_counts():
+  assert step_counts("1, 8,64") == [1, 8, 64]
+  with pytest.raises(UsageError, match="eval.teacher_steps=''"):
+    step_counts("", "eval.teacher_steps")

@@ -118,11 +118,11 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
     return layout
 
   step("train step", config, registry.OBJECTIVES["flm"])
-  teacher_graphdef, teacher_abstract = state.param_layout(
-      dit.builder(config.model, vocab), mesh)
-  layout = step("distill step", distill.student_config(config),
-                registry.OBJECTIVES[config.distill.objective], teacher_abstract,
-                teacher_graphdef)
+  objective = registry.OBJECTIVES[config.distill.objective]
+  student = distill.student_config(config)
+  teacher_graphdef, teacher_abstract = state.param_layout(dit.builder(
+      distill.teacher_model(registry.with_family(student, objective)), vocab), mesh)
+  layout = step("distill step", student, objective, teacher_abstract, teacher_graphdef)
   # at least one sample per data-parallel device, so that the sampler is split like a batch
   parallel = sharding.data_parallel_size(mesh)
   num = -(-config.sample.num_samples // parallel) * parallel

@@ -20,6 +20,7 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flmjax import outputs
@@ -96,6 +97,15 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
         config=ocp.args.JsonSave(record)), force=True)
 
+  def newest_record(self) -> dict | None:
+    """The run record of the newest checkpoint whose record can be read (None: none)."""
+    for step in reversed(self.manager.all_steps()):
+      try:
+        return self.record(step)
+      except Exception:  # pylint: disable=broad-except  # restore_latest reports it
+        continue
+    return None
+
   def record(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
@@ -121,32 +131,52 @@ class Checkpoints:
 
   def restore_latest(self, abstract_state, iterator,
                      check: Callable[[dict], None]) -> tuple[int, dict] | None:
-    """(step, state) of the newest checkpoint that can be read, the iterator moved to it;
-    None when there is no checkpoint. `check(record)` may refuse a checkpoint's run record
-    (raising). A step that cannot be read is reported in one line, moved aside to
-    WORKDIR/unreadable_checkpoints/STEP (never deleted, so that new saves do not collide
-    with it) and the next older one is tried."""
+    """(step, state) of the newest checkpoint, the iterator moved to it; None when there is
+    none. `check(record)` may refuse a checkpoint's run record (raising).
+
+    A newest checkpoint that cannot be read is reported in one line, moved aside to
+    WORKDIR/unreadable_checkpoints/STEP (never deleted: the resumed run will save that step
+    again) and the one before it is restored. If that one cannot be read either, the cause
+    is more likely the storage or the installed Orbax than the files: the run stops, saying
+    so, and nothing more is moved."""
     steps = self.manager.all_steps()
-    for step in reversed(steps):
+    if not steps:
+      return None
+    state, reason = self._attempt(steps[-1], abstract_state, iterator, check)
+    if reason is None:
+      return steps[-1], state
+    moved = self._move_aside(steps[-1])
+    outputs.say(f"flmjax: checkpoint {self.directory / str(steps[-1])} cannot be read "
+                f"({reason}); moved it to {moved}")
+    if len(steps) == 1:
+      raise UsageError(f"the only checkpoint in {self.directory} could not be read (it is now "
+                       f"in {moved}); rerun to start from step 0, or restore it.")
+    state, second = self._attempt(steps[-2], abstract_state, iterator, check)
+    if second is not None:
+      raise UsageError(f"checkpoint {self.directory / str(steps[-2])} cannot be read either "
+                       f"({second}); check the storage and the installed Orbax/TensorStore, "
+                       f"then rerun (nothing more was moved; the newest is in {moved}).")
+    return steps[-2], state
+
+  def _attempt(self, step: int, abstract_state, iterator, check):
+    """(state, None), or (None, the first line of why `step` cannot be read). The
+    processes agree, so that all of them fall back together."""
+    state, reason = None, None
+    try:
+      record = self.record(step)
+    except Exception as e:  # pylint: disable=broad-except  # TensorStore, Orbax, OS, JSON
+      reason = str(e).strip().split("\n")[0][:200]
+    else:
+      check(record)
       try:
-        record = self.record(step)
-      except Exception as e:  # pylint: disable=broad-except  # TensorStore, Orbax, OS, JSON
-        record, error = None, e
-      if record is not None:
-        check(record)
-        try:
-          return step, self.restore(step, abstract_state, iterator)
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-      moved = self._move_aside(step)
-      reason = str(error).strip().split("\n")[0][:200]
-      outputs.say(f"flmjax: checkpoint {self.directory / str(step)} cannot be read "
-                  f"({reason}); moved it to {moved}; trying the one before it")
-    if steps:
-      raise UsageError(f"no checkpoint in {self.directory} can be read (the unreadable ones "
-                       f"are in {self.directory.parent / UNREADABLE}); rerun to start from "
-                       "step 0, or restore a readable checkpoint there.")
-    return None
+        state = self.restore(step, abstract_state, iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = str(e).strip().split("\n")[0][:200]
+    if jax.process_count() > 1:  # every process takes part, failed or not
+      failed = multihost_utils.process_allgather(np.asarray(reason is not None))
+      if failed.any() and reason is None:
+        state, reason = None, "another process could not read it"
+    return state, reason
 
   def _move_aside(self, step: int) -> epath.Path:
     target = self.directory.parent / UNREADABLE / str(step)

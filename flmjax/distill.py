@@ -95,7 +95,7 @@ def semigroup_target(student, rows: Rows, dropout=None):
   d_su = _probs(student, rows.h_s, tau_s, tau_u, key_su)
   h_su = flow.flow_map(rows.h_s, flow.project(d_su, rows.embed), s, u)
   d_ut = _probs(student, h_su, tau_u, tau_t, key_ut)
-  weight = flow.rows(flow.semigroup_weight(s, u, t), d_su.ndim)
+  weight = flow.per_row(flow.semigroup_weight(s, u, t), d_su.ndim)
   return weight * d_su + (1 - weight) * d_ut
 
 
@@ -106,7 +106,7 @@ def eulerian_target(student, rows: Rows, dropout=None):
   _, d_delta = jax.jvp(lambda a, h: _probs(student, h, a, tau_t, dropout),
                        (tau_s, rows.h_s), (rows.schedule.dtau_dt(s), velocity))
   scale = (1 - s) * (t - s) / (1 - t + flow.DENOMINATOR_EPS)
-  return rows.teacher_probs + flow.rows(scale, d_delta.ndim) * d_delta
+  return rows.teacher_probs + flow.per_row(scale, d_delta.ndim) * d_delta
 
 
 def lagrangian_target(student, rows: Rows, dropout=None):
@@ -118,7 +118,7 @@ def lagrangian_target(student, rows: Rows, dropout=None):
   h_st = flow.flow_map(rows.h_s, flow.project(delta, rows.embed), s, t)
   d_tt = _probs(student, h_st, tau_t, tau_t, key_tt)
   scale = (t - s) * (1 - t) / (1 - s + flow.DENOMINATOR_EPS)
-  return flow.sparsemax(d_tt - flow.rows(scale, d_delta.ndim) * d_delta)
+  return flow.sparsemax(d_tt - flow.per_row(scale, d_delta.ndim) * d_delta)
 
 
 def squared_error(logits, target, cap: float):
@@ -195,7 +195,7 @@ def part_counts(config: ml_collections.ConfigDict,
     return tuple(k * n for n in split_counts(batch // k, *fractions))
 
   part = split_counts(batch // parts, *fractions)
-  if not part[0] or not part[2]:
+  if part[0] < 1 or part[2] < 1:
     raise UsageError(f"batch_size={batch} with train.grad_accum={parts} gives {part} "
                      "(diagonal, boundary, off-diagonal) rows per part; both diagonal and "
                      "off-diagonal need one.")
@@ -228,22 +228,37 @@ class Teacher:
   record: dict  # {"teacher": directory, "teacher_step": step}
 
 
-def load_teacher(config: ml_collections.ConfigDict, workdir: epath.Path, vocab_size: int,
-                 mesh) -> Teacher:
-  """The EMA weights of config.teacher_checkpoint placed on `mesh`, checked against the
-  student's architecture. A resumed student keeps the teacher step it started from, even
-  if the teacher trained on."""
-  own = checkpoint.Checkpoints(workdir / "checkpoints")
-  resumed = own.latest_step()
-  step = (own.record(resumed)["teacher_step"] if resumed is not None
+def teacher_model(config: ml_collections.ConfigDict) -> dict:
+  """The teacher's model settings: the student's, one-time."""
+  return dict(config.model.to_dict(), two_time=False)
+
+
+def teacher_step(config: ml_collections.ConfigDict, workdir: epath.Path) -> int | None:
+  """The teacher step a student distils from, with the teacher's run record checked
+  against the student's architecture (its vocabulary is checked when it is loaded). A
+  resumed student keeps the step it started from, even if the teacher trained on."""
+  own = checkpoint.Checkpoints(workdir / "checkpoints").newest_record()
+  step = (own["teacher_step"] if own is not None
           else checkpoint.latest_step(config.teacher_checkpoint))
-  model = dict(config.model.to_dict(), two_time=False)
+  record = checkpoint.read_record(config.teacher_checkpoint, step)
   checkpoint.check_compatible(
-      checkpoint.read_record(config.teacher_checkpoint, step), kind="flm",
-      vocab_size=vocab_size, model=model, where=f"teacher_checkpoint={config.teacher_checkpoint}",
+      record, kind="flm", vocab_size=record["vocab_size"], model=teacher_model(config),
+      where=f"teacher_checkpoint={config.teacher_checkpoint}",
       advice="distillation needs an FLM teacher trained with --mode=train, with this "
-             "config's model, data and tokenizer settings")
-  graphdef, abstract = state.param_layout(dit.builder(model, vocab_size), mesh)
+             "config's model settings")
+  return step
+
+
+def load_teacher(config: ml_collections.ConfigDict, step: int | None, vocab_size: int,
+                 mesh) -> Teacher:
+  """The EMA weights of config.teacher_checkpoint at `step`, placed on `mesh`."""
+  saved = checkpoint.read_record(config.teacher_checkpoint, step)["vocab_size"]
+  if saved != vocab_size:
+    raise UsageError(f"teacher_checkpoint={config.teacher_checkpoint} has V = {saved}, this "
+                     f"config's tokenizer V = {vocab_size}; use the teacher's data and "
+                     "tokenizer settings.")
+  graphdef, abstract = state.param_layout(dit.builder(teacher_model(config), vocab_size),
+                                          mesh)
   params = checkpoint.load_ema(config.teacher_checkpoint, abstract, step)
   return Teacher(graphdef, params, {"teacher": str(config.teacher_checkpoint),
                                     "teacher_step": step})

@@ -32,7 +32,7 @@ def project(x: jax.Array, embed: jax.Array) -> jax.Array:
   return jnp.matmul(x.astype(jnp.float32), embed, precision=HIGHEST)
 
 
-def rows(x: jax.Array, ndim: int) -> jax.Array:
+def per_row(x: jax.Array, ndim: int) -> jax.Array:
   """x [B] shaped to broadcast over the trailing axes of an array of rank `ndim`."""
   return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
@@ -47,13 +47,13 @@ def stratified_uniform(rng: jax.Array, n: int) -> jax.Array:
 
 def interpolate(noise, data, t):
   """x_t = (1 - t) noise + t data, with t [B] broadcast over the trailing axes."""
-  t = rows(t, noise.ndim)
+  t = per_row(t, noise.ndim)
   return (1 - t) * noise + t * data
 
 
 def velocity(x, denoised, t):
   """b_t(x) = (D_t(x) - x) / (1 - t + 1e-5), t [B]."""
-  return (denoised - x) / (1 - rows(t, x.ndim) + VELOCITY_EPS)
+  return (denoised - x) / (1 - per_row(t, x.ndim) + VELOCITY_EPS)
 
 
 def noise_factor(embed: jax.Array) -> jax.Array:
@@ -193,7 +193,7 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
 
 def flow_map(x, denoised, s, t):
   """X_{s,t}(x) = ((1 - t) / (1 - s)) x + ((t - s) / (1 - s)) delta_{s,t}(x); s, t [B]."""
-  s, t = rows(s, x.ndim), rows(t, x.ndim)
+  s, t = per_row(s, x.ndim), per_row(t, x.ndim)
   one_minus_s = 1 - s + DENOMINATOR_EPS
   return (1 - t) / one_minus_s * x + (t - s) / one_minus_s * denoised
 

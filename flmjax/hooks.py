@@ -184,10 +184,11 @@ class StopRequest:
     del signum, frame
     self.requested = True
 
-  def agreed(self, step: int) -> bool:
+  def agreed(self, step: int, last: bool) -> bool:
+    """Whether to stop after `step` (`last`: the run's last step, where all agree too)."""
     if jax.process_count() == 1:
       return self.requested
-    return bool(self.every and step % self.every == 0) and bool(
+    return (last or bool(self.every and step % self.every == 0)) and bool(
         multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
   def restore(self) -> None:

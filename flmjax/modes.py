@@ -1,7 +1,7 @@
 """The modes of `python -m flmjax.main --mode=MODE`, the one list of them.
 
-This file imports nothing, so that the launch scripts can read the list with
-`python3 flmjax/modes.py` before anything is installed.
+flmjax/main.py runs them; the launch scripts (launch/common.sh) read the names from this
+file as text, one `    "name": ...` line each, so keep that layout.
 """
 
 MODES = {
@@ -19,6 +19,3 @@ MODES = {
     "compile": "compiles the train step, the distillation step and the one-step sampler for "
                "--config.topology and prints memory and FLOPs per chip",
 }
-
-if __name__ == "__main__":
-  print(" ".join(MODES))

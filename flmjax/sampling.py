@@ -141,7 +141,8 @@ def tokens(graphdef, params, rng, grid, *, rule: Rule, batch_size: int, seq_len:
   """Tokens [batch_size, seq_len] int32 from fresh noise; with `mesh`, the samples are
   split over its batch axes and the tokens replicated."""
   model = nnx.merge(graphdef, params)
-  rng_init, rng_steps = jax.random.split(rng)
+  # A rule that takes churn draws it from a second key; the Euler noise is rng's own.
+  rng_init, rng_steps = jax.random.split(rng) if rule.churn else (rng, rng)
   state = initial_state(model, rng_init, (batch_size, seq_len), latent)
   with sharding.tracing_under(mesh):
     probs = _integrate(model, state, grid, rng_steps, rule, latent, churn)

@@ -99,7 +99,8 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
                                task.frozen)
       step += 1
       guard.update(metrics.pop("nonfinite_step"))
-      end = hooks.StepEnd(step, state, metrics, step == cfg.steps, stop.agreed(step))
+      last = step == cfg.steps
+      end = hooks.StepEnd(step, state, metrics, last, stop.agreed(step, last))
       for hook in after:
         hook.after_step(end)
       if end.stopping:
@@ -125,6 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   objective itself."""
   config = registry.with_family(config, objective)
   path = outputs.create_workdir(workdir)
+  teacher_step = fmlm.teacher_step(config, path) if objective.teacher else None
   prepared = pipeline.prepare(config, workdir)
   vocab_size = prepared.tokenizer.vocab_size
   build = dit.builder(config.model, vocab_size, config.seed)
@@ -137,7 +139,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   if not objective.teacher:
     return fit(config, path, prepared, Task(objective.kind, build, objective.build(
         config, vocab_size), validation, samplers))
-  teacher = fmlm.load_teacher(config, path, vocab_size, sharding.make_mesh(config.mesh))
+  teacher = fmlm.load_teacher(config, teacher_step, vocab_size,
+                              sharding.make_mesh(config.mesh))
   validation["distill_"] = objective.build(config, vocab_size, teacher.graphdef, train=False)
   return fit(config, path, prepared, Task(
       objective.kind, build, objective.build(config, vocab_size, teacher.graphdef),

@@ -77,9 +77,11 @@ def _fields(config: ml_collections.ConfigDict) -> None:
     for field in fields:
       if not ok(_get(config, field)):
         raise UsageError(f"{field}={_get(config, field)} must be {meaning}.")
-  if not 0 < config.distill.diagonal_fraction < 1:
-    raise UsageError(f"distill.diagonal_fraction={config.distill.diagonal_fraction} must be "
-                     "in (0, 1): both diagonal and off-diagonal rows are needed.")
+  fractions = config.distill.diagonal_fraction, config.distill.boundary_fraction
+  if not 0 < fractions[0] < 1 or sum(fractions) >= 1:
+    raise UsageError(f"distill.diagonal_fraction={fractions[0]} must be in (0, 1) and leave "
+                     f"room for off-diagonal rows beside distill.boundary_fraction="
+                     f"{fractions[1]}.")
   if not 0 <= config.sample.gamma <= 1:
     raise UsageError(f"sample.gamma={config.sample.gamma}: the churn must be in [0, 1].")
   if config.data.seq_len < 3:
@@ -110,9 +112,10 @@ def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) ->
   batches = {"train": [config], "distill": [student], "pipeline": [config, student],
              "compile": [config, student]}.get(mode, [])
   for run in batches:
-    field = "batch_size" if run is config else "distill.batch_size (or batch_size)"
+    field = ("batch_size" if run is config else
+             "the student's batch (distill.batch_size, or batch_size when it is 0)")
     if run.batch_size % (parallel * config.train.grad_accum):
-      raise UsageError(f"{field}={run.batch_size} must be a multiple of the data-parallel "
+      raise UsageError(f"{field} {run.batch_size} must be a multiple of the data-parallel "
                        f"size {parallel} (mesh data x fsdp) times train.grad_accum="
                        f"{config.train.grad_accum}.")
   if mode in ("distill", "pipeline", "compile"):

@@ -4,11 +4,12 @@
 # the options every script has (--config, --mode).
 
 script="$(basename "$0")"
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 fail() { echo "$script: $*" >&2; exit 2; }
-# The modes flmjax.main accepts, from its one list (flmjax/modes.py imports nothing).
-modes="$(python3 "$repo/flmjax/modes.py")"
+# The modes flmjax.main accepts, read from their one list (the keys of MODES).
+modes="$(sed -n 's/^    "\([a-z]*\)":.*/\1/p' "$repo/flmjax/modes.py" | tr '\n' ' ')"
+modes="${modes% }"
 
 parse_args() {
   dry_run=0 extra=()

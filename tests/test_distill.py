@@ -339,9 +339,9 @@ def test_one_step_student_follows_a_markov_chain():
   euler = _sample(sampling.EULER, teacher_graphdef, teacher, 99, n, length, 32)
   flow_map = {steps: _sample(sampling.FLOW_MAP, student_graphdef, student, 99, n, length,
                              steps) for steps in (1, 4)}
-  # Measured over nine trainings (seeds and float rounding): the teacher's 32 Euler steps
-  # 0.82 to 0.86; the student's one step 0.52 to 0.70 (uniform tokens: 0.125), its four
-  # steps 0.09 to 0.20 higher. (The teacher's one step, argmax D_0(z): 0.14 to 0.57.)
+  # Bars that hold across trainings of this setup (seeds, float rounding); uniform tokens
+  # score 0.125. The teacher's one step, argmax D_0(z), varies too much between trainings
+  # to be asserted.
   assert allowed(euler) >= 0.8
   assert allowed(flow_map[1]) >= 0.45
   assert len({tuple(row) for row in np.asarray(flow_map[1])}) >= 0.9 * n

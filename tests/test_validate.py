@@ -33,6 +33,7 @@ def test_the_default_and_test_configs_are_valid():
     ("noise", "gauss", "noise='gauss' is not one of latent, vocab"),
     ("distill.objective", "mse", "distill.objective='mse' is not one of semigroup, eulerian"),
     ("distill.diagonal_fraction", 1.0, r"distill.diagonal_fraction=1.0 must be in \(0, 1\)"),
+    ("distill.diagonal_fraction", 0.9, "leave room for off-diagonal rows"),
     ("sample.gamma", 1.5, r"sample.gamma=1.5: the churn must be in \[0, 1\]"),
     ("eval.evaluator", "gpt4", "eval.evaluator='gpt4' is not one of smollm2, gpt2, none"),
     ("eval.steps", "1,x", "eval.steps='1,x' must be positive step counts"),
@@ -55,7 +56,7 @@ def test_the_mesh_must_fit_the_devices_and_divide_the_batches():
   assert "needs 3 devices" in _refused(config)
   config = train_config()
   config.batch_size = 12
-  assert "batch_size=12 must be a multiple of the data-parallel size 8" in _refused(config)
+  assert "batch_size 12 must be a multiple of the data-parallel size 8" in _refused(config)
   validate(config, "train", lambda: 4)
   config = train_config()
   config.train.grad_accum = 2
@@ -63,7 +64,8 @@ def test_the_mesh_must_fit_the_devices_and_divide_the_batches():
   config = train_config()
   config.distill.batch_size, config.teacher_checkpoint = 4, "teacher"
   validate(config, "train", lambda: 8)  # the teacher's batch is 8
-  assert "distill.batch_size (or batch_size)=4" in _refused(config, "distill")
+  assert "the student's batch (distill.batch_size, or batch_size when it is 0) 4" in _refused(
+      config, "distill")
 
 
 def test_gradient_accumulation_must_keep_the_students_split():

@@ -138,6 +138,12 @@ def _read_gguf(gguf_file: pathlib.Path) -> tuple[dict, dict]:
       # documents, and <|endoftext|> is the document separator of pretraining.
       "eos_id": tokens.index(EOS) if EOS in tokens else field("tokenizer.ggml.eos_token_id"),
   }
+  return meta, _read_params(reader, gguf_file, meta["n_layer"])
+
+
+def _read_params(reader, gguf_file: pathlib.Path, n_layer: int) -> dict:
+  """The tensors of a Llama GGUF file as float32 numpy: matrices [in, out], block tensors
+  stacked along a leading [n_layer]; a tensor missing or left over is refused."""
   tensors = {t.name: t for t in reader.tensors}
 
   def take(name):
@@ -149,7 +155,7 @@ def _read_gguf(gguf_file: pathlib.Path) -> tuple[dict, dict]:
 
   blocks = {}
   for name in BLOCK_TENSORS:
-    weights = [take(f"blk.{i}.{name}.weight") for i in range(meta["n_layer"])]
+    weights = [take(f"blk.{i}.{name}.weight") for i in range(n_layer)]
     blocks[name] = np.stack([w if w.ndim == 1 else w.T for w in weights])
   params = {"token_embd": take("token_embd.weight"), "blocks": blocks,
             "output_norm": take("output_norm.weight")}
@@ -158,7 +164,7 @@ def _read_gguf(gguf_file: pathlib.Path) -> tuple[dict, dict]:
   if tensors:  # e.g. rope_freqs (rope scaling) or biases: a different model
     raise UsageError(f"{gguf_file} has tensors this Llama forward does not use: "
                      f"{sorted(tensors)[:5]}; it is not a plain Llama model.")
-  return meta, params
+  return params
 
 
 def _save_cache(cache_file: pathlib.Path, meta: dict, params: dict) -> None:

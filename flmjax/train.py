@@ -77,7 +77,9 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   """Trains `task` to config.train.steps."""
   cfg = config.train
   layout, state, checkpoints, batches, record = _start(config, path, prepared, task)
-  step_fn = train_state.compile_step(layout, task.objective, config, task.frozen)
+  step = int(state["step"])
+  step_fn = (train_state.compile_step(layout, task.objective, config, task.frozen)
+             if step < cfg.steps else None)
   log, guard = outputs.MetricsLog(path), hooks.FiniteGuard()
   saving = hooks.Checkpointing(checkpoints, batches, record, guard, cfg.checkpoint_every,
                                checkpoints.latest_step())
@@ -91,7 +93,6 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
                          prepared.tokenizer, config.seed, cfg.sample_every), saving]
   stop = hooks.StopRequest(cfg.log_every)
   batch_sharding = sharding.batch_sharding(layout.mesh)
-  step = int(state["step"])
   try:
     while step < cfg.steps:
       progress.before_step()

@@ -52,14 +52,15 @@ def run_record(config: ml_collections.ConfigDict, tokenizer, kind: str) -> dict:
           "git": git_hash()}
 
 
-def check_compatible(saved: dict, *, kind: str, vocab_size: int, model: dict, where: str,
-                     advice: str) -> None:
-  """Refuses weights whose run kind, vocabulary or architecture (the `model` settings but
-  NOT_ARCHITECTURE) differ from what is expected; the message names each difference."""
+def check_compatible(saved: dict, *, kind: str, vocab_size: int | None, model: dict,
+                     where: str, advice: str) -> None:
+  """Refuses weights whose run kind, vocabulary (unless `vocab_size` is None) or
+  architecture (the `model` settings but NOT_ARCHITECTURE) differ from what is expected;
+  the message names each difference."""
   diffs = []
   if saved.get("kind") != kind:
     diffs.append(f"kind {saved.get('kind')!r} != {kind!r}")
-  if saved.get("vocab_size") != vocab_size:
+  if vocab_size is not None and saved.get("vocab_size") != vocab_size:
     diffs.append(f"vocab_size {saved.get('vocab_size')} != {vocab_size}")
   old = saved["config"]["model"]
   diffs += [f"model.{k} {old.get(k)!r} != {model.get(k)!r}"

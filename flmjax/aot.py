@@ -110,6 +110,8 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
 
   def step(name, cfg, objective, frozen=None, teacher_graphdef=None):
     cfg = registry.with_family(cfg, objective)
+    if objective.kind in registry.NEEDS_MASK:
+      cfg.model.mask_id = vocab - 1  # any id: compiling needs the shapes only
     build = dit.builder(cfg.model, vocab)
     layout = state.plan(cfg, build, mesh)
     loss = objective.build(cfg, vocab, teacher_graphdef)
@@ -117,7 +119,9 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
         name, cfg.batch_size, lambda: state.compile_step(layout, loss, cfg, frozen)), devices))
     return layout
 
-  step("train step", config, registry.OBJECTIVES["flm"])
+  step("train step", config, registry.OBJECTIVES[config.family])
+  if config.family != "flm":  # only FLM has a distillation step and a flow-map sampler
+    return report
   objective = registry.OBJECTIVES[config.distill.objective]
   student = distill.student_config(config)
   teacher_graphdef, teacher_abstract = state.param_layout(dit.builder(

@@ -28,7 +28,9 @@ from flmjax.errors import UsageError
 
 # Model settings that do not change the parameters: a checkpoint may be resumed, sampled
 # or distilled with other values.
-NOT_ARCHITECTURE = ("dropout", "dtype", "attention", "remat")
+NOT_ARCHITECTURE = ("dropout", "dtype", "attention", "remat", "mask_id")
+# Model fields added after checkpoints were written, with the value an older record means.
+ADDED = {"causal": False}
 UNREADABLE = "unreadable_checkpoints"  # beside WORKDIR/checkpoints
 
 
@@ -62,7 +64,8 @@ def check_compatible(saved: dict, *, kind: str, vocab_size: int | None, model: d
     diffs.append(f"kind {saved.get('kind')!r} != {kind!r}")
   if vocab_size is not None and saved.get("vocab_size") != vocab_size:
     diffs.append(f"vocab_size {saved.get('vocab_size')} != {vocab_size}")
-  old = saved["config"]["model"]
+  old = dict(ADDED, **saved["config"]["model"])
+  model = dict(ADDED, **model)
   diffs += [f"model.{k} {old.get(k)!r} != {model.get(k)!r}"
             for k in sorted(set(old) | set(model))
             if k not in NOT_ARCHITECTURE and old.get(k) != model.get(k)]

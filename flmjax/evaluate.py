@@ -3,8 +3,11 @@
 
 Weights come from `config.checkpoint`: a training or distillation workdir (the latest
 checkpoint's EMA weights) or an export. The run record saved with them says which family
-the model is, and the family its sampler (flmjax/registry.py): Euler for an FLM teacher,
-the flow map (with churn `sample.gamma`) for an FMLM student.
+the model is, and the family its samplers (flmjax/registry.py): Euler for an FLM teacher,
+the flow map (with churn `sample.gamma`) for an FMLM student, and the baselines' own;
+`sample.sampler` picks one by name. Every row reports the network calls per sample; the
+baselines' rows also report their validation NLL (a bound for MDLM and SEDD, exact for AR)
+and its exponential, the validation perplexity, on eval.valid_batches batches.
 
 Evaluation (the paper's protocol, section 7): samples (seed `seed`) are decoded to text,
 re-encoded with the evaluator's tokenizer, cut to L tokens and padded with its EOS, and
@@ -21,6 +24,7 @@ With `eval.evaluator=none` the samples are written unjudged; `--mode=score` judg
 later, on a machine that has the evaluator's weights.
 """
 
+import copy
 import json
 import time
 
@@ -29,12 +33,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from flmjax import checkpoint, metrics, outputs, registry, sampling, sharding, state
+from flmjax import checkpoint, hooks, metrics, outputs, registry, sharding, state
 from flmjax.data import pipeline
 from flmjax.data.tokenizers import load_tokenizer
 from flmjax.errors import UsageError
 from flmjax.evaluators import load_evaluator
 from flmjax.models import dit
+from flmjax.sampling import params_mesh
 from flmjax.validate import step_counts
 
 
@@ -42,6 +47,7 @@ def load(config: ml_collections.ConfigDict, directory: str):
   """(record, graphdef, EMA params, tokenizer) of the weights in `directory`, placed on
   the mesh of `config.mesh`."""
   record = checkpoint.read_record(directory)
+  registry.family(record["kind"], directory)
   graphdef, abstract = state.param_layout(
       dit.builder(record["config"]["model"], record["vocab_size"]),
       sharding.make_mesh(config.mesh))
@@ -49,11 +55,13 @@ def load(config: ml_collections.ConfigDict, directory: str):
   return record, graphdef, params, load_tokenizer(record["tokenizer"])
 
 
-def sampler_for(record: dict, steps: int, num_samples: int, gamma: float, latent: bool):
-  """(name, function (graphdef, params, rng) -> tokens) for the family of the weights."""
-  rule = registry.family(record["kind"], "this checkpoint").sampler
-  return sampling.sampler(rule, steps, num_samples, record["config"]["data"]["seq_len"],
-                          gamma, latent)
+def sampler_for(config, record: dict, tokenizer, steps: int, num_samples: int):
+  """(name, function (graphdef, params, rng) -> (tokens, calls)) for the weights of
+  `record` with config.sample's options."""
+  return registry.sampler(record["kind"], config, steps, num_samples,
+                          seq_len=record["config"]["data"]["seq_len"],
+                          mask_id=record["config"]["model"].get("mask_id", -1),
+                          bos_id=tokenizer.bos_id)
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[str]]:
@@ -61,8 +69,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[st
   per sample (measured on a second, compiled run)."""
   path = outputs.create_workdir(workdir)
   record, graphdef, params, tokenizer = load(config, config.checkpoint)
-  name, sampler = sampler_for(record, config.sample.steps, config.sample.num_samples,
-                              config.sample.gamma, config.noise == "latent")
+  registry.check_sample_options(record["kind"], config.sample, config.checkpoint)
+  name, sampler = sampler_for(config, record, tokenizer, config.sample.steps,
+                              config.sample.num_samples)
   jax.block_until_ready(sampler(graphdef, params, jax.random.PRNGKey(config.seed + 1)))
   out = path / "samples" / f"{name}.json"
   written = outputs.write_samples(out, {name: sampler}, graphdef, params, tokenizer,
@@ -111,35 +120,57 @@ def judge(evaluator, texts: list[str], reference: np.ndarray, seq_len: int,
   return {**result, "fd": metrics.frechet_distance(features, reference)}
 
 
-def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, float]:
-  """Tokens and seconds per sample of a compiled (warmed-up) sampler."""
+def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, int, float]:
+  """Tokens, network calls per sample and seconds per sample of a compiled (warmed-up)
+  sampler."""
   jax.block_until_ready(sampler(graphdef, params, jax.random.fold_in(rng, 1)))
   start = time.perf_counter()
-  tokens = np.asarray(jax.block_until_ready(sampler(graphdef, params, rng)))
-  return tokens, (time.perf_counter() - start) / len(tokens)
+  tokens, calls = jax.block_until_ready(sampler(graphdef, params, rng))
+  seconds = (time.perf_counter() - start) / len(tokens)
+  return np.asarray(tokens), int(calls), seconds
 
 
-def _sample_rows(config, label: str, directory: str, steps: list[int], judged) -> list[dict]:
-  """A row per step count of the weights in `directory`: samples, entropy, seconds per
-  sample and what `judged(texts)` gives."""
+def validation_nll(config, record: dict, graphdef, params, prepared) -> dict:
+  """{valid_nll, valid_ppl} of a baseline on eval.valid_batches validation batches (its
+  own loss without dropout: an NLL bound per token, exact for AR); {} for FLM and FMLM,
+  which define no likelihood."""
+  if not registry.FAMILIES[record["kind"]].likelihood or not config.eval.valid_batches:
+    return {}
+  run = ml_collections.ConfigDict(record["config"])
+  objective = registry.OBJECTIVES[record["kind"]].build(run, record["vocab_size"],
+                                                        train=False)
+  settings = copy.deepcopy(config)
+  settings.train.eval_batches = config.eval.valid_batches
+  found = hooks.validation_loss(objective, graphdef, prepared, settings,
+                                params_mesh(params) or sharding.make_mesh(config.mesh))(params)
+  if found is None:
+    return {}
+  return {"valid_nll": found["loss"], "valid_ppl": float(np.exp(found["loss"]))}
+
+
+def _sample_rows(config, label: str, directory: str, steps: list[int], judged,
+                 prepared) -> list[dict]:
+  """A row per step count of the weights in `directory`: samples, entropy, network calls
+  and seconds per sample, the validation NLL where the family defines one and what
+  `judged(texts)` gives."""
   record, graphdef, params, tokenizer = load(config, directory)
-  rule = registry.family(record["kind"], directory).sampler
+  likelihood = validation_nll(config, record, graphdef, params, prepared)
   rows = []
   for n in steps:
-    name, sampler = sampling.sampler(rule, n, config.eval.num_samples,
-                                     record["config"]["data"]["seq_len"],
-                                     config.sample.gamma if rule.churn else 0.0,
-                                     config.noise == "latent")
-    tokens, seconds = _timed_samples(sampler, graphdef, params,
-                                     jax.random.PRNGKey(config.seed))
+    name, sampler = sampler_for(config, record, tokenizer, n, config.eval.num_samples)
+    tokens, calls, seconds = _timed_samples(sampler, graphdef, params,
+                                            jax.random.PRNGKey(config.seed))
     texts = tokenizer.decode_batch(tokens)
     row = {"model": label, "kind": record["kind"], "sampler": name, "steps": n,
-           "seconds_per_sample": seconds, "entropy": metrics.unigram_entropy(tokens),
-           "samples": texts, **judged(texts)}
+           "network_calls": calls, "seconds_per_sample": seconds,
+           "entropy": metrics.unigram_entropy(tokens), **likelihood, "samples": texts,
+           **judged(texts)}
     rows.append(row)
     outputs.say(f"eval {label} {name}: " + ", ".join(
-        f"{k} {row[k]:.4g}" for k in ("gen_ppl", "fd", "entropy", "seconds_per_sample")
-        if k in row))
+        f"{k} {row[k]:.4g}" for k in ("gen_ppl", "fd", "entropy", "network_calls",
+                                      "seconds_per_sample", "valid_ppl") if k in row))
+    if record["kind"] == "ar":  # its sample does not depend on the step count
+      break
   return rows
 
 
@@ -152,7 +183,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   path = outputs.create_workdir(workdir) / "eval"
   # The dataset row's data first, so that a config that cannot give them fails before any
   # sampling.
-  dataset, dataset_texts, reference = _dataset_texts(config, workdir, {
+  prepared, dataset, dataset_texts, reference = _dataset_texts(config, workdir, {
       directory: checkpoint.read_record(directory) for directory, _ in models.values()})
   evaluator = None
   if cfg.evaluator != "none":
@@ -167,7 +198,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   rows = []
   for label, (directory, steps) in models.items():
-    rows += _sample_rows(config, label, directory, steps, judged)
+    rows += _sample_rows(config, label, directory, steps, judged, prepared)
   rows.append({"model": "dataset", "kind": "data", "sampler": "validation split", "steps": 0,
                "entropy": metrics.unigram_entropy(dataset), "samples": dataset_texts,
                **judged(dataset_texts)})
@@ -176,7 +207,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _dataset_texts(config, workdir, records: dict[str, dict]):
-  """(tokens [N, L] and texts of the dataset row, texts of the FD reference): the first
+  """(the prepared data, tokens [N, L] and texts of the dataset row, texts of the FD
+  reference): the first
   eval.num_samples held-out examples of the validation split, then eval.reference_samples
   more; prepared with this config, which must have the evaluated models' L and tokenizer."""
   for directory, record in records.items():
@@ -202,7 +234,7 @@ def _dataset_texts(config, workdir, records: dict[str, dict]):
                        "settings.")
   texts = prepared.tokenizer.decode_batch(np.concatenate(tokens))
   dataset = np.concatenate(tokens[:config.eval.num_samples])
-  return dataset, texts[:len(dataset)], texts[len(dataset):]
+  return prepared, dataset, texts[:len(dataset)], texts[len(dataset):]
 
 
 def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int,
@@ -212,14 +244,16 @@ def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int,
   path.mkdir(parents=True, exist_ok=True)
   outputs.write_json(path / "results.json", {"evaluator": evaluator, "seq_len": seq_len,
                                              "rows": rows, "reference": reference})
-  lines = [f"| model | sampler | steps | gen PPL ({evaluator}) | FD | entropy | s/sample |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [f"| model | sampler | steps | calls | gen PPL ({evaluator}) | FD | entropy | "
+           "s/sample | valid PPL |", "|---|---|---|---|---|---|---|---|---|"]
+
+  def cell(row, key, form):
+    return format(row[key], form) if key in row else "-"
   for row in rows:
-    ppl = f"{row['gen_ppl']:.2f}" if "gen_ppl" in row else "-"
-    fd = f"{row['fd']:.1f}" if "fd" in row else "-"
-    seconds = f"{row['seconds_per_sample']:.4f}" if "seconds_per_sample" in row else "-"
-    lines.append(f"| {row['model']} | {row['sampler']} | {row['steps'] or '-'} | {ppl} | "
-                 f"{fd} | {row['entropy']:.2f} | {seconds} |")
+    lines.append(f"| {row['model']} | {row['sampler']} | {row['steps'] or '-'} | "
+                 f"{cell(row, 'network_calls', 'd')} | {cell(row, 'gen_ppl', '.2f')} | "
+                 f"{cell(row, 'fd', '.1f')} | {row['entropy']:.2f} | "
+                 f"{cell(row, 'seconds_per_sample', '.4f')} | {cell(row, 'valid_ppl', '.2f')} |")
   table = "\n".join(lines) + "\n"
   outputs.write_text(path / "results.md", table)
   outputs.say(table)
@@ -227,7 +261,8 @@ def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int,
 
 
 def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
-  """Gen PPL and FD against steps, and against seconds per sample (log axis), per model."""
+  """Gen PPL and FD against network calls per sample, and against seconds per sample (log
+  axes), a line per model."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -239,14 +274,15 @@ def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
   for (metric, name), (by_steps, by_time) in zip(panels.items(), axes):
     for label in dict.fromkeys(r["model"] for r in scored):
       mine = [r for r in scored if r["model"] == label]
-      by_steps.plot([r["steps"] for r in mine], [r[metric] for r in mine], "o-", label=label)
+      by_steps.plot([r.get("network_calls", r["steps"]) for r in mine],
+                    [r[metric] for r in mine], "o-", label=label)
       by_time.plot([r["seconds_per_sample"] for r in mine], [r[metric] for r in mine], "o-",
                    label=label)
     for r in rows:
       if r["kind"] == "data" and metric in r:
         for axis in (by_steps, by_time):
           axis.axhline(r[metric], color="gray", linestyle="--", label="dataset")
-    by_steps.set(xscale="log", xlabel="steps", ylabel=name)
+    by_steps.set(xscale="log", xlabel="network calls per sample", ylabel=name)
     by_time.set(xscale="log", xlabel="seconds per sample", ylabel=name)
     by_steps.legend()
   figure.tight_layout()

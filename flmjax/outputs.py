@@ -11,7 +11,6 @@ import time
 
 from etils import epath
 import jax
-import numpy as np
 
 from flmjax.errors import UsageError
 
@@ -77,16 +76,17 @@ class MetricsLog:
 
 def write_samples(path: epath.Path, samplers: dict, graphdef, params, tokenizer,
                   rng) -> dict[str, list[str]]:
-  """Runs each sampler (graphdef, params, rng) -> tokens [N, L], decodes the tokens and
-  writes {name: {seconds_per_sample, samples}} to `path` as JSON. Seconds include
-  compilation the first time a sampler runs."""
+  """Runs each sampler (graphdef, params, rng) -> (tokens [N, L], network calls), decodes
+  the tokens and writes {name: {seconds_per_sample, network_calls, samples}} to `path` as
+  JSON. Seconds include compilation the first time a sampler runs."""
   written, record = {}, {}
   for name, sampler in samplers.items():
     start = time.perf_counter()
-    tokens = np.asarray(sampler(graphdef, params, rng))
+    tokens, calls = jax.device_get(sampler(graphdef, params, rng))
     seconds = time.perf_counter() - start
     written[name] = tokenizer.decode_batch(tokens)
-    record[name] = {"seconds_per_sample": seconds / len(tokens), "samples": written[name]}
+    record[name] = {"seconds_per_sample": seconds / len(tokens), "network_calls": int(calls),
+                    "samples": written[name]}
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)

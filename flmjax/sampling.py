@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flmjax import flow, sharding
-from flmjax.errors import UsageError
 from flmjax.schedule import get_schedule
 
 
@@ -152,23 +151,51 @@ def tokens(graphdef, params, rng, grid, *, rule: Rule, batch_size: int, seq_len:
   return jax.lax.with_sharding_constraint(result, sharding.replicated(mesh))
 
 
+def nucleus(probs: jax.Array, temperature: float = 1.0, top_p: float = 1.0) -> jax.Array:
+  """probs [..., V] at `temperature` (p^(1/T), renormalised), then restricted to its
+  nucleus: the smallest set of most probable tokens whose mass reaches top_p (a token is
+  kept when the mass of the tokens ranked above it is below top_p, so the top one always
+  is), renormalised. The identity at T = 1, top_p = 1."""
+  if temperature != 1.0:
+    probs = jax.nn.softmax(jnp.log(probs) / temperature, axis=-1)
+  if top_p < 1.0:
+    order = jnp.argsort(-probs, axis=-1)
+    ranked = jnp.take_along_axis(probs, order, axis=-1)
+    keep = jnp.cumsum(ranked, axis=-1) - ranked < top_p
+    keep = jnp.take_along_axis(keep, jnp.argsort(order, axis=-1), axis=-1)
+    probs = jnp.where(keep, probs, 0.0)
+    probs = probs / probs.sum(axis=-1, keepdims=True)
+  return probs
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How a sampler factory (steps, num_samples, seq_len, options) -> function samples,
+  beside its step count: from config.sample and the weights (`of`)."""
+  gamma: float = 0.0  # churn of the flow-map sampler
+  latent: bool = True  # the continuous state as z @ E (config.noise == "latent")
+  temperature: float = 1.0  # discrete baselines only
+  top_p: float = 1.0  # discrete baselines only
+  mask_id: int = -1  # absorbing baselines: the mask token
+  bos_id: int = 0  # autoregressive baseline: the first token
+
+
 def params_mesh(params):
   """The mesh the parameters are placed on (None when they are not on one)."""
   placement = getattr(params["vocab_embed"], "sharding", None)
   return placement.mesh if isinstance(placement, jax.sharding.NamedSharding) else None
 
 
-def sampler(rule: Rule, steps: int, num_samples: int, seq_len: int, gamma: float = 0.0,
-            latent: bool = True) -> tuple[str, Callable]:
-  """(name, function (graphdef, params, rng) -> tokens [num_samples, seq_len] int32)."""
-  if gamma and not rule.churn:
-    raise UsageError(f"sample.gamma={gamma} is the churn of the flow-map sampler, but these "
-                     f"weights take the {rule.name} sampler; set sample.gamma=0 or point "
-                     "config.checkpoint at a distilled student.")
+def sampler(rule: Rule) -> Callable:
+  """The sampler factory (steps, num_samples, seq_len, Options) -> function (graphdef,
+  params, rng) -> (tokens [num_samples, seq_len] int32, network calls) of a flow rule."""
+  def make(steps: int, num_samples: int, seq_len: int, options: Options):
+    gamma = options.gamma if rule.churn else 0.0
 
-  def sample(graphdef, params, rng):
-    grid = rule.grid(params["vocab_embed"].shape[0], steps, gamma)
-    return tokens(graphdef, params, rng, grid, rule=rule, batch_size=num_samples,
-                  seq_len=seq_len, latent=latent, churn=bool(np.any(grid["noise"] > 0)),
-                  mesh=params_mesh(params))
-  return f"{rule.name}_{steps}", sample
+    def sample(graphdef, params, rng):
+      grid = rule.grid(params["vocab_embed"].shape[0], steps, gamma)
+      return tokens(graphdef, params, rng, grid, rule=rule, batch_size=num_samples,
+                    seq_len=seq_len, latent=options.latent,
+                    churn=bool(np.any(grid["noise"] > 0)), mesh=params_mesh(params)), steps
+    return sample
+  return make

@@ -1,5 +1,5 @@
-"""The one training loop, and the two modes that run it: `train` (the FLM teacher) and
-`distill` (an FMLM student from a frozen teacher).
+"""The one training loop, and the two modes that run it: `train` (the FLM teacher, or the
+discrete baseline of config.family) and `distill` (an FMLM student from a frozen teacher).
 
 `fit` trains a `Task` from WORKDIR's newest readable checkpoint to train.steps: one
 compiled step (flmjax/state.py), then the hooks of flmjax/hooks.py (progress, validation,
@@ -14,7 +14,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from flmjax import checkpoint, distill as fmlm, hooks, outputs, registry, sampling, sharding
+from flmjax import checkpoint, distill as fmlm, hooks, outputs, registry, sharding
 from flmjax import state as train_state
 from flmjax.data import pipeline
 from flmjax.errors import Stopped
@@ -122,22 +122,22 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
 
 def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -> Result:
   """Prepares the data and trains `objective`'s model in WORKDIR (from a frozen teacher
-  when the objective takes one): samples at train.sample_steps (teacher) or 1, 2 and 4
-  steps (student), validation of the data's denoising loss and, with a teacher, of the
-  objective itself."""
-  config = registry.with_family(config, objective)
+  when the objective takes one): samples at train.sample_steps (teacher, baselines) or 1,
+  2 and 4 steps (student), validation of the data's loss (FLM's denoising loss for FLM and
+  FMLM, the baseline's own NLL or bound) and, with a teacher, of the objective itself."""
   path = outputs.create_workdir(workdir)
   teacher_step, teacher_record = (fmlm.check_teacher(config, path) if objective.teacher
                                   else (None, None))
   prepared = pipeline.prepare(config, workdir)
+  config = registry.with_family(config, objective, prepared.tokenizer)
   vocab_size = prepared.tokenizer.vocab_size
   build = dit.builder(config.model, vocab_size, config.seed)
-  rule = registry.FAMILIES[objective.kind].sampler
   steps = (1, 2, 4) if objective.teacher else (config.train.sample_steps,)
-  samplers = dict(sampling.sampler(rule, n, config.train.num_samples, config.data.seq_len,
-                                   config.sample.gamma if rule.churn else 0.0,
-                                   config.noise == "latent") for n in steps)
-  validation = {"": registry.OBJECTIVES["flm"].build(config, vocab_size, train=False)}
+  samplers = dict(registry.sampler(
+      objective.kind, config, n, config.train.num_samples, seq_len=config.data.seq_len,
+      mask_id=config.model.mask_id, bos_id=prepared.tokenizer.bos_id) for n in steps)
+  data_loss = "flm" if objective.teacher else objective.name
+  validation = {"": registry.OBJECTIVES[data_loss].build(config, vocab_size, train=False)}
   if not objective.teacher:
     return fit(config, path, prepared, Task(objective.kind, build, objective.build(
         config, vocab_size), validation, samplers))
@@ -152,8 +152,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`--mode=train`: the FLM teacher; the final train state."""
-  return run(config, workdir, registry.OBJECTIVES["flm"]).state
+  """`--mode=train`: the model of config.family (flm: the FLM teacher); the final train
+  state."""
+  return run(config, workdir, registry.OBJECTIVES[config.family]).state
 
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> Result:

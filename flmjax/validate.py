@@ -25,7 +25,9 @@ CHOICES = {
     "model.attention": ("auto", "plain", "fused"),
     "model.dtype": ("float32", "bfloat16"),
     "noise": ("latent", "vocab"),
+    "family": registry.TRAINABLE,
     "distill.objective": registry.DISTILLATION,
+    "sample.sampler": ("auto", *registry.SAMPLERS),
     "eval.evaluator": (*EVALUATORS, "none"),
 }
 POSITIVE = (
@@ -34,11 +36,12 @@ POSITIVE = (
     "train.learning_rate", "train.eps", "train.grad_accum", "train.log_every",
     "train.sample_steps", "train.num_samples", "train.keep_checkpoints", "distill.steps",
     "distill.learning_rate", "sample.steps", "sample.num_samples", "eval.num_samples",
-    "eval.batch_size")
+    "eval.batch_size", "sample.temperature")
 NON_NEGATIVE = (
     "data.max_documents", "model.attn_softcap", "model.output_cap", "train.weight_decay",
     "train.grad_clip", "train.warmup_steps", "train.eval_every", "train.eval_batches",
-    "train.sample_every", "train.checkpoint_every", "train.keep_period", "distill.batch_size")
+    "train.sample_every", "train.checkpoint_every", "train.keep_period", "distill.batch_size",
+    "eval.valid_batches")
 BELOW_ONE = (  # in [0, 1)
     "data.valid_fraction", "model.dropout", "train.b1", "train.b2", "train.ema_decay",
     "distill.b2", "distill.boundary_fraction")
@@ -82,6 +85,9 @@ def _fields(config: ml_collections.ConfigDict) -> None:
     raise UsageError(f"distill.diagonal_fraction={fractions[0]} must be in (0, 1) and leave "
                      f"room for off-diagonal rows beside distill.boundary_fraction="
                      f"{fractions[1]}.")
+  if not 0 < config.sample.top_p <= 1:
+    raise UsageError(f"sample.top_p={config.sample.top_p}: the nucleus mass must be in "
+                     "(0, 1]; 1 turns it off.")
   if not 0 <= config.sample.gamma <= 1:
     raise UsageError(f"sample.gamma={config.sample.gamma}: the churn must be in [0, 1].")
   if config.data.seq_len < 3:
@@ -129,6 +135,10 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   bad field is reported before any device is started)."""
   _fields(config)
   _model(config.model)
+  if mode in ("distill", "pipeline") and config.family != "flm":
+    raise UsageError(f"family={config.family}: --mode={mode} distills an FLM teacher into "
+                     "its flow map; set family=flm, or train the baseline with --mode=train "
+                     "(--mode=compare trains every family).")
   if mode == "train" and config.model.two_time:
     raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
                      "one-time FLM teacher.")

@@ -299,7 +299,8 @@ def _distilled(vocab_size, batches, teacher_steps, student_steps, boundary_fract
 
 
 def _sample(rule, graphdef, params, seed, n, length, steps):
-  return sampling.sampler(rule, steps, n, length)[1](graphdef, params, jax.random.key(seed))
+  return sampling.sampler(rule)(steps, n, length, sampling.Options())(
+      graphdef, params, jax.random.key(seed))[0]
 
 
 @pytest.mark.slow
@@ -361,11 +362,12 @@ def test_distill_mode_exports_weights_that_sample_identically(tmp_path):
   assert record["kind"] == "fmlm" and record["config"]["model"]["two_time"]
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result.state["ema"])):
     np.testing.assert_array_equal(a, b)
-  name, sampler = evaluate.sampler_for(record, 2, 4, 0.5, True)
+  config.sample.gamma = 0.5
+  name, sampler = evaluate.sampler_for(config, record, tokenizer, 2, 4)
   assert name == "flowmap_2"
-  np.testing.assert_array_equal(sampler(graphdef, params, jax.random.key(0)),
+  np.testing.assert_array_equal(sampler(graphdef, params, jax.random.key(0))[0],
                                 sampler(result.layout.graphdef, result.state["ema"],
-                                        jax.random.key(0)))
+                                        jax.random.key(0))[0])
   lines = [json.loads(l) for l in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
   valid = [l for l in lines if "valid_distill_loss" in l][-1]
   assert valid["step"] == 3 and valid["valid_distill_offdiagonal_loss"] > 0

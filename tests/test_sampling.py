@@ -11,7 +11,6 @@ import pytest
 
 from conftest import randomize
 from flmjax import flow, sampling
-from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
 
@@ -80,19 +79,14 @@ def test_latent_and_v_space_samplers_give_identical_tokens():
 def test_sampler_compiles_once_per_batch_length_and_steps():
   graphdef, params = _random_model()
   before = sampling.tokens._cache_size()
-  name, sample = sampling.sampler(sampling.EULER, 4, B, L)
+  sample = sampling.sampler(sampling.EULER)(4, B, L, sampling.Options())
   for seed in range(3):
-    tokens = sample(graphdef, params, jax.random.key(seed))
-  assert name == "euler_4" and tokens.shape == (B, L) and tokens.dtype == jnp.int32
+    tokens, calls = sample(graphdef, params, jax.random.key(seed))
+  assert tokens.shape == (B, L) and tokens.dtype == jnp.int32 and calls == 4
   assert sampling.tokens._cache_size() == before + 1
-  sampling.sampler(sampling.EULER, 5, B, L)[1](graphdef, params, jax.random.key(0))
+  sampling.sampler(sampling.EULER)(5, B, L, sampling.Options())(graphdef, params,
+                                                                jax.random.key(0))
   assert sampling.tokens._cache_size() == before + 2
-
-
-def test_churn_on_a_sampler_without_it_is_refused():
-  with pytest.raises(UsageError, match="sample.gamma=0.8 is the churn of the flow-map"):
-    sampling.sampler(sampling.EULER, 4, 2, L, gamma=0.8)
-  assert sampling.sampler(sampling.FLOW_MAP, 4, 2, L, gamma=0.8)[0] == "flowmap_4"
 
 
 def test_flow_map_grid_without_churn_is_the_deterministic_flow_map():
@@ -194,6 +188,6 @@ def test_a_model_trained_on_one_sequence_samples_it_back():
   # From pure noise the network can place tokens only through the sequence's edges, so
   # one step is not exact yet; a few Euler steps are.
   for steps in (8, 32):
-    samples = sampling.sampler(sampling.EULER, steps, 8, L)[1](graphdef, params,
-                                                               jax.random.key(99))
+    samples = sampling.sampler(sampling.EULER)(steps, 8, L, sampling.Options())(
+        graphdef, params, jax.random.key(99))[0]
     np.testing.assert_array_equal(samples, jnp.broadcast_to(sequence, (8, L)))

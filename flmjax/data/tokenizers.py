@@ -1,7 +1,10 @@
 """Tokenizers behind one small interface: SentencePiece, GPT-2 BPE and BERT WordPiece.
 
 `vocab_size` is V, the size of the model's vocabulary: every id a tokenizer can emit,
-the pad id included. `fingerprint` identifies the files that define the tokenizer, so a
+the pad id included. `mask_id` is the id the absorbing baselines use as their mask
+(BASELINES.md section 1.1): BERT's [MASK]; for GPT-2 and SentencePiece the pad id, which
+is reserved (the prepared data are packed and never hold it), as the reference's GPT-2
+mask is its added pad row. `fingerprint` identifies the files that define the tokenizer, so a
 prepared cache built with another tokenizer is never reused.
 """
 
@@ -34,6 +37,7 @@ class Tokenizer(abc.ABC):
   bos_id: int
   eos_id: int
   pad_id: int
+  mask_id: int | None
   fingerprint: str
 
   @abc.abstractmethod
@@ -71,6 +75,7 @@ class SentencePieceTokenizer(Tokenizer):
     if self.pad_id < 0:  # a model without a pad piece gets one extra id
       self.pad_id = self.vocab_size
       self.vocab_size += 1
+    self.mask_id = self.pad_id
     self.fingerprint = _digest(b"sentencepiece", model)
 
   def encode_batch(self, texts):
@@ -108,7 +113,7 @@ class GPT2Tokenizer(_HuggingFaceTokenizer):
     super().__init__(tok)
     self.source = str(encoder_json.parent)
     self.bos_id = self.eos_id = tok.token_to_id("<|endoftext|>")
-    self.pad_id = tok.token_to_id(GPT2_PAD)
+    self.pad_id = self.mask_id = tok.token_to_id(GPT2_PAD)
     self.fingerprint = _digest(b"gpt2", encoder_json.read_bytes(), vocab_bpe.read_bytes())
 
 
@@ -135,6 +140,7 @@ class BertTokenizer(_HuggingFaceTokenizer):
     self.source = str(vocab_txt)
     self.bos_id = self.eos_id = vocab["[CLS]"]
     self.pad_id = vocab["[PAD]"]
+    self.mask_id = vocab.get("[MASK]")
     self.fingerprint = _digest(b"bert", vocab_txt.read_bytes())
 
 

@@ -1,9 +1,15 @@
 """The DiT denoiser of FLM and FMLM (the paper's DiT backbone), in Flax NNX.
 
 The network never sees a V-dimensional input: callers pass `h = x @ E` ([B, L, D], see
-`DiT.embed` and flmjax/flow.py), and it returns V logits per position. Time conditioning is
+`DiT.embed` and flmjax/flow.py), or the rows E[x] of token ids (`DiT.embed_ids`, the
+discrete baselines), and it returns V logits per position. Time conditioning is
 `c = silu(temb(tau_s))`, or `c = silu(temb(tau_s) + temb2(tau_t))` for the two-time flow
-map, whose second embedder starts at zero so the student starts equal to the teacher.
+map, whose second embedder starts at zero so the student starts equal to the teacher. The
+baselines feed their noise level sigma to the same embedder (BASELINES.md section 1.2).
+
+`causal=True` is the autoregressive baseline: causal attention, no time embedder and no
+adaLN (block = x + attn(rope(LN(x))), then x + MLP(LN(x))); `decode` runs it one token
+at a time over a key/value cache.
 
 Precision: parameters are float32; the input projection, LayerNorms, time MLP and
 modulation run in float32; the blocks' matmuls and attention run in `dtype` (bfloat16 by
@@ -64,19 +70,22 @@ def timestep_embedding(tau: jax.Array, dim: int = FREQ_DIM, max_period: float = 
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def rotary(x: jax.Array, base: float = 1e4) -> jax.Array:
-  """Rotate-half rotary embedding of x [B, L, H, Dh] by position (non-interleaved)."""
+def rotary(x: jax.Array, start=0, base: float = 1e4) -> jax.Array:
+  """Rotate-half rotary embedding of x [B, L, H, Dh] at positions start, start + 1, ...
+  (non-interleaved)."""
   head_dim = x.shape[-1]
   inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq[None]
+  positions = start + jnp.arange(x.shape[1], dtype=jnp.float32)
+  angles = positions[:, None] * inv_freq[None]
   angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention(q, k, v, softcap: float, fused: bool):
-  """Non-causal attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap).
+def attention(q, k, v, softcap: float, fused: bool, causal: bool = False):
+  """Attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap); `causal`
+  lets position i see positions <= i only.
 
   `fused` uses jax.nn.dot_product_attention (its default, XLA implementation), which has no
   soft cap, so it is only valid with softcap = 0.
@@ -84,10 +93,13 @@ def attention(q, k, v, softcap: float, fused: bool):
   if fused:
     if softcap:
       raise ValueError("fused attention has no soft cap; use it with attn_softcap=0")
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(q.shape[-1])
-  probs = jax.nn.softmax(flow.soft_cap(scores, softcap), axis=-1).astype(v.dtype)
+  scores = flow.soft_cap(scores, softcap)
+  if causal:
+    scores = jnp.where(jnp.tril(jnp.ones(scores.shape[-2:], bool)), scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
@@ -101,10 +113,6 @@ def split_batch(x):
   if x.shape[0] % data_parallel_size(mesh):
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
-
-
-def modulate(x, shift, scale):
-  return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def dropout(x, rate: float, rng):
@@ -138,9 +146,10 @@ class TimeEmbedder(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block with adaLN-Zero modulation from the conditioning c."""
+  """Pre-LN transformer block with adaLN-Zero modulation from the conditioning c, or,
+  without `adaln` (the causal baseline), plain residual branches."""
 
-  def __init__(self, dim, heads, cond, mlp_ratio, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim, heads, cond, mlp_ratio, *, dtype, rngs: nnx.Rngs, adaln=True):
     self.heads, self.dtype = heads, dtype
     self.norm1 = LayerNorm(dim, rngs=rngs)
     self.attn_qkv = _linear(dim, 3 * dim, ("embed", "heads"), use_bias=False, dtype=dtype,
@@ -150,23 +159,53 @@ class Block(nnx.Module):
     self.norm2 = LayerNorm(dim, rngs=rngs)
     self.mlp_in = _linear(dim, mlp_ratio * dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
     self.mlp_out = _linear(mlp_ratio * dim, dim, ("mlp", "embed"), dtype=dtype, rngs=rngs)
-    self.adaln = _linear(cond, 6 * dim, ("cond", "embed"), zero=True, rngs=rngs)
+    self.adaln = _linear(cond, 6 * dim, ("cond", "embed"), zero=True, rngs=rngs) \
+        if adaln else None
 
-  def __call__(self, x, c, *, softcap, fused, dropout_rate, rng):
-    """x [B, L, D] float32 residual stream, c [B, cond] -> [B, L, D] float32."""
-    (shift_attn, scale_attn, gate_attn,
-     shift_mlp, scale_mlp, gate_mlp) = jnp.split(self.adaln(c), 6, axis=-1)
-    rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
+  def _modulation(self, c):
+    """(shift, scale, gate) of the attention and of the MLP branch."""
+    if self.adaln is None:
+      return (0.0, 0.0, 1.0), (0.0, 0.0, 1.0)
+    chunks = jnp.split(self.adaln(c), 6, axis=-1)
+    return (tuple(x[:, None] for x in chunks[:3]), tuple(x[:, None] for x in chunks[3:]))
+
+  def _qkv(self, x, shift, scale, start=0):
+    """q, k, v [B, L, H, Dh] in `dtype`, q and k rotated from position `start`."""
     batch, length, dim = x.shape
-    qkv = self.attn_qkv(modulate(self.norm1(x), shift_attn, scale_attn))
+    qkv = self.attn_qkv(self.norm1(x) * (1 + scale) + shift)
     # QKV features are laid out (3, heads, head_dim): all of q, then k, then v.
     q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.heads, dim // self.heads), 2, 0)
-    q, k, v = rotary(q.astype(self.dtype)), rotary(k.astype(self.dtype)), v.astype(self.dtype)
-    attn = attention(q, k, v, softcap, fused).reshape(batch, length, dim)
-    x = x + gate_attn[:, None] * dropout(self.attn_out(attn), dropout_rate, rng_attn)
-    hidden = self.mlp_in(modulate(self.norm2(x), shift_mlp, scale_mlp))
-    hidden = jax.nn.gelu(hidden, approximate=True)
-    return x + gate_mlp[:, None] * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
+    return (rotary(q.astype(self.dtype), start), rotary(k.astype(self.dtype), start),
+            v.astype(self.dtype))
+
+  def _mlp(self, x, attn, attn_mod, mlp_mod, dropout_rate, rng):
+    """The residual stream after the attention output `attn` [B, L, D] and the MLP."""
+    rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
+    x = x + attn_mod[2] * dropout(self.attn_out(attn), dropout_rate, rng_attn)
+    shift, scale, gate = mlp_mod
+    hidden = jax.nn.gelu(self.mlp_in(self.norm2(x) * (1 + scale) + shift), approximate=True)
+    return x + gate * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
+
+  def __call__(self, x, c, *, softcap, fused, dropout_rate, rng, causal=False):
+    """x [B, L, D] float32 residual stream, c [B, cond] -> [B, L, D] float32."""
+    attn_mod, mlp_mod = self._modulation(c)
+    q, k, v = self._qkv(x, *attn_mod[:2])
+    attn = attention(q, k, v, softcap, fused, causal).reshape(x.shape)
+    return self._mlp(x, attn, attn_mod, mlp_mod, dropout_rate, rng)
+
+  def decode(self, x, cache, position):
+    """The causal block at one position: x [B, 1, D], cache (k, v) [B, L, H, Dh] holding
+    positions < `position` -> (x [B, 1, D], the cache with this position added)."""
+    attn_mod, mlp_mod = self._modulation(None)
+    q, k, v = self._qkv(x, 0.0, 0.0, position)
+    keys, values = (jax.lax.dynamic_update_slice_in_dim(c, new, position, axis=1)
+                    for c, new in zip(cache, (k, v)))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    seen = jnp.arange(keys.shape[1]) <= position
+    probs = jax.nn.softmax(jnp.where(seen, scores, -jnp.inf), axis=-1).astype(values.dtype)
+    attn = jnp.einsum("bhqk,bkhd->bqhd", probs, values).reshape(x.shape)
+    return self._mlp(x, attn, attn_mod, mlp_mod, 0.0, None), (keys, values)
 
 
 class DiT(nnx.Module):
@@ -176,14 +215,17 @@ class DiT(nnx.Module):
                mlp_ratio: int = 4, dropout_rate: float = 0.0, attn_softcap: float = 50.0,
                output_cap: float = 30.0, two_time: bool = False,
                learned_loss_weight: bool = False, attention_impl: str = "auto",
-               remat: bool = False, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+               causal: bool = False, remat: bool = False, dtype=jnp.bfloat16,
+               rngs: nnx.Rngs):
     if dim % heads or (dim // heads) % 2:
       raise ValueError(f"width {dim} must split into {heads} heads of even size")
     if attention_impl not in ("auto", "plain", "fused"):
       raise ValueError(f"attention_impl must be auto, plain or fused, not {attention_impl!r}")
     if attention_impl == "fused" and attn_softcap:
       raise ValueError("attention_impl=fused has no soft cap: set attn_softcap=0 or use plain")
-    self.vocab_size, self.dim, self.remat = vocab_size, dim, remat
+    if causal and (attn_softcap or two_time or learned_loss_weight):
+      raise ValueError("the causal model has no attention soft cap and no time input")
+    self.vocab_size, self.dim, self.remat, self.causal = vocab_size, dim, remat, causal
     self.dropout_rate, self.attn_softcap, self.output_cap = dropout_rate, attn_softcap, output_cap
     self.fused = attention_impl == "fused" or (attention_impl == "auto" and not attn_softcap)
     # E, the input projection: kaiming-uniform (a = sqrt(5)) with fan_in = D, as PyTorch
@@ -192,14 +234,15 @@ class DiT(nnx.Module):
                                                    out_axis=-2)
     self.vocab_embed = nnx.Param(embed_init(rngs.params(), (vocab_size, dim)),
                                  out_sharding=("vocab", "embed"), eager_sharding=False)
-    self.sigma_map = TimeEmbedder(cond, rngs=rngs)
+    self.sigma_map = None if causal else TimeEmbedder(cond, rngs=rngs)
     self.sigma_map_prime = TimeEmbedder(cond, rngs=rngs, zero_last=True) if two_time else None
     self.loss_weight_mlp = _linear(cond, 1, ("cond", None), rngs=rngs, zero=True) \
         if learned_loss_weight else None
-    self.blocks = nnx.List([Block(dim, heads, cond, mlp_ratio, dtype=dtype, rngs=rngs)
-                            for _ in range(depth)])
+    self.blocks = nnx.List([Block(dim, heads, cond, mlp_ratio, dtype=dtype, rngs=rngs,
+                                  adaln=not causal) for _ in range(depth)])
     self.norm_final = LayerNorm(dim, rngs=rngs)
-    self.final_adaln = _linear(cond, 2 * dim, ("cond", "embed"), zero=True, rngs=rngs)
+    self.final_adaln = None if causal else _linear(cond, 2 * dim, ("cond", "embed"),
+                                                   zero=True, rngs=rngs)
     self.output = _linear(dim, vocab_size, ("embed", "vocab"), zero=True, dtype=dtype,
                           rngs=rngs)
 
@@ -211,8 +254,15 @@ class DiT(nnx.Module):
     """x [..., V] (a noisy one-hot) -> x @ E [..., D], a float32 dense projection."""
     return flow.project(x, self.vocab_embed[...])
 
+  def embed_ids(self, ids: jax.Array) -> jax.Array:
+    """Token ids [...] -> their rows E[ids] [..., D] float32."""
+    return jnp.take(self.vocab_embed[...], ids, axis=0)
+
   def conditioning(self, tau_s, tau_t=None):
-    """c [B, cond] from tau_s [B] (and tau_t [B] for the two-time flow map)."""
+    """c [B, cond] from tau_s [B] (and tau_t [B] for the two-time flow map); None for the
+    causal model, which has no time input."""
+    if self.causal:
+      return None
     temb = self.sigma_map(tau_s)
     if self.two_time:
       temb = temb + self.sigma_map_prime(tau_s if tau_t is None else tau_t)
@@ -235,7 +285,7 @@ class DiT(nnx.Module):
     x = split_batch(h.astype(jnp.float32))
 
     options = {"softcap": self.attn_softcap, "fused": self.fused,
-               "dropout_rate": self.dropout_rate}
+               "dropout_rate": self.dropout_rate, "causal": self.causal}
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       if self.remat:  # keep only the block's input for the backward pass; recompute the rest
@@ -245,9 +295,31 @@ class DiT(nnx.Module):
       else:
         x = block(x, c, rng=rng, **options)
       x = split_batch(x)
-    shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
-    logits = self.output(modulate(self.norm_final(x), shift, scale))
+    return self._logits(x, c, capped)
+
+  def _logits(self, x, c, capped: bool = True):
+    x = self.norm_final(x)
+    if c is not None:
+      shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
+      x = x * (1 + scale[:, None]) + shift[:, None]
+    logits = self.output(x)
     return flow.soft_cap(logits, self.output_cap) if capped else logits
+
+  def empty_cache(self, batch_size: int, seq_len: int) -> list:
+    """The causal model's key/value cache for `decode`: per block (k, v) [B, L, H, Dh]."""
+    heads = self.blocks[0].heads
+    shape = (batch_size, seq_len, heads, self.dim // heads)
+    return [(jnp.zeros(shape, block.dtype), jnp.zeros(shape, block.dtype))
+            for block in self.blocks]
+
+  def decode(self, h, cache: list, position) -> tuple[jax.Array, list]:
+    """The causal model at one position: h [B, 1, D] (E[token]) and the cache of the
+    positions before -> (logits [B, 1, V] float32, the cache with this position)."""
+    x, updated = h.astype(jnp.float32), []
+    for block, entry in zip(self.blocks, cache):
+      x, entry = block.decode(x, entry, position)
+      updated.append(entry)
+    return self._logits(x, None), updated
 
 
 def builder(cfg: ml_collections.ConfigDict | dict, vocab_size: int,
@@ -261,8 +333,8 @@ def builder(cfg: ml_collections.ConfigDict | dict, vocab_size: int,
                mlp_ratio=cfg.mlp_ratio, dropout_rate=cfg.dropout,
                attn_softcap=cfg.attn_softcap, output_cap=cfg.output_cap,
                two_time=cfg.two_time, learned_loss_weight=cfg.learned_loss_weight,
-               attention_impl=cfg.attention, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype),
-               rngs=nnx.Rngs(seed))
+               attention_impl=cfg.attention, causal=cfg.get("causal", False),
+               remat=cfg.remat, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
   return build
 
 

@@ -1,0 +1,221 @@
+"""The absorbing-state discrete diffusion baselines: MDLM and SEDD (BASELINES.md sections
+1, 3 and 4).
+
+Time runs the other way from FLM's: t = 1 is pure noise, t = 0 data. Each token is
+independently replaced by the mask id m with probability 1 - alpha_t, with the log-linear
+schedule alpha_t = 1 - (1 - 1e-3) t and sigma_t = -log alpha_t. The network reads token
+ids (rows of E) and its time input is sigma: 0 for MDLM (no time conditioning), sigma_t
+for SEDD.
+
+- MDLM: SUBS parameterisation (the mask logit removed, clean positions copied); loss
+  -alpha'_t / (1 - alpha_t) log p(x0 | x_t) = (1 / t) x cross entropy at masked positions.
+- SEDD: log score log s_v = f_v - log(e^sigma - 1) - log(V - 1) (s_v estimates
+  p_t(v) / p_t(m) at a masked position); denoising score entropy
+  sigma'(t) [sum_{v != m} s_v - q log s_{x0} + q (log q - 1)], q = 1 / (e^sigma - 1), at
+  masked positions.
+
+Both losses are token-weighted means over the batch and are also the validation bound on
+the negative log likelihood per token (no prior term; the integral starts at t = 1e-3).
+
+Sampling (one compiled scan, `tokens`): from all-mask at t = 1 along
+t_i = linspace(1, 1e-5, k + 1), then one noise-removal call at t = 1e-5, so k + 1 network
+calls. At a masked position a step unmasks with probability u and draws the token from a
+distribution pi over real tokens, which is the reference's categorical draw over
+{real tokens, m} factored in two (the same distribution; it avoids drawing between
+weights of very different sizes in float32):
+- MDLM `ancestral`: pi = p_theta, u = (alpha_s - alpha_t) / (1 - alpha_t); the
+  noise-removal step has u = 1. `ancestral_cache` reuses p_theta when no token of the batch
+  changed in the last step (exact, since MDLM ignores time); its call count is 1 + the
+  steps that changed a token.
+- SEDD `analytic` (Tweedie): pi = s / sum s over real tokens, u = (e^d - 1) sum_{v != m} s_v
+  with d = sigma_t - sigma_s; the final denoiser has u = 1.
+Temperature and nucleus (top-p) apply to pi (sampling.nucleus).
+"""
+
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flmjax import sampling, sharding
+
+EPS = 1e-3  # the schedule's alpha_1 and the smallest training time (both 1e-3)
+LAST_TIME = 1e-5  # where the samplers' grid ends
+SUPPRESSED = -1e6  # a logit that removes its token
+
+
+def alpha(t):
+  """alpha_t = 1 - (1 - eps) t: the probability that a token is still clean."""
+  return 1 - (1 - EPS) * t
+
+
+def sigma(t):
+  """sigma_t = -log alpha_t."""
+  return -jnp.log1p(-(1 - EPS) * t)
+
+
+def training_times(rng: jax.Array, n: int) -> jax.Array:
+  """t_i = eps + (1 - eps) (r_i + i) / n [n], r_i ~ U[0, 1) independent, permuted."""
+  rng_r, rng_perm = jax.random.split(rng)
+  u = (jax.random.uniform(rng_r, (n,)) + jnp.arange(n)) / n
+  return EPS + (1 - EPS) * jax.random.permutation(rng_perm, u)
+
+
+def mask_tokens(rng: jax.Array, x0: jax.Array, t: jax.Array, mask_id: int) -> jax.Array:
+  """x_t: each token of x0 [B, L] replaced by mask_id with probability 1 - alpha_t [B]."""
+  masked = jax.random.uniform(rng, x0.shape) < 1 - alpha(t)[:, None]
+  return jnp.where(masked, mask_id, x0)
+
+
+def subs_log_probs(logits: jax.Array, mask_id: int) -> jax.Array:
+  """MDLM's log p_theta [B, L, V] over real tokens: the mask logit removed, normalised.
+  (SUBS's carry-over of clean positions is applied where it matters: the loss counts
+  masked positions only, and the sampler never changes a clean one.)"""
+  return jax.nn.log_softmax(logits.at[..., mask_id].set(SUPPRESSED), axis=-1)
+
+
+def mdlm_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
+  """-alpha'_t / (1 - alpha_t) log p_theta(x0 | x_t) at masked positions, 0 elsewhere
+  [B, L]; logits [B, L, V] float32, t [B]."""
+  log_p = jnp.take_along_axis(subs_log_probs(logits, mask_id), x0[..., None], -1)[..., 0]
+  weight = (1 - EPS) / (1 - alpha(t))  # -alpha'_t / (1 - alpha_t)
+  return jnp.where(xt == mask_id, -weight[:, None] * log_p, 0.0)
+
+
+def sedd_log_score(logits, sigma_t, vocab_size: int):
+  """log s [B, L, V] = f - log(e^sigma - 1) - log(V - 1) (before the entry at x_t,
+  which SEDD sets to 0, so that its masked-position entry m drops out of every sum)."""
+  return logits - jnp.log(jnp.expm1(sigma_t))[:, None, None] - np.log(vocab_size - 1)
+
+
+def sedd_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
+  """Denoising score entropy at masked positions, 0 elsewhere [B, L]."""
+  sigma_t = sigma(t)
+  log_score = sedd_log_score(logits, sigma_t, logits.shape[-1])
+  real = log_score.at[..., mask_id].set(-jnp.inf)
+  positive = jnp.exp(jax.nn.logsumexp(real, axis=-1))  # sum over v != m of s_v
+  log_s_x0 = jnp.take_along_axis(log_score, x0[..., None], -1)[..., 0]
+  q = (1 / jnp.expm1(sigma_t))[:, None]
+  dsigma = ((1 - EPS) / alpha(t))[:, None]  # sigma'(t) = -alpha'_t / alpha_t
+  entropy = positive - q * log_s_x0 + q * (jnp.log(q) - 1)
+  return jnp.where(xt == mask_id, dsigma * entropy, 0.0)
+
+
+def _objective(token_loss, time_conditioning: bool):
+  def build(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
+            train: bool = True):
+    del vocab_size, teacher_graphdef
+    mask_id = config.model.mask_id
+
+    def objective(model, batch, rng, frozen):
+      del frozen
+      x0 = batch["tokens"]
+      rng_t, rng_mask, rng_dropout = jax.random.split(rng, 3)
+      t = training_times(rng_t, x0.shape[0])
+      xt = mask_tokens(rng_mask, x0, t, mask_id)
+      time = sigma(t) if time_conditioning else jnp.zeros_like(t)
+      logits = model(model.embed_ids(xt), time, dropout_rng=rng_dropout if train else None)
+      loss = token_loss(logits, xt, x0, t, mask_id).mean()
+      return loss, {"loss": loss, "masked": (xt == mask_id).mean()}
+    return objective
+  return build
+
+
+mdlm_objective = _objective(mdlm_token_loss, time_conditioning=False)
+sedd_objective = _objective(sedd_token_loss, time_conditioning=True)
+
+
+# --- Samplers ---------------------------------------------------------------------------
+
+
+def grid(steps: int) -> dict[str, np.ndarray]:
+  """Host float64 rows of the k steps and the noise-removal call [k + 1]: the noise level
+  the network sees (sigma_t), MDLM's unmasking probability u and SEDD's d."""
+  if steps < 1:
+    raise ValueError(f"steps must be at least 1, got {steps}")
+  t = np.linspace(1.0, LAST_TIME, steps + 1)
+  alpha_t = 1 - (1 - EPS) * t
+  alpha_s = np.append(alpha_t[1:], 1.0)  # the noise-removal step goes to alpha = 1
+  sigma_t = -np.log(alpha_t)
+  return {"sigma": sigma_t, "unmask": (alpha_s - alpha_t) / (1 - alpha_t),
+          "d": sigma_t - np.append(sigma_t[1:], 0.0),
+          "last": np.arange(steps + 1) == steps}
+
+
+def _mdlm_step(model, x, row, mask_id):
+  """(pi [B, L, V], u [B, L]) of MDLM at state x."""
+  probs = jnp.exp(subs_log_probs(model(model.embed_ids(x), jnp.zeros(x.shape[:1])), mask_id))
+  return probs, jnp.full(x.shape, row["unmask"])
+
+
+def _sedd_step(model, x, row, mask_id):
+  """(pi, u) of SEDD's analytic step (u = 1 at the final denoiser)."""
+  sigma_t = jnp.full(x.shape[:1], row["sigma"])
+  log_score = sedd_log_score(model(model.embed_ids(x), sigma_t), sigma_t, model.vocab_size)
+  log_score = log_score.at[..., mask_id].set(-jnp.inf)
+  total = jax.nn.logsumexp(log_score, axis=-1)
+  unmask = jnp.where(row["last"], 1.0, jnp.expm1(row["d"]) * jnp.exp(total))
+  return jnp.exp(log_score - total[..., None]), jnp.clip(unmask, 0.0, 1.0)
+
+
+STEPS = {"mdlm": _mdlm_step, "sedd": _sedd_step}
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "graphdef", "kind", "batch_size", "seq_len", "mask_id", "cache", "temperature", "top_p",
+    "mesh"))
+def tokens(graphdef, params, rng, rows, *, kind: str, batch_size: int, seq_len: int,
+           mask_id: int, cache: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           mesh=None) -> tuple[jax.Array, jax.Array]:
+  """(tokens [B, L] int32, network calls) of a `kind` (mdlm or sedd) sample over `rows`
+  (`grid`); `cache` (MDLM only) skips the call when the last step changed no token."""
+  model = nnx.merge(graphdef, params)
+  step_fn = STEPS[kind]
+  rows = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if x.dtype != bool else bool),
+                      rows)
+
+  def body(carry, inputs):
+    x, probs, changed, calls = carry
+    row, key = inputs
+    if cache:  # MDLM's probabilities depend on x only: reuse them while x is unchanged
+      probs, unmask = jax.lax.cond(
+          changed, lambda: step_fn(model, x, row, mask_id),
+          lambda: (probs, jnp.full(x.shape, row["unmask"])))
+      calls, kept = calls + changed, probs
+    else:
+      probs, unmask = step_fn(model, x, row, mask_id)
+      calls, kept = calls + 1, carry[1]
+    key_unmask, key_token = jax.random.split(key)
+    drawn = jax.random.categorical(
+        key_token, jnp.log(sampling.nucleus(probs, temperature, top_p)), axis=-1)
+    reveal = (x == mask_id) & (jax.random.uniform(key_unmask, x.shape) < unmask)
+    new = jnp.where(reveal, drawn, x)
+    return (new, kept, jnp.any(new != x), calls), None
+
+  x = jnp.full((batch_size, seq_len), mask_id, jnp.int32)
+  # Only the cache carries the probabilities [B, L, V] from step to step.
+  probs = jnp.zeros((batch_size, seq_len, model.vocab_size) if cache else (), jnp.float32)
+  keys = jax.random.split(rng, len(rows["sigma"]))
+  with sharding.tracing_under(mesh):
+    (x, _, _, calls), _ = jax.lax.scan(body, (x, probs, jnp.array(True), jnp.int32(0)),
+                                       (rows, keys))
+  if mesh is not None:
+    x = jax.lax.with_sharding_constraint(x, sharding.replicated(mesh))
+  return x, calls
+
+
+def sampler(kind: str, cache: bool = False):
+  """A sampler factory (see sampling.Options) of `kind` (mdlm or sedd)."""
+  def make(steps: int, num_samples: int, seq_len: int, options: sampling.Options):
+    rows = grid(steps)
+
+    def sample(graphdef, params, rng):
+      return tokens(graphdef, params, rng, rows, kind=kind, batch_size=num_samples,
+                    seq_len=seq_len, mask_id=options.mask_id, cache=cache,
+                    temperature=options.temperature, top_p=options.top_p,
+                    mesh=sampling.params_mesh(params))
+    return sample
+  return make

@@ -1,0 +1,285 @@
+"""The discrete baselines (MDLM, SEDD, AR): schedule, losses, samplers and the family
+rules, each checked against a closed form or a second code path written here."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import randomize, train_config
+from flmjax import absorbing, autoregressive, evaluate, registry, sampling, train
+from flmjax.errors import UsageError
+from flmjax.models import dit
+from flmjax.validate import validate
+
+V, M = 12, 11  # vocabulary and mask id (the last row, as GPT-2's)
+
+
+def _config(mask_id=M):
+  return ml_collections.ConfigDict({"model": {"mask_id": mask_id}})
+
+
+def _constant_model(logits: np.ndarray, causal=False):
+  """A DiT whose output is `logits` [V] at every position and time: the zero-initialised
+  output layer leaves its bias."""
+  model = dit.DiT(V, 16, 1, 2, 8, attn_softcap=0.0 if causal else 50.0, output_cap=0.0,
+                  causal=causal, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  model.output.bias[...] = jnp.asarray(logits, jnp.float32)
+  return model
+
+
+def _data_distribution():
+  p = np.arange(1.0, V, dtype=np.float64)  # real tokens 0..V-2, mask excluded
+  return p / p.sum()
+
+
+def _iid_tokens(p, shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).choice(len(p), size=shape, p=p), jnp.int32)
+
+
+def test_log_linear_schedule_values():
+  # BASELINES.md section 1.3: t = 0.5 -> alpha 0.5005, sigma 0.69215; alpha_1 = 1e-3.
+  np.testing.assert_allclose(absorbing.alpha(0.5), 0.5005)
+  np.testing.assert_allclose(absorbing.sigma(jnp.float32(0.5)), 0.69215, atol=1e-5)
+  np.testing.assert_allclose(absorbing.alpha(1.0), 1e-3)
+
+
+def test_training_times_are_stratified_in_eps_to_one():
+  t = np.sort(np.asarray(absorbing.training_times(jax.random.key(0), 64)))
+  u = (t - absorbing.EPS) / (1 - absorbing.EPS)
+  assert np.all((u >= np.arange(64) / 64) & (u < np.arange(1, 65) / 64))
+
+
+def test_masking_rate_is_one_minus_alpha():
+  x0 = jnp.zeros((4, 20000), jnp.int32)
+  t = jnp.array([0.0, 0.25, 0.5, 1.0])
+  rate = np.asarray((absorbing.mask_tokens(jax.random.key(1), x0, t, M) == M).mean(1))
+  np.testing.assert_allclose(rate, 1 - absorbing.alpha(np.asarray(t)), atol=0.012)
+
+
+@pytest.mark.parametrize("kind", ["mdlm", "sedd"])
+def test_optimal_denoiser_loss_is_the_data_entropy(kind):
+  """Tokens drawn independently from p: the optimal MDLM denoiser predicts p, the optimal
+  SEDD score is p_t(v) / p_t(m) = q p(v) (its logits log p + log(V - 1)). Either loss,
+  averaged over t in [eps, 1] and the masking, is (1 - eps) H(p) per token."""
+  p = _data_distribution()
+  logits = np.append(np.log(p), 0.0) + (np.log(V - 1) if kind == "sedd" else 0.0)
+  model = _constant_model(logits)
+  build = {"mdlm": absorbing.mdlm_objective, "sedd": absorbing.sedd_objective}[kind]
+  objective = build(_config(), V, train=False)
+  losses = [float(objective(model, {"tokens": _iid_tokens(p, (256, 32), seed)},
+                            jax.random.key(seed), None)[0]) for seed in range(4)]
+  entropy = -(p * np.log(p)).sum()
+  np.testing.assert_allclose(np.mean(losses), (1 - absorbing.EPS) * entropy, rtol=0.04)
+
+
+def test_perfect_denoiser_of_known_tokens_has_zero_loss():
+  x0 = jax.random.randint(jax.random.key(0), (4, 16), 0, M)
+  xt = absorbing.mask_tokens(jax.random.key(1), x0, jnp.full((4,), 0.7), M)
+  t = jnp.full((4,), 0.7)
+  sure = 40.0 * jax.nn.one_hot(x0, V)  # p(x0) = 1 - O(e^-40)
+  np.testing.assert_allclose(absorbing.mdlm_token_loss(sure, xt, x0, t, M), 0, atol=1e-5)
+  # SEDD: the score of a certain token is q at x0 and 0 elsewhere.
+  q = 1 / np.expm1(absorbing.sigma(0.7))
+  score = jnp.log(q * jax.nn.one_hot(x0, V) + 1e-30) + jnp.log(
+      jnp.expm1(absorbing.sigma(t)))[:, None, None] + np.log(V - 1)
+  np.testing.assert_allclose(absorbing.sedd_token_loss(score, xt, x0, t, M), 0, atol=1e-4)
+
+
+def test_sedd_loss_is_minimised_by_the_true_score_ratio():
+  """For a masked position whose clean token is distributed as p, the expected denoising
+  score entropy is stationary at s_v = p_t(v) / p_t(m) = alpha p(v) / (1 - alpha), the
+  ratio of the forward process's marginals, and there equals the MDLM loss."""
+  p = jnp.asarray(_data_distribution(), jnp.float32)
+  t = jnp.array([0.3])
+  a = absorbing.alpha(0.3)
+  ratio = a * p / (1 - a)
+  logits = jnp.append(jnp.log(ratio), 0.0) + jnp.log(jnp.expm1(absorbing.sigma(t))) + \
+      np.log(V - 1)
+  xt = jnp.full((1, 1), M)
+
+  def expected(logits, token_loss):
+    losses = jnp.stack([token_loss(logits[None, None], xt, jnp.full((1, 1), v), t, M)[0, 0]
+                        for v in range(V - 1)])
+    return (p * losses).sum()
+
+  grad = jax.grad(expected)(logits, absorbing.sedd_token_loss)
+  np.testing.assert_allclose(grad, 0, atol=1e-5)
+  mdlm_logits = jnp.append(jnp.log(p), 0.0)
+  np.testing.assert_allclose(expected(logits, absorbing.sedd_token_loss),
+                             expected(mdlm_logits, absorbing.mdlm_token_loss), rtol=1e-5)
+
+
+def test_sampler_grid_ends_with_the_noise_removal_step():
+  grid = absorbing.grid(4)
+  np.testing.assert_allclose(1 - np.exp(-grid["sigma"]),
+                             1 - absorbing.alpha(np.linspace(1, 1e-5, 5)), atol=1e-12)
+  assert grid["unmask"][-1] == 1 and list(grid["last"]) == [False] * 4 + [True]
+
+
+def _samples(model, kind, steps, seed=0, n=512, length=4, cache=False, **options):
+  graphdef, params = nnx.split(model)
+  return absorbing.tokens(graphdef, nnx.to_pure_dict(params), jax.random.key(seed),
+                          absorbing.grid(steps), kind=kind, batch_size=n, seq_len=length,
+                          mask_id=M, cache=cache, **options)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_mdlm_and_sedd_samplers_draw_the_modelled_tokens(steps):
+  """With the exact model of independent tokens ~ p, MDLM's ancestral and SEDD's analytic
+  steps are the same reverse process (SEDD unmasks with (e^d - 1) sum s = (alpha_s -
+  alpha_t) / (1 - alpha_t)): the same draws give the same tokens, distributed as p, after
+  k + 1 network calls."""
+  p = _data_distribution()
+  mdlm, mdlm_calls = _samples(_constant_model(np.append(np.log(p), 0.0)), "mdlm", steps)
+  sedd, sedd_calls = _samples(_constant_model(np.append(np.log(p) + np.log(V - 1), 0.0)),
+                              "sedd", steps)
+  assert int(mdlm_calls) == int(sedd_calls) == steps + 1
+  np.testing.assert_array_equal(mdlm, sedd)
+  frequency = np.bincount(np.asarray(mdlm).ravel(), minlength=V) / mdlm.size
+  np.testing.assert_allclose(frequency[:M], p, atol=0.025)
+  assert frequency[M] == 0
+
+
+def test_mdlm_cache_gives_the_same_samples_with_fewer_calls():
+  model = randomize(_constant_model(np.zeros(V)))
+  plain, plain_calls = _samples(model, "mdlm", 64, n=2, length=6)
+  cached, cached_calls = _samples(model, "mdlm", 64, n=2, length=6, cache=True)
+  np.testing.assert_array_equal(plain, cached)
+  assert int(plain_calls) == 65 and 1 < int(cached_calls) <= 13  # at most 12 changes
+  assert not np.any(np.asarray(cached) == M)
+
+
+def test_nucleus_and_temperature_closed_forms():
+  p = jnp.array([0.5, 0.3, 0.15, 0.05])
+  np.testing.assert_allclose(sampling.nucleus(p, top_p=0.8), [0.625, 0.375, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(sampling.nucleus(p, top_p=0.81),
+                             np.array([0.5, 0.3, 0.15, 0]) / 0.95, atol=1e-6)
+  np.testing.assert_allclose(sampling.nucleus(p, top_p=0.1), [1, 0, 0, 0])
+  squared = np.array([0.25, 0.09, 0.0225, 0.0025])
+  np.testing.assert_allclose(sampling.nucleus(p, temperature=0.5), squared / squared.sum(),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(sampling.nucleus(p), p)
+
+
+def test_temperature_and_top_p_reach_the_mdlm_draws():
+  p = _data_distribution()
+  model = _constant_model(np.append(np.log(p), 0.0))
+  tokens, _ = _samples(model, "mdlm", 2, top_p=0.3)
+  kept = np.asarray(sampling.nucleus(jnp.asarray(p, jnp.float32), top_p=0.3)) > 0
+  assert set(np.unique(tokens)) == set(np.flatnonzero(kept))
+
+
+def test_causal_model_sees_only_the_past_and_its_cache_decodes_the_same():
+  model = randomize(_constant_model(np.zeros(V), causal=True))
+  ids = jax.random.randint(jax.random.key(0), (2, 7), 0, V)
+  full = model(model.embed_ids(ids), None)
+  changed = model(model.embed_ids(ids.at[:, -1].set((ids[:, -1] + 1) % V)), None)
+  np.testing.assert_array_equal(full[:, :-1], changed[:, :-1])
+  cache, stepwise = model.empty_cache(2, 7), []
+  for i in range(7):
+    logits, cache = model.decode(model.embed_ids(ids[:, i:i + 1]), cache, i)
+    stepwise.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(stepwise, 1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_ar_loss_is_the_mean_next_token_log_loss():
+  model = randomize(_constant_model(np.zeros(V), causal=True))
+  x0 = jax.random.randint(jax.random.key(3), (3, 9), 0, M)
+  loss = autoregressive.objective(_config(), V, train=False)(model, {"tokens": x0},
+                                                            jax.random.key(0), None)[0]
+  logits = np.asarray(model(model.embed_ids(x0[:, :-1]), None), np.float64)
+  logits[..., M] = -1e6
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                           keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, np.asarray(x0[:, 1:])[..., None], -1).mean()
+  np.testing.assert_allclose(loss, nll, rtol=1e-5)
+
+
+def test_ar_sampler_equals_rerunning_the_prefix_with_the_same_draws():
+  model = randomize(_constant_model(np.zeros(V), causal=True), scale=0.5)
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  rng, length, bos = jax.random.key(5), 6, 2
+  cached = autoregressive.tokens(graphdef, params, rng, batch_size=3, seq_len=length,
+                                 bos_id=bos, suppressed=M)
+  tokens = jnp.full((3, 1), bos, jnp.int32)  # the reference's way: the whole prefix each time
+  for position, key in enumerate(jax.random.split(rng, length - 1)):
+    logits = model(model.embed_ids(tokens), None)[:, position].at[:, M].set(-1e6)
+    drawn = jax.random.categorical(key, jnp.log(jax.nn.softmax(logits)), axis=-1)
+    tokens = jnp.concatenate([tokens, drawn[:, None].astype(jnp.int32)], axis=1)
+  np.testing.assert_array_equal(cached, tokens)
+
+
+def test_ar_sampler_follows_a_known_model():
+  p = _data_distribution()
+  model = _constant_model(np.append(np.log(p), -30.0), causal=True)
+  graphdef, params = nnx.split(model)
+  tokens = autoregressive.tokens(graphdef, nnx.to_pure_dict(params), jax.random.key(0),
+                                 batch_size=512, seq_len=5, bos_id=0, suppressed=M)
+  assert np.all(np.asarray(tokens[:, 0]) == 0)
+  frequency = np.bincount(np.asarray(tokens[:, 1:]).ravel(), minlength=V) / tokens[:, 1:].size
+  np.testing.assert_allclose(frequency[:M], p, atol=0.025)
+
+
+# --- family rules -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, field, value, message", [
+    ("ar", "sampler", "flowmap", "sample.sampler=flowmap: W holds a ar model, whose samplers"),
+    ("mdlm", "gamma", 0.5, "sample.gamma=0.5 is the churn"),
+    ("flm", "temperature", 0.7, "sample.temperature=0.7 and sample.top_p=1.0 apply to the "
+                                "discrete"),
+    ("fmlm", "sampler", "ancestral", "whose samplers are flowmap"),
+])
+def test_a_sampler_option_the_family_does_not_take_is_refused(kind, field, value, message):
+  sample = train_config().sample
+  sample[field] = value
+  with pytest.raises(UsageError, match=message):
+    registry.check_sample_options(kind, sample, "W")
+
+
+def test_distillation_needs_an_flm_teacher_family():
+  config = train_config()
+  config.family = "mdlm"
+  config.teacher_checkpoint = "somewhere"
+  for mode in ("distill", "pipeline"):
+    with pytest.raises(UsageError, match=f"family=mdlm: --mode={mode} distills an FLM"):
+      validate(config, mode, lambda: 1)
+  validate(config, "train", lambda: 1)
+
+
+def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():
+  class NoMask:
+    kind, source, mask_id = "bert", "vocab.txt", None
+  with pytest.raises(UsageError, match="family=mdlm needs a mask id, and this bert"):
+    registry.with_family(train_config(), registry.OBJECTIVES["mdlm"], NoMask())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mdlm", "sedd", "ar"])
+def test_each_baseline_trains_resumes_and_evaluates(tmp_path, family):
+  config = train_config(steps=4, eval_every=4, sample_every=4)
+  config.family = family
+  config.data.dir = str(tmp_path / "data")
+  train.train(config, str(tmp_path / "run"))
+  record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "run"))
+  assert record["kind"] == family and record["config"]["model"]["mask_id"] == \
+      tokenizer.mask_id == tokenizer.pad_id
+  config.checkpoint = str(tmp_path / "run")
+  config.eval.update(evaluator="none", steps="1,4", num_samples=4, reference_samples=4,
+                     valid_batches=2)
+  rows = evaluate.eval_mode(config, str(tmp_path / "eval"))
+  model_rows = [r for r in rows if r["kind"] == family]
+  calls = [r["network_calls"] for r in model_rows]
+  if family == "ar":
+    assert calls == [config.data.seq_len - 1]  # one row: its sample ignores the step count
+  elif family == "sedd":
+    assert calls == [2, 5]
+  else:  # the cache: 1 + the steps that changed a token
+    assert 1 < calls[0] <= 2 and 1 < calls[1] <= 5
+  assert all(r["valid_ppl"] == pytest.approx(np.exp(r["valid_nll"])) for r in model_rows)
+  assert all(len(r["samples"]) == 4 for r in model_rows)

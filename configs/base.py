@@ -179,6 +179,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The pipeline's step counts for the teacher and the student.
   config.eval.teacher_steps = "1,8,64"
   config.eval.student_steps = "1,2,4"
+  # --mode=compare: the step counts of every family (AR always takes L - 1 calls).
+  config.eval.compare_steps = "1,2,4,8,16,64"
 
   # How the noise is drawn. "latent" draws eps @ E ~ N(0, E^T E) in D dimensions and
   # samples in D dimensions: faster and leaner, the same distribution of the network's

@@ -161,6 +161,8 @@ def _sample_rows(config, label: str, directory: str, steps: list[int], judged,
     tokens, calls, seconds = _timed_samples(sampler, graphdef, params,
                                             jax.random.PRNGKey(config.seed))
     texts = tokenizer.decode_batch(tokens)
+    if record["kind"] == "ar":  # its sample does not depend on a step count: L - 1 tokens
+      n = record["config"]["data"]["seq_len"] - 1
     row = {"model": label, "kind": record["kind"], "sampler": name, "steps": n,
            "network_calls": calls, "seconds_per_sample": seconds,
            "entropy": metrics.unigram_entropy(tokens), **likelihood, "samples": texts,
@@ -169,7 +171,7 @@ def _sample_rows(config, label: str, directory: str, steps: list[int], judged,
     outputs.say(f"eval {label} {name}: " + ", ".join(
         f"{k} {row[k]:.4g}" for k in ("gen_ppl", "fd", "entropy", "network_calls",
                                       "seconds_per_sample", "valid_ppl") if k in row))
-    if record["kind"] == "ar":  # its sample does not depend on the step count
+    if record["kind"] == "ar":
       break
   return rows
 

@@ -5,6 +5,7 @@ flmjax/modes.py. The config is checked once (flmjax/validate.py) before anything
 prepared or compiled; a usage error is printed as one line with exit status 2.
 """
 
+import copy
 import os
 import sys
 
@@ -61,9 +62,33 @@ def run_pipeline(config, workdir: str) -> None:
       "FMLM": (student, step_counts(config.eval.student_steps, "eval.student_steps"))})
 
 
+BASELINES = ("mdlm", "sedd", "ar")
+
+
+def run_compare(config, workdir: str) -> None:
+  """The pipeline's teacher and student, then each baseline of BASELINES trained with the
+  same data, tokenizer, backbone, batch and train.steps (WORKDIR/FAMILY), then all of them
+  evaluated in one table and plot (WORKDIR/eval): FLM, FMLM, MDLM and SEDD at each of
+  eval.compare_steps, AR once (its L - 1 calls). Rerunning resumes each stage."""
+  config.data.dir = config.data.dir or os.path.join(workdir, "data")
+  prepare(config, workdir)
+  teacher, student = os.path.join(workdir, "teacher"), os.path.join(workdir, "student")
+  train.train(config, teacher)
+  config.teacher_checkpoint = teacher
+  train.distill(config, student)
+  steps = step_counts(config.eval.compare_steps, "eval.compare_steps")
+  models = {"FLM": (teacher, steps), "FMLM": (student, steps)}
+  for family in BASELINES:
+    baseline = copy.deepcopy(config)
+    baseline.family = family
+    train.train(baseline, os.path.join(workdir, family))
+    models[family.upper()] = (os.path.join(workdir, family), steps)
+  evaluate.evaluate(config, workdir, models)
+
+
 RUNS = {"prepare": prepare, "train": train.train, "distill": train.distill,
         "sample": evaluate.sample, "eval": evaluate.eval_mode, "score": evaluate.rescore,
-        "pipeline": run_pipeline, "compile": aot.compile_mode}
+        "pipeline": run_pipeline, "compare": run_compare, "compile": aot.compile_mode}
 assert set(RUNS) == set(MODES), "flmjax/modes.py lists the modes main runs"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",

@@ -7,7 +7,8 @@ file as text, one `    "name": ...` line each, so keep that layout.
 MODES = {
     "prepare": "reads the corpus, trains or loads the tokenizer, writes tokenized shards, "
                "prints their statistics and a decoded batch",
-    "train": "trains the FLM teacher; resumes from WORKDIR/checkpoints",
+    "train": "trains the FLM teacher, or the baseline of --config.family; resumes from "
+             "WORKDIR/checkpoints",
     "distill": "distills the FMLM student of --config.teacher_checkpoint, then exports its "
                "EMA weights to WORKDIR/export",
     "sample": "writes samples of --config.checkpoint to WORKDIR/samples/",
@@ -16,6 +17,9 @@ MODES = {
     "score": "scores the samples of WORKDIR/eval/results.json with eval.evaluator",
     "pipeline": "prepare, train (WORKDIR/teacher), distill (WORKDIR/student) and eval "
                 "(WORKDIR/eval)",
+    "compare": "prepare, then train FLM (WORKDIR/teacher) and its FMLM student "
+               "(WORKDIR/student), MDLM, SEDD and AR (WORKDIR/mdlm, sedd, ar) on the same data "
+               "and backbone, and evaluate them all at eval.compare_steps (WORKDIR/eval)",
     "compile": "compiles the train step, the distillation step and the one-step sampler for "
                "--config.topology and prints memory and FLOPs per chip",
 }

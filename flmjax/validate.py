@@ -45,7 +45,7 @@ NON_NEGATIVE = (
 BELOW_ONE = (  # in [0, 1)
     "data.valid_fraction", "model.dropout", "train.b1", "train.b2", "train.ema_decay",
     "distill.b2", "distill.boundary_fraction")
-STEP_LISTS = ("eval.steps", "eval.teacher_steps", "eval.student_steps")
+STEP_LISTS = ("eval.steps", "eval.teacher_steps", "eval.student_steps", "eval.compare_steps")
 NEEDS = {  # mode: (field, what it must name)
     "distill": ("teacher_checkpoint", "the workdir (or export) of a teacher trained with "
                                       "--mode=train"),
@@ -116,7 +116,7 @@ def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) ->
                        if axis in sharding.BATCH_AXES)
   student = distill.student_config(config)
   batches = {"train": [config], "distill": [student], "pipeline": [config, student],
-             "compile": [config, student]}.get(mode, [])
+             "compile": [config, student], "compare": [config, student]}.get(mode, [])
   for run in batches:
     field = ("batch_size" if run is config else
              "the student's batch (distill.batch_size, or batch_size when it is 0)")
@@ -124,7 +124,7 @@ def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) ->
       raise UsageError(f"{field} {run.batch_size} must be a multiple of the data-parallel "
                        f"size {parallel} (mesh data x fsdp) times train.grad_accum="
                        f"{config.train.grad_accum}.")
-  if mode in ("distill", "pipeline", "compile"):
+  if mode in ("distill", "pipeline", "compile", "compare"):
     distill.part_counts(student, registry.OBJECTIVES[config.distill.objective])
 
 
@@ -135,7 +135,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   bad field is reported before any device is started)."""
   _fields(config)
   _model(config.model)
-  if mode in ("distill", "pipeline") and config.family != "flm":
+  if mode in ("distill", "pipeline", "compare") and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode={mode} distills an FLM teacher into "
                      "its flow map; set family=flm, or train the baseline with --mode=train "
                      "(--mode=compare trains every family).")

@@ -1,0 +1,144 @@
+"""Toy sources whose samples have an exact judge, and the table of how valid each family's
+samples are at each step count: `python -m flmjax.toys --seed=1` (run from the repository
+root: it reads configs/base.py).
+
+Every example is BOS followed by L - 1 tokens of a source over K tokens; ids K (BOS) and
+K + 1 (the mask id) complete the vocabulary, V = K + 2.
+- `phrases`: each example is one of 4 fixed phrases of 7 random tokens (K = 16). A
+  sample's score is 1 when it is BOS and one of them, else 0. A sampler that draws
+  positions independently mixes phrases ("New Diego"): from all-mask, one MDLM or SEDD
+  step does.
+- `markov`: a walk on a ring of K = 16 tokens, each followed by the next one or the third
+  next one with probability 1/2 (L = 16). A sample's score is its share of allowed
+  transitions (after BOS): 1 for the chain, 2/16 for uniform tokens.
+
+Each family trains from the same random start on the same batches with its own objective
+(flmjax/registry.py), Adam at 3e-3: FLM, then its FMLM student by the semigroup objective,
+MDLM, SEDD and AR; then samples through the families' own samplers.
+"""
+
+import argparse
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flmjax import registry, sampling
+from flmjax.models import dit
+
+K = 16  # source tokens
+BOS, MASK, V = K, K + 1, K + 2
+PHRASES = np.random.default_rng(0).integers(0, K, (4, 7))
+
+
+def phrases(key, batch: int) -> jax.Array:
+  chosen = jax.random.randint(key, (batch,), 0, len(PHRASES))
+  return jnp.concatenate([jnp.full((batch, 1), BOS), jnp.asarray(PHRASES)[chosen]], axis=1)
+
+
+def markov(key, batch: int, length: int = 16) -> jax.Array:
+  start_key, jump_key = jax.random.split(key)
+  start = jax.random.randint(start_key, (batch, 1), 0, K)
+  jumps = jnp.where(jax.random.bernoulli(jump_key, 0.5, (batch, length - 2)), 1, 3)
+  walk = (start + jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
+                                   jnp.cumsum(jumps, axis=1)], axis=1)) % K
+  return jnp.concatenate([jnp.full((batch, 1), BOS), walk], axis=1)
+
+
+def score(source: str, tokens) -> np.ndarray:
+  """The exact judge's score of each sample [N, L] in [0, 1] (see above)."""
+  tokens = np.asarray(tokens)
+  if source == "phrases":
+    return ((tokens[:, 0] == BOS) &
+            (tokens[:, None, 1:] == PHRASES[None]).all(-1).any(-1)).astype(float)
+  walk = tokens[:, 1:]
+  allowed = np.isin(np.diff(walk, axis=1) % K, (1, 3)) & (walk[:, 1:] < K) & (walk[:, :-1] < K)
+  return allowed.mean(-1)
+
+
+SOURCES = {"phrases": phrases, "markov": markov}
+SEQ_LEN = {"phrases": 8, "markov": 16}
+
+
+def _config(family: str) -> ml_collections.ConfigDict:
+  from configs import base  # pylint: disable=import-outside-toplevel
+  config = base.get_config()
+  config.model.update(width=64, depth=2, heads=4, cond_width=32, dropout=0.0,
+                      dtype="float32", mask_id=MASK)
+  config.family = family
+  config.distill.boundary_fraction = 0.25
+  return config
+
+
+def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teacher=None):
+  """(graphdef, params) of `family` trained for `steps` on the source (FMLM: distilled
+  from `teacher`, the FLM's (graphdef, params), which it also starts from)."""
+  objective = registry.OBJECTIVES["semigroup" if family == "fmlm" else family]
+  config = registry.with_family(_config(family), objective)
+  graphdef, params = nnx.split(dit.builder(config.model, V, seed)())
+  params = nnx.to_pure_dict(params)
+  loss_fn = objective.build(config, V, teacher[0] if teacher else None, train=False)
+  frozen = teacher[1] if teacher else None
+  if teacher:
+    params = dict(params, **teacher[1])
+  tx = optax.adam(3e-3)
+  draw = functools.partial(SOURCES[source], batch=batch)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    batch = {"tokens": draw(jax.random.fold_in(key, 1))}
+    grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch, key, frozen)[0])(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for i in range(steps):
+    params, opt_state = step(params, opt_state, jax.random.fold_in(jax.random.key(seed), i))
+  return graphdef, params
+
+
+def samples(family: str, model, source: str, steps: int, n: int, seed: int):
+  """(tokens [n, L], network calls) of the family's default sampler."""
+  found = registry.FAMILIES[family]
+  make = found.samplers[found.default_sampler]
+  sample = make(steps, n, SEQ_LEN[source], sampling.Options(mask_id=MASK, bos_id=BOS))
+  tokens, calls = sample(*model, jax.random.key(seed))
+  return np.asarray(tokens), int(calls)
+
+
+STEPS = {"flm": (1, 8, 64), "fmlm": (1, 2, 4), "mdlm": (1, 2, 4, 8, 64),
+         "sedd": (1, 2, 4, 8, 64), "ar": (None,)}
+
+
+def table(source: str, seed: int, train_steps: int = 600, n: int = 256,
+          families=tuple(STEPS)) -> list[dict]:
+  """Rows {family, steps, calls, score}: the mean score of each family's samples."""
+  models, rows = {}, []
+  for family in families:
+    teacher = models.get("flm") if family == "fmlm" else None
+    models[family] = fit(family, source, train_steps, seed, teacher=teacher)
+    for steps in STEPS[family]:
+      tokens, calls = samples(family, models[family], source, steps or 1, n, seed + 100)
+      rows.append({"family": family, "steps": steps, "calls": calls,
+                   "score": float(score(source, tokens).mean())})
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seed", type=int, default=1)
+  parser.add_argument("--sources", default="phrases,markov")
+  args = parser.parse_args()
+  for source in args.sources.split(","):
+    print(f"{source}, seed {args.seed}:\n| family | steps | calls | score |\n|---|---|---|---|")
+    for row in table(source, args.seed):
+      print(f"| {row['family']} | {row['steps'] or '-'} | {row['calls']} | "
+            f"{row['score']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

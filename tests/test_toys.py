@@ -1,0 +1,31 @@
+"""The toy sources' exact judges, and the picture they give: one MDLM or SEDD step mixes
+phrases, one FMLM step does not."""
+
+import jax
+import numpy as np
+import pytest
+
+from flmjax import toys
+
+
+def test_judges_score_the_sources_and_reject_mixtures():
+  for name, source in toys.SOURCES.items():
+    np.testing.assert_array_equal(toys.score(name, source(jax.random.key(0), 32)), 1.0)
+  mixed = np.concatenate([[toys.BOS], toys.PHRASES[0, :3], toys.PHRASES[1, 3:]])[None]
+  assert toys.score("phrases", mixed)[0] == 0  # "New Diego"
+  uniform = np.random.default_rng(0).integers(0, toys.K, (4000, 16))
+  uniform[:, 0] = toys.BOS
+  np.testing.assert_allclose(toys.score("markov", uniform).mean(), 2 / toys.K, atol=0.01)
+
+
+@pytest.mark.slow
+def test_one_step_discrete_diffusion_mixes_phrases_and_one_step_fmlm_does_not():
+  """What held for seeds 1 and 2 at this size (300 training steps; one MDLM or SEDD step
+  scored 0 for both, one FMLM step 0.28 and 0.07; docs/baselines.md has the full tables)."""
+  rows = toys.table("phrases", seed=1, train_steps=300, n=128)
+  scores = {(r["family"], r["steps"]): r["score"] for r in rows}
+  calls = {(r["family"], r["steps"]): r["calls"] for r in rows}
+  assert scores["mdlm", 1] <= 0.02 and scores["sedd", 1] <= 0.02
+  assert scores["fmlm", 1] > max(scores["mdlm", 1], scores["sedd", 1])
+  assert scores["mdlm", 64] > scores["mdlm", 1] and scores["ar", None] >= 0.8
+  assert calls["fmlm", 1] == 1 and calls["sedd", 1] == 2 and calls["ar", None] == 7

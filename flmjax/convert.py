@@ -9,11 +9,14 @@ flmjax models for PyTorch users.
 without a prefix), a .safetensors file, or a Lightning .ckpt (names under `backbone.`,
 possibly with `._orig_mod`; the EMA weights `ema.shadow_params` by default, `--weights=raw`
 for the trained ones; needs torch). It infers V, D, blocks, heads (from the rotary buffer,
-else config.json's `n_heads`, else the config's), conditioning width, MLP ratio and one-
-or two-time conditioning (an FMLM student has `sigma_map_prime`) from the tensors, and
-writes DIR/params (Orbax) + DIR/record.json, an export that `--mode=sample`, `--mode=eval`
-and `--config.teacher_checkpoint` accept. The config supplies what the weights do not
-say: the tokenizer (its V must match), L, the caps and the data settings.
+else config.json's `n_heads`, else the config's), conditioning width, MLP ratio, one- or
+two-time conditioning (an FMLM student has `sigma_map_prime`) and the causal AR backbone
+(no `sigma_map`, no adaLN) from the tensors, and writes DIR/params (Orbax) +
+DIR/record.json, an export that `--mode=sample`, `--mode=eval` and
+`--config.teacher_checkpoint` accept. `--family` says what the tensors cannot: MDLM and
+SEDD checkpoints have FLM's tensors, so import them with --family=mdlm or sedd (auto: flm,
+fmlm or ar from the tensors). The config supplies what the weights do not say: the
+tokenizer (its V must match), L, the caps and the data settings.
 
 `export` writes DIR/model.safetensors with the reference names and layouts (PyTorch
 Linear weights are (out, in)) plus DIR/config.json describing the architecture. `random`
@@ -37,7 +40,7 @@ from ml_collections import config_flags
 import numpy as np
 import safetensors.numpy
 
-from flmjax import checkpoint, outputs, sharding, state
+from flmjax import checkpoint, outputs, registry, sharding, state
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -52,10 +55,11 @@ def _linear(ref: str, ours: tuple, bias: bool = True) -> list[tuple[str, tuple, 
       [(f"{ref}.bias", (*ours, "bias"), False)] if bias else [])
 
 
-def name_map(depth: int, two_time: bool) -> list[tuple[str, tuple, bool]]:
-  """Every parameter as (reference name, path in flmjax's params, transposed)."""
+def name_map(depth: int, two_time: bool, causal: bool = False) -> list[tuple[str, tuple, bool]]:
+  """Every parameter as (reference name, path in flmjax's params, transposed); the causal
+  AR backbone has no time embedder and no adaLN."""
   names = [("vocab_embed.embedding", ("vocab_embed",), False)]
-  for embedder in ("sigma_map", "sigma_map_prime")[:1 + two_time]:
+  for embedder in ("sigma_map", "sigma_map_prime")[:0 if causal else 1 + two_time]:
     names += _linear(f"{embedder}.mlp.0", (embedder, "fc1"))
     names += _linear(f"{embedder}.mlp.2", (embedder, "fc2"))
   for i in range(depth):
@@ -66,9 +70,9 @@ def name_map(depth: int, two_time: bool) -> list[tuple[str, tuple, bool]]:
     names += [(f"{ref}.norm2.weight", (*ours, "norm2", "norm", "scale"), False)]
     names += _linear(f"{ref}.mlp.0", (*ours, "mlp_in"))
     names += _linear(f"{ref}.mlp.2", (*ours, "mlp_out"))
-    names += _linear(f"{ref}.adaLN_modulation", (*ours, "adaln"))
+    names += [] if causal else _linear(f"{ref}.adaLN_modulation", (*ours, "adaln"))
   names += [("output_layer.norm_final.weight", ("norm_final", "norm", "scale"), False)]
-  names += _linear("output_layer.adaLN_modulation", ("final_adaln",))
+  names += [] if causal else _linear("output_layer.adaLN_modulation", ("final_adaln",))
   names += _linear("output_layer.linear", ("output",))
   return names
 
@@ -97,7 +101,8 @@ def to_reference(params: dict, model: ml_collections.ConfigDict) -> dict[str, np
     raise UsageError("model.learned_loss_weight=True has no counterpart in the reference's "
                      "v2 layout; export a model trained without it.")
   tensors = {}
-  for ref, path, transposed in name_map(model.depth, model.two_time):
+  for ref, path, transposed in name_map(model.depth, model.two_time,
+                                       model.get("causal", False)):
     value = np.asarray(_get(params, path), np.float32)
     tensors[ref] = np.ascontiguousarray(value.T if transposed else value)
   tensors[INV_FREQ] = inv_freq(model.width // model.heads)
@@ -107,7 +112,7 @@ def to_reference(params: dict, model: ml_collections.ConfigDict) -> dict[str, np
 def from_reference(tensors: dict[str, np.ndarray], model: ml_collections.ConfigDict) -> dict:
   """{reference name: array} -> flmjax params (a pure dict of float32 arrays)."""
   params = {}
-  for ref, path, transposed in name_map(model.depth, model.two_time):
+  for ref, path, transposed in name_map(model.depth, model.two_time, model.causal):
     value = np.asarray(tensors[ref], np.float32)
     _set(params, path, value.T if transposed else value)
   return params
@@ -117,11 +122,11 @@ def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
                        model: ml_collections.ConfigDict) -> tuple[int, dict]:
   """(V, model fields) from the tensors' names and shapes; heads from the rotary buffer,
   else from `meta` (config.json), else `model.heads`."""
-  for key in ("vocab_embed.embedding", "sigma_map.mlp.2.weight", "blocks.0.mlp.0.weight"):
+  for key in ("vocab_embed.embedding", "blocks.0.mlp.0.weight"):
     if key not in tensors:
-      raise UsageError(f"the weights have no {key!r}; they are not an FLM/FMLM DiT in the "
-                       "reference's layout (names as in its models/dit.py, without a "
-                       "prefix).")
+      raise UsageError(f"the weights have no {key!r}; they are not a DiT in the reference's "
+                       "layout (names as in its models/dit.py, without a prefix).")
+  causal = "sigma_map.mlp.2.weight" not in tensors
   vocab, width = tensors["vocab_embed.embedding"].shape
   blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
   if blocks != set(range(len(blocks))):
@@ -135,10 +140,26 @@ def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
   else:
     heads = next((int(meta[k]) for k in HEADS_KEYS if k in meta), model.heads)
   return vocab, {"width": width, "depth": len(blocks), "heads": heads,
-                 "cond_width": tensors["sigma_map.mlp.2.weight"].shape[0],
+                 "cond_width": model.cond_width if causal else
+                 tensors["sigma_map.mlp.2.weight"].shape[0],
                  "mlp_ratio": hidden // width,
                  "two_time": any(k.startswith("sigma_map_prime.") for k in tensors),
-                 "learned_loss_weight": False}
+                 "learned_loss_weight": False, "causal": causal}
+
+
+def family_of(fields: dict, family: str) -> str:
+  """The run kind of imported weights with the model `fields` (infer_architecture's):
+  `family` (auto: fmlm with a second time embedder, ar when causal, else flm), checked
+  against what the tensors are."""
+  found = "ar" if fields["causal"] else "fmlm" if fields["two_time"] else None
+  if family == "auto":
+    return found or "flm"
+  if found and family != found or not found and family in ("fmlm", "ar"):
+    what = {"ar": "a causal AR DiT", "fmlm": "a two-time FMLM student"}.get(
+        found, "a one-time, non-causal DiT (flm, mdlm or sedd)")
+    raise UsageError(f"--family={family}, but the weights are {what}; use --family="
+                     f"{found or 'flm, mdlm or sedd'} (or auto).")
+  return family
 
 
 def check_tensors(tensors: dict[str, np.ndarray], vocab: int,
@@ -148,7 +169,7 @@ def check_tensors(tensors: dict[str, np.ndarray], vocab: int,
                                        nnx.Param))
   expected = {ref: _get(abstract, path).shape[::-1] if transposed else
               _get(abstract, path).shape
-              for ref, path, transposed in name_map(model.depth, model.two_time)}
+              for ref, path, transposed in name_map(model.depth, model.two_time, model.causal)}
   expected[INV_FREQ] = (model.width // model.heads // 2,)
   missing = [k for k in expected if k not in tensors and k != INV_FREQ]
   unexpected = [k for k in tensors if k not in expected]
@@ -245,22 +266,25 @@ def _new_directory(directory: str, *names: str) -> pathlib.Path:
 
 
 def import_weights(source: str, directory: str, config: ml_collections.ConfigDict,
-                   ema: bool = True) -> dict:
+                   ema: bool = True, family: str = "auto") -> dict:
   """Writes the export DIRECTORY/{params, record.json} of the reference weights in
-  `source`; returns its run record."""
+  `source` (a model of `family`, see family_of); returns its run record."""
   path = _new_directory(directory, "params", "record.json")
   tensors, meta = read_reference(source, ema)
   vocab, fields = infer_architecture(tensors, meta, config.model)
+  kind = family_of(fields, family)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.update(fields)
+  config.model.update(registry.FAMILIES[kind].model)
   check_tensors(tensors, vocab, config.model)
   tokenizer = _tokenizer(config)
+  if kind in registry.NEEDS_MASK:
+    config = registry.with_family(config, registry.OBJECTIVES[kind], tokenizer)
   if tokenizer.vocab_size != vocab:
     raise UsageError(f"the weights have V = {vocab} but the config's tokenizer "
                      f"({config.tokenizer.kind}) has {tokenizer.vocab_size}; use the config "
                      "of the data they were trained on (configs/owt.py: GPT-2, 50258; "
                      "configs/lm1b.py: BERT, 30522).")
-  kind = "fmlm" if config.model.two_time else "flm"
   record = checkpoint.run_record(config, tokenizer, kind)
   record["imported_from"] = str(source)
   params = jax.tree.map(jnp.asarray, from_reference(tensors, config.model))
@@ -312,6 +336,9 @@ _FROM = flags.DEFINE_string("from", None, "import: reference weights; export: a 
 _TO = flags.DEFINE_string("to", None, "The directory to write.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
                              "Which weights of a Lightning .ckpt to import.")
+_FAMILY = flags.DEFINE_enum("family", "auto", ["auto", *registry.FAMILIES],
+                            "import: the family of the weights (auto: flm, fmlm or ar from "
+                            "the tensors; MDLM and SEDD need naming).")
 COMMANDS = ("import", "export", "random")
 
 
@@ -328,7 +355,8 @@ def main(argv):
     if missing:
       raise UsageError(f"{command} needs {' and '.join(missing)}.")
     if command == "import":
-      record = import_weights(_FROM.value, _TO.value, _CONFIG.value, _WEIGHTS.value == "ema")
+      record = import_weights(_FROM.value, _TO.value, _CONFIG.value, _WEIGHTS.value == "ema",
+                              _FAMILY.value)
       model = record["config"]["model"]
       outputs.say(f"imported a {record['kind']} DiT (V {record['vocab_size']}, width "
                 f"{model['width']}, {model['depth']} blocks, {model['heads']} heads) to "

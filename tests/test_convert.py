@@ -14,18 +14,20 @@ import pytest
 import safetensors.numpy
 
 from conftest import small_config
-from flmjax import convert, evaluate
+from flmjax import convert, evaluate, registry
 from flmjax.errors import UsageError
 from flmjax.models import dit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=0.3):
-  """Random weights with the reference's names and PyTorch shapes ((out, in) Linears)."""
+def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=0.3,
+                      causal=False):
+  """Random weights with the reference's names and PyTorch shapes ((out, in) Linears);
+  `causal`: the AR backbone, without time embedder and adaLN (BASELINES.md section 9)."""
   rng = np.random.default_rng(seed)
   shapes = {"vocab_embed.embedding": (vocab, width)}
-  for embedder in ("sigma_map", "sigma_map_prime")[:1 + two_time]:
+  for embedder in ("sigma_map", "sigma_map_prime")[:0 if causal else 1 + two_time]:
     shapes.update({f"{embedder}.mlp.0.weight": (cond, 256), f"{embedder}.mlp.0.bias": (cond,),
                    f"{embedder}.mlp.2.weight": (cond, cond), f"{embedder}.mlp.2.bias": (cond,)})
   for i in range(depth):
@@ -41,6 +43,8 @@ def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=
                  "output_layer.adaLN_modulation.bias": (2 * width,),
                  "output_layer.linear.weight": (vocab, width),
                  "output_layer.linear.bias": (vocab,)})
+  if causal:
+    shapes = {k: s for k, s in shapes.items() if "adaLN" not in k}
   tensors = {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
   head_dim = width // heads
   tensors["rotary_emb.inv_freq"] = (
@@ -49,7 +53,10 @@ def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=
 
 
 def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
-  """The reference DiT in float64 numpy: x [B, L, V] noisy one-hot -> logits [B, L, V]."""
+  """The reference DiT in float64 numpy: x [B, L, V] noisy one-hot -> logits [B, L, V].
+  Weights without `sigma_map` are the causal AR backbone (BASELINES.md section 1.2):
+  causal attention, no soft cap, no adaLN, no time input; output_cap=0: raw logits."""
+  causal = "sigma_map.mlp.0.weight" not in w
   w = {k: v.astype(np.float64) for k, v in w.items()}
 
   def linear(h, name):
@@ -81,21 +88,26 @@ def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
     q1, q2 = q[..., :head_dim // 2], q[..., head_dim // 2:]
     return q * np.cos(angles) + np.concatenate([-q2, q1], -1) * np.sin(angles)
 
-  c = time_embedding("sigma_map", tau_s)
-  if "sigma_map_prime.mlp.0.weight" in w:
-    c = c + time_embedding("sigma_map_prime", tau_t)
-  c = silu(c)
   h = x @ w["vocab_embed.embedding"]
   batch, length, width = h.shape
+  if not causal:
+    c = time_embedding("sigma_map", tau_s)
+    if "sigma_map_prime.mlp.0.weight" in w:
+      c = c + time_embedding("sigma_map_prime", tau_t)
+    c = silu(c)
+  plain = [np.zeros((batch, width)), np.zeros((batch, width)), np.ones((batch, width))] * 2
   depth = len({k.split(".")[1] for k in w if k.startswith("blocks.")})
   for i in range(depth):
     b = f"blocks.{i}."
-    chunks = np.split(linear(c, b + "adaLN_modulation"), 6, axis=-1)
+    chunks = plain if causal else np.split(linear(c, b + "adaLN_modulation"), 6, axis=-1)
     a = modulate(layer_norm(h, w[b + "norm1.weight"]), chunks[0], chunks[1])
     qkv = linear(a, b + "attn_qkv").reshape(batch, length, 3, heads, width // heads)
     q, k, v = rotate(qkv[:, :, 0]), rotate(qkv[:, :, 1]), qkv[:, :, 2]
     scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(width // heads)
-    scores = softcap * np.tanh(scores / softcap)
+    if causal:
+      scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+    elif softcap:
+      scores = softcap * np.tanh(scores / softcap)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     attn = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, width)
@@ -104,10 +116,11 @@ def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
                b + "mlp.0")
     m = 0.5 * m * (1 + np.tanh(math.sqrt(2 / math.pi) * (m + 0.044715 * m ** 3)))
     h = h + chunks[5][:, None] * linear(m, b + "mlp.2")
-  shift, scale = np.split(linear(c, "output_layer.adaLN_modulation"), 2, axis=-1)
+  shift, scale = plain[:2] if causal else np.split(
+      linear(c, "output_layer.adaLN_modulation"), 2, axis=-1)
   logits = linear(modulate(layer_norm(h, w["output_layer.norm_final.weight"]), shift, scale),
                   "output_layer.linear")
-  return output_cap * np.tanh(logits / output_cap)
+  return output_cap * np.tanh(logits / output_cap) if output_cap else logits
 
 
 def _model_config(**fields):
@@ -125,7 +138,8 @@ def test_imported_weights_give_the_reference_logits(two_time):
   found, fields = convert.infer_architecture(tensors, {}, model_cfg)
   assert found == vocab
   assert fields == {"width": width, "depth": depth, "heads": heads, "cond_width": 32,
-                    "mlp_ratio": 4, "two_time": two_time, "learned_loss_weight": False}
+                    "mlp_ratio": 4, "two_time": two_time, "learned_loss_weight": False,
+                    "causal": False}
   model_cfg.update(fields)
   convert.check_tensors(tensors, vocab, model_cfg)
   model = dit.builder(model_cfg, vocab)()
@@ -143,6 +157,41 @@ def test_imported_weights_give_the_reference_logits(two_time):
               jnp.asarray(tau_t) if two_time else None)
   assert np.abs(expected).max() > 5  # the weights drive the logits well away from 0
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mdlm", "sedd", "ar"])
+def test_imported_baseline_weights_give_the_reference_logits(family):
+  """The baselines' DiT (BASELINES.md sections 1.2 and 9): token ids in, no output cap, the
+  noise level sigma as time input (0 for MDLM), and for AR the causal backbone."""
+  vocab, width, depth, heads, length = 41, 32, 2, 2, 8
+  causal = family == "ar"
+  tensors = reference_tensors(vocab, width, depth, heads, 16, False, causal=causal)
+  model_cfg = _model_config(cond_width=16)
+  found, fields = convert.infer_architecture(tensors, {}, model_cfg)
+  assert convert.family_of(fields, "auto" if causal else family) == family
+  model_cfg.update(fields, **registry.FAMILIES[family].model)
+  convert.check_tensors(tensors, vocab, model_cfg)
+  model = dit.builder(model_cfg, vocab)()
+  nnx.update(model, nnx.State(convert.from_reference(tensors, model_cfg)))
+  ids = np.random.default_rng(2).integers(0, vocab, (2, length))
+  sigma = np.array([0.0, 0.0]) if family == "mdlm" else np.array([0.4, 3.1])
+  expected = numpy_forward(tensors, np.eye(vocab)[ids], sigma, None, heads, output_cap=0.0,
+                           softcap=0.0 if causal else 50.0)
+  got = model(model.embed_ids(jnp.asarray(ids)), None if causal else jnp.asarray(sigma,
+                                                                              jnp.float32))
+  assert np.abs(expected).max() > 1  # the weights drive the logits away from 0
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def test_import_family_must_fit_the_tensors():
+  one_time = {"causal": False, "two_time": False}
+  assert convert.family_of(one_time, "auto") == "flm"
+  assert convert.family_of(one_time, "sedd") == "sedd"
+  assert convert.family_of({"causal": True, "two_time": False}, "auto") == "ar"
+  with pytest.raises(UsageError, match="--family=ar, but the weights are a one-time"):
+    convert.family_of(one_time, "ar")
+  with pytest.raises(UsageError, match="--family=mdlm, but the weights are a causal AR"):
+    convert.family_of({"causal": True, "two_time": False}, "mdlm")
 
 
 def _write_hf(directory, tensors, meta=None):

@@ -210,9 +210,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _dataset_texts(config, workdir, records: dict[str, dict]):
   """(the prepared data, tokens [N, L] and texts of the dataset row, texts of the FD
-  reference): the first
-  eval.num_samples held-out examples of the validation split, then eval.reference_samples
-  more; prepared with this config, which must have the evaluated models' L and tokenizer."""
+  reference): the first eval.num_samples held-out examples of the validation split, then
+  eval.reference_samples more; prepared with this config, which must have the evaluated
+  models' L and tokenizer."""
   for directory, record in records.items():
     if record["config"]["data"]["seq_len"] != config.data.seq_len:
       raise UsageError(f"the weights in {directory} have L = "
@@ -273,20 +273,20 @@ def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
     return
   panels = {"gen_ppl": f"gen PPL ({evaluator})", "fd": f"FD ({evaluator})"}
   figure, axes = plt.subplots(len(panels), 2, figsize=(10, 4 * len(panels)), squeeze=False)
-  for (metric, name), (by_steps, by_time) in zip(panels.items(), axes):
+  for (metric, name), (by_calls, by_time) in zip(panels.items(), axes):
     for label in dict.fromkeys(r["model"] for r in scored):
       mine = [r for r in scored if r["model"] == label]
-      by_steps.plot([r.get("network_calls", r["steps"]) for r in mine],
+      by_calls.plot([r.get("network_calls", r["steps"]) for r in mine],
                     [r[metric] for r in mine], "o-", label=label)
       by_time.plot([r["seconds_per_sample"] for r in mine], [r[metric] for r in mine], "o-",
                    label=label)
     for r in rows:
       if r["kind"] == "data" and metric in r:
-        for axis in (by_steps, by_time):
+        for axis in (by_calls, by_time):
           axis.axhline(r[metric], color="gray", linestyle="--", label="dataset")
-    by_steps.set(xscale="log", xlabel="network calls per sample", ylabel=name)
+    by_calls.set(xscale="log", xlabel="network calls per sample", ylabel=name)
     by_time.set(xscale="log", xlabel="seconds per sample", ylabel=name)
-    by_steps.legend()
+    by_calls.legend()
   figure.tight_layout()
   with path.open("wb") as f:
     figure.savefig(f, format="png", dpi=100)
@@ -296,6 +296,7 @@ def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """`--mode=eval`: evaluates config.checkpoint at every eval.steps count."""
   record = checkpoint.read_record(config.checkpoint)
+  registry.check_sample_options(record["kind"], config.sample, config.checkpoint, churn=False)
   # The dataset row reads the model's own prepared data unless told otherwise.
   config.data.dir = config.data.dir or record["config"]["data"]["dir"] or str(
       epath.Path(config.checkpoint) / "data")

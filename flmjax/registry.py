@@ -93,15 +93,17 @@ def with_family(config: ml_collections.ConfigDict, objective: objectives.Objecti
   return config
 
 
-def check_sample_options(kind: str, sample: ml_collections.ConfigDict, where: str) -> None:
+def check_sample_options(kind: str, sample: ml_collections.ConfigDict, where: str,
+                         churn: bool = True) -> None:
   """Refuses config.sample options that the weights in `where` (of family `kind`) do not
-  take; runs over several families (pipeline, compare) leave them out where they do not
-  apply."""
+  take (the churn only with `churn`: evaluation leaves it to the flow-map rows, as the
+  distillation configs set it for their students); runs over several families (pipeline,
+  compare) leave them out where they do not apply."""
   found = family(kind, where)
   if sample.sampler != "auto" and sample.sampler not in found.samplers:
     raise UsageError(f"sample.sampler={sample.sampler}: {where} holds a {kind} model, whose "
                      f"samplers are {', '.join(found.samplers)} (or auto).")
-  if sample.gamma and "flowmap" not in found.samplers:
+  if churn and sample.gamma and "flowmap" not in found.samplers:
     raise UsageError(f"sample.gamma={sample.gamma} is the churn of the flow-map sampler, "
                      f"but {where} holds a {kind} model; set sample.gamma=0 or point "
                      "config.checkpoint at a distilled student.")

@@ -69,8 +69,11 @@ def test_optimal_denoiser_loss_is_the_data_entropy(kind):
   model = _constant_model(logits)
   build = {"mdlm": absorbing.mdlm_objective, "sedd": absorbing.sedd_objective}[kind]
   objective = build(_config(), V, train=False)
-  losses = [float(objective(model, {"tokens": _iid_tokens(p, (256, 32), seed)},
-                            jax.random.key(seed), None)[0]) for seed in range(4)]
+  graphdef, params = nnx.split(model)
+  loss = jax.jit(lambda params, tokens, key: objective(nnx.merge(graphdef, params),
+                                                       {"tokens": tokens}, key, None)[0])
+  losses = [float(loss(params, _iid_tokens(p, (256, 32), seed), jax.random.key(seed)))
+            for seed in range(4)]
   entropy = -(p * np.log(p)).sum()
   np.testing.assert_allclose(np.mean(losses), (1 - absorbing.EPS) * entropy, rtol=0.04)
 
@@ -178,9 +181,12 @@ def test_causal_model_sees_only_the_past_and_its_cache_decodes_the_same():
   full = model(model.embed_ids(ids), None)
   changed = model(model.embed_ids(ids.at[:, -1].set((ids[:, -1] + 1) % V)), None)
   np.testing.assert_array_equal(full[:, :-1], changed[:, :-1])
+  graphdef, params = nnx.split(model)
+  decode = jax.jit(lambda params, ids, cache, i: nnx.merge(graphdef, params).decode(
+      nnx.merge(graphdef, params).embed_ids(ids), cache, i))
   cache, stepwise = model.empty_cache(2, 7), []
   for i in range(7):
-    logits, cache = model.decode(model.embed_ids(ids[:, i:i + 1]), cache, i)
+    logits, cache = decode(params, ids[:, i:i + 1], cache, i)
     stepwise.append(logits)
   np.testing.assert_allclose(jnp.concatenate(stepwise, 1), full, atol=2e-5, rtol=1e-5)
 
@@ -206,11 +212,15 @@ def test_ar_sampler_equals_rerunning_the_prefix_with_the_same_draws():
   rng, length, bos = jax.random.key(5), 6, 2
   cached = autoregressive.tokens(graphdef, params, rng, batch_size=3, seq_len=length,
                                  bos_id=bos, suppressed=M)
-  tokens = jnp.full((3, 1), bos, jnp.int32)  # the reference's way: the whole prefix each time
+  # The reference's way: the whole prefix through the network for every token (in a
+  # buffer of length L: later positions do not reach earlier ones, see the test above).
+  forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(
+      nnx.merge(graphdef, params).embed_ids(ids), None))
+  tokens = jnp.zeros((3, length), jnp.int32).at[:, 0].set(bos)
   for position, key in enumerate(jax.random.split(rng, length - 1)):
-    logits = model(model.embed_ids(tokens), None)[:, position].at[:, M].set(-1e6)
+    logits = forward(params, tokens)[:, position].at[:, M].set(-1e6)
     drawn = jax.random.categorical(key, jnp.log(jax.nn.softmax(logits)), axis=-1)
-    tokens = jnp.concatenate([tokens, drawn[:, None].astype(jnp.int32)], axis=1)
+    tokens = tokens.at[:, position + 1].set(drawn)
   np.testing.assert_array_equal(cached, tokens)
 
 
@@ -261,7 +271,7 @@ def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["mdlm", "sedd", "ar"])
-def test_each_baseline_trains_resumes_and_evaluates(tmp_path, family):
+def test_each_baseline_trains_and_evaluates(tmp_path, family):
   config = train_config(steps=4, eval_every=4, sample_every=4)
   config.family = family
   config.data.dir = str(tmp_path / "data")
@@ -283,3 +293,10 @@ def test_each_baseline_trains_resumes_and_evaluates(tmp_path, family):
     assert 1 < calls[0] <= 2 and 1 < calls[1] <= 5
   assert all(r["valid_ppl"] == pytest.approx(np.exp(r["valid_nll"])) for r in model_rows)
   assert all(len(r["samples"]) == 4 for r in model_rows)
+  # A checkpoint of this family is neither resumed as another family nor distilled.
+  config.family = "sedd" if family == "mdlm" else "mdlm"
+  with pytest.raises(UsageError, match=f"kind '{family}' != '{config.family}'"):
+    train.train(config, str(tmp_path / "run"))
+  config.family, config.teacher_checkpoint = "flm", str(tmp_path / "run")
+  with pytest.raises(UsageError, match=f"teacher_checkpoint=.*kind '{family}' != 'flm'"):
+    train.distill(config, str(tmp_path / "student"))

@@ -115,13 +115,14 @@ STEPS = {"flm": (1, 8, 64), "fmlm": (1, 2, 4), "mdlm": (1, 2, 4, 8, 64),
 
 
 def table(source: str, seed: int, train_steps: int = 600, n: int = 256,
-          families=tuple(STEPS)) -> list[dict]:
-  """Rows {family, steps, calls, score}: the mean score of each family's samples."""
+          steps: dict = STEPS) -> list[dict]:
+  """Rows {family, steps, calls, score}: the mean score of each family's samples at each
+  of its `steps` (FMLM needs FLM, its teacher, before it)."""
   models, rows = {}, []
-  for family in families:
+  for family, counts in steps.items():
     teacher = models.get("flm") if family == "fmlm" else None
     models[family] = fit(family, source, train_steps, seed, teacher=teacher)
-    for steps in STEPS[family]:
+    for steps in counts:
       tokens, calls = samples(family, models[family], source, steps or 1, n, seed + 100)
       rows.append({"family": family, "steps": steps, "calls": calls,
                    "score": float(score(source, tokens).mean())})

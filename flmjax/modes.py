@@ -20,6 +20,7 @@ MODES = {
     "compare": "prepare, then train FLM (WORKDIR/teacher) and its FMLM student "
                "(WORKDIR/student), MDLM, SEDD and AR (WORKDIR/mdlm, sedd, ar) on the same data "
                "and backbone, and evaluate them all at eval.compare_steps (WORKDIR/eval)",
-    "compile": "compiles the train step, the distillation step and the one-step sampler for "
-               "--config.topology and prints memory and FLOPs per chip",
+    "compile": "compiles the train step (of --config.family), and for FLM the distillation "
+               "step and the one-step sampler, for --config.topology and prints memory and "
+               "FLOPs per chip",
 }

@@ -110,7 +110,7 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
 
   def step(name, cfg, objective, frozen=None, teacher_graphdef=None):
     cfg = registry.with_family(cfg, objective)
-    if objective.kind in registry.NEEDS_MASK:
+    if registry.FAMILIES[objective.kind].discrete:
       cfg.model.mask_id = vocab - 1  # any id: compiling needs the shapes only
     build = dit.builder(cfg.model, vocab)
     layout = state.plan(cfg, build, mesh)

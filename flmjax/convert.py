@@ -278,7 +278,7 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
   config.model.update(registry.FAMILIES[kind].model)
   check_tensors(tensors, vocab, config.model)
   tokenizer = _tokenizer(config)
-  if kind in registry.NEEDS_MASK:
+  if registry.FAMILIES[kind].discrete:
     config = registry.with_family(config, registry.OBJECTIVES[kind], tokenizer)
   if tokenizer.vocab_size != vocab:
     raise UsageError(f"the weights have V = {vocab} but the config's tokenizer "

@@ -21,7 +21,7 @@ from flmjax.state import ObjectiveFn
 @dataclasses.dataclass(frozen=True)
 class Objective:
   name: str
-  kind: str  # what it trains: "flm" (one-time denoiser) or "fmlm" (two-time flow map)
+  kind: str  # the family it trains: "flm", "fmlm" or a baseline (flmjax/registry.py)
   build: Callable[..., ObjectiveFn]
   teacher: bool = False  # reads a frozen teacher's params (passed as `frozen`)
   boundary_rows: bool = False  # takes rows with tau_s = 0, tau_t = 1

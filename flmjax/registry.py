@@ -31,7 +31,7 @@ class Family:
   model: dict  # the `model` config fields this family sets
   samplers: dict[str, Callable]  # name -> factory (steps, num_samples, seq_len, Options)
   likelihood: bool = False  # its validation loss bounds the NLL: report exp() as PPL
-  discrete: bool = False  # samples token ids: temperature and top-p apply
+  discrete: bool = False  # token ids in and out: reads model.mask_id; temperature, top-p
 
   @property
   def default_sampler(self) -> str:
@@ -62,7 +62,6 @@ OBJECTIVES = {objective.name: objective for objective in (
     objectives.Objective("ar", "ar", autoregressive.objective))}
 DISTILLATION = tuple(name for name, o in OBJECTIVES.items() if o.teacher)
 TRAINABLE = tuple(name for name, o in OBJECTIVES.items() if not o.teacher)
-NEEDS_MASK = ("mdlm", "sedd", "ar")  # families whose objective reads model.mask_id
 
 
 def family(kind: str, where: str) -> Family:
@@ -84,7 +83,7 @@ def with_family(config: ml_collections.ConfigDict, objective: objectives.Objecti
   config.model.update(FAMILIES[objective.kind].model)
   if objective.jvp and config.model.attention == "auto":
     config.model.attention = "plain"
-  if objective.kind in NEEDS_MASK and tokenizer is not None:
+  if FAMILIES[objective.kind].discrete and tokenizer is not None:
     if tokenizer.mask_id is None:
       raise UsageError(f"family={objective.kind} needs a mask id, and this {tokenizer.kind} "
                        f"tokenizer ({tokenizer.source}) has none: use a vocabulary with a "

@@ -252,6 +252,20 @@ def test_a_sampler_option_the_family_does_not_take_is_refused(kind, field, value
     registry.check_sample_options(kind, sample, "W")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("family", "duo", "family='duo' is not one of flm, mdlm, sedd, ar"),
+    ("sample.sampler", "ddpm", "sample.sampler='ddpm' is not one of auto, euler"),
+    ("sample.top_p", 0.0, "sample.top_p=0.0: the nucleus mass must be in"),
+    ("sample.temperature", 0.0, "sample.temperature=0.0 must be positive"),
+])
+def test_baseline_fields_are_checked(field, value, message):
+  config = train_config()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(UsageError, match=message):
+    validate(config, "train", lambda: 1)
+
+
 def test_distillation_needs_an_flm_teacher_family():
   config = train_config()
   config.family = "mdlm"

@@ -129,8 +129,7 @@ def _samples(model, kind, steps, seed=0, n=512, length=4, cache=False, **options
                           mask_id=M, cache=cache, **options)
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_mdlm_and_sedd_samplers_draw_the_modelled_tokens(steps):
+def test_mdlm_and_sedd_samplers_draw_the_modelled_tokens(steps=3):
   """With the exact model of independent tokens ~ p, MDLM's ancestral and SEDD's analytic
   steps are the same reverse process (SEDD unmasks with (e^d - 1) sum s = (alpha_s -
   alpha_t) / (1 - alpha_t)): the same draws give the same tokens, distributed as p, after
@@ -146,6 +145,7 @@ def test_mdlm_and_sedd_samplers_draw_the_modelled_tokens(steps):
   assert frequency[M] == 0
 
 
+@pytest.mark.slow
 def test_mdlm_cache_gives_the_same_samples_with_fewer_calls():
   model = randomize(_constant_model(np.zeros(V)))
   plain, plain_calls = _samples(model, "mdlm", 64, n=2, length=6)
@@ -175,6 +175,7 @@ def test_temperature_and_top_p_reach_the_mdlm_draws():
   assert set(np.unique(tokens)) == set(np.flatnonzero(kept))
 
 
+@pytest.mark.slow
 def test_causal_model_sees_only_the_past_and_its_cache_decodes_the_same():
   model = randomize(_constant_model(np.zeros(V), causal=True))
   ids = jax.random.randint(jax.random.key(0), (2, 7), 0, V)
@@ -205,6 +206,7 @@ def test_ar_loss_is_the_mean_next_token_log_loss():
   np.testing.assert_allclose(loss, nll, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ar_sampler_equals_rerunning_the_prefix_with_the_same_draws():
   model = randomize(_constant_model(np.zeros(V), causal=True), scale=0.5)
   graphdef, params = nnx.split(model)

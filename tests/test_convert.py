@@ -159,6 +159,7 @@ def test_imported_weights_give_the_reference_logits(two_time):
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mdlm", "sedd", "ar"])
 def test_imported_baseline_weights_give_the_reference_logits(family):
   """The baselines' DiT (BASELINES.md sections 1.2 and 9): token ids in, no output cap, the

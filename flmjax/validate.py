@@ -135,10 +135,13 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   bad field is reported before any device is started)."""
   _fields(config)
   _model(config.model)
-  if mode in ("distill", "pipeline", "compare") and config.family != "flm":
+  if mode in ("distill", "pipeline") and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode={mode} distills an FLM teacher into "
                      "its flow map; set family=flm, or train the baseline with --mode=train "
                      "(--mode=compare trains every family).")
+  if mode == "compare" and config.family != "flm":
+    raise UsageError(f"family={config.family}: --mode=compare trains every family itself; "
+                     "leave family at flm.")
   if mode == "train" and config.model.two_time:
     raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
                      "one-time FLM teacher.")

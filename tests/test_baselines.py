@@ -275,6 +275,8 @@ def test_distillation_needs_an_flm_teacher_family():
   for mode in ("distill", "pipeline"):
     with pytest.raises(UsageError, match=f"family=mdlm: --mode={mode} distills an FLM"):
       validate(config, mode, lambda: 1)
+  with pytest.raises(UsageError, match="family=mdlm: --mode=compare trains every family"):
+    validate(config, "compare", lambda: 1)
   validate(config, "train", lambda: 1)
 
 

@@ -119,6 +119,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.tensor = 1
   # Multi-process runs (TPU pods, GPU clusters): call jax.distributed.initialize().
   config.distributed = False
+  # The command line's persistent XLA compilation cache: a rerun (a resume, another eval)
+  # loads the compiled steps and samplers instead of compiling them again. "" turns it
+  # off; the JAX_COMPILATION_CACHE_DIR environment variable, when set, takes precedence.
+  config.compilation_cache_dir = "~/.cache/flmjax/xla"
   # --mode=compile: the TPU slice to compile for without its hardware (e.g. "v5e:8x8",
   # "v5p:2x2x4"; needs libtpu); "" compiles for the local devices.
   config.topology = ""

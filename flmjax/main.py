@@ -15,7 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flmjax import aot, evaluate, sharding, train
+from flmjax import aot, evaluate, sharding, state, train
 from flmjax.data import pipeline
 from flmjax.errors import Stopped, UsageError
 from flmjax.modes import MODES
@@ -134,6 +134,7 @@ def main(argv):
     sharding.initialize_distributed(config)
     validate(config, mode, lambda: len(
         aot.target_devices(config.topology) if mode == "compile" else jax.devices()))
+    state.use_compilation_cache(config.compilation_cache_dir)
     RUNS[mode](config, _WORKDIR.value)
   except UsageError as e:
     _fail(str(e))

@@ -13,6 +13,7 @@ update.
 
 import ctypes
 import dataclasses
+import os
 from typing import Callable
 
 from flax import nnx
@@ -191,6 +192,16 @@ def compile_step(layout: Layout, objective: ObjectiveFn, config: ml_collections.
       frozen).compile()
   release_host_memory()
   return compiled
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` (for computations that
+  take a second or more to compile), unless it is "" or JAX_COMPILATION_CACHE_DIR is set
+  (JAX then uses that one)."""
+  if not directory or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def release_host_memory() -> None:

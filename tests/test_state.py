@@ -160,3 +160,20 @@ def test_release_host_memory_returns_freed_heap_pages():
   released = before - _resident_bytes()
   libc.free(chunks[-1])
   assert released > 0.5 * size * count
+
+
+def test_compilation_cache_follows_the_config_unless_the_environment_sets_one(
+    tmp_path, monkeypatch):
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    train_state.use_compilation_cache(str(tmp_path / "a"))  # the test session's variable wins
+    assert jax.config.jax_compilation_cache_dir == before[0]
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    train_state.use_compilation_cache("")  # off
+    assert jax.config.jax_compilation_cache_dir == before[0]
+    train_state.use_compilation_cache(str(tmp_path / "xla"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

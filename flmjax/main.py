@@ -48,15 +48,22 @@ def prepare(config, workdir: str) -> None:
     print(f"  [{i}] {text!r}")
 
 
-def run_pipeline(config, workdir: str) -> None:
-  """prepare -> train (WORKDIR/teacher) -> distill (WORKDIR/student) -> eval (WORKDIR/eval);
-  rerunning resumes each stage where it stopped."""
+def _teacher_and_student(config, workdir: str) -> tuple[str, str]:
+  """prepare, train (WORKDIR/teacher) and distill (WORKDIR/student), each resumed where it
+  stopped; the two workdirs."""
   config.data.dir = config.data.dir or os.path.join(workdir, "data")
   prepare(config, workdir)
   teacher, student = os.path.join(workdir, "teacher"), os.path.join(workdir, "student")
   train.train(config, teacher)
   config.teacher_checkpoint = teacher
   train.distill(config, student)
+  return teacher, student
+
+
+def run_pipeline(config, workdir: str) -> None:
+  """prepare -> train (WORKDIR/teacher) -> distill (WORKDIR/student) -> eval (WORKDIR/eval);
+  rerunning resumes each stage where it stopped."""
+  teacher, student = _teacher_and_student(config, workdir)
   evaluate.evaluate(config, workdir, {
       "FLM": (teacher, step_counts(config.eval.teacher_steps, "eval.teacher_steps")),
       "FMLM": (student, step_counts(config.eval.student_steps, "eval.student_steps"))})
@@ -70,12 +77,7 @@ def run_compare(config, workdir: str) -> None:
   same data, tokenizer, backbone, batch and train.steps (WORKDIR/FAMILY), then all of them
   evaluated in one table and plot (WORKDIR/eval): FLM, FMLM, MDLM and SEDD at each of
   eval.compare_steps, AR once (its L - 1 calls). Rerunning resumes each stage."""
-  config.data.dir = config.data.dir or os.path.join(workdir, "data")
-  prepare(config, workdir)
-  teacher, student = os.path.join(workdir, "teacher"), os.path.join(workdir, "student")
-  train.train(config, teacher)
-  config.teacher_checkpoint = teacher
-  train.distill(config, student)
+  teacher, student = _teacher_and_student(config, workdir)
   steps = step_counts(config.eval.compare_steps, "eval.compare_steps")
   models = {"FLM": (teacher, steps), "FMLM": (student, steps)}
   for family in BASELINES:

@@ -9,10 +9,13 @@ JSON:
 - memory: XLA's plan for each compiled computation (arguments + outputs + temporaries)
   and the run's peak (device memory statistics where the backend has them, else the
   process's peak resident set size);
-for latent noise and, for comparison, V-space noise (--noise).
+for latent noise and, for comparison, V-space noise (--noise). `--profile=DIR` also writes a
+profiler trace of the training step (DIR/NOISE, for TensorBoard or Perfetto) and reports
+the share of the step's executed time in each part of the model (flmjax/profiling.py).
 """
 
 import json
+import os
 import resource
 import time
 
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from flmjax import aot, objectives, sampling, sharding, state
+from flmjax import aot, objectives, profiling, sampling, sharding, state
 from flmjax.models import dit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -31,6 +34,8 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 0, "V; 0 takes config.tokenizer.voca
 _STEPS = flags.DEFINE_list("sample_steps", ["1", "8"], "Sampler step counts to time.")
 _NOISE = flags.DEFINE_list("noise", ["latent", "vocab"], "Noise paths to measure.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each computation (median).")
+_PROFILE = flags.DEFINE_string("profile", "", "Directory for a trace of the training step; "
+                               "adds the share of its time in each part.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -56,8 +61,9 @@ def _timed(fn, args, repeats: int) -> float:
   return sorted(runs)[len(runs) // 2]
 
 
-def _time_train(config, vocab_size: int, repeats: int) -> tuple[dict, tuple]:
-  """Timing of the training step, and (graphdef, EMA params) for the samplers."""
+def _time_train(config, vocab_size: int, repeats: int, profile: str) -> tuple[dict, tuple]:
+  """Timing of the training step (and its profile into `profile`, if not ""), and
+  (graphdef, EMA params) for the samplers."""
   build = dit.builder(config.model, vocab_size)
   layout = state.plan(config, build, sharding.make_mesh(config.mesh))
   train_state = state.init_state(layout, state.random_params(layout, build), config.seed)
@@ -74,9 +80,15 @@ def _time_train(config, vocab_size: int, repeats: int) -> tuple[dict, tuple]:
     return metrics
 
   seconds = _timed(step, lambda i: (i,), repeats)
-  return {"compile_seconds": compile_seconds, "step_seconds": seconds,
-          "tokens_per_second": config.batch_size * config.data.seq_len / seconds,
-          "planned_bytes": aot.planned_bytes(compiled)}, (layout.graphdef, holder[0]["ema"])
+  timing = {"compile_seconds": compile_seconds, "step_seconds": seconds,
+            "tokens_per_second": config.batch_size * config.data.seq_len / seconds,
+            "planned_bytes": aot.planned_bytes(compiled)}
+  if profile:
+    with jax.profiler.trace(profile):
+      for i in range(repeats):
+        jax.block_until_ready(step(i))
+    timing["shares"] = profiling.shares(profile, compiled.as_text())
+  return timing, (layout.graphdef, holder[0]["ema"])
 
 
 def _time_sampler(graphdef, params, config, vocab_size, steps, latent, repeats) -> dict:
@@ -98,7 +110,7 @@ def _peak_memory() -> dict:
 
 
 def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
-        repeats: int) -> dict:
+        repeats: int, profile: str = "") -> dict:
   on_cpu = jax.default_backend() == "cpu"
   size = 2048 if on_cpu else 8192
   peaks = {name: matmul_peak(dtype, size, repeats)
@@ -114,7 +126,8 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
             "matmul_peak_flops": peaks, "model_flops_per_token": flops_per_token}
   for noise in noises:
     config.noise = noise
-    timing, (graphdef, params) = _time_train(config, vocab_size, repeats)
+    timing, (graphdef, params) = _time_train(
+        config, vocab_size, repeats, profile and os.path.join(profile, noise))
     timing["mfu"] = flops_per_token * timing["tokens_per_second"] / peak
     entry = {"train": timing}
     for steps in sample_steps:
@@ -130,7 +143,7 @@ def main(argv):
   config = _CONFIG.value
   vocab_size = _VOCAB.value or config.tokenizer.vocab_size
   print(json.dumps(run(config, vocab_size, [int(s) for s in _STEPS.value], _NOISE.value,
-                       _REPEATS.value), indent=1))
+                       _REPEATS.value, _PROFILE.value), indent=1))
 
 
 if __name__ == "__main__":

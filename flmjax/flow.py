@@ -56,9 +56,27 @@ def velocity(x, denoised, t):
   return (denoised - x) / (1 - per_row(t, x.ndim) + VELOCITY_EPS)
 
 
+@jax.custom_vjp
+def gram(embed: jax.Array) -> jax.Array:
+  """E^T E [D, D] for E [V, D]. Its backward pass is one product, E (G' + G'^T) for the
+  cotangent G', where autodiff of the formula makes two (E G' and E G'^T)."""
+  return project(embed.T, embed)
+
+
+def _gram_fwd(embed):
+  return gram(embed), embed
+
+
+def _gram_bwd(embed, g):
+  return (project(embed, g + g.T),)
+
+
+gram.defvjp(_gram_fwd, _gram_bwd)
+
+
 def noise_factor(embed: jax.Array) -> jax.Array:
   """C [D, D] with C C^T = E^T E, for embed E [V, D] with V > D."""
-  return jnp.linalg.cholesky(project(embed.T, embed))
+  return jnp.linalg.cholesky(gram(embed))
 
 
 def embedded_noise(rng: jax.Array, embed: jax.Array, shape: tuple[int, ...],
@@ -80,6 +98,7 @@ def embedded_noise(rng: jax.Array, embed: jax.Array, shape: tuple[int, ...],
 EIGEN_RTOL = 1e-5
 
 
+@jax.named_scope("noise")
 def joint_embedded_noise(rng: jax.Array, embeds: tuple[jax.Array, ...],
                          shape: tuple[int, ...], latent: bool = True) -> list[jax.Array]:
   """[eps @ E_1, eps @ E_2, ...] for ONE eps ~ N(0, I_V), as when a teacher and a student
@@ -110,6 +129,7 @@ def joint_embedded_noise(rng: jax.Array, embeds: tuple[jax.Array, ...],
   return [project(xi, coordinates(e)) for e in embeds]
 
 
+@jax.named_scope("noise")
 def noisy_latent(rng: jax.Array, embed: jax.Array, tokens: jax.Array, t: jax.Array,
                  latent: bool = True) -> jax.Array:
   """h_t = x_t @ E [B, L, D] for tokens [B, L] at times t [B]."""
@@ -133,6 +153,7 @@ def token_cross_entropy(logits: jax.Array, tokens: jax.Array, cap: float = 0.0) 
   return _token_cross_entropy_fwd(logits, tokens, cap)[0]
 
 
+@jax.named_scope("output_head")
 def _token_cross_entropy_fwd(logits, tokens, cap):
   capped = soft_cap(logits, cap)
   logsumexp = jax.nn.logsumexp(capped, axis=-1)
@@ -151,6 +172,7 @@ def _capped_softmax(logits, logsumexp, cap):
   return capped, jnp.exp(capped - logsumexp[..., None]), 1 - tanh * tanh
 
 
+@jax.named_scope("output_head")
 def _token_cross_entropy_bwd(cap, residuals, g):
   logits, tokens, logsumexp = residuals
   _, softmax, slope = _capped_softmax(logits, logsumexp, cap)
@@ -215,6 +237,7 @@ def soft_cross_entropy(logits: jax.Array, target: jax.Array, cap: float = 0.0) -
   return _soft_cross_entropy_fwd(logits, target, cap)[0]
 
 
+@jax.named_scope("output_head")
 def _soft_cross_entropy_fwd(logits, target, cap):
   capped = soft_cap(logits, cap)
   logsumexp = jax.nn.logsumexp(capped, axis=-1)
@@ -222,6 +245,7 @@ def _soft_cross_entropy_fwd(logits, target, cap):
   return value, (logits, target, logsumexp)
 
 
+@jax.named_scope("output_head")
 def _soft_cross_entropy_bwd(cap, residuals, g):
   logits, target, logsumexp = residuals
   capped, softmax, slope = _capped_softmax(logits, logsumexp, cap)

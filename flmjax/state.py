@@ -148,10 +148,11 @@ def train_step(state: dict, batch: dict, frozen, *, graphdef, tx, objective: Obj
     return objective(nnx.merge(graphdef, params), part, key, frozen)
 
   grads, metrics = _gradients(loss_fn, state["params"], batch, rng, cfg.grad_accum)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  decay = ema_decay(state["step"] + 1, cfg.ema_decay)
-  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    decay = ema_decay(state["step"] + 1, cfg.ema_decay)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                  lr=learning_rate(cfg)(state["step"]),
                  # the step number if this step's loss is not finite, else 0

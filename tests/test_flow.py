@@ -134,6 +134,15 @@ def test_latent_noise_has_covariance_e_transpose_e():
   assert np.abs(samples.mean(0)).max() < 0.02
 
 
+def test_gram_gradient_is_the_closed_form():
+  embed = jax.random.normal(jax.random.key(0), (V, D))
+  weights = jax.random.normal(jax.random.key(1), (D, D))  # not symmetric
+  grad = jax.grad(lambda e: jnp.sum(flow.gram(e) * weights))(embed)
+  e64, w64 = np.asarray(embed, np.float64), np.asarray(weights, np.float64)
+  np.testing.assert_allclose(np.asarray(flow.gram(embed)), e64.T @ e64, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(grad), e64 @ (w64 + w64.T), rtol=1e-5, atol=1e-4)
+
+
 def _random_model(depth=2):
   return randomize(dit.DiT(V, D, depth, 4, 16, rngs=nnx.Rngs(0), dtype=jnp.float32),
                    scale=0.2)

@@ -83,6 +83,7 @@ def rotary(x: jax.Array, start=0, base: float = 1e4) -> jax.Array:
   return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
+@jax.named_scope("attention")
 def attention(q, k, v, softcap: float, fused: bool, causal: bool = False):
   """Attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap); `causal`
   lets position i see positions <= i only.
@@ -162,6 +163,7 @@ class Block(nnx.Module):
     self.adaln = _linear(cond, 6 * dim, ("cond", "embed"), zero=True, rngs=rngs) \
         if adaln else None
 
+  @jax.named_scope("norms_modulation")
   def _modulation(self, c):
     """(shift, scale, gate) of the attention and of the MLP branch."""
     if self.adaln is None:
@@ -172,19 +174,27 @@ class Block(nnx.Module):
   def _qkv(self, x, shift, scale, start=0):
     """q, k, v [B, L, H, Dh] in `dtype`, q and k rotated from position `start`."""
     batch, length, dim = x.shape
-    qkv = self.attn_qkv(self.norm1(x) * (1 + scale) + shift)
-    # QKV features are laid out (3, heads, head_dim): all of q, then k, then v.
-    q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.heads, dim // self.heads), 2, 0)
-    return (rotary(q.astype(self.dtype), start), rotary(k.astype(self.dtype), start),
-            v.astype(self.dtype))
+    with jax.named_scope("norms_modulation"):
+      x = self.norm1(x) * (1 + scale) + shift
+    with jax.named_scope("attention"):
+      qkv = self.attn_qkv(x)
+      # QKV features are laid out (3, heads, head_dim): all of q, then k, then v.
+      q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.heads, dim // self.heads),
+                             2, 0)
+      return (rotary(q.astype(self.dtype), start), rotary(k.astype(self.dtype), start),
+              v.astype(self.dtype))
 
   def _mlp(self, x, attn, attn_mod, mlp_mod, dropout_rate, rng):
     """The residual stream after the attention output `attn` [B, L, D] and the MLP."""
     rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
-    x = x + attn_mod[2] * dropout(self.attn_out(attn), dropout_rate, rng_attn)
+    with jax.named_scope("attention"):
+      x = x + attn_mod[2] * dropout(self.attn_out(attn), dropout_rate, rng_attn)
     shift, scale, gate = mlp_mod
-    hidden = jax.nn.gelu(self.mlp_in(self.norm2(x) * (1 + scale) + shift), approximate=True)
-    return x + gate * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
+    with jax.named_scope("norms_modulation"):
+      normed = self.norm2(x) * (1 + scale) + shift
+    with jax.named_scope("mlp"):
+      hidden = jax.nn.gelu(self.mlp_in(normed), approximate=True)
+      return x + gate * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
 
   def __call__(self, x, c, *, softcap, fused, dropout_rate, rng, causal=False):
     """x [B, L, D] float32 residual stream, c [B, cond] -> [B, L, D] float32."""
@@ -258,6 +268,7 @@ class DiT(nnx.Module):
     """Token ids [...] -> their rows E[ids] [..., D] float32."""
     return jnp.take(self.vocab_embed[...], ids, axis=0)
 
+  @jax.named_scope("norms_modulation")
   def conditioning(self, tau_s, tau_t=None):
     """c [B, cond] from tau_s [B] (and tau_t [B] for the two-time flow map); None for the
     causal model, which has no time input."""
@@ -298,12 +309,14 @@ class DiT(nnx.Module):
     return self._logits(x, c, capped)
 
   def _logits(self, x, c, capped: bool = True):
-    x = self.norm_final(x)
-    if c is not None:
-      shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
-      x = x * (1 + scale[:, None]) + shift[:, None]
-    logits = self.output(x)
-    return flow.soft_cap(logits, self.output_cap) if capped else logits
+    with jax.named_scope("norms_modulation"):
+      x = self.norm_final(x)
+      if c is not None:
+        shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
+        x = x * (1 + scale[:, None]) + shift[:, None]
+    with jax.named_scope("output_head"):
+      logits = self.output(x)
+      return flow.soft_cap(logits, self.output_cap) if capped else logits
 
   def empty_cache(self, batch_size: int, seq_len: int) -> list:
     """The causal model's key/value cache for `decode`: per block (k, v) [B, L, H, Dh]."""

@@ -65,6 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Attention: "plain" (soft cap supported), "fused" (jax.nn.dot_product_attention with
   # its default, XLA implementation; needs attn_softcap=0) or "auto" (fused when possible).
   config.model.attention = "auto"
+  # The FLM loss's output layer: "fused" applies it with the cross entropy in chunks of
+  # output_chunk tokens, never holding [B, L, V] float32 (flow.head_cross_entropy); "plain"
+  # takes the model's logits; "auto" is fused.
+  config.model.output_head = "auto"
+  config.model.output_chunk = 0  # tokens per chunk; 0: those whose logits fit in 128 MiB
   # Compute type of the blocks' matmuls and attention; parameters stay float32.
   config.model.dtype = "bfloat16"
   # Rematerialise each block in the backward pass: less activation memory, about a third

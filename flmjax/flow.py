@@ -161,15 +161,20 @@ def _token_cross_entropy_fwd(logits, tokens, cap):
   return logsumexp - picked, (logits, tokens, logsumexp)
 
 
+def _cap_and_slope(logits, cap):
+  """(c = soft_cap(logits), dc/dlogits or None without a cap), float32."""
+  x = logits.astype(jnp.float32)
+  if not cap:
+    return x, None
+  tanh = jnp.tanh(x / cap)
+  return cap * tanh, 1 - tanh * tanh
+
+
 def _capped_softmax(logits, logsumexp, cap):
   """(c = soft_cap(logits), softmax(c), dc/dlogits or None without a cap), [B, L, V]
   float32, recomputed from the raw logits and the forward pass's logsumexp."""
-  x = logits.astype(jnp.float32)
-  if not cap:
-    return x, jnp.exp(x - logsumexp[..., None]), None
-  tanh = jnp.tanh(x / cap)
-  capped = cap * tanh
-  return capped, jnp.exp(capped - logsumexp[..., None]), 1 - tanh * tanh
+  capped, slope = _cap_and_slope(logits, cap)
+  return capped, jnp.exp(capped - logsumexp[..., None]), slope
 
 
 @jax.named_scope("output_head")
@@ -186,29 +191,129 @@ def _token_cross_entropy_bwd(cap, residuals, g):
 token_cross_entropy.defvjp(_token_cross_entropy_fwd, _token_cross_entropy_bwd)
 
 
+def _head_logits(features, kernel, bias, dtype):
+  """features [N, D] @ kernel [D, V] + bias in `dtype` with float32 accumulation, as the
+  model's output layer computes them (float32 [N, V])."""
+  logits = jnp.matmul(features.astype(dtype), kernel.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  return logits + bias.astype(dtype).astype(jnp.float32)
+
+
+def _head_chunks(features, tokens, weights, chunk: int):
+  """features [..., D], tokens and weights [...] -> [N / rows, rows, (D)] for the N tokens
+  and the largest rows <= chunk that divides N."""
+  n = tokens.size
+  rows = max(r for r in range(1, min(chunk, n) + 1) if n % r == 0)
+  return (features.reshape(n // rows, rows, features.shape[-1]),
+          tokens.reshape(n // rows, rows), weights.reshape(n // rows, rows))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+@jax.named_scope("output_head")
+def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
+                       tokens: jax.Array, weights: jax.Array, cap: float, dtype,
+                       chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The output layer and the token cross entropy in one, `chunk` tokens at a time:
+  (sum_n weights_n CE_n, CE [N]) for features [N, D], kernel [D, V], bias [V], tokens [N],
+  weights [N], with CE_n = token_cross_entropy of the logits features_n @ kernel + bias
+  (in `dtype`, float32 accumulation, capped by `cap`).
+
+  No [N, V] array outlives a chunk. Differentiated, the forward pass computes the
+  gradients too, chunk by chunk (the weighted sum is linear in the weights, which are an
+  input), so the backward pass only scales them: no logits are kept or recomputed. The
+  per-token CE is a value, not differentiable: weight the tokens through `weights`.
+  """
+  x, t, w = _head_chunks(features, tokens, weights, chunk)
+
+  def one(args):
+    xc, tc = args
+    return token_cross_entropy(_head_logits(xc, kernel, bias, dtype), tc, cap)
+  cross_entropy = jax.lax.map(one, (x, t))
+  return jnp.sum(w * cross_entropy), cross_entropy.reshape(tokens.shape)
+
+
+@jax.named_scope("output_head")
+def _head_cross_entropy_fwd(features, kernel, bias, tokens, weights, cap, dtype, chunk):
+  features, kernel, bias, tokens, weights = (
+      a.value for a in (features, kernel, bias, tokens, weights))
+  x, t, w = _head_chunks(features, tokens, weights, chunk)
+  kernel_t = kernel.astype(dtype).T  # [V, D], once
+
+  def one(sums, args):
+    xc, tc, wc = args
+    raw = _head_logits(xc, kernel, bias, dtype)
+    capped, slope = _cap_and_slope(raw, cap)
+    # logsumexp with its sum as a product (XLA:CPU's fused exp-and-reduce is slow)
+    top = jax.lax.stop_gradient(jnp.max(capped, axis=-1, keepdims=True))
+    exp = jnp.exp(capped - top)
+    total = jnp.matmul(exp, jnp.ones(exp.shape[-1], jnp.float32))
+    logsumexp = top[:, 0] + jnp.log(total)
+    picked = capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
+    grad = wc[:, None] * (exp / total[:, None] - jax.nn.one_hot(tc, raw.shape[-1]))
+    if slope is not None:
+      grad = grad * slope
+    low = grad.astype(dtype)
+    d_features = jnp.matmul(low, kernel_t, preferred_element_type=jnp.float32)
+    # The kernel's and the bias's gradient in one product, [x, 1]^T grad (XLA:CPU is far
+    # slower at the bias's column sum as a reduction).
+    ones = jnp.ones((xc.shape[0], 1), dtype)
+    d_params = sums + jnp.matmul(jnp.concatenate([xc.astype(dtype), ones], axis=1).T, low,
+                                 preferred_element_type=jnp.float32)
+    return d_params, (logsumexp - picked, d_features)
+
+  zeros = jnp.zeros((kernel.shape[0] + 1, kernel.shape[1]), jnp.float32)
+  d_params, (cross_entropy, d_features) = jax.lax.scan(one, zeros, (x, t, w))
+  d_kernel, d_bias = d_params[:-1], d_params[-1]
+  value = (jnp.sum(w * cross_entropy), cross_entropy.reshape(tokens.shape))
+  return value, (d_features.reshape(features.shape), d_kernel.astype(kernel.dtype),
+                 d_bias.astype(bias.dtype), cross_entropy.reshape(weights.shape))
+
+
+def _head_cross_entropy_bwd(cap, dtype, chunk, residuals, g):
+  del cap, dtype, chunk
+  d_features, d_kernel, d_bias, cross_entropy = residuals
+  g_sum, g_tokens = g
+  if not isinstance(g_tokens, jax.custom_derivatives.SymbolicZero):
+    raise ValueError("head_cross_entropy's per-token cross entropy is not differentiable; "
+                     "weight the tokens through `weights`")
+  return (g_sum * d_features, g_sum * d_kernel, g_sum * d_bias, None, g_sum * cross_entropy)
+
+
+head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd,
+                          symbolic_zeros=True)
+
+
 def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.Array,
              schedule, *, mask: jax.Array | None = None, latent: bool = True,
-             loss_weight: Callable | None = None, cap: float = 0.0) -> tuple[jax.Array, dict]:
+             loss_weight: Callable | None = None, cap: float = 0.0,
+             head: Callable | None = None) -> tuple[jax.Array, dict]:
   """The FLM objective: cross entropy of the denoiser at x_t, token-weighted mean.
 
   tau ~ U[0, 1] stratified over the (global) batch, t = t(tau), the network conditioned on
   tau. The denoiser may return raw logits and leave their cap to `cap` (see
-  token_cross_entropy). `mask` [B, L] marks valid tokens (all by default).
+  token_cross_entropy), or, with `head`, the output layer's input features [B, L, D] and
+  leave the output layer to head(features, tokens, weights) -> (weighted sum, CE)
+  (head_cross_entropy). `mask` [B, L] marks valid tokens (all by default).
   `loss_weight(tau) -> w [B]` turns each token's loss into exp(-w) * loss + w.
   """
   rng_tau, rng_noise, rng_dropout = jax.random.split(rng, 3)
   tau = stratified_uniform(rng_tau, tokens.shape[0])
   t = schedule.t(tau)
-  logits = denoiser(noisy_latent(rng_noise, embed, tokens, t, latent), tau, rng_dropout)
-  cross_entropy = token_cross_entropy(logits, tokens, cap)
-  token_loss = cross_entropy
+  out = denoiser(noisy_latent(rng_noise, embed, tokens, t, latent), tau, rng_dropout)
+  mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  count = jnp.maximum(mask.sum(), 1.0)
+  weights, offset = mask / count, 0.0
   if loss_weight is not None:
     w = loss_weight(tau)[:, None]
-    token_loss = jnp.exp(-w) * cross_entropy + w
-  mask = jnp.ones_like(cross_entropy) if mask is None else mask.astype(jnp.float32)
-  count = jnp.maximum(mask.sum(), 1.0)
-  loss = (token_loss * mask).sum() / count
-  return loss, {"loss": loss, "cross_entropy": (cross_entropy * mask).sum() / count}
+    weights, offset = weights * jnp.exp(-w), jnp.sum(mask * w) / count
+  if head is None:
+    cross_entropy = token_cross_entropy(out, tokens, cap)
+    weighted = jnp.sum(weights * cross_entropy)
+  else:
+    weighted, cross_entropy = head(out, tokens, weights)
+  loss = weighted + offset
+  cross_entropy = jnp.sum(jax.lax.stop_gradient(cross_entropy) * mask) / count
+  return loss, {"loss": loss, "cross_entropy": cross_entropy}
 
 
 # --- The flow map (the paper's v2 method) ---------------------------------------------

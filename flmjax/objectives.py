@@ -28,20 +28,46 @@ class Objective:
   jvp: bool = False  # differentiates the model forward (jax.jvp)
 
 
+# The fused output head's chunk when model.output_chunk is 0: the most tokens whose
+# float32 logits fit in this many bytes.
+HEAD_CHUNK_BYTES = 128 * 2**20
+
+
+def head_chunk(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> int:
+  """Tokens per chunk of the fused output head (flow.head_cross_entropy)."""
+  return model_cfg.output_chunk or max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
+
+
 def denoising(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
               train: bool = True) -> ObjectiveFn:
-  """The FLM cross entropy (flow.flm_loss) of the model; dropout only when training."""
+  """The FLM cross entropy (flow.flm_loss) of the model; dropout only when training.
+
+  model.output_head "fused" or "auto" applies the output layer inside the loss, in chunks
+  (flow.head_cross_entropy); "plain" takes the model's [B, L, V] logits.
+  """
   del teacher_graphdef
   schedule = get_schedule(vocab_size)
+  fused = config.model.output_head in ("auto", "fused")
+  chunk = head_chunk(config.model, vocab_size)
 
   def objective(model, batch, rng, frozen):
     del frozen
+    dropout = (lambda key: key) if train else (lambda key: None)
+    if fused:
+      def denoiser(h, tau, key):
+        return model.features(h, tau, dropout_rng=dropout(key))
 
-    def denoiser(h, tau, key):
-      return model(h, tau, dropout_rng=key if train else None, capped=False)
+      def head(features, tokens, weights):
+        return flow.head_cross_entropy(
+            features, model.output.kernel[...], model.output.bias[...], tokens, weights,
+            model.output_cap, model.output.dtype, chunk)
+    else:
+      def denoiser(h, tau, key):
+        return model(h, tau, dropout_rng=dropout(key), capped=False)
+      head = None
 
     return flow.flm_loss(denoiser, model.vocab_embed[...], batch["tokens"], rng, schedule,
-                         latent=config.noise == "latent", cap=model.output_cap,
+                         latent=config.noise == "latent", cap=model.output_cap, head=head,
                          loss_weight=model.loss_weight if model.loss_weight_mlp else None)
   return objective
 

@@ -23,6 +23,7 @@ CHOICES = {
     "data.corpus": corpora.CORPORA,
     "tokenizer.kind": tokenizers.KINDS,
     "model.attention": ("auto", "plain", "fused"),
+    "model.output_head": ("auto", "plain", "fused"),
     "model.dtype": ("float32", "bfloat16"),
     "noise": ("latent", "vocab"),
     "family": registry.TRAINABLE,
@@ -38,8 +39,8 @@ POSITIVE = (
     "distill.learning_rate", "sample.steps", "sample.num_samples", "eval.num_samples",
     "eval.batch_size", "sample.temperature")
 NON_NEGATIVE = (
-    "data.max_documents", "model.attn_softcap", "model.output_cap", "train.weight_decay",
-    "train.grad_clip", "train.warmup_steps", "train.eval_every", "train.eval_batches",
+    "data.max_documents", "model.output_chunk", "model.attn_softcap", "model.output_cap",
+    "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.eval_every", "train.eval_batches",
     "train.sample_every", "train.checkpoint_every", "train.keep_period", "distill.batch_size",
     "eval.valid_batches")
 BELOW_ONE = (  # in [0, 1)

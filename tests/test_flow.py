@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from conftest import randomize
-from flmjax import flow
+from flmjax import flow, objectives
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
 
@@ -103,6 +104,67 @@ def test_soft_cross_entropy_and_its_gradients_are_autodiff_of_its_definition():
                              jax.grad(definition, (0, 1))(raw, target, cap)):
       assert np.abs(expected).max() > 0.1
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cap", [30.0, 0.0])
+def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap):
+  """head_cross_entropy against the plain path (logits, then the cross entropy), values and
+  gradients in features, kernel, bias and weights, whatever the chunking; exact to float32
+  rounding in float32, within bfloat16's rounding of the cotangent in bfloat16."""
+  rng = np.random.default_rng(3)
+  features = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(scale=3, size=(16, 37)), jnp.float32)  # logits past the cap
+  bias = jnp.asarray(rng.normal(size=(37,)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 37, size=(2, 6)))
+  weights = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+
+  def plain(x, k, b, w, dtype):
+    logits = jnp.matmul(x.astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32) + b.astype(dtype)
+    cross_entropy = flow.token_cross_entropy(logits, tokens, cap)
+    return jnp.sum(w * cross_entropy), cross_entropy
+
+  args = (features, kernel, bias, weights)
+  for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+    expected = plain(*args, dtype)
+    expected_grads = jax.grad(lambda *a: plain(*a, dtype)[0], argnums=(0, 1, 2, 3))(*args)
+    assert min(np.abs(g).max() for g in expected_grads) > 0.1
+    for chunk in (5, 100):  # 3 chunks of 4 tokens; one chunk
+      def fused(x, k, b, w):
+        return flow.head_cross_entropy(x, k, b, tokens, w, cap, dtype, chunk)
+      got = jax.jit(fused)(*args)
+      np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
+      np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-5)
+      grads = jax.jit(jax.grad(lambda *a: fused(*a)[0], argnums=(0, 1, 2, 3)))(*args)
+      for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=tolerance, atol=tolerance * np.abs(e).max())
+  with pytest.raises(ValueError, match="not differentiable"):
+    jax.grad(lambda x: flow.head_cross_entropy(x, kernel, bias, tokens, weights, cap,
+                                               jnp.float32, 4)[1].sum())(features)
+
+
+@pytest.mark.slow
+def test_flm_loss_is_the_same_with_the_fused_head():
+  """The FLM objective with model.output_head fused and plain: same loss, metrics and
+  gradients, learned loss weight included."""
+  config = base.get_config()
+  config.model.update(width=D, depth=1, heads=4, cond_width=16, dtype="float32",
+                      learned_loss_weight=True)
+  graphdef, params = nnx.split(randomize(dit.builder(config.model, V)(), scale=0.2))
+  batch = {"tokens": jax.random.randint(jax.random.key(1), (B, L), 0, V)}
+  results = []
+  for head, chunk in (("plain", 0), ("fused", 3)):
+    config.model.update(output_head=head, output_chunk=chunk)
+    objective = objectives.denoising(config, V)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(
+        lambda p: objective(nnx.merge(graphdef, p), batch, jax.random.key(2), None),
+        has_aux=True))(params)
+    results.append((loss, metrics["cross_entropy"], jax.tree.leaves(grads)))
+  (expected_loss, expected_ce, expected_grads), (loss, cross_entropy, grads) = results
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(cross_entropy, expected_ce, rtol=1e-5)
+  for g, e in zip(grads, expected_grads):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max() + 1e-7)
 
 
 def test_flm_loss_conditions_on_tau_and_corrupts_at_t_of_tau():

@@ -292,6 +292,15 @@ class DiT(nnx.Module):
     the logits before the output cap, for a loss that caps them itself
     (flow.token_cross_entropy).
     """
+    features = self.features(h, tau_s, tau_t, dropout_rng=dropout_rng)
+    if capped:
+      return self.output_logits(features)
+    with jax.named_scope("output_head"):
+      return self.output(features)
+
+  def features(self, h, tau_s, tau_t=None, *, dropout_rng=None):
+    """The output layer's input [B, L, D] float32 (the final norm and modulation done):
+    for a loss that applies the output layer itself (flow.head_cross_entropy)."""
     c = self.conditioning(tau_s, tau_t)
     x = split_batch(h.astype(jnp.float32))
 
@@ -306,17 +315,20 @@ class DiT(nnx.Module):
       else:
         x = block(x, c, rng=rng, **options)
       x = split_batch(x)
-    return self._logits(x, c, capped)
+    return self._final(x, c)
 
-  def _logits(self, x, c, capped: bool = True):
-    with jax.named_scope("norms_modulation"):
-      x = self.norm_final(x)
-      if c is not None:
-        shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
-        x = x * (1 + scale[:, None]) + shift[:, None]
-    with jax.named_scope("output_head"):
-      logits = self.output(x)
-      return flow.soft_cap(logits, self.output_cap) if capped else logits
+  @jax.named_scope("norms_modulation")
+  def _final(self, x, c):
+    x = self.norm_final(x)
+    if c is None:
+      return x
+    shift, scale = jnp.split(self.final_adaln(c), 2, axis=-1)
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+  @jax.named_scope("output_head")
+  def output_logits(self, features):
+    """The output layer: features [B, L, D] -> capped logits [B, L, V] float32."""
+    return flow.soft_cap(self.output(features), self.output_cap)
 
   def empty_cache(self, batch_size: int, seq_len: int) -> list:
     """The causal model's key/value cache for `decode`: per block (k, v) [B, L, H, Dh]."""
@@ -332,7 +344,7 @@ class DiT(nnx.Module):
     for block, entry in zip(self.blocks, cache):
       x, entry = block.decode(x, entry, position)
       updated.append(entry)
-    return self._logits(x, None), updated
+    return self.output_logits(self._final(x, None)), updated
 
 
 def builder(cfg: ml_collections.ConfigDict | dict, vocab_size: int,

@@ -199,13 +199,24 @@ def _head_logits(features, kernel, bias, dtype):
   return logits + bias.astype(dtype).astype(jnp.float32)
 
 
-def _head_chunks(features, tokens, weights, chunk: int):
-  """features [..., D], tokens and weights [...] -> [N / rows, rows, (D)] for the N tokens
-  and the largest rows <= chunk that divides N."""
-  n = tokens.size
+def _head_chunks(chunk: int, features, *per_token):
+  """features [..., D] and arrays [...] of the same N tokens -> [N / rows, rows, (D)], for
+  the largest rows <= chunk that divides N."""
+  n = features.size // features.shape[-1]
   rows = max(r for r in range(1, min(chunk, n) + 1) if n % r == 0)
   return (features.reshape(n // rows, rows, features.shape[-1]),
-          tokens.reshape(n // rows, rows), weights.reshape(n // rows, rows))
+          *(x.reshape(n // rows, rows) for x in per_token))
+
+
+def head_argmax(features: jax.Array, kernel: jax.Array, bias: jax.Array, dtype,
+                chunk: int) -> jax.Array:
+  """argmax_v of the logits features @ kernel + bias (as head_cross_entropy computes them),
+  int32 [...] for features [..., D], `chunk` tokens at a time. top_k with k = 1 gives the
+  same first index among ties and is much faster than argmax's reduction on XLA:CPU."""
+  def one(xc):
+    return jax.lax.top_k(_head_logits(xc, kernel, bias, dtype), 1)[1][:, 0]
+  (x,) = _head_chunks(chunk, features)
+  return jax.lax.map(one, x).reshape(features.shape[:-1]).astype(jnp.int32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -223,7 +234,7 @@ def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
   input), so the backward pass only scales them: no logits are kept or recomputed. The
   per-token CE is a value, not differentiable: weight the tokens through `weights`.
   """
-  x, t, w = _head_chunks(features, tokens, weights, chunk)
+  x, t, w = _head_chunks(chunk, features, tokens, weights)
 
   def one(args):
     xc, tc = args
@@ -236,7 +247,7 @@ def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
 def _head_cross_entropy_fwd(features, kernel, bias, tokens, weights, cap, dtype, chunk):
   features, kernel, bias, tokens, weights = (
       a.value for a in (features, kernel, bias, tokens, weights))
-  x, t, w = _head_chunks(features, tokens, weights, chunk)
+  x, t, w = _head_chunks(chunk, features, tokens, weights)
   kernel_t = kernel.astype(dtype).T  # [V, D], once
 
   def one(sums, args):

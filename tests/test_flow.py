@@ -143,6 +143,23 @@ def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap):
                                                jnp.float32, 4)[1].sum())(features)
 
 
+def test_head_argmax_is_the_argmax_of_the_logits_first_among_ties():
+  rng = np.random.default_rng(4)
+  features = jnp.asarray(rng.normal(size=(3, 4, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(8, 29)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(29,)), jnp.float32)
+  kernel = kernel.at[:, 7].set(kernel[:, 3]).at[:, 3].set(kernel[:, 3])
+  bias = bias.at[7].set(bias[3] + 50).at[3].set(bias[3] + 50)  # columns 3 and 7 tie on top
+  for chunk in (1, 5, 12):
+    got = flow.head_argmax(features, kernel, bias, jnp.float32, chunk)
+    assert got.shape == (3, 4) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.full((3, 4), 3))
+  bias = bias.at[3].set(0.0).at[7].set(0.0)
+  logits = np.asarray(features) @ np.asarray(kernel) + np.asarray(bias)
+  np.testing.assert_array_equal(flow.head_argmax(features, kernel, bias, jnp.float32, 5),
+                                logits.argmax(-1))
+
+
 @pytest.mark.slow
 def test_flm_loss_is_the_same_with_the_fused_head():
   """The FLM objective with model.output_head fused and plain: same loss, metrics and

@@ -6,8 +6,10 @@ step, the distillation step and the one-step sampler are lowered and compiled fo
 slice on this machine, with the config's mesh laid over its chips. With an empty
 topology they are compiled for the local devices. For each it prints XLA's per-chip
 memory plan (arguments + outputs + temporaries - aliased + code) against the chip's HBM,
-the FLOPs per chip from XLA's cost analysis, and the step time those FLOPs imply at
-ASSUMED_MFU of the chip's bf16 peak; the same goes to WORKDIR/compile.json. Nothing is
+the FLOPs and the bytes of memory accessed per chip from XLA's cost analysis, and the
+roofline step time max(FLOPs / peak, bytes / HBM bandwidth) with the chip's published
+bf16 peak and bandwidth (a lower bound: no chip reaches either); the same goes to
+WORKDIR/compile.json. Nothing is
 allocated and no data is read: V comes from the tokenizer's files where the config
 names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-uncased's
 30522 (BERT without tokenizer.path).
@@ -26,14 +28,14 @@ from flmjax.errors import UsageError
 from flmjax.models import dit
 
 GIB = 2**30
-ASSUMED_MFU = 0.4
-# device_kind -> (HBM bytes, bf16 peak FLOP/s) per chip, from the vendors' spec sheets.
+# device_kind -> (HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s) per chip, from
+# the vendors' spec sheets.
 CHIPS = {
-    "TPU v5 lite": (16 * GIB, 197e12),  # v5e
-    "TPU v5": (95 * GIB, 459e12),  # v5p
-    "TPU v6 lite": (32 * GIB, 918e12),  # v6e (Trillium)
-    "NVIDIA H100 80GB HBM3": (80 * GIB, 989e12),
-    "NVIDIA H200": (141 * GIB, 989e12),
+    "TPU v5 lite": (16 * GIB, 197e12, 819e9),  # v5e
+    "TPU v5": (95 * GIB, 459e12, 2765e9),  # v5p
+    "TPU v6 lite": (32 * GIB, 918e12, 1640e9),  # v6e (Trillium)
+    "NVIDIA H100 80GB HBM3": (80 * GIB, 989e12, 3.35e12),  # SXM
+    "NVIDIA H200": (141 * GIB, 989e12, 4.8e12),
 }
 BERT_BASE_UNCASED = 30522
 
@@ -91,11 +93,15 @@ def _report(entry: dict, compiled, devices) -> dict:
   entry = dict(entry, bytes_per_chip=planned_bytes(compiled),
                argument_bytes=int(memory.argument_size_in_bytes),
                temp_bytes=int(memory.temp_size_in_bytes),
-               flops_per_chip=float(cost.get("flops", 0.0)))
-  hbm, peak = CHIPS.get(devices[0].device_kind, (None, None))
-  if hbm:
+               flops_per_chip=float(cost.get("flops", 0.0)),
+               bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)))
+  if devices[0].device_kind in CHIPS:
+    hbm, peak, bandwidth = CHIPS[devices[0].device_kind]
+    compute, memory_time = entry["flops_per_chip"] / peak, \
+        entry["bytes_accessed_per_chip"] / bandwidth
     entry.update(hbm_fraction=entry["bytes_per_chip"] / hbm,
-                 seconds_at_assumed_mfu=entry["flops_per_chip"] / (peak * ASSUMED_MFU))
+                 roofline_seconds=max(compute, memory_time),
+                 bound="compute" if compute >= memory_time else "memory")
   return entry
 
 
@@ -106,7 +112,7 @@ def compile_all(config: ml_collections.ConfigDict) -> dict:
   vocab = vocab_size(config)
   report = {"topology": config.topology or "local", "device_kind": devices[0].device_kind,
             "chips": len(devices), "mesh": dict(mesh.shape), "vocab_size": vocab,
-            "seq_len": config.data.seq_len, "assumed_mfu": ASSUMED_MFU, "computations": []}
+            "seq_len": config.data.seq_len, "computations": []}
 
   def step(name, cfg, objective, frozen=None, teacher_graphdef=None):
     cfg = registry.with_family(cfg, objective)
@@ -147,17 +153,19 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = ", ".join(f"{k} {v}" for k, v in report["mesh"].items())
   lines = [f"compiled for {report['topology']}: {report['chips']} x {report['device_kind']}, "
            f"mesh {mesh}, V {report['vocab_size']}, L {report['seq_len']}",
-           f"| computation | batch | memory per chip | of HBM | GFLOPs per chip | "
-           f"step at {ASSUMED_MFU:.0%} MFU |", "|---|---|---|---|---|---|"]
+           "| computation | batch | memory per chip | of HBM | GFLOPs per chip | "
+           "GB accessed per chip | roofline step |", "|---|---|---|---|---|---|---|"]
   for c in report["computations"]:
     if "error" in c:
-      lines.append(f"| {c['computation']} | {c['batch']} | does not fit: {c['error']} | | | |")
+      lines.append(f"| {c['computation']} | {c['batch']} | does not fit: {c['error']} "
+                   "| | | | |")
       continue
     fraction = f"{c['hbm_fraction']:.0%}" if "hbm_fraction" in c else "-"
-    seconds = (f"{c['seconds_at_assumed_mfu'] * 1e3:,.1f} ms" if "seconds_at_assumed_mfu" in c
-               else "-")
+    seconds = (f"{c['roofline_seconds'] * 1e3:,.1f} ms ({c['bound']})"
+               if "roofline_seconds" in c else "-")
     lines.append(f"| {c['computation']} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB "
-                 f"| {fraction} | {c['flops_per_chip'] / 1e9:,.0f} | {seconds} |")
+                 f"| {fraction} | {c['flops_per_chip'] / 1e9:,.0f} "
+                 f"| {c['bytes_accessed_per_chip'] / 1e9:,.1f} | {seconds} |")
   outputs.say("\n".join(lines))
   if jax.process_index() == 0:
     outputs.write_json(path / "compile.json", report)

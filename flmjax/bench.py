@@ -5,7 +5,8 @@ JSON:
 - the real training step (`state.train_step`: loss, gradients, clipping, AdamW, EMA):
   compile seconds, seconds per step, tokens/s, model FLOPs per token and model FLOPs
   utilisation against the matmul peak measured in the same run on the same devices;
-- the Euler sampler: seconds per sample at each of --sample_steps;
+- the Euler sampler: seconds per sample at each of --sample_steps (--sample_batch samples
+  per call);
 - memory: XLA's plan for each compiled computation (arguments + outputs + temporaries)
   and the run's peak (device memory statistics where the backend has them, else the
   process's peak resident set size);
@@ -32,6 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "V; 0 takes config.tokenizer.vocab_size.")
 _STEPS = flags.DEFINE_list("sample_steps", ["1", "8"], "Sampler step counts to time.")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Samples per sampler call; 0 takes "
+                                     "config.batch_size.")
 _NOISE = flags.DEFINE_list("noise", ["latent", "vocab"], "Noise paths to measure.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each computation (median).")
 _PROFILE = flags.DEFINE_string("profile", "", "Directory for a trace of the training step; "
@@ -91,8 +94,9 @@ def _time_train(config, vocab_size: int, repeats: int, profile: str) -> tuple[di
   return timing, (layout.graphdef, holder[0]["ema"])
 
 
-def _time_sampler(graphdef, params, config, vocab_size, steps, latent, repeats) -> dict:
-  batch, seq_len = config.batch_size, config.data.seq_len
+def _time_sampler(graphdef, params, config, vocab_size, steps, latent, repeats,
+                  batch) -> dict:
+  seq_len = config.data.seq_len
   grid = sampling.euler_grid(vocab_size, steps)
   compiled = sampling.tokens.lower(graphdef, params, jax.random.key(0), grid,
                                    rule=sampling.EULER, batch_size=batch, seq_len=seq_len,
@@ -110,7 +114,7 @@ def _peak_memory() -> dict:
 
 
 def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
-        repeats: int, profile: str = "") -> dict:
+        repeats: int, profile: str = "", sample_batch: int = 0) -> dict:
   on_cpu = jax.default_backend() == "cpu"
   size = 2048 if on_cpu else 8192
   peaks = {name: matmul_peak(dtype, size, repeats)
@@ -119,10 +123,12 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
   flops_per_token = dit.training_flops_per_token(config.model, vocab_size,
                                                  config.data.seq_len)
   result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "jax_version": jax.__version__,
             "device_count": jax.device_count(), "vocab_size": vocab_size,
             "batch_size": config.batch_size, "seq_len": config.data.seq_len,
             "width": config.model.width, "depth": config.model.depth,
             "heads": config.model.heads, "dtype": config.model.dtype,
+            "sample_batch": sample_batch or config.batch_size,
             "matmul_peak_flops": peaks, "model_flops_per_token": flops_per_token}
   for noise in noises:
     config.noise = noise
@@ -131,8 +137,9 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
     timing["mfu"] = flops_per_token * timing["tokens_per_second"] / peak
     entry = {"train": timing}
     for steps in sample_steps:
-      entry[f"sample_{steps}_steps"] = _time_sampler(graphdef, params, config, vocab_size,
-                                                     steps, noise == "latent", repeats)
+      entry[f"sample_{steps}_steps"] = _time_sampler(
+          graphdef, params, config, vocab_size, steps, noise == "latent", repeats,
+          result["sample_batch"])
     result[noise] = entry
   result.update(_peak_memory())
   return result
@@ -143,7 +150,7 @@ def main(argv):
   config = _CONFIG.value
   vocab_size = _VOCAB.value or config.tokenizer.vocab_size
   print(json.dumps(run(config, vocab_size, [int(s) for s in _STEPS.value], _NOISE.value,
-                       _REPEATS.value, _PROFILE.value), indent=1))
+                       _REPEATS.value, _PROFILE.value, _SAMPLE_BATCH.value), indent=1))
 
 
 if __name__ == "__main__":

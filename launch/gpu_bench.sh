@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The bench (python -m flmjax.bench) at the two GPU shapes of docs/performance.md, with the
+# output head plain and fused (model.output_head=plain, then auto), one JSON line each.
+#
+#   launch/gpu_bench.sh [--size=gpu|tiny] [--dry-run] [-- --config.FIELD=VALUE ...]
+#
+# gpu (the default): DiT small (D 768, 12 blocks, 12 heads, bfloat16 blocks)
+#   - at L 128, V 8192, batch 128 (the shape of the H200 entry in docs/results.md);
+#   - at the OpenWebText shape, L 1024, V 50258, batch 16, one-step sampling at batch 64.
+#   Four bench runs, each compiling its step: about 6 minutes on one H200.
+# tiny: the same four runs at a toy size, on any machine (the tests run it on a CPU).
+# Each line is the bench's JSON with "shape", "head" and "commit" added.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+size=gpu dry_run=0 extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --size=*) size="${1#*=}" ;;
+    --dry-run) dry_run=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "gpu_bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+common=(--config=configs/tiny.py --noise=latent --sample_steps=1 --repeats=5)
+case "$size" in
+  gpu)
+    model=(--config.model.width=768 --config.model.depth=12 --config.model.heads=12
+           --config.model.cond_width=128)
+    small=(--vocab_size=8192 --config.data.seq_len=128 --config.batch_size=128)
+    owt=(--vocab_size=50258 --config.data.seq_len=1024 --config.batch_size=16
+         --sample_batch=64) ;;
+  tiny)
+    model=(--config.model.width=32 --config.model.depth=1 --config.model.heads=2
+           --config.model.cond_width=16 --repeats=2)
+    small=(--vocab_size=512 --config.data.seq_len=16 --config.batch_size=8)
+    owt=(--vocab_size=1024 --config.data.seq_len=32 --config.batch_size=4 --sample_batch=8) ;;
+  *) echo "gpu_bench.sh: --size=$size: gpu or tiny" >&2; exit 2 ;;
+esac
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+for shape in small owt; do
+  for head in plain auto; do
+    declare -n sizes="$shape"
+    command=(python -m flmjax.bench "${common[@]}" "${model[@]}" "${sizes[@]}"
+             "--config.model.output_head=$head" "${extra[@]}")
+    if [[ $dry_run -eq 1 ]]; then
+      printf '+'; printf ' %q' "${command[@]}"; printf '\n'
+      continue
+    fi
+    "${command[@]}" | python -c "import json, sys; d = json.load(sys.stdin); \
+d.update(shape='$shape', head='$head', commit='$commit'); print(json.dumps(d))"
+  done
+done

@@ -108,11 +108,18 @@ def _report(entry: dict, compiled, devices) -> dict:
 def compile_all(config: ml_collections.ConfigDict) -> dict:
   """Compiles the three computations for config.topology; returns the report."""
   devices = target_devices(config.topology)
+  with dit.kernels_for(devices[0].platform):  # attention=auto takes the slice's kernels
+    return _compile_all(config, devices)
+
+
+def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices)
   vocab = vocab_size(config)
   report = {"topology": config.topology or "local", "device_kind": devices[0].device_kind,
             "chips": len(devices), "mesh": dict(mesh.shape), "vocab_size": vocab,
-            "seq_len": config.data.seq_len, "computations": []}
+            "seq_len": config.data.seq_len, "computations": [],
+            "attention": dit.attention_path(config.model.attention, config.model.attn_softcap,
+                                            config.data.seq_len)}
 
   def step(name, cfg, objective, frozen=None, teacher_graphdef=None):
     cfg = registry.with_family(cfg, objective)
@@ -152,7 +159,8 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report = compile_all(config)
   mesh = ", ".join(f"{k} {v}" for k, v in report["mesh"].items())
   lines = [f"compiled for {report['topology']}: {report['chips']} x {report['device_kind']}, "
-           f"mesh {mesh}, V {report['vocab_size']}, L {report['seq_len']}",
+           f"mesh {mesh}, V {report['vocab_size']}, L {report['seq_len']}, attention "
+           f"{report['attention']}",
            "| computation | batch | memory per chip | of HBM | GFLOPs per chip | "
            "GB accessed per chip | roofline step |", "|---|---|---|---|---|---|---|"]
   for c in report["computations"]:

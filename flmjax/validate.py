@@ -18,11 +18,12 @@ from flmjax import distill, registry, sharding
 from flmjax.data import corpora, tokenizers
 from flmjax.errors import UsageError
 from flmjax.evaluators import EVALUATORS
+from flmjax.models import dit
 
 CHOICES = {
     "data.corpus": corpora.CORPORA,
     "tokenizer.kind": tokenizers.KINDS,
-    "model.attention": ("auto", "plain", "fused"),
+    "model.attention": dit.ATTENTION,
     "model.output_head": ("auto", "plain", "fused"),
     "model.dtype": ("float32", "bfloat16"),
     "noise": ("latent", "vocab"),
@@ -110,6 +111,19 @@ def _model(model: ml_collections.ConfigDict) -> None:
                      "model.attention=plain or auto.")
 
 
+def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
+  if config.model.attention != "splash":
+    return
+  if config.data.seq_len % dit.SPLASH_BLOCK:
+    raise UsageError(f"model.attention=splash needs data.seq_len={config.data.seq_len} to be "
+                     f"a multiple of {dit.SPLASH_BLOCK}; use model.attention=auto or plain.")
+  if (mode in ("distill", "pipeline", "compile", "compare")
+      and registry.OBJECTIVES[config.distill.objective].jvp):
+    raise UsageError(f"model.attention=splash has no forward-mode derivative, which "
+                     f"distill.objective={config.distill.objective} takes; use "
+                     "model.attention=auto (plain for it) or distill.objective=semigroup.")
+
+
 def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) -> None:
   """The mesh fits the devices, and it divides every batch that `mode` runs."""
   sizes = sharding.mesh_shape(config.mesh, device_count)
@@ -136,6 +150,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   bad field is reported before any device is started)."""
   _fields(config)
   _model(config.model)
+  _attention(config, mode)
   if mode in ("distill", "pipeline") and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode={mode} distills an FLM teacher into "
                      "its flow map; set family=flm, or train the baseline with --mode=train "

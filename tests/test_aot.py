@@ -54,6 +54,12 @@ def test_compiles_for_a_v5e_slice_and_reports_memory_and_flops(tmp_path):
       step["flops_per_chip"] / 197e12, step["bytes_accessed_per_chip"] / 819e9))
   assert step["bound"] in ("compute", "memory")
 
+  # At L 128, attention=auto takes the splash kernel (soft cap inside) on the slice.
+  splash = _config(data=4)
+  splash.data.seq_len = 128
+  report = aot.compile_all(splash)
+  assert report["attention"] == "splash" and report["computations"][0]["bytes_per_chip"] > 0
+
   fsdp = aot.compile_all(_config(data=1, fsdp=4))["computations"][0]
   # Parameters, EMA and Adam moments sharded 4 ways: about a quarter of the arguments.
   assert fsdp["argument_bytes"] < 0.4 * step["argument_bytes"]

@@ -81,7 +81,7 @@ def test_soft_capped_attention_matches_its_definition():
   q, k, v = (np.asarray(jax.random.normal(key, (2, 8, 2, 16))) for key in
              jax.random.split(jax.random.key(0), 3))
   q = 40 * q  # raw scores far above the cap of 50
-  got = dit.attention(q, k, v, softcap=50.0, fused=False)
+  got = dit.attention(q, k, v, softcap=50.0, impl="plain")
   np.testing.assert_allclose(got, _numpy_attention(q, k, v, 50.0), atol=1e-5)
   assert not np.allclose(got, _numpy_attention(q, k, v, 0.0), atol=1e-3)
 
@@ -91,8 +91,59 @@ def test_fused_and_plain_attention_agree_without_cap():
   h, tau = _inputs()
   plain = _perturb(_model(attn_softcap=0.0, attention_impl="plain"))
   fused = _perturb(_model(attn_softcap=0.0, attention_impl="fused"))
-  assert fused.fused and not plain.fused
+  assert dit.attention_path(fused.attention_impl, 0.0, L) == "fused"
   np.testing.assert_allclose(fused(h, tau), plain(h, tau), atol=2e-5)
+
+
+def test_auto_attention_takes_splash_on_tpu_when_l_allows():
+  assert dit.attention_path("auto", 50.0, 128) == "plain"  # on this CPU
+  assert dit.attention_path("auto", 0.0, 128) == "fused"
+  with dit.kernels_for("tpu"):
+    assert dit.attention_path("auto", 50.0, 256) == "splash"
+    assert dit.attention_path("auto", 50.0, 100) == "plain"  # L not a multiple of 128
+    assert dit.attention_path("plain", 50.0, 256) == "plain"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_splash_attention_equals_the_plain_path_values_and_gradients(causal):
+  """The Pallas splash kernel (interpret mode on this CPU) with the cap inside it, against
+  the plain path, at scores far past the cap."""
+  q, k, v = (jax.random.normal(key, (1, 128, 2, 16)) for key in
+             jax.random.split(jax.random.key(0), 3))
+  q = 20 * q
+  cotangent = jax.random.normal(jax.random.key(1), q.shape)
+
+  def loss(impl, q, k, v):
+    return jnp.sum(cotangent * dit.attention(q, k, v, 50.0, impl, causal))
+
+  np.testing.assert_allclose(dit.attention(q, k, v, 50.0, "splash", causal),
+                             dit.attention(q, k, v, 50.0, "plain", causal), atol=2e-5)
+  got = jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(functools.partial(loss, "plain"), argnums=(0, 1, 2))(q, k, v)
+  for g, e in zip(got, expected):
+    assert np.abs(e).max() > 0.1
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+
+
+@pytest.mark.slow
+def test_splash_attention_under_a_mesh_runs_per_device():
+  """On 8 devices, rows over data x fsdp and heads over tensor (shard_map): the model with
+  splash attention equals the plain path."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  h = jax.random.normal(jax.random.key(0), (4, 128, D))
+  tau = jax.random.uniform(jax.random.key(1), (4,))
+  outputs = []
+  for impl in ("plain", "splash"):
+    graphdef, params = nnx.split(_perturb(_model(attention_impl=impl)))
+
+    @jax.jit
+    def forward(params, h, tau, graphdef=graphdef):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return nnx.merge(graphdef, params)(h, tau)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    outputs.append(forward(params, jax.device_put(h, rows), jax.device_put(tau, rows)))
+  np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
 
 
 def test_fused_attention_with_a_soft_cap_is_refused():

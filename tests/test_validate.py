@@ -25,7 +25,10 @@ def test_the_default_and_test_configs_are_valid():
     ("data.corpus", "wiki", "data.corpus='wiki' is not one of embedded, dir"),
     ("data.valid_fraction", 1.0, r"data.valid_fraction=1.0 must be in \[0, 1\)"),
     ("tokenizer.kind", "bpe", "tokenizer.kind='bpe' is not one of sentencepiece"),
-    ("model.attention", "flash", "model.attention='flash' is not one of auto, plain, fused"),
+    ("model.attention", "flash", "model.attention='flash' is not one of auto, plain, fused, "
+     "splash"),
+    ("model.output_head", "chunked", "model.output_head='chunked' is not one of auto, plain"),
+    ("model.output_chunk", -1, "model.output_chunk=-1 must be 0 or more"),
     ("model.heads", 3, "model.width=32 must split into model.heads=3 heads of even size"),
     ("model.dropout", -0.1, r"model.dropout=-0.1 must be in \[0, 1\)"),
     ("train.grad_accum", 0, "train.grad_accum=0 must be positive"),
@@ -46,6 +49,18 @@ def test_a_bad_field_is_named(field, value, message):
   setattr(config[section] if section else config, name, value)
   with pytest.raises(UsageError, match=message):
     validate(config, "train", lambda: pytest.fail("asked for the devices"))
+
+
+def test_splash_attention_needs_l_a_multiple_of_its_block_and_no_jvp():
+  config = train_config()
+  config.model.attention = "splash"
+  assert "data.seq_len=32 to be a multiple of 128" in _refused(config)
+  config.data.seq_len = 128
+  validate(config, "train", lambda: 8)
+  config.distill.objective = "lagrangian"
+  validate(config, "train", lambda: 8)  # training the teacher takes no jvp
+  assert "no forward-mode derivative, which distill.objective=lagrangian takes" in _refused(
+      config, "distill")
 
 
 def test_the_mesh_must_fit_the_devices_and_divide_the_batches():

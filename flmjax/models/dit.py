@@ -18,6 +18,8 @@ parameter carries logical axis names (vocab, embed, heads, mlp, cond, freq) that
 flmjax/sharding.py maps to mesh axes.
 """
 
+import contextlib
+import functools
 import math
 from typing import Callable
 
@@ -83,15 +85,87 @@ def rotary(x: jax.Array, start=0, base: float = 1e4) -> jax.Array:
   return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-@jax.named_scope("attention")
-def attention(q, k, v, softcap: float, fused: bool, causal: bool = False):
-  """Attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap); `causal`
-  lets position i see positions <= i only.
+ATTENTION = ("auto", "plain", "fused", "splash")
+SPLASH_BLOCK = 128  # splash attention's blocks; L must be a multiple
+_kernel_platform = [None]  # None: the default backend's (see kernels_for)
 
-  `fused` uses jax.nn.dot_product_attention (its default, XLA implementation), which has no
-  soft cap, so it is only valid with softcap = 0.
+
+@contextlib.contextmanager
+def kernels_for(platform: str):
+  """Traces the attention kernels for `platform` rather than the default backend (compile
+  mode, compiling for a TPU slice on a CPU)."""
+  _kernel_platform.append(platform)
+  try:
+    yield
+  finally:
+    _kernel_platform.pop()
+
+
+def _platform() -> str:
+  return _kernel_platform[-1] or jax.default_backend()
+
+
+def attention_path(impl: str, softcap: float, seq_len: int) -> str:
+  """The attention path that `impl` (ATTENTION) takes: auto is fused without a soft cap,
+  splash on TPU (when L is a multiple of SPLASH_BLOCK), plain otherwise."""
+  if impl != "auto":
+    return impl
+  if not softcap:
+    return "fused"
+  return "splash" if _platform() == "tpu" and seq_len % SPLASH_BLOCK == 0 else "plain"
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, seq_len: int, causal: bool, softcap: float, interpret: bool):
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
+  full = splash.CausalMask if causal else splash.FullMask
+  mask = splash.MultiHeadMask([full((seq_len, seq_len)) for _ in range(heads)])
+  block = SPLASH_BLOCK
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block,
+                            block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                attn_logits_soft_cap=softcap or None, interpret=interpret)
+
+
+def splash_attention(q, k, v, softcap: float, causal: bool = False):
+  """Attention over [B, L, H, Dh] by the Pallas TPU splash kernel, the soft cap applied
+  inside it (off TPU in Pallas's interpret mode, for tests). Under a mesh it runs per
+  device on its rows and heads (shard_map): XLA cannot split a kernel call itself."""
+  batch, seq_len, heads, head_dim = q.shape
+  if seq_len % SPLASH_BLOCK:
+    raise ValueError(f"splash attention needs L a multiple of {SPLASH_BLOCK}, not {seq_len}")
+  interpret = _platform() != "tpu"
+
+  def local(q, k, v):
+    kernel = _splash_kernel(q.shape[2], seq_len, causal, float(softcap), interpret)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q / math.sqrt(head_dim), k, v))
+    return jnp.swapaxes(jax.vmap(kernel)(q, k, v), 1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  rows = BATCH_AXES if batch % data_parallel_size(mesh) == 0 else None
+  tensor = "tensor" if heads % mesh.shape["tensor"] == 0 else None
+  spec = jax.sharding.PartitionSpec(rows, None, tensor, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
+@jax.named_scope("attention")
+def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False):
+  """Attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap); `causal`
+  lets position i see positions <= i only. `impl` (ATTENTION, resolved by attention_path):
+
+  - plain: the scores materialised in float32 and capped by XLA;
+  - fused: jax.nn.dot_product_attention (its default, XLA implementation), which has no
+    soft cap, so it is only valid with softcap = 0;
+  - splash: splash_attention, the cap inside the kernel.
   """
-  if fused:
+  impl = attention_path(impl, softcap, q.shape[1])
+  if impl == "splash":
+    return splash_attention(q, k, v, softcap, causal)
+  if impl == "fused":
     if softcap:
       raise ValueError("fused attention has no soft cap; use it with attn_softcap=0")
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
@@ -196,11 +270,11 @@ class Block(nnx.Module):
       hidden = jax.nn.gelu(self.mlp_in(normed), approximate=True)
       return x + gate * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
 
-  def __call__(self, x, c, *, softcap, fused, dropout_rate, rng, causal=False):
+  def __call__(self, x, c, *, softcap, impl, dropout_rate, rng, causal=False):
     """x [B, L, D] float32 residual stream, c [B, cond] -> [B, L, D] float32."""
     attn_mod, mlp_mod = self._modulation(c)
     q, k, v = self._qkv(x, *attn_mod[:2])
-    attn = attention(q, k, v, softcap, fused, causal).reshape(x.shape)
+    attn = attention(q, k, v, softcap, impl, causal).reshape(x.shape)
     return self._mlp(x, attn, attn_mod, mlp_mod, dropout_rate, rng)
 
   def decode(self, x, cache, position):
@@ -229,15 +303,15 @@ class DiT(nnx.Module):
                rngs: nnx.Rngs):
     if dim % heads or (dim // heads) % 2:
       raise ValueError(f"width {dim} must split into {heads} heads of even size")
-    if attention_impl not in ("auto", "plain", "fused"):
-      raise ValueError(f"attention_impl must be auto, plain or fused, not {attention_impl!r}")
+    if attention_impl not in ATTENTION:
+      raise ValueError(f"attention_impl must be one of {ATTENTION}, not {attention_impl!r}")
     if attention_impl == "fused" and attn_softcap:
       raise ValueError("attention_impl=fused has no soft cap: set attn_softcap=0 or use plain")
     if causal and (attn_softcap or two_time or learned_loss_weight):
       raise ValueError("the causal model has no attention soft cap and no time input")
     self.vocab_size, self.dim, self.remat, self.causal = vocab_size, dim, remat, causal
     self.dropout_rate, self.attn_softcap, self.output_cap = dropout_rate, attn_softcap, output_cap
-    self.fused = attention_impl == "fused" or (attention_impl == "auto" and not attn_softcap)
+    self.attention_impl = attention_impl
     # E, the input projection: kaiming-uniform (a = sqrt(5)) with fan_in = D, as PyTorch
     # initialises a (V, D) parameter: U(+-1/sqrt(D)).
     embed_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-1,
@@ -304,7 +378,7 @@ class DiT(nnx.Module):
     c = self.conditioning(tau_s, tau_t)
     x = split_batch(h.astype(jnp.float32))
 
-    options = {"softcap": self.attn_softcap, "fused": self.fused,
+    options = {"softcap": self.attn_softcap, "impl": self.attention_impl,
                "dropout_rate": self.dropout_rate, "causal": self.causal}
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)

@@ -104,7 +104,7 @@ def test_auto_attention_takes_splash_on_tpu_when_l_allows():
     assert dit.attention_path("plain", 50.0, 256) == "plain"
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_splash_attention_equals_the_plain_path_values_and_gradients(causal):
   """The Pallas splash kernel (interpret mode on this CPU) with the cap inside it, against
   the plain path, at scores far past the cap."""

@@ -64,8 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.learned_loss_weight = False
   # Attention: "plain" (scores materialised, soft cap applied by XLA), "fused"
   # (jax.nn.dot_product_attention, XLA's implementation; needs attn_softcap=0), "splash"
-  # (the Pallas TPU splash kernel with the soft cap inside; L a multiple of 128; Pallas's
-  # interpret mode off TPU) or "auto": fused without a soft cap, splash on TPU, else plain.
+  # (the Pallas TPU splash kernel with the soft cap inside; L a multiple of 128), "flash"
+  # (a Pallas GPU kernel with the soft cap inside; L a multiple of 64; not causal) or
+  # "auto": fused without a soft cap, splash on TPU, else plain. The kernels run in
+  # Pallas's interpret mode off their hardware.
   config.model.attention = "auto"
   # The FLM loss's output layer: "fused" applies it with the cross entropy in chunks of
   # output_chunk tokens, never holding [B, L, V] float32 (flow.head_cross_entropy); "plain"

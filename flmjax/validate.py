@@ -18,7 +18,7 @@ from flmjax import distill, registry, sharding
 from flmjax.data import corpora, tokenizers
 from flmjax.errors import UsageError
 from flmjax.evaluators import EVALUATORS
-from flmjax.models import dit
+from flmjax.models import dit, flash
 
 CHOICES = {
     "data.corpus": corpora.CORPORA,
@@ -112,14 +112,21 @@ def _model(model: ml_collections.ConfigDict) -> None:
 
 
 def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
-  if config.model.attention != "splash":
+  """The kernels' limits: L a multiple of their block, no forward-mode derivative, and
+  flash attention is not causal."""
+  impl = config.model.attention
+  block = {"splash": dit.SPLASH_BLOCK, "flash": flash.BLOCK}.get(impl)
+  if block is None:
     return
-  if config.data.seq_len % dit.SPLASH_BLOCK:
-    raise UsageError(f"model.attention=splash needs data.seq_len={config.data.seq_len} to be "
-                     f"a multiple of {dit.SPLASH_BLOCK}; use model.attention=auto or plain.")
+  if config.data.seq_len % block:
+    raise UsageError(f"model.attention={impl} needs data.seq_len={config.data.seq_len} to be "
+                     f"a multiple of {block}; use model.attention=auto or plain.")
+  if impl == "flash" and config.family == "ar":
+    raise UsageError("model.attention=flash is not causal, which family=ar needs; use "
+                     "model.attention=auto.")
   if (mode in ("distill", "pipeline", "compile", "compare")
       and registry.OBJECTIVES[config.distill.objective].jvp):
-    raise UsageError(f"model.attention=splash has no forward-mode derivative, which "
+    raise UsageError(f"model.attention={impl} has no forward-mode derivative, which "
                      f"distill.objective={config.distill.objective} takes; use "
                      "model.attention=auto (plain for it) or distill.objective=semigroup.")
 

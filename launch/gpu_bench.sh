@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The bench (python -m flmjax.bench) at the two GPU shapes of docs/performance.md, with the
-# output head plain and fused (model.output_head=plain, then auto), one JSON line each.
+# The bench (python -m flmjax.bench) at the two GPU shapes of docs/performance.md, before
+# (plain output head, plain attention) and after (the fused head, the Pallas flash attention
+# with the soft cap inside), one JSON line each.
 #
 #   launch/gpu_bench.sh [--size=gpu|tiny] [--dry-run] [-- --config.FIELD=VALUE ...]
 #
@@ -9,7 +10,7 @@
 #   - at the OpenWebText shape, L 1024, V 50258, batch 16, one-step sampling at batch 64.
 #   Four bench runs, each compiling its step: about 6 minutes on one H200.
 # tiny: the same four runs at a toy size, on any machine (the tests run it on a CPU).
-# Each line is the bench's JSON with "shape", "head" and "commit" added.
+# Each line is the bench's JSON with "shape", "code" (before or after) and "commit" added.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,22 +37,24 @@ case "$size" in
   tiny)
     model=(--config.model.width=32 --config.model.depth=1 --config.model.heads=2
            --config.model.cond_width=16 --repeats=2)
-    small=(--vocab_size=512 --config.data.seq_len=16 --config.batch_size=8)
-    owt=(--vocab_size=1024 --config.data.seq_len=32 --config.batch_size=4 --sample_batch=8) ;;
+    small=(--vocab_size=512 --config.data.seq_len=64 --config.batch_size=4)
+    owt=(--vocab_size=1024 --config.data.seq_len=128 --config.batch_size=2 --sample_batch=4) ;;
   *) echo "gpu_bench.sh: --size=$size: gpu or tiny" >&2; exit 2 ;;
 esac
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
+before=(--config.model.output_head=plain --config.model.attention=plain)
+after=(--config.model.output_head=auto --config.model.attention=flash)
 for shape in small owt; do
-  for head in plain auto; do
-    declare -n sizes="$shape"
+  for code in before after; do
+    declare -n sizes="$shape" variant="$code"
     command=(python -m flmjax.bench "${common[@]}" "${model[@]}" "${sizes[@]}"
-             "--config.model.output_head=$head" "${extra[@]}")
+             "${variant[@]}" "${extra[@]}")
     if [[ $dry_run -eq 1 ]]; then
       printf '+'; printf ' %q' "${command[@]}"; printf '\n'
       continue
     fi
     "${command[@]}" | python -c "import json, sys; d = json.load(sys.stdin); \
-d.update(shape='$shape', head='$head', commit='$commit'); print(json.dumps(d))"
+d.update(shape='$shape', code='$code', commit='$commit'); print(json.dumps(d))"
   done
 done

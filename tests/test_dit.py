@@ -104,10 +104,11 @@ def test_auto_attention_takes_splash_on_tpu_when_l_allows():
     assert dit.attention_path("plain", 50.0, 256) == "plain"
 
 
-@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_splash_attention_equals_the_plain_path_values_and_gradients(causal):
-  """The Pallas splash kernel (interpret mode on this CPU) with the cap inside it, against
-  the plain path, at scores far past the cap."""
+@pytest.mark.parametrize("impl, causal", [
+    ("splash", False), pytest.param("splash", True, marks=pytest.mark.slow), ("flash", False)])
+def test_attention_kernels_equal_the_plain_path_values_and_gradients(impl, causal):
+  """The Pallas kernels (TPU splash, GPU flash; interpret mode on this CPU) with the cap
+  inside them, against the plain path, at scores far past the cap."""
   q, k, v = (jax.random.normal(key, (1, 128, 2, 16)) for key in
              jax.random.split(jax.random.key(0), 3))
   q = 20 * q
@@ -116,9 +117,9 @@ def test_splash_attention_equals_the_plain_path_values_and_gradients(causal):
   def loss(impl, q, k, v):
     return jnp.sum(cotangent * dit.attention(q, k, v, 50.0, impl, causal))
 
-  np.testing.assert_allclose(dit.attention(q, k, v, 50.0, "splash", causal),
+  np.testing.assert_allclose(dit.attention(q, k, v, 50.0, impl, causal),
                              dit.attention(q, k, v, 50.0, "plain", causal), atol=2e-5)
-  got = jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2))(q, k, v)
   expected = jax.grad(functools.partial(loss, "plain"), argnums=(0, 1, 2))(q, k, v)
   for g, e in zip(got, expected):
     assert np.abs(e).max() > 0.1
@@ -126,15 +127,15 @@ def test_splash_attention_equals_the_plain_path_values_and_gradients(causal):
 
 
 @pytest.mark.slow
-def test_splash_attention_under_a_mesh_runs_per_device():
+def test_attention_kernels_under_a_mesh_run_per_device():
   """On 8 devices, rows over data x fsdp and heads over tensor (shard_map): the model with
-  splash attention equals the plain path."""
+  splash or flash attention equals the plain path."""
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   h = jax.random.normal(jax.random.key(0), (4, 128, D))
   tau = jax.random.uniform(jax.random.key(1), (4,))
   outputs = []
-  for impl in ("plain", "splash"):
+  for impl in ("plain", "splash", "flash"):
     graphdef, params = nnx.split(_perturb(_model(attention_impl=impl)))
 
     @jax.jit
@@ -143,7 +144,8 @@ def test_splash_attention_under_a_mesh_runs_per_device():
         return nnx.merge(graphdef, params)(h, tau)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     outputs.append(forward(params, jax.device_put(h, rows), jax.device_put(tau, rows)))
-  np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+  for kernel in outputs[1:]:
+    np.testing.assert_allclose(kernel, outputs[0], rtol=1e-4, atol=1e-4)
 
 
 def test_fused_attention_with_a_soft_cap_is_refused():

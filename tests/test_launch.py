@@ -100,14 +100,16 @@ def test_slurm_dry_run_starts_one_process_per_gpu():
   assert run.returncode == 2 and "an absolute path on a shared filesystem" in run.stderr
 
 
-def test_gpu_bench_dry_run_lists_the_two_shapes_plain_then_fused():
+def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
   run, commands = _launch("gpu_bench.sh", "--dry-run", "--", "--config.model.dtype=bfloat16")
   assert run.returncode == 0, run.stderr
   assert len(commands) == 4
-  for command, (vocab, head) in zip(commands, [(8192, "plain"), (8192, "auto"),
-                                               (50258, "plain"), (50258, "auto")]):
+  for command, (vocab, head, attention) in zip(commands, [
+      (8192, "plain", "plain"), (8192, "auto", "flash"), (50258, "plain", "plain"),
+      (50258, "auto", "flash")]):
     assert command[:3] == ["python", "-m", "flmjax.bench"]
     assert f"--vocab_size={vocab}" in command and f"--config.model.output_head={head}" in command
+    assert f"--config.model.attention={attention}" in command
     assert command[-1] == "--config.model.dtype=bfloat16"
   assert "--config.data.seq_len=1024" in commands[2] and "--sample_batch=64" in commands[2]
   run, _ = _launch("gpu_bench.sh", "--size=huge")
@@ -117,10 +119,11 @@ def test_gpu_bench_dry_run_lists_the_two_shapes_plain_then_fused():
 @pytest.mark.slow
 def test_gpu_bench_runs_at_the_tiny_size_one_json_line_per_run():
   """The script's CPU run: what it does on a GPU, at a toy size."""
-  run, _ = _launch("gpu_bench.sh", "--size=tiny", env={"JAX_PLATFORMS": "cpu"})
+  run, _ = _launch("gpu_bench.sh", "--size=tiny",
+                   env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
   assert run.returncode == 0, run.stderr[-3000:]
   lines = [json.loads(line) for line in run.stdout.splitlines()]
-  assert [(r["shape"], r["head"]) for r in lines] == [
-      ("small", "plain"), ("small", "auto"), ("owt", "plain"), ("owt", "auto")]
+  assert [(r["shape"], r["code"]) for r in lines] == [
+      ("small", "before"), ("small", "after"), ("owt", "before"), ("owt", "after")]
   assert all(r["latent"]["train"]["tokens_per_second"] > 0 for r in lines)
-  assert lines[2]["sample_batch"] == 8 and lines[2]["jax_version"]
+  assert lines[2]["sample_batch"] == 4 and lines[2]["jax_version"]

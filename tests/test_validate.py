@@ -25,8 +25,8 @@ def test_the_default_and_test_configs_are_valid():
     ("data.corpus", "wiki", "data.corpus='wiki' is not one of embedded, dir"),
     ("data.valid_fraction", 1.0, r"data.valid_fraction=1.0 must be in \[0, 1\)"),
     ("tokenizer.kind", "bpe", "tokenizer.kind='bpe' is not one of sentencepiece"),
-    ("model.attention", "flash", "model.attention='flash' is not one of auto, plain, fused, "
-     "splash"),
+    ("model.attention", "flashy", "model.attention='flashy' is not one of auto, plain, fused, "
+     "splash, flash"),
     ("model.output_head", "chunked", "model.output_head='chunked' is not one of auto, plain"),
     ("model.output_chunk", -1, "model.output_chunk=-1 must be 0 or more"),
     ("model.heads", 3, "model.width=32 must split into model.heads=3 heads of even size"),
@@ -51,7 +51,7 @@ def test_a_bad_field_is_named(field, value, message):
     validate(config, "train", lambda: pytest.fail("asked for the devices"))
 
 
-def test_splash_attention_needs_l_a_multiple_of_its_block_and_no_jvp():
+def test_attention_kernels_need_l_a_multiple_of_their_block_and_no_jvp():
   config = train_config()
   config.model.attention = "splash"
   assert "data.seq_len=32 to be a multiple of 128" in _refused(config)
@@ -61,6 +61,14 @@ def test_splash_attention_needs_l_a_multiple_of_its_block_and_no_jvp():
   validate(config, "train", lambda: 8)  # training the teacher takes no jvp
   assert "no forward-mode derivative, which distill.objective=lagrangian takes" in _refused(
       config, "distill")
+  config = train_config()
+  config.model.attention = "flash"
+  assert "model.attention=flash needs data.seq_len=32 to be a multiple of 64" in _refused(
+      config)
+  config.data.seq_len = 64
+  validate(config, "train", lambda: 8)
+  config.family = "ar"
+  assert "model.attention=flash is not causal, which family=ar needs" in _refused(config)
 
 
 def test_the_mesh_must_fit_the_devices_and_divide_the_batches():

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from flmjax import flow
+from flmjax.models import flash
 from flmjax.sharding import BATCH_AXES, data_parallel_size
 
 FREQ_DIM = 256  # sinusoidal time features
@@ -85,7 +86,7 @@ def rotary(x: jax.Array, start=0, base: float = 1e4) -> jax.Array:
   return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-ATTENTION = ("auto", "plain", "fused", "splash")
+ATTENTION = ("auto", "plain", "fused", "splash", "flash")
 SPLASH_BLOCK = 128  # splash attention's blocks; L must be a multiple
 _kernel_platform = [None]  # None: the default backend's (see kernels_for)
 
@@ -128,11 +129,23 @@ def _splash_kernel(heads: int, seq_len: int, causal: bool, softcap: float, inter
                                 attn_logits_soft_cap=softcap or None, interpret=interpret)
 
 
+def _per_device(kernel, q, k, v):
+  """kernel(q, k, v) over [B, L, H, Dh]; under a mesh, on each device's rows and heads
+  (shard_map): XLA cannot split a kernel call itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q, k, v)
+  rows = BATCH_AXES if q.shape[0] % data_parallel_size(mesh) == 0 else None
+  tensor = "tensor" if q.shape[2] % mesh.shape["tensor"] == 0 else None
+  spec = jax.sharding.PartitionSpec(rows, None, tensor, None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
 def splash_attention(q, k, v, softcap: float, causal: bool = False):
   """Attention over [B, L, H, Dh] by the Pallas TPU splash kernel, the soft cap applied
-  inside it (off TPU in Pallas's interpret mode, for tests). Under a mesh it runs per
-  device on its rows and heads (shard_map): XLA cannot split a kernel call itself."""
-  batch, seq_len, heads, head_dim = q.shape
+  inside it (off TPU in Pallas's interpret mode, for tests), per device under a mesh."""
+  seq_len, head_dim = q.shape[1], q.shape[3]
   if seq_len % SPLASH_BLOCK:
     raise ValueError(f"splash attention needs L a multiple of {SPLASH_BLOCK}, not {seq_len}")
   interpret = _platform() != "tpu"
@@ -141,15 +154,7 @@ def splash_attention(q, k, v, softcap: float, causal: bool = False):
     kernel = _splash_kernel(q.shape[2], seq_len, causal, float(softcap), interpret)
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q / math.sqrt(head_dim), k, v))
     return jnp.swapaxes(jax.vmap(kernel)(q, k, v), 1, 2)
-
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return local(q, k, v)
-  rows = BATCH_AXES if batch % data_parallel_size(mesh) == 0 else None
-  tensor = "tensor" if heads % mesh.shape["tensor"] == 0 else None
-  spec = jax.sharding.PartitionSpec(rows, None, tensor, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
-                       check_vma=False)(q, k, v)
+  return _per_device(local, q, k, v)
 
 
 @jax.named_scope("attention")
@@ -160,11 +165,19 @@ def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False
   - plain: the scores materialised in float32 and capped by XLA;
   - fused: jax.nn.dot_product_attention (its default, XLA implementation), which has no
     soft cap, so it is only valid with softcap = 0;
-  - splash: splash_attention, the cap inside the kernel.
+  - splash: splash_attention, the cap inside the kernel (TPU);
+  - flash: flash.flash_attention, the cap inside the kernel (a Pallas GPU kernel; not
+    causal), per device under a mesh.
   """
   impl = attention_path(impl, softcap, q.shape[1])
   if impl == "splash":
     return splash_attention(q, k, v, softcap, causal)
+  if impl == "flash":
+    if causal:
+      raise ValueError("flash attention is not causal; use attention=auto for family=ar")
+    interpret = _platform() != "gpu"
+    return _per_device(lambda q, k, v: flash.flash_attention(q, k, v, softcap, interpret),
+                       q, k, v)
   if impl == "fused":
     if softcap:
       raise ValueError("fused attention has no soft cap; use it with attn_softcap=0")

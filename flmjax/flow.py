@@ -225,9 +225,9 @@ def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
                        tokens: jax.Array, weights: jax.Array, cap: float, dtype,
                        chunk: int) -> tuple[jax.Array, jax.Array]:
   """The output layer and the token cross entropy in one, `chunk` tokens at a time:
-  (sum_n weights_n CE_n, CE [N]) for features [N, D], kernel [D, V], bias [V], tokens [N],
-  weights [N], with CE_n = token_cross_entropy of the logits features_n @ kernel + bias
-  (in `dtype`, float32 accumulation, capped by `cap`).
+  (sum_n weights_n CE_n, CE [...]) for features [..., D], kernel [D, V], bias [V], tokens
+  and weights [...], with CE_n = token_cross_entropy of the logits features_n @ kernel +
+  bias (in `dtype`, float32 accumulation, capped by `cap`).
 
   No [N, V] array outlives a chunk. Differentiated, the forward pass computes the
   gradients too, chunk by chunk (the weighted sum is linear in the weights, which are an
@@ -255,7 +255,7 @@ def _head_cross_entropy_fwd(features, kernel, bias, tokens, weights, cap, dtype,
     raw = _head_logits(xc, kernel, bias, dtype)
     capped, slope = _cap_and_slope(raw, cap)
     # logsumexp with its sum as a product (XLA:CPU's fused exp-and-reduce is slow)
-    top = jax.lax.stop_gradient(jnp.max(capped, axis=-1, keepdims=True))
+    top = jnp.max(capped, axis=-1, keepdims=True)
     exp = jnp.exp(capped - top)
     total = jnp.matmul(exp, jnp.ones(exp.shape[-1], jnp.float32))
     logsumexp = top[:, 0] + jnp.log(total)

@@ -2,9 +2,9 @@
 
 A sampler runs N network evaluations: a `lax.scan` over the first N - 1 rows of its grid
 (each row one step of its rule), then the last evaluation, whose denoiser probabilities
-[B, L, V] are returned; tokens are their argmax (taken on the logits). Grids are computed on the host in
-float64 and passed in; the step count is their static length, so there is one compiled
-function per (rule, B, L, N).
+[B, L, V] are returned; tokens are their argmax (taken on the logits). Grids are computed
+on the host in float64 and passed in; the step count is their static length, so there is
+one compiled function per (rule, B, L, N).
 
 Both samplers of the continuous flow step linearly in the state z:
 z <- keep z + move D + noise eps, with D the denoiser's probabilities at the row's times.
@@ -65,7 +65,7 @@ def flow_map_grid(vocab_size: int, steps: int, gamma: float) -> dict[str, np.nda
 
 
 # Tokens per chunk of the last evaluation's argmax (flow.head_argmax): the fastest on CPU
-# at V 8192 and 50258 of those tried (64 to all), and [128, V] logits at a time.
+# at V 8192 and 50258 of those tried (8 tokens to all), and [128, V] logits at a time.
 ARGMAX_CHUNK = 128
 
 

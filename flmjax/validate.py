@@ -41,9 +41,9 @@ POSITIVE = (
     "eval.batch_size", "sample.temperature")
 NON_NEGATIVE = (
     "data.max_documents", "model.output_chunk", "model.attn_softcap", "model.output_cap",
-    "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.eval_every", "train.eval_batches",
-    "train.sample_every", "train.checkpoint_every", "train.keep_period", "distill.batch_size",
-    "eval.valid_batches")
+    "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.eval_every",
+    "train.eval_batches", "train.sample_every", "train.checkpoint_every", "train.keep_period",
+    "distill.batch_size", "eval.valid_batches")
 BELOW_ONE = (  # in [0, 1)
     "data.valid_fraction", "model.dropout", "train.b1", "train.b2", "train.ema_decay",
     "distill.b2", "distill.boundary_fraction")

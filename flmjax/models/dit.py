@@ -25,6 +25,7 @@ from typing import Callable
 
 from flax import nnx
 import jax
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 import jax.numpy as jnp
 import ml_collections
 
@@ -118,7 +119,6 @@ def attention_path(impl: str, softcap: float, seq_len: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(heads: int, seq_len: int, causal: bool, softcap: float, interpret: bool):
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
   full = splash.CausalMask if causal else splash.FullMask
   mask = splash.MultiHeadMask([full((seq_len, seq_len)) for _ in range(heads)])
   block = SPLASH_BLOCK

@@ -8,8 +8,9 @@ topology they are compiled for the local devices. For each it prints XLA's per-c
 memory plan (arguments + outputs + temporaries - aliased + code) against the chip's HBM,
 the FLOPs and the bytes of memory accessed per chip from XLA's cost analysis, and the
 roofline step time max(FLOPs / peak, bytes / HBM bandwidth) with the chip's published
-bf16 peak and bandwidth (a lower bound: no chip reaches either); the same goes to
-WORKDIR/compile.json. Nothing is
+bf16 peak and bandwidth (a lower bound: no chip reaches either; and XLA's cost analysis
+counts a loop's body once and nothing inside a Pallas kernel, so the fused output head and
+the splash attention are undercounted); the same goes to WORKDIR/compile.json. Nothing is
 allocated and no data is read: V comes from the tokenizer's files where the config
 names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-uncased's
 30522 (BERT without tokenizer.path).

@@ -22,6 +22,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from flmjax.sharding import BATCH_AXES, data_parallel_size
+
 HIGHEST = jax.lax.Precision.HIGHEST
 VELOCITY_EPS = 1e-5  # the reference's guard on 1 - t in the velocity
 DENOMINATOR_EPS = 1e-8  # the reference's guard in the flow map and semigroup coefficients
@@ -199,24 +201,46 @@ def _head_logits(features, kernel, bias, dtype):
   return logits + bias.astype(dtype).astype(jnp.float32)
 
 
-def _head_chunks(chunk: int, features, *per_token):
-  """features [..., D] and arrays [...] of the same N tokens -> [N / rows, rows, (D)], for
-  the largest rows <= chunk that divides N."""
-  n = features.size // features.shape[-1]
-  rows = max(r for r in range(1, min(chunk, n) + 1) if n % r == 0)
-  return (features.reshape(n // rows, rows, features.shape[-1]),
-          *(x.reshape(n // rows, rows) for x in per_token))
+def _local_rows(batch: int) -> int:
+  """The rows of a batch on each device: split over the batch axes of the mesh the caller
+  traces under (sharding.tracing_under), all of them without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return batch
+  parallel = data_parallel_size(mesh)
+  return batch // parallel if batch % parallel == 0 else batch
+
+
+def _chunks(chunk: int, features, *per_token):
+  """features [B, L, D] and arrays [B, L] -> [L / r, B, r, (D)]: chunks of r positions of
+  every row, r the largest divisor of L with (rows per device) x r <= chunk (at least 1).
+  The chunks split the positions, not the rows, so each device keeps its rows."""
+  batch, length = features.shape[:2]
+  rows = _local_rows(batch)
+  r = max(r for r in range(1, length + 1) if length % r == 0 and (rows * r <= chunk or r == 1))
+
+  def split(a):
+    return jnp.moveaxis(a.reshape(batch, length // r, r, *a.shape[2:]), 1, 0)
+  return tuple(split(a) for a in (features, *per_token))
+
+
+def _unchunk(a):
+  """[L / r, B, r, ...] -> [B, L, ...], the inverse of _chunks."""
+  a = jnp.moveaxis(a, 0, 1)
+  return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
 
 
 def head_argmax(features: jax.Array, kernel: jax.Array, bias: jax.Array, dtype,
                 chunk: int) -> jax.Array:
   """argmax_v of the logits features @ kernel + bias (as head_cross_entropy computes them),
-  int32 [...] for features [..., D], `chunk` tokens at a time. top_k with k = 1 gives the
-  same first index among ties and is much faster than argmax's reduction on XLA:CPU."""
+  int32 [B, L] for features [B, L, D], about `chunk` tokens per device at a time. top_k
+  with k = 1 gives the same first index among ties and is much faster than argmax's
+  reduction on XLA:CPU."""
   def one(xc):
-    return jax.lax.top_k(_head_logits(xc, kernel, bias, dtype), 1)[1][:, 0]
-  (x,) = _head_chunks(chunk, features)
-  return jax.lax.map(one, x).reshape(features.shape[:-1]).astype(jnp.int32)
+    logits = _head_logits(xc.reshape(-1, xc.shape[-1]), kernel, bias, dtype)
+    return jax.lax.top_k(logits, 1)[1][:, 0].reshape(xc.shape[:2])
+  (x,) = _chunks(chunk, features)
+  return _unchunk(jax.lax.map(one, x)).astype(jnp.int32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -224,34 +248,35 @@ def head_argmax(features: jax.Array, kernel: jax.Array, bias: jax.Array, dtype,
 def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
                        tokens: jax.Array, weights: jax.Array, cap: float, dtype,
                        chunk: int) -> tuple[jax.Array, jax.Array]:
-  """The output layer and the token cross entropy in one, `chunk` tokens at a time:
-  (sum_n weights_n CE_n, CE [...]) for features [..., D], kernel [D, V], bias [V], tokens
-  and weights [...], with CE_n = token_cross_entropy of the logits features_n @ kernel +
-  bias (in `dtype`, float32 accumulation, capped by `cap`).
+  """The output layer and the token cross entropy in one, about `chunk` tokens per device
+  at a time: (sum_n weights_n CE_n, CE [B, L]) for features [B, L, D], kernel [D, V], bias
+  [V], tokens and weights [B, L], with CE_n = token_cross_entropy of the logits
+  features_n @ kernel + bias (in `dtype`, float32 accumulation, capped by `cap`).
 
-  No [N, V] array outlives a chunk. Differentiated, the forward pass computes the
+  No [B, L, V] array outlives a chunk (a chunk is some positions of every row). Differentiated, the forward pass computes the
   gradients too, chunk by chunk (the weighted sum is linear in the weights, which are an
   input), so the backward pass only scales them: no logits are kept or recomputed. The
   per-token CE is a value, not differentiable: weight the tokens through `weights`.
   """
-  x, t, w = _head_chunks(chunk, features, tokens, weights)
+  x, t = _chunks(chunk, features, tokens)
 
   def one(args):
     xc, tc = args
     return token_cross_entropy(_head_logits(xc, kernel, bias, dtype), tc, cap)
-  cross_entropy = jax.lax.map(one, (x, t))
-  return jnp.sum(w * cross_entropy), cross_entropy.reshape(tokens.shape)
+  cross_entropy = _unchunk(jax.lax.map(one, (x, t)))
+  return jnp.sum(weights * cross_entropy), cross_entropy
 
 
 @jax.named_scope("output_head")
 def _head_cross_entropy_fwd(features, kernel, bias, tokens, weights, cap, dtype, chunk):
   features, kernel, bias, tokens, weights = (
       a.value for a in (features, kernel, bias, tokens, weights))
-  x, t, w = _head_chunks(chunk, features, tokens, weights)
+  x, t, w = _chunks(chunk, features, tokens, weights)
   kernel_t = kernel.astype(dtype).T  # [V, D], once
 
   def one(sums, args):
-    xc, tc, wc = args
+    shape = args[1].shape  # [B, r]
+    xc, tc, wc = (a.reshape(-1, *a.shape[2:]) for a in args)
     raw = _head_logits(xc, kernel, bias, dtype)
     capped, slope = _cap_and_slope(raw, cap)
     # logsumexp with its sum as a product (XLA:CPU's fused exp-and-reduce is slow)
@@ -270,14 +295,15 @@ def _head_cross_entropy_fwd(features, kernel, bias, tokens, weights, cap, dtype,
     ones = jnp.ones((xc.shape[0], 1), dtype)
     d_params = sums + jnp.matmul(jnp.concatenate([xc.astype(dtype), ones], axis=1).T, low,
                                  preferred_element_type=jnp.float32)
-    return d_params, (logsumexp - picked, d_features)
+    return d_params, ((logsumexp - picked).reshape(shape), d_features.reshape(*shape, -1))
 
   zeros = jnp.zeros((kernel.shape[0] + 1, kernel.shape[1]), jnp.float32)
   d_params, (cross_entropy, d_features) = jax.lax.scan(one, zeros, (x, t, w))
   d_kernel, d_bias = d_params[:-1], d_params[-1]
-  value = (jnp.sum(w * cross_entropy), cross_entropy.reshape(tokens.shape))
-  return value, (d_features.reshape(features.shape), d_kernel.astype(kernel.dtype),
-                 d_bias.astype(bias.dtype), cross_entropy.reshape(weights.shape))
+  cross_entropy = _unchunk(cross_entropy)
+  return (jnp.sum(weights * cross_entropy), cross_entropy), (
+      _unchunk(d_features), d_kernel.astype(kernel.dtype), d_bias.astype(bias.dtype),
+      cross_entropy)
 
 
 def _head_cross_entropy_bwd(cap, dtype, chunk, residuals, g):

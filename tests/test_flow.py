@@ -9,7 +9,7 @@ import pytest
 
 from configs import base
 from conftest import randomize
-from flmjax import flow, objectives
+from flmjax import flow, objectives, sharding
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
 
@@ -141,6 +141,25 @@ def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap):
   with pytest.raises(ValueError, match="not differentiable"):
     jax.grad(lambda x: flow.head_cross_entropy(x, kernel, bias, tokens, weights, cap,
                                                jnp.float32, 4)[1].sum())(features)
+
+
+def test_fused_head_keeps_each_devices_rows_under_a_mesh():
+  """Chunks are positions of every row, so with the batch split over 8 devices the compiled
+  gradient gathers nothing (chunks of flattened tokens would make XLA gather the rows)."""
+  mesh = jax.make_mesh((8, 1, 1), sharding.AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+  features, tokens = (jax.device_put(a, rows) for a in (
+      jnp.ones((8, 32, 16)), jnp.zeros((8, 32), jnp.int32)))
+  weights = jax.device_put(jnp.full((8, 32), 1 / 256), rows)
+
+  def loss(features, kernel, bias):
+    with sharding.tracing_under(mesh):  # as the train step traces the loss
+      return flow.head_cross_entropy(features, kernel, bias, tokens, weights, 30.0,
+                                     jnp.float32, 64)[0]
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+      features, jnp.ones((16, 64)), jnp.zeros(64)).compile().as_text()
+  assert "all-reduce" in hlo and "all-gather" not in hlo
 
 
 def test_head_argmax_is_the_argmax_of_the_logits_first_among_ties():

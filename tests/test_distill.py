@@ -103,7 +103,8 @@ def _off_diagonal_inputs(student, seed=0, n=5):
   return distill.Rows(h_s, embed, (tau_s, tau_u, tau_t), times, schedule)
 
 
-@pytest.mark.parametrize("target", [distill.semigroup_target, distill.lagrangian_target])
+@pytest.mark.parametrize("target", [
+    distill.semigroup_target, pytest.param(distill.lagrangian_target, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dropout", [None, jax.random.key(3)])
 def test_targets_are_on_the_simplex(target, dropout):
   student = _student()

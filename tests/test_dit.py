@@ -105,7 +105,8 @@ def test_auto_attention_takes_splash_on_tpu_when_l_allows():
 
 
 @pytest.mark.parametrize("impl, causal", [
-    ("splash", False), pytest.param("splash", True, marks=pytest.mark.slow), ("flash", False)])
+    pytest.param("splash", False, marks=pytest.mark.slow),
+    pytest.param("splash", True, marks=pytest.mark.slow), ("flash", False)])
 def test_attention_kernels_equal_the_plain_path_values_and_gradients(impl, causal):
   """The Pallas kernels (TPU splash, GPU flash; interpret mode on this CPU) with the cap
   inside them, against the plain path, at scores far past the cap."""

@@ -106,7 +106,7 @@ def test_soft_cross_entropy_and_its_gradients_are_autodiff_of_its_definition():
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cap", [30.0, 0.0])
+@pytest.mark.parametrize("cap", [30.0, pytest.param(0.0, marks=pytest.mark.slow)])
 def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap):
   """head_cross_entropy against the plain path (logits, then the cross entropy), values and
   gradients in features, kernel, bias and weights, whatever the chunking; exact to float32

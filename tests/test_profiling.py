@@ -21,6 +21,7 @@ def test_part_is_the_innermost_named_part():
     profiling.instruction_parts("not hlo")
 
 
+@pytest.mark.slow
 def test_shares_put_the_time_where_the_work_is(tmp_path):
   def f(x, w):  # (a fusion is counted in the part of its root: two outputs keep them apart)
     with jax.named_scope("mlp"):  # 2 x 512^3 multiply-adds

@@ -256,8 +256,8 @@ def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
   No [B, L, V] array outlives a chunk (a chunk is some positions of every row).
   Differentiated, the forward pass computes the gradients too, chunk by chunk (the weighted
   sum is linear in the weights, which are an input), so the backward pass only scales them:
-  no logits are kept or recomputed. The
-  per-token CE is a value, not differentiable: weight the tokens through `weights`.
+  no logits are kept or recomputed. The per-token CE is a value, not differentiable:
+  weight the tokens through `weights`.
   """
   x, t = _chunks(chunk, features, tokens)
 

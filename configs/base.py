@@ -69,9 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   # "auto": fused without a soft cap, splash on TPU, else plain. The kernels run in
   # Pallas's interpret mode off their hardware.
   config.model.attention = "auto"
-  # The FLM loss's output layer: "fused" applies it with the cross entropy in chunks of
-  # output_chunk tokens, never holding [B, L, V] float32 (flow.head_cross_entropy); "plain"
-  # takes the model's logits; "auto" is fused.
+  # The output layer of the FLM and distillation losses: "fused" applies it with the
+  # (token or soft) cross entropy in chunks of output_chunk tokens, never holding
+  # [B, L, V] float32 logits (flow.head_cross_entropy), and keeps the distillation
+  # targets in model.dtype; "plain" takes the model's logits; "auto" is fused.
   config.model.output_head = "auto"
   config.model.output_chunk = 0  # tokens per chunk; 0: those whose logits fit in 128 MiB
   # Compute type of the blocks' matmuls and attention; parameters stay float32.

@@ -20,6 +20,12 @@ assignment. The off-diagonal objective is one of
   by the denoiser, which a one-hot output already meets, so those rows tie nothing to
   the data.
 
+With model.output_head "auto" or "fused" the student's soft cross entropies go through the
+fused output head (flow.head_cross_entropy: no [B, L, V] logits or gradients), and their
+targets (the teacher's D_s, the semigroup and Lagrangian targets) are kept in model.dtype
+(bfloat16 by default; the plain head keeps them in float32, as the reference). The
+Eulerian squared error reads the student's logits for its rows.
+
 The student's self-targets are computed in training mode, with dropout (each call its own
 mask), as the reference computes them; `distill.target_dropout=False` computes them
 without. Everything the network reads is in latent form: x_s @ E, and
@@ -40,7 +46,7 @@ import ml_collections
 from flmjax import checkpoint, flow, state
 from flmjax.errors import UsageError
 from flmjax.models import dit
-from flmjax.objectives import Objective
+from flmjax.objectives import Objective, head_chunk
 from flmjax.schedule import Schedule, get_schedule
 
 
@@ -136,6 +142,9 @@ def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teach
   schedule = get_schedule(vocab_size)
   fractions = (cfg.diagonal_fraction, cfg.boundary_fraction if boundary_rows else 0.0)
   target_dropout = train and cfg.target_dropout
+  fused = config.model.output_head in ("auto", "fused")
+  chunk = head_chunk(config.model, vocab_size)
+  target_dtype = jnp.dtype(config.model.dtype)
 
   def objective(student, batch, rng, teacher_params):
     tokens = batch["tokens"]
@@ -158,11 +167,26 @@ def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teach
                 schedule, teacher_probs[off] if teacher_off_diagonal else None)
     target_probs = jax.lax.stop_gradient(
         target(student, rows, rng_target if target_dropout else None))
-    logits = student(h_s, tau[0], tau[2], dropout_rng=rng_dropout if train else None,
-                     capped=False)
+    dropout = rng_dropout if train else None
     cap = student.output_cap
-    diagonal = flow.soft_cross_entropy(logits[:n_diag], teacher_probs[:n_diag], cap).mean()
-    off_loss = off_diagonal(logits[off], target_probs, cap).mean()
+    if fused:
+      features = student.features(h_s, tau[0], tau[2], dropout_rng=dropout)
+
+      def mean_cross_entropy(rows, targets):  # the soft CE's mean, by the fused head
+        x = features[rows]
+        weights = jnp.full(x.shape[:2], 1 / (x.shape[0] * x.shape[1]))
+        return flow.head_cross_entropy(
+            x, student.output.kernel[...], student.output.bias[...],
+            targets.astype(target_dtype), weights, cap, student.output.dtype, chunk)[0]
+      diagonal = mean_cross_entropy(slice(0, n_diag), teacher_probs[:n_diag])
+      if off_diagonal is flow.soft_cross_entropy:
+        off_loss = mean_cross_entropy(off, target_probs)
+      else:
+        off_loss = off_diagonal(student.output(features[off]), target_probs, cap).mean()
+    else:
+      logits = student(h_s, tau[0], tau[2], dropout_rng=dropout, capped=False)
+      diagonal = flow.soft_cross_entropy(logits[:n_diag], teacher_probs[:n_diag], cap).mean()
+      off_loss = off_diagonal(logits[off], target_probs, cap).mean()
     loss = (n_diag * diagonal + (tokens.shape[0] - n_diag) * off_loss) / tokens.shape[0]
     return loss, {"loss": loss, "diagonal_loss": diagonal, "offdiagonal_loss": off_loss}
   return objective

@@ -246,12 +246,14 @@ def head_argmax(features: jax.Array, kernel: jax.Array, bias: jax.Array, dtype,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 @jax.named_scope("output_head")
 def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
-                       tokens: jax.Array, weights: jax.Array, cap: float, dtype,
+                       targets: jax.Array, weights: jax.Array, cap: float, dtype,
                        chunk: int) -> tuple[jax.Array, jax.Array]:
-  """The output layer and the token cross entropy in one, about `chunk` tokens per device
-  at a time: (sum_n weights_n CE_n, CE [B, L]) for features [B, L, D], kernel [D, V], bias
-  [V], tokens and weights [B, L], with CE_n = token_cross_entropy of the logits
-  features_n @ kernel + bias (in `dtype`, float32 accumulation, capped by `cap`).
+  """The output layer and the cross entropy in one, about `chunk` tokens per device at a
+  time: (sum_n weights_n CE_n, CE [B, L]) for features [B, L, D], kernel [D, V], bias [V],
+  weights [B, L] and targets either tokens [B, L] (CE_n = token_cross_entropy) or
+  probabilities [B, L, V] of any float dtype (CE_n = soft_cross_entropy; they are read in
+  float32 a chunk at a time, and get no gradient), of the logits features_n @ kernel + bias
+  (in `dtype`, float32 accumulation, capped by `cap`).
 
   No [B, L, V] array outlives a chunk (a chunk is some positions of every row).
   Differentiated, the forward pass computes the gradients too, chunk by chunk (the weighted
@@ -259,24 +261,26 @@ def head_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array,
   no logits are kept or recomputed. The per-token CE is a value, not differentiable:
   weight the tokens through `weights`.
   """
-  x, t = _chunks(chunk, features, tokens)
+  x, t = _chunks(chunk, features, targets)
+  loss = token_cross_entropy if targets.ndim == 2 else soft_cross_entropy
 
   def one(args):
     xc, tc = args
-    return token_cross_entropy(_head_logits(xc, kernel, bias, dtype), tc, cap)
+    return loss(_head_logits(xc, kernel, bias, dtype), tc.astype(jnp.float32)
+                if tc.ndim == 3 else tc, cap)
   cross_entropy = _unchunk(jax.lax.map(one, (x, t)))
   return jnp.sum(weights * cross_entropy), cross_entropy
 
 
 @jax.named_scope("output_head")
-def _head_cross_entropy_fwd(features, kernel, bias, tokens, weights, cap, dtype, chunk):
-  features, kernel, bias, tokens, weights = (
-      a.value for a in (features, kernel, bias, tokens, weights))
-  x, t, w = _chunks(chunk, features, tokens, weights)
+def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype, chunk):
+  features, kernel, bias, targets, weights = (
+      a.value for a in (features, kernel, bias, targets, weights))
+  x, t, w = _chunks(chunk, features, targets, weights)
   kernel_t = kernel.astype(dtype).T  # [V, D], once
 
   def one(sums, args):
-    shape = args[1].shape  # [B, r]
+    shape = args[2].shape  # [B, r]
     xc, tc, wc = (a.reshape(-1, *a.shape[2:]) for a in args)
     raw = _head_logits(xc, kernel, bias, dtype)
     capped, slope = _cap_and_slope(raw, cap)
@@ -285,8 +289,15 @@ def _head_cross_entropy_fwd(features, kernel, bias, tokens, weights, cap, dtype,
     exp = jnp.exp(capped - top)
     total = jnp.matmul(exp, jnp.ones(exp.shape[-1], jnp.float32))
     logsumexp = top[:, 0] + jnp.log(total)
-    picked = capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
-    grad = wc[:, None] * (exp / total[:, None] - jax.nn.one_hot(tc, raw.shape[-1]))
+    if tc.ndim == 1:  # tokens: CE = logsumexp - c[token], dCE/dc = softmax - onehot
+      mass, picked = 1.0, capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
+      target = jax.nn.one_hot(tc, raw.shape[-1])
+    else:  # probabilities p: CE = sum(p) logsumexp - p . c, dCE/dc = sum(p) softmax - p
+      target = tc.astype(jnp.float32)
+      mass, picked = jnp.sum(target, axis=-1), jnp.sum(target * capped, axis=-1)
+      logsumexp = logsumexp * mass
+      mass = mass[:, None]
+    grad = wc[:, None] * (exp / total[:, None] * mass - target)
     if slope is not None:
       grad = grad * slope
     low = grad.astype(dtype)

@@ -263,6 +263,35 @@ def test_only_the_semigroup_objective_takes_boundary_rows(objective):
   assert (losses[0] != losses[1]) == (objective == "semigroup")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", registry.DISTILLATION)
+def test_the_fused_head_gives_the_plain_heads_losses_and_gradients(objective):
+  """model.output_head fused (soft cross entropies chunk by chunk, 2 per share here) against
+  plain (the student's logits): equal in float32; in bfloat16, where the fused head keeps
+  the targets in bfloat16, equal within bfloat16's rounding."""
+  (tg, tp), (sg, sp) = _teacher_and_student()
+  sg, sp = _random(nnx.merge(sg, sp), seed=5)
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+
+  def run(head, dtype):
+    config = train_config()
+    config.distill.objective = objective
+    config.model.update(output_head=head, output_chunk=48, dtype=dtype)
+    fn = registry.OBJECTIVES[objective].build(config, V, tg)
+    return jax.jit(jax.value_and_grad(lambda p: fn(
+        nnx.merge(sg, p), {"tokens": tokens}, jax.random.key(1), tp), has_aux=True))(sp)
+
+  (loss, metrics), grads = run("fused", "float32")
+  (expected_loss, expected_metrics), expected_grads = run("plain", "float32")
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  for name in ("diagonal_loss", "offdiagonal_loss"):
+    np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=1e-5)
+  for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max() + 1e-7)
+  low, expected_low = (run(head, "bfloat16")[0][0] for head in ("fused", "plain"))
+  np.testing.assert_allclose(low, expected_low, rtol=2e-2)
+
+
 def _fit(graphdef, params, objective, steps, batches, frozen=None):
   """`steps` Adam steps (3e-3) of `objective` on `batches(key) -> tokens [B, L]`."""
   tx = optax.adam(3e-3)

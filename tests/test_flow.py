@@ -106,22 +106,31 @@ def test_soft_cross_entropy_and_its_gradients_are_autodiff_of_its_definition():
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cap", [30.0, pytest.param(0.0, marks=pytest.mark.slow)])
-def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap):
-  """head_cross_entropy against the plain path (logits, then the cross entropy), values and
-  gradients in features, kernel, bias and weights, whatever the chunking; exact to float32
-  rounding in float32, within bfloat16's rounding of the cotangent in bfloat16."""
+@pytest.mark.parametrize("cap, soft", [(30.0, False), (30.0, True),
+                                       pytest.param(0.0, False, marks=pytest.mark.slow),
+                                       pytest.param(0.0, True, marks=pytest.mark.slow)])
+def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap, soft):
+  """head_cross_entropy against the plain path (logits, then the token or soft cross
+  entropy), values and gradients in features, kernel, bias and weights, whatever the
+  chunking; exact to float32 rounding in float32, within bfloat16's rounding of the
+  cotangent in bfloat16. Soft targets in bfloat16 that do not sum to 1 (as rounded
+  distillation targets) are read as they are."""
   rng = np.random.default_rng(3)
   features = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
   kernel = jnp.asarray(rng.normal(scale=3, size=(16, 37)), jnp.float32)  # logits past the cap
   bias = jnp.asarray(rng.normal(size=(37,)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(0, 37, size=(2, 6)))
+  if soft:
+    probs = rng.dirichlet(np.full(37, 0.3), size=(2, 6)) * rng.uniform(0.9, 1.1, (2, 6, 1))
+    targets = jnp.asarray(probs, jnp.bfloat16)
+  else:
+    targets = jnp.asarray(rng.integers(0, 37, size=(2, 6)))
   weights = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
 
   def plain(x, k, b, w, dtype):
     logits = jnp.matmul(x.astype(dtype), k.astype(dtype),
                         preferred_element_type=jnp.float32) + b.astype(dtype)
-    cross_entropy = flow.token_cross_entropy(logits, tokens, cap)
+    cross_entropy = (flow.soft_cross_entropy(logits, targets.astype(jnp.float32), cap)
+                     if soft else flow.token_cross_entropy(logits, targets, cap))
     return jnp.sum(w * cross_entropy), cross_entropy
 
   def with_grads(fn):  # ((weighted sum, CE), gradients) in one compiled call
@@ -133,13 +142,13 @@ def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap):
     assert min(np.abs(g).max() for g in expected_grads) > 0.1
     for chunk in (5, 100):  # 3 chunks of 4 tokens; one chunk
       got, grads = with_grads(lambda x, k, b, w: flow.head_cross_entropy(
-          x, k, b, tokens, w, cap, dtype, chunk))
+          x, k, b, targets, w, cap, dtype, chunk))
       np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
       np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-5)
       for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, rtol=tolerance, atol=tolerance * np.abs(e).max())
   with pytest.raises(ValueError, match="not differentiable"):
-    jax.grad(lambda x: flow.head_cross_entropy(x, kernel, bias, tokens, weights, cap,
+    jax.grad(lambda x: flow.head_cross_entropy(x, kernel, bias, targets, weights, cap,
                                                jnp.float32, 4)[1].sum())(features)
 
 

@@ -9,7 +9,7 @@
 #   - at L 128, V 8192, batch 128 (the shape of the H200 entry in docs/results.md);
 #   - at the OpenWebText shape, L 1024, V 50258, batch 16, one-step sampling at batch 64.
 #   Four bench runs, each compiling its step: about 6 minutes on one H200.
-# tiny: the same four runs at a toy size, on any machine (the tests run it on a CPU).
+# tiny: the same four runs at a toy size, on any machine (a check of the script on a CPU).
 # Each line is the bench's JSON with "shape", "code" (before or after) and "commit" added.
 set -euo pipefail
 

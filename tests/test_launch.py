@@ -5,7 +5,6 @@ import pathlib
 import shlex
 import subprocess
 
-
 from flmjax.modes import MODES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

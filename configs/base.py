@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialise each block in the backward pass: less activation memory, about a third
   # more compute.
   config.model.remat = False
+  # A learned vector added to the input at the given positions of a condition
+  # (flmjax/conditioning.py), for models trained with train.condition.
+  config.model.condition_embedding = False
   # Set by the run from the tokenizer, not a setting: the mask id of the absorbing
   # baselines (mdlm, sedd) and the id whose logit the autoregressive one suppresses.
   config.model.mask_id = -1
@@ -105,6 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
   # fit in memory. The update has the same expectation, not the same value: times, noise
   # and dropout are drawn per part (times stratified within each part).
   config.train.grad_accum = 1
+  # Conditional training (FLM): the kinds of given positions drawn per example, a comma
+  # list of prefix, suffix, infill ("" trains unconditionally; flmjax/conditioning.py),
+  # and the probability that an example has none, so that one model serves both.
+  config.train.condition = ""
+  config.train.condition_dropout = 0.1
   # Steps between progress lines / metrics.jsonl entries (averages over the window).
   config.train.log_every = 100
   # Steps between validation losses (EMA weights, fixed noise) over at most

@@ -31,7 +31,7 @@ from flmjax.errors import UsageError
 NOT_ARCHITECTURE = ("dropout", "dtype", "attention", "output_head", "output_chunk", "remat",
                     "mask_id")
 # Model fields added after checkpoints were written, with the value an older record means.
-ADDED = {"causal": False}
+ADDED = {"causal": False, "condition_embedding": False}
 UNREADABLE = "unreadable_checkpoints"  # beside WORKDIR/checkpoints
 
 

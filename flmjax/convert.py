@@ -97,9 +97,10 @@ def _set(tree, path, value):
 
 def to_reference(params: dict, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """flmjax params (a pure dict) -> {reference name: float32 array in PyTorch layout}."""
-  if model.learned_loss_weight:
-    raise UsageError("model.learned_loss_weight=True has no counterpart in the reference's "
-                     "v2 layout; export a model trained without it.")
+  for field in ("learned_loss_weight", "condition_embedding"):
+    if model.get(field, False):
+      raise UsageError(f"model.{field}=True has no counterpart in the reference's v2 "
+                       "layout; export a model trained without it.")
   tensors = {}
   for ref, path, transposed in name_map(model.depth, model.two_time,
                                        model.get("causal", False)):
@@ -144,7 +145,8 @@ def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
                  tensors["sigma_map.mlp.2.weight"].shape[0],
                  "mlp_ratio": hidden // width,
                  "two_time": any(k.startswith("sigma_map_prime.") for k in tensors),
-                 "learned_loss_weight": False, "causal": causal}
+                 "learned_loss_weight": False, "condition_embedding": False,
+                 "causal": causal}
 
 
 def family_of(fields: dict, family: str) -> str:

@@ -333,8 +333,8 @@ head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd,
 
 
 def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.Array,
-             schedule, *, mask: jax.Array | None = None, latent: bool = True,
-             loss_weight: Callable | None = None, cap: float = 0.0,
+             schedule, *, mask: jax.Array | None = None, given: jax.Array | None = None,
+             latent: bool = True, loss_weight: Callable | None = None, cap: float = 0.0,
              head: Callable | None = None) -> tuple[jax.Array, dict]:
   """The FLM objective: cross entropy of the denoiser at x_t, token-weighted mean.
 
@@ -342,13 +342,19 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   tau. The denoiser may return raw logits and leave their cap to `cap` (see
   token_cross_entropy), or, with `head`, the output layer's input features [B, L, D] and
   leave the output layer to head(features, tokens, weights) -> (weighted sum, CE)
-  (head_cross_entropy). `mask` [B, L] marks valid tokens (all by default).
+  (head_cross_entropy). `mask` [B, L] marks valid tokens (all by default). `given` [B, L]
+  marks the given positions of a condition (flmjax/conditioning.py): they enter clean,
+  E[token], and are left out of the loss; the denoiser sees the noisy latent only.
   `loss_weight(tau) -> w [B]` turns each token's loss into exp(-w) * loss + w.
   """
   rng_tau, rng_noise, rng_dropout = jax.random.split(rng, 3)
   tau = stratified_uniform(rng_tau, tokens.shape[0])
   t = schedule.t(tau)
-  out = denoiser(noisy_latent(rng_noise, embed, tokens, t, latent), tau, rng_dropout)
+  h = noisy_latent(rng_noise, embed, tokens, t, latent)
+  if given is not None:
+    h = jnp.where(given[..., None], embed[tokens], h)
+    mask = ~given if mask is None else mask & ~given
+  out = denoiser(h, tau, rng_dropout)
   mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
   count = jnp.maximum(mask.sum(), 1.0)
   weights, offset = mask / count, 0.0

@@ -11,9 +11,10 @@ rows of the batch (tau_s = 0, tau_t = 1), forward-mode differentiation of the mo
 import dataclasses
 from typing import Callable
 
+import jax
 import ml_collections
 
-from flmjax import flow
+from flmjax import conditioning, flow
 from flmjax.schedule import get_schedule
 from flmjax.state import ObjectiveFn
 
@@ -43,19 +44,26 @@ def denoising(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
   """The FLM cross entropy (flow.flm_loss) of the model; dropout only when training.
 
   model.output_head "fused" or "auto" applies the output layer inside the loss, in chunks
-  (flow.head_cross_entropy); "plain" takes the model's [B, L, V] logits.
+  (flow.head_cross_entropy); "plain" takes the model's [B, L, V] logits. With
+  train.condition, each example gets given positions (conditioning.draw).
   """
   del teacher_graphdef
   schedule = get_schedule(vocab_size)
   fused = config.model.output_head in ("auto", "fused")
   chunk = head_chunk(config.model, vocab_size)
+  kinds = conditioning.parse_kinds(config.train.condition)
 
   def objective(model, batch, rng, frozen):
     del frozen
     dropout = (lambda key: key) if train else (lambda key: None)
+    given = None
+    if kinds:
+      rng, rng_given = jax.random.split(rng)
+      given = conditioning.draw(rng_given, batch["tokens"].shape, kinds,
+                                config.train.condition_dropout)
     if fused:
       def denoiser(h, tau, key):
-        return model.features(h, tau, dropout_rng=dropout(key))
+        return model.features(h, tau, given=given, dropout_rng=dropout(key))
 
       def head(features, tokens, weights):
         return flow.head_cross_entropy(
@@ -63,11 +71,12 @@ def denoising(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
             model.output_cap, model.output.dtype, chunk)
     else:
       def denoiser(h, tau, key):
-        return model(h, tau, dropout_rng=dropout(key), capped=False)
+        return model(h, tau, given=given, dropout_rng=dropout(key), capped=False)
       head = None
 
     return flow.flm_loss(denoiser, model.vocab_embed[...], batch["tokens"], rng, schedule,
-                         latent=config.noise == "latent", cap=model.output_cap, head=head,
+                         given=given, latent=config.noise == "latent",
+                         cap=model.output_cap, head=head,
                          loss_weight=model.loss_weight if model.loss_weight_mlp else None)
   return objective
 

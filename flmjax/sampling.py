@@ -23,14 +23,14 @@ state z [B, L, V] (`latent=False`) is kept for parity tests.
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flmjax import flow, sharding
+from flmjax import conditioning, flow, sharding
 from flmjax.schedule import get_schedule
 
 
@@ -73,16 +73,39 @@ def _times_of(row, batch: int) -> list[jax.Array]:
   return [jnp.full((batch,), row[k]) for k in ("tau", "tau_next") if k in row]
 
 
-def _denoise(model, state, row, latent: bool) -> jax.Array:
+class Condition(NamedTuple):
+  """Given positions (flmjax/conditioning.py): the mask [B, L] bool and the tokens [B, L]
+  whose values it gives."""
+  given: jax.Array
+  tokens: jax.Array
+
+
+def _clamp(model, state, condition: Condition | None, latent: bool) -> jax.Array:
+  """The state with the given positions reset to their clean tokens: E[token] (latent) or
+  the one-hot."""
+  if condition is None:
+    return state
+  clean = (model.embed_ids(condition.tokens) if latent
+           else jax.nn.one_hot(condition.tokens, state.shape[-1]))
+  return conditioning.clamp(state, condition.given, clean)
+
+
+def _given(condition: Condition | None):
+  return None if condition is None else condition.given
+
+
+def _denoise(model, state, row, latent: bool, condition: Condition | None = None):
   """The denoiser's probabilities [B, L, V] at the row's time(s)."""
   return jax.nn.softmax(model(state if latent else model.embed(state),
-                              *_times_of(row, state.shape[0])), axis=-1)
+                              *_times_of(row, state.shape[0]), given=_given(condition)),
+                        axis=-1)
 
 
-def flow_step(model, state, row, key, latent: bool, factor):
-  """z <- keep z + move D (+ noise eps when `key` is given), in latent or V-space form;
-  `factor` is the noise factor C of flow.embedded_noise (latent churn only)."""
-  probs = _denoise(model, state, row, latent)
+def flow_step(model, state, row, key, latent: bool, factor, condition=None):
+  """z <- keep z + move D (+ noise eps when `key` is given), in latent or V-space form, the
+  given positions of `condition` then reset; `factor` is the noise factor C of
+  flow.embedded_noise (latent churn only)."""
+  probs = _denoise(model, state, row, latent, condition)
   target = flow.project(probs, model.vocab_embed[...]) if latent else probs
   state = row["keep"] * state + row["move"] * target
   if key is not None:
@@ -91,13 +114,14 @@ def flow_step(model, state, row, key, latent: bool, factor):
     else:
       eps = jax.random.normal(key, state.shape, jnp.float32)
     state = state + row["noise"] * eps
-  return state
+  return _clamp(model, state, condition, latent)
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """A sampler: its name, its host grid (vocab_size, steps, gamma) -> arrays, its step
-  (model, state, row, key, latent, factor) -> state, and whether it takes churn."""
+  (model, state, row, key, latent, factor, condition) -> state, and whether it takes
+  churn."""
   name: str
   grid: Callable[..., dict]
   step: Callable = flow_step
@@ -108,8 +132,11 @@ EULER = Rule("euler", euler_grid)
 FLOW_MAP = Rule("flowmap", flow_map_grid, churn=True)
 
 
-def _integrate(model, state, grid, rng, rule: Rule, latent: bool, churn: bool):
-  """The rule's steps over the grid from `state`: (the last state, the last row's times)."""
+def _integrate(model, state, grid, rng, rule: Rule, latent: bool, churn: bool,
+               condition: Condition | None = None):
+  """The rule's steps over the grid from `state` (its given positions reset first): (the
+  last state, the last row's times)."""
+  state = _clamp(model, state, condition, latent)
   grid = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grid)
   embed = model.vocab_embed[...]
   factor = flow.noise_factor(embed) if churn and latent and embed.shape[0] > embed.shape[1] \
@@ -119,7 +146,8 @@ def _integrate(model, state, grid, rng, rule: Rule, latent: bool, churn: bool):
 
   def body(state, inputs):
     row, key = inputs
-    return rule.step(model, state, row, key if churn else None, latent, factor), None
+    return rule.step(model, state, row, key if churn else None, latent, factor,
+                     condition), None
 
   keys = jax.random.split(rng, len(grid["keep"]))
   state, _ = jax.lax.scan(body, state, (rows, keys))
@@ -135,32 +163,36 @@ def initial_state(model, rng, shape: tuple[int, int], latent: bool) -> jax.Array
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rule", "latent", "churn"))
 def probabilities(graphdef, params, z, grid, rng, *, rule: Rule, latent: bool = True,
-                  churn: bool = False) -> jax.Array:
+                  churn: bool = False, condition: Condition | None = None) -> jax.Array:
   """The sampler's last probabilities [B, L, V] from a given V-space noise z [B, L, V]."""
   model = nnx.merge(graphdef, params)
   state, last = _integrate(model, model.embed(z) if latent else z, grid, rng, rule, latent,
-                           churn)
-  return _denoise(model, state, last, latent)
+                           churn, condition)
+  return _denoise(model, state, last, latent, condition)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rule", "batch_size", "seq_len",
                                              "latent", "churn", "mesh"))
 def tokens(graphdef, params, rng, grid, *, rule: Rule, batch_size: int, seq_len: int,
-           latent: bool = True, churn: bool = False, mesh=None) -> jax.Array:
+           latent: bool = True, churn: bool = False, mesh=None,
+           condition: Condition | None = None) -> jax.Array:
   """Tokens [batch_size, seq_len] int32 from fresh noise; with `mesh`, the samples are
-  split over its batch axes and the tokens replicated."""
+  split over its batch axes and the tokens replicated. With `condition`, its given
+  positions are clamped (reset after every step) and returned as given."""
   model = nnx.merge(graphdef, params)
   # A rule that takes churn draws it from a second key; the Euler noise is rng's own.
   rng_init, rng_steps = jax.random.split(rng) if rule.churn else (rng, rng)
   state = initial_state(model, rng_init, (batch_size, seq_len), latent)
   with sharding.tracing_under(mesh):
-    state, last = _integrate(model, state, grid, rng_steps, rule, latent, churn)
+    state, last = _integrate(model, state, grid, rng_steps, rule, latent, churn, condition)
     # The argmax of the probabilities is that of the logits (the cap and the softmax are
     # increasing).
     features = model.features(state if latent else model.embed(state),
-                              *_times_of(last, batch_size))
+                              *_times_of(last, batch_size), given=_given(condition))
     result = flow.head_argmax(features, model.output.kernel[...], model.output.bias[...],
                               model.output.dtype, ARGMAX_CHUNK)
+    if condition is not None:
+      result = jnp.where(condition.given, condition.tokens, result)
   if mesh is None:
     return result
   return jax.lax.with_sharding_constraint(result, sharding.replicated(mesh))
@@ -203,14 +235,16 @@ def params_mesh(params):
 
 def sampler(rule: Rule) -> Callable:
   """The sampler factory (steps, num_samples, seq_len, Options) -> function (graphdef,
-  params, rng) -> (tokens [num_samples, seq_len] int32, network calls) of a flow rule."""
+  params, rng, condition=None) -> (tokens [num_samples, seq_len] int32, network calls)
+  of a flow rule."""
   def make(steps: int, num_samples: int, seq_len: int, options: Options):
     gamma = options.gamma if rule.churn else 0.0
 
-    def sample(graphdef, params, rng):
+    def sample(graphdef, params, rng, condition: Condition | None = None):
       grid = rule.grid(params["vocab_embed"].shape[0], steps, gamma)
       return tokens(graphdef, params, rng, grid, rule=rule, batch_size=num_samples,
                     seq_len=seq_len, latent=options.latent,
-                    churn=bool(np.any(grid["noise"] > 0)), mesh=params_mesh(params)), steps
+                    churn=bool(np.any(grid["noise"] > 0)), mesh=params_mesh(params),
+                    condition=condition), steps
     return sample
   return make

@@ -1,6 +1,8 @@
 """Toy sources whose samples have an exact judge, and the table of how valid each family's
 samples are at each step count: `python -m flmjax.toys --seed=1` (run from the repository
-root: it reads configs/base.py).
+root: it reads configs/base.py). `--prompted` gives instead the rates at which an FLM,
+trained with or without given positions (flmjax/conditioning.py), continues a given
+prefix of a markov walk, or leads into a given suffix, with an allowed transition.
 
 Every example is BOS followed by L - 1 tokens of a source over K tokens; ids K (BOS) and
 K + 1 (the mask id) complete the vocabulary, V = K + 2.
@@ -74,11 +76,15 @@ def _config(family: str) -> ml_collections.ConfigDict:
   return config
 
 
-def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teacher=None):
+def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teacher=None,
+        condition: str = ""):
   """(graphdef, params) of `family` trained for `steps` on the source (FMLM: distilled
-  from `teacher`, the FLM's (graphdef, params), which it also starts from)."""
+  from `teacher`, the FLM's (graphdef, params), which it also starts from); FLM with
+  `condition` (train.condition) trains conditionally, with the condition embedding."""
   objective = registry.OBJECTIVES["semigroup" if family == "fmlm" else family]
   config = registry.with_family(_config(family), objective)
+  config.train.condition = condition
+  config.model.condition_embedding = bool(condition)
   graphdef, params = nnx.split(dit.builder(config.model, V, seed)())
   params = nnx.to_pure_dict(params)
   loss_fn = objective.build(config, V, teacher[0] if teacher else None, train=False)
@@ -101,13 +107,32 @@ def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teache
   return graphdef, params
 
 
-def samples(family: str, model, source: str, steps: int, n: int, seed: int):
-  """(tokens [n, L], network calls) of the family's default sampler."""
+def samples(family: str, model, source: str, steps: int, n: int, seed: int, condition=None):
+  """(tokens [n, L], network calls) of the family's default sampler (FLM and FMLM: given
+  `condition`, a sampling.Condition)."""
   found = registry.FAMILIES[family]
   make = found.samplers[found.default_sampler]
   sample = make(steps, n, SEQ_LEN[source], sampling.Options(mask_id=MASK, bos_id=BOS))
-  tokens, calls = sample(*model, jax.random.key(seed))
+  tokens, calls = sample(*model, jax.random.key(seed),
+                         **({} if condition is None else {"condition": condition}))
   return np.asarray(tokens), int(calls)
+
+
+def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int) -> float:
+  """The share of `n` markov walks, given a prefix (or a suffix) of k ~ U{2, ..., L - 2}
+  of their tokens, whose first written token fits: an allowed successor of the prefix's
+  last token (an allowed predecessor of the suffix's first)."""
+  length = SEQ_LEN["markov"]
+  key_walk, key_count = jax.random.split(jax.random.key(seed))
+  walks = np.asarray(markov(key_walk, n))
+  count = np.asarray(jax.random.randint(key_count, (n, 1), 2, length - 1))
+  given = np.arange(length) < count if kind == "prefix" else np.arange(length) >= length - count
+  tokens, _ = samples(family, model, "markov", steps, n, seed + 1,
+                      sampling.Condition(jnp.asarray(given), jnp.asarray(walks)))
+  rows, edge = np.arange(n), count[:, 0] if kind == "prefix" else length - count[:, 0] - 1
+  written, known = tokens[rows, edge], walks[rows, edge - 1 if kind == "prefix" else edge + 1]
+  step = (written - known) % K if kind == "prefix" else (known - written) % K
+  return float((np.isin(step, (1, 3)) & (written < K)).mean())
 
 
 STEPS = {"flm": (1, 8, 64), "fmlm": (1, 2, 4), "mdlm": (1, 2, 4, 8, 64),
@@ -129,11 +154,34 @@ def table(source: str, seed: int, train_steps: int = 600, n: int = 256,
   return rows
 
 
+def prompted_table(seed: int, train_steps: int = 600, n: int = 512,
+                   steps: tuple = (1, 8, 64)) -> list[dict]:
+  """Rows {model, kind, steps, rate}: prompted_rate of an FLM trained with
+  train.condition=prefix,suffix and of one trained without (clamping only), on markov."""
+  rows = []
+  for name, condition in (("FLM, conditional", "prefix,suffix"), ("FLM, clamped", "")):
+    model = fit("flm", "markov", train_steps, seed, condition=condition)
+    for kind in ("prefix", "suffix"):
+      for count in steps:
+        rows.append({"model": name, "kind": kind, "steps": count,
+                     "rate": prompted_rate("flm", model, kind, count, n, seed + 100)})
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seed", type=int, default=1)
   parser.add_argument("--sources", default="phrases,markov")
+  parser.add_argument("--prompted", action="store_true",
+                      help="the prompted markov rates (prompted_table) instead")
   args = parser.parse_args()
+  if args.prompted:
+    print(f"prompted markov, seed {args.seed}:\n| model | given | Euler steps | rate |\n"
+          "|---|---|---|---|")
+    for row in prompted_table(args.seed):
+      print(f"| {row['model']} | {row['kind']} | {row['steps']} | {row['rate']:.3f} |",
+            flush=True)
+    return
   for source in args.sources.split(","):
     print(f"{source}, seed {args.seed}:\n| family | steps | calls | score |\n|---|---|---|---|")
     for row in table(source, args.seed):

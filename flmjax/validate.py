@@ -14,7 +14,7 @@ from typing import Callable
 
 import ml_collections
 
-from flmjax import distill, registry, sharding
+from flmjax import conditioning, distill, registry, sharding
 from flmjax.data import corpora, tokenizers
 from flmjax.errors import UsageError
 from flmjax.evaluators import EVALUATORS
@@ -111,6 +111,28 @@ def _model(model: ml_collections.ConfigDict) -> None:
                      "model.attention=plain or auto.")
 
 
+def _condition(config: ml_collections.ConfigDict, mode: str) -> None:
+  """train.condition: known kinds, for the FLM teacher."""
+  kinds = conditioning.parse_kinds(config.train.condition)
+  unknown = [k for k in kinds if k not in conditioning.KINDS]
+  if unknown:
+    raise UsageError(f"train.condition={config.train.condition!r}: {', '.join(unknown)} is "
+                     f"not a kind of condition; use a comma list of "
+                     f"{', '.join(conditioning.KINDS)}, or \"\" for none.")
+  if not 0 <= config.train.condition_dropout <= 1:
+    raise UsageError(f"train.condition_dropout={config.train.condition_dropout} must be a "
+                     "probability in [0, 1].")
+  if not kinds:
+    return
+  if config.family != "flm":
+    raise UsageError(f"train.condition={config.train.condition!r} trains a conditional FLM; "
+                     f"family={config.family} takes no condition: set train.condition=\"\".")
+  if mode in ("distill", "pipeline", "compare"):
+    raise UsageError(f"train.condition={config.train.condition!r}: the distillation draws no "
+                     "conditions; distil with train.condition=\"\" (the student then "
+                     "conditions by clamping), or use --mode=train for the teacher.")
+
+
 def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
   """The kernels' limits: L a multiple of their block, no forward-mode derivative, and
   flash attention is not causal."""
@@ -158,6 +180,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   _fields(config)
   _model(config.model)
   _attention(config, mode)
+  _condition(config, mode)
   if mode in ("distill", "pipeline") and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode={mode} distills an FLM teacher into "
                      "its flow map; set family=flm, or train the baseline with --mode=train "

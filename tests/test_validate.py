@@ -107,6 +107,20 @@ def test_modes_name_what_they_need():
   assert "model.two_time=True is the distilled student" in _refused(config, "train")
 
 
+def test_conditional_training_names_its_kinds_and_family():
+  config = train_config()
+  config.train.condition = "prefix,middle"
+  assert "train.condition='prefix,middle': middle is not a kind" in _refused(config, "train")
+  config.train.condition = "prefix"
+  config.train.condition_dropout = 1.5
+  assert "train.condition_dropout=1.5 must be a probability" in _refused(config, "train")
+  config.train.condition_dropout = 0.1
+  config.family = "mdlm"
+  assert "family=mdlm takes no condition" in _refused(config, "train")
+  config.family = "flm"
+  assert "the distillation draws no conditions" in _refused(config, "pipeline")
+
+
 def test_step_counts():
   assert step_counts("1, 8,64") == [1, 8, 64]
   with pytest.raises(UsageError, match="eval.teacher_steps=''"):

@@ -312,8 +312,8 @@ class DiT(nnx.Module):
                mlp_ratio: int = 4, dropout_rate: float = 0.0, attn_softcap: float = 50.0,
                output_cap: float = 30.0, two_time: bool = False,
                learned_loss_weight: bool = False, attention_impl: str = "auto",
-               causal: bool = False, remat: bool = False, dtype=jnp.bfloat16,
-               rngs: nnx.Rngs):
+               causal: bool = False, remat: bool = False, condition_embedding: bool = False,
+               dtype=jnp.bfloat16, rngs: nnx.Rngs):
     if dim % heads or (dim // heads) % 2:
       raise ValueError(f"width {dim} must split into {heads} heads of even size")
     if attention_impl not in ATTENTION:
@@ -331,6 +331,9 @@ class DiT(nnx.Module):
                                                    out_axis=-2)
     self.vocab_embed = nnx.Param(embed_init(rngs.params(), (vocab_size, dim)),
                                  out_sharding=("vocab", "embed"), eager_sharding=False)
+    # Added to the input at given positions (flmjax/conditioning.py); zero at first.
+    self.condition_embed = nnx.Param(jnp.zeros((dim,)), out_sharding=("embed",),
+                                     eager_sharding=False) if condition_embedding else None
     self.sigma_map = None if causal else TimeEmbedder(cond, rngs=rngs)
     self.sigma_map_prime = TimeEmbedder(cond, rngs=rngs, zero_last=True) if two_time else None
     self.loss_weight_mlp = _linear(cond, 1, ("cond", None), rngs=rngs, zero=True) \
@@ -372,24 +375,30 @@ class DiT(nnx.Module):
     """The learned log loss weight w(tau) [B] (learned_loss_weight=True only)."""
     return self.loss_weight_mlp(jax.nn.silu(self.sigma_map(tau)))[:, 0]
 
-  def __call__(self, h, tau_s, tau_t=None, *, dropout_rng=None, capped: bool = True):
+  def __call__(self, h, tau_s, tau_t=None, *, given=None, dropout_rng=None,
+               capped: bool = True):
     """h [B, L, D] = x_t @ E, tau [B] -> logits [B, L, V] float32.
 
-    `dropout_rng` None means no dropout (evaluation and sampling). `capped=False` returns
-    the logits before the output cap, for a loss that caps them itself
-    (flow.token_cross_entropy).
+    `given` [B, L] bool marks the given positions of a condition (flmjax/conditioning.py;
+    h holds their clean rows E[token]); it adds the condition embedding there, where the
+    model has one. `dropout_rng` None means no dropout (evaluation and sampling).
+    `capped=False` returns the logits before the output cap, for a loss that caps them
+    itself (flow.token_cross_entropy).
     """
-    features = self.features(h, tau_s, tau_t, dropout_rng=dropout_rng)
+    features = self.features(h, tau_s, tau_t, given=given, dropout_rng=dropout_rng)
     if capped:
       return self.output_logits(features)
     with jax.named_scope("output_head"):
       return self.output(features)
 
-  def features(self, h, tau_s, tau_t=None, *, dropout_rng=None):
+  def features(self, h, tau_s, tau_t=None, *, given=None, dropout_rng=None):
     """The output layer's input [B, L, D] float32 (the final norm and modulation done):
     for a loss that applies the output layer itself (flow.head_cross_entropy)."""
     c = self.conditioning(tau_s, tau_t)
-    x = split_batch(h.astype(jnp.float32))
+    x = h.astype(jnp.float32)
+    if given is not None and self.condition_embed is not None:
+      x = x + given[..., None] * self.condition_embed[...]
+    x = split_batch(x)
 
     options = {"softcap": self.attn_softcap, "impl": self.attention_impl,
                "dropout_rate": self.dropout_rate, "causal": self.causal}
@@ -446,7 +455,8 @@ def builder(cfg: ml_collections.ConfigDict | dict, vocab_size: int,
                attn_softcap=cfg.attn_softcap, output_cap=cfg.output_cap,
                two_time=cfg.two_time, learned_loss_weight=cfg.learned_loss_weight,
                attention_impl=cfg.attention, causal=cfg.get("causal", False),
-               remat=cfg.remat, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
+               remat=cfg.remat, condition_embedding=cfg.get("condition_embedding", False),
+               dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
   return build
 
 

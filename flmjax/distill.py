@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flmjax import checkpoint, flow, state
+from flmjax import checkpoint, conditioning, flow, state
 from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.objectives import Objective, head_chunk
@@ -83,10 +83,18 @@ class Rows(NamedTuple):
   times: tuple  # (s, u, t) = t(tau), each [n]
   schedule: Schedule
   teacher_probs: jax.Array | None = None  # D_s(x_s) [n, L, V], for the Eulerian target
+  given: jax.Array | None = None  # given positions [n, L] (flmjax/conditioning.py)
+  clean: jax.Array | None = None  # their clean rows E_S[token] [n, L, D]
 
+  def probs(self, model, h, tau_s, tau_t, dropout=None):
+    """The student's delta_{s,t}(h) [n, L, V] on these rows."""
+    return jax.nn.softmax(model(h, tau_s, tau_t, given=self.given, dropout_rng=dropout),
+                          axis=-1)
 
-def _probs(model, h, tau_s, tau_t, dropout=None):
-  return jax.nn.softmax(model(h, tau_s, tau_t, dropout_rng=dropout), axis=-1)
+  def flow_map(self, denoised, s, t):
+    """X_{s,t}(x_s) @ E towards `denoised` [n, L, V], the given positions kept clean."""
+    return conditioning.clamp(flow.flow_map(self.h_s, flow.project(denoised, self.embed),
+                                            s, t), self.given, self.clean)
 
 
 def _keys(dropout, count: int):
@@ -98,9 +106,8 @@ def semigroup_target(student, rows: Rows, dropout=None):
   """lambda delta_{s,u}(x_s) + (1 - lambda) delta_{u,t}(X_{s,u}(x_s)), [n, L, V]."""
   (tau_s, tau_u, tau_t), (s, u, t) = rows.tau, rows.times
   key_su, key_ut = _keys(dropout, 2)
-  d_su = _probs(student, rows.h_s, tau_s, tau_u, key_su)
-  h_su = flow.flow_map(rows.h_s, flow.project(d_su, rows.embed), s, u)
-  d_ut = _probs(student, h_su, tau_u, tau_t, key_ut)
+  d_su = rows.probs(student, rows.h_s, tau_s, tau_u, key_su)
+  d_ut = rows.probs(student, rows.flow_map(d_su, s, u), tau_u, tau_t, key_ut)
   weight = flow.per_row(flow.semigroup_weight(s, u, t), d_su.ndim)
   return weight * d_su + (1 - weight) * d_ut
 
@@ -109,7 +116,8 @@ def eulerian_target(student, rows: Rows, dropout=None):
   """D_s + ((1 - s)(t - s) / (1 - t)) d/ds delta_{s,t}(x_s) along b_s = (D_s - x) / (1 - s)."""
   (tau_s, _, tau_t), (s, _, t) = rows.tau, rows.times
   velocity = flow.velocity(rows.h_s, flow.project(rows.teacher_probs, rows.embed), s)
-  _, d_delta = jax.jvp(lambda a, h: _probs(student, h, a, tau_t, dropout),
+  velocity = conditioning.clamp(velocity, rows.given, jnp.zeros_like(velocity))  # held
+  _, d_delta = jax.jvp(lambda a, h: rows.probs(student, h, a, tau_t, dropout),
                        (tau_s, rows.h_s), (rows.schedule.dtau_dt(s), velocity))
   scale = (1 - s) * (t - s) / (1 - t + flow.DENOMINATOR_EPS)
   return rows.teacher_probs + flow.per_row(scale, d_delta.ndim) * d_delta
@@ -119,10 +127,9 @@ def lagrangian_target(student, rows: Rows, dropout=None):
   """sparsemax(delta_{t,t}(X_{s,t}(x_s)) - ((t - s)(1 - t) / (1 - s)) d/dt delta_{s,t})."""
   (tau_s, _, tau_t), (s, _, t) = rows.tau, rows.times
   key_st, key_tt = _keys(dropout, 2)
-  delta, d_delta = jax.jvp(lambda b: _probs(student, rows.h_s, tau_s, b, key_st), (tau_t,),
-                           (rows.schedule.dtau_dt(t),))
-  h_st = flow.flow_map(rows.h_s, flow.project(delta, rows.embed), s, t)
-  d_tt = _probs(student, h_st, tau_t, tau_t, key_tt)
+  delta, d_delta = jax.jvp(lambda b: rows.probs(student, rows.h_s, tau_s, b, key_st),
+                           (tau_t,), (rows.schedule.dtau_dt(t),))
+  d_tt = rows.probs(student, rows.flow_map(delta, s, t), tau_t, tau_t, key_tt)
   scale = (t - s) * (1 - t) / (1 - s + flow.DENOMINATOR_EPS)
   return flow.sparsemax(d_tt - flow.per_row(scale, d_delta.ndim) * d_delta)
 
@@ -145,48 +152,66 @@ def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teach
   fused = config.model.output_head in ("auto", "fused")
   chunk = head_chunk(config.model, vocab_size)
   target_dtype = jnp.dtype(config.model.dtype)
+  kinds = conditioning.parse_kinds(config.train.condition)
 
   def objective(student, batch, rng, teacher_params):
     tokens = batch["tokens"]
     counts = split_counts(tokens.shape[0], *fractions)
     n_diag = counts[0]
+    given = None
+    if kinds:  # the teacher's conditions: the same draw for teacher, student and targets
+      rng, rng_given = jax.random.split(rng)
+      given = conditioning.draw(rng_given, tokens.shape, kinds,
+                                config.train.condition_dropout)
     rng_times, rng_noise, rng_dropout, rng_target = jax.random.split(rng, 4)
     tau = draw_times(rng_times, counts)
     times = tuple(schedule.t(x) for x in tau)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
-    # One noisy x_s, read by the student (x_s @ E_S) and the teacher (x_s @ E_T).
+    # One noisy x_s, read by the student (x_s @ E_S) and the teacher (x_s @ E_T), the
+    # given positions clean in both.
     embeds = (student.vocab_embed[...], teacher.vocab_embed[...])
-    h_s, h_teacher = [flow.interpolate(noise, e[tokens], times[0]) for noise, e in zip(
+    h_s, h_teacher = [conditioning.clamp(flow.interpolate(noise, e[tokens], times[0]), given,
+                                         e[tokens]) for noise, e in zip(
         flow.joint_embedded_noise(rng_noise, embeds, tokens.shape, config.noise == "latent"),
         embeds)]
+
+    def part(x, rows):
+      return None if x is None else x[rows]
     teacher_rows = slice(None) if teacher_off_diagonal else slice(0, n_diag)
-    teacher_probs = jax.lax.stop_gradient(jax.nn.softmax(
-        teacher(h_teacher[teacher_rows], tau[0][teacher_rows]), axis=-1))
-    off = slice(n_diag, None)
+    teacher_probs = jax.lax.stop_gradient(jax.nn.softmax(teacher(
+        h_teacher[teacher_rows], tau[0][teacher_rows], given=part(given, teacher_rows)),
+        axis=-1))
+    diag, off = slice(0, n_diag), slice(n_diag, None)
     rows = Rows(h_s[off], embeds[0], tuple(x[off] for x in tau), tuple(x[off] for x in times),
-                schedule, teacher_probs[off] if teacher_off_diagonal else None)
+                schedule, teacher_probs[off] if teacher_off_diagonal else None,
+                part(given, off), embeds[0][tokens[off]] if kinds else None)
     target_probs = jax.lax.stop_gradient(
         target(student, rows, rng_target if target_dropout else None))
     dropout = rng_dropout if train else None
     cap = student.output_cap
+    # Each share's loss: the mean over its positions that are not given.
+    free = jnp.ones(tokens.shape) if given is None else (~given).astype(jnp.float32)
+
+    def weights(rows):
+      return free[rows] / jnp.maximum(free[rows].sum(), 1.0)
     if fused:
-      features = student.features(h_s, tau[0], tau[2], dropout_rng=dropout)
+      features = student.features(h_s, tau[0], tau[2], given=given, dropout_rng=dropout)
 
       def mean_cross_entropy(rows, targets):  # the soft CE's mean, by the fused head
-        x = features[rows]
-        weights = jnp.full(x.shape[:2], 1 / (x.shape[0] * x.shape[1]))
         return flow.head_cross_entropy(
-            x, student.output.kernel[...], student.output.bias[...],
-            targets.astype(target_dtype), weights, cap, student.output.dtype, chunk)[0]
-      diagonal = mean_cross_entropy(slice(0, n_diag), teacher_probs[:n_diag])
+            features[rows], student.output.kernel[...], student.output.bias[...],
+            targets.astype(target_dtype), weights(rows), cap, student.output.dtype, chunk)[0]
+      diagonal = mean_cross_entropy(diag, teacher_probs[:n_diag])
       if off_diagonal is flow.soft_cross_entropy:
         off_loss = mean_cross_entropy(off, target_probs)
       else:
-        off_loss = off_diagonal(student.output(features[off]), target_probs, cap).mean()
+        off_loss = jnp.sum(weights(off) * off_diagonal(
+            student.output(features[off]), target_probs, cap))
     else:
-      logits = student(h_s, tau[0], tau[2], dropout_rng=dropout, capped=False)
-      diagonal = flow.soft_cross_entropy(logits[:n_diag], teacher_probs[:n_diag], cap).mean()
-      off_loss = off_diagonal(logits[off], target_probs, cap).mean()
+      logits = student(h_s, tau[0], tau[2], given=given, dropout_rng=dropout, capped=False)
+      diagonal = jnp.sum(weights(diag) * flow.soft_cross_entropy(
+          logits[diag], teacher_probs[:n_diag], cap))
+      off_loss = jnp.sum(weights(off) * off_diagonal(logits[off], target_probs, cap))
     loss = (n_diag * diagonal + (tokens.shape[0] - n_diag) * off_loss) / tokens.shape[0]
     return loss, {"loss": loss, "diagonal_loss": diagonal, "offdiagonal_loss": off_loss}
   return objective

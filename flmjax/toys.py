@@ -1,8 +1,9 @@
 """Toy sources whose samples have an exact judge, and the table of how valid each family's
 samples are at each step count: `python -m flmjax.toys --seed=1` (run from the repository
-root: it reads configs/base.py). `--prompted` gives instead the rates at which an FLM,
-trained with or without given positions (flmjax/conditioning.py), continues a given
-prefix of a markov walk, or leads into a given suffix, with an allowed transition.
+root: it reads configs/base.py). `--prompted` gives instead the rates at which an FLM and
+its FMLM student, trained with or without given positions (flmjax/conditioning.py),
+continue a given prefix of a markov walk, or lead into a given suffix, with an allowed
+transition.
 
 Every example is BOS followed by L - 1 tokens of a source over K tokens; ids K (BOS) and
 K + 1 (the mask id) complete the vocabulary, V = K + 2.
@@ -155,16 +156,21 @@ def table(source: str, seed: int, train_steps: int = 600, n: int = 256,
 
 
 def prompted_table(seed: int, train_steps: int = 600, n: int = 512,
-                   steps: tuple = (1, 8, 64)) -> list[dict]:
-  """Rows {model, kind, steps, rate}: prompted_rate of an FLM trained with
-  train.condition=prefix,suffix and of one trained without (clamping only), on markov."""
+                   steps: dict = (("flm", (1, 8, 64)), ("fmlm", (1, 2, 4)))) -> list[dict]:
+  """Rows {family, training, kind, steps, rate}: prompted_rate on markov of an FLM
+  trained with train.condition=prefix,suffix and its FMLM student distilled with the
+  same, and of the two trained without (conditioned by clamping only)."""
   rows = []
-  for name, condition in (("FLM, conditional", "prefix,suffix"), ("FLM, clamped", "")):
-    model = fit("flm", "markov", train_steps, seed, condition=condition)
-    for kind in ("prefix", "suffix"):
-      for count in steps:
-        rows.append({"model": name, "kind": kind, "steps": count,
-                     "rate": prompted_rate("flm", model, kind, count, n, seed + 100)})
+  for training, condition in (("conditional", "prefix,suffix"), ("clamped", "")):
+    models = {"flm": fit("flm", "markov", train_steps, seed, condition=condition)}
+    models["fmlm"] = fit("fmlm", "markov", train_steps, seed, teacher=models["flm"],
+                         condition=condition)
+    for family, counts in dict(steps).items():
+      for kind in ("prefix", "suffix"):
+        for count in counts:
+          rows.append({"family": family, "training": training, "kind": kind, "steps": count,
+                       "rate": prompted_rate(family, models[family], kind, count, n,
+                                             seed + 100)})
   return rows
 
 
@@ -176,11 +182,11 @@ def main():
                       help="the prompted markov rates (prompted_table) instead")
   args = parser.parse_args()
   if args.prompted:
-    print(f"prompted markov, seed {args.seed}:\n| model | given | Euler steps | rate |\n"
-          "|---|---|---|---|")
+    print(f"prompted markov, seed {args.seed}:\n| family | training | given | steps | rate |"
+          "\n|---|---|---|---|---|")
     for row in prompted_table(args.seed):
-      print(f"| {row['model']} | {row['kind']} | {row['steps']} | {row['rate']:.3f} |",
-            flush=True)
+      print(f"| {row['family']} | {row['training']} | {row['kind']} | {row['steps']} | "
+            f"{row['rate']:.3f} |", flush=True)
     return
   for source in args.sources.split(","):
     print(f"{source}, seed {args.seed}:\n| family | steps | calls | score |\n|---|---|---|---|")

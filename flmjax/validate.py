@@ -127,10 +127,10 @@ def _condition(config: ml_collections.ConfigDict, mode: str) -> None:
   if config.family != "flm":
     raise UsageError(f"train.condition={config.train.condition!r} trains a conditional FLM; "
                      f"family={config.family} takes no condition: set train.condition=\"\".")
-  if mode in ("distill", "pipeline", "compare"):
-    raise UsageError(f"train.condition={config.train.condition!r}: the distillation draws no "
-                     "conditions; distil with train.condition=\"\" (the student then "
-                     "conditions by clamping), or use --mode=train for the teacher.")
+  if mode == "compare":
+    raise UsageError(f"train.condition={config.train.condition!r}: --mode=compare also "
+                     "trains the baselines, which take no condition; set "
+                     "train.condition=\"\".")
 
 
 def _attention(config: ml_collections.ConfigDict, mode: str) -> None:

@@ -126,15 +126,22 @@ def test_samplers_clamp_given_positions_and_return_them(rule, two_time, latent):
 
 
 @pytest.mark.slow
-def test_a_conditionally_trained_flm_continues_and_precedes_a_markov_chain_in_one_step():
+def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one_step():
   """The exact judge of flmjax.toys: given a prefix (suffix) of a walk, is the first
-  written token an allowed successor (predecessor)? Uniform tokens score 2/16. At one
-  Euler step, an FLM trained with given prefixes and suffixes follows both; the same FLM
-  trained without, conditioned by clamping only, does about as well after a prefix but
-  is clearly behind before a suffix."""
-  conditional = toys.fit("flm", "markov", 600, 1, condition="prefix,suffix")
-  clamped = toys.fit("flm", "markov", 600, 1)
-  rates = {kind: [toys.prompted_rate("flm", model, kind, 1, 512, 7)
-                  for model in (conditional, clamped)] for kind in ("prefix", "suffix")}
-  assert rates["prefix"][0] >= 0.7 and rates["suffix"][0] >= 0.8, rates
-  assert rates["suffix"][0] >= rates["suffix"][1] + 0.2, rates
+  written token an allowed successor (predecessor)? Uniform tokens score 2/16. In one
+  step (Euler for FLM, the flow map for its FMLM student), models trained and distilled
+  with given prefixes and suffixes follow both; the same models trained without,
+  conditioned by clamping only, do about as well after a prefix but are clearly behind
+  before a suffix."""
+  rates = {}
+  for name, condition in (("conditional", "prefix,suffix"), ("clamped", "")):
+    teacher = toys.fit("flm", "markov", 600, 1, condition=condition)
+    student = toys.fit("fmlm", "markov", 600, 1, teacher=teacher, condition=condition)
+    for family, model in (("flm", teacher), ("fmlm", student)):
+      for kind in ("prefix", "suffix"):
+        rates[name, family, kind] = toys.prompted_rate(family, model, kind, 1, 512, 7)
+  for family in ("flm", "fmlm"):
+    assert rates["conditional", family, "prefix"] >= 0.7, rates
+    assert rates["conditional", family, "suffix"] >= 0.8, rates
+    assert rates["conditional", family, "suffix"] >= rates["clamped", family, "suffix"] + 0.2, \
+        rates

@@ -248,6 +248,33 @@ def test_objectives_give_finite_losses_and_gradients(objective, noise):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", registry.DISTILLATION)
+def test_conditional_objectives_leave_given_positions_out(objective):
+  """With train.condition, the three objectives give finite losses whose gradients reach
+  the condition embedding."""
+  config = train_config()
+  config.train.update(condition="prefix", condition_dropout=0.0)
+  config.model.update(condition_embedding=True)
+  config.distill.objective = objective
+  teacher = dit.builder(config.model, V, 1)()
+  teacher_graphdef, teacher_params = nnx.split(randomize(teacher, 2))
+  config.model.two_time = True
+  student_graphdef, student_params = nnx.split(randomize(
+      dit.builder(config.model, V, 3)(), 4))
+  teacher_params, student_params = (nnx.to_pure_dict(p)
+                                    for p in (teacher_params, student_params))
+  fn = registry.OBJECTIVES[objective].build(config, V, teacher_graphdef)
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+
+  def loss(params):
+    return fn(nnx.merge(student_graphdef, params), {"tokens": tokens}, jax.random.key(1),
+              teacher_params)[0]
+  value, grads = jax.jit(jax.value_and_grad(loss))(student_params)
+  assert np.isfinite(value)
+  assert np.abs(np.asarray(grads["condition_embed"])).max() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", registry.DISTILLATION)
 def test_only_the_semigroup_objective_takes_boundary_rows(objective):
   """The Eulerian target divides by 1 - t; the Lagrangian one at t = 1 is the student's
   own one step read back by the denoiser. Their losses ignore boundary_fraction."""

@@ -118,7 +118,8 @@ def test_conditional_training_names_its_kinds_and_family():
   config.family = "mdlm"
   assert "family=mdlm takes no condition" in _refused(config, "train")
   config.family = "flm"
-  assert "the distillation draws no conditions" in _refused(config, "pipeline")
+  assert "the baselines, which take no condition" in _refused(config, "compare")
+  validate(config, "pipeline", lambda: 8)
 
 
 def test_step_counts():

@@ -182,6 +182,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.gamma = 0.0
   config.checkpoint = ""
 
+  config.generate = ml_collections.ConfigDict()
+  # --mode=generate: texts of config.checkpoint for prompts (flmjax/generate.py): one
+  # prompt, or a file of them, one per line ("-": standard input). A prompt is text with
+  # placeholders {{N}} (N tokens to write) and at most one {{}} (the rest of the sequence,
+  # what comes after it is a suffix). sample.steps network calls, in batches of
+  # batch_size (one compiled sampler).
+  config.generate.prompt = ""
+  config.generate.prompts_file = ""
+  config.generate.batch_size = 16
+
   config.eval = ml_collections.ConfigDict()
   # --mode=eval (of config.checkpoint) and the pipeline's last stage (the paper's
   # evaluation protocol): samples with seed `seed` at each step count, scored by an

@@ -15,7 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flmjax import aot, evaluate, sharding, state, train
+from flmjax import aot, evaluate, generate, sharding, state, train
 from flmjax.data import pipeline
 from flmjax.errors import Stopped, UsageError
 from flmjax.modes import MODES
@@ -89,7 +89,8 @@ def run_compare(config, workdir: str) -> None:
 
 
 RUNS = {"prepare": prepare, "train": train.train, "distill": train.distill,
-        "sample": evaluate.sample, "eval": evaluate.eval_mode, "score": evaluate.rescore,
+        "sample": evaluate.sample, "generate": generate.generate_mode,
+        "eval": evaluate.eval_mode, "score": evaluate.rescore,
         "pipeline": run_pipeline, "compare": run_compare, "compile": aot.compile_mode}
 assert set(RUNS) == set(MODES), "flmjax/modes.py lists the modes main runs"
 

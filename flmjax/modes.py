@@ -12,6 +12,9 @@ MODES = {
     "distill": "distills the FMLM student of --config.teacher_checkpoint, then exports its "
                "EMA weights to WORKDIR/export",
     "sample": "writes samples of --config.checkpoint to WORKDIR/samples/",
+    "generate": "writes texts of --config.checkpoint for the prompts of generate.prompt or "
+                "generate.prompts_file (given text, {{N}} tokens to write) as JSON lines to "
+                "standard output and WORKDIR/generations.jsonl",
     "eval": "samples --config.checkpoint at each of eval.steps and scores them (gen PPL, FD, "
             "entropy) beside the dataset row, in WORKDIR/eval/",
     "score": "scores the samples of WORKDIR/eval/results.json with eval.evaluator",

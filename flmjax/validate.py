@@ -37,7 +37,8 @@ POSITIVE = (
     "model.heads", "model.cond_width", "model.mlp_ratio", "train.steps",
     "train.learning_rate", "train.eps", "train.grad_accum", "train.log_every",
     "train.sample_steps", "train.num_samples", "train.keep_checkpoints", "distill.steps",
-    "distill.learning_rate", "sample.steps", "sample.num_samples", "eval.num_samples",
+    "distill.learning_rate", "sample.steps", "sample.num_samples", "generate.batch_size",
+    "eval.num_samples",
     "eval.batch_size", "sample.temperature")
 NON_NEGATIVE = (
     "data.max_documents", "model.output_chunk", "model.attn_softcap", "model.output_cap",
@@ -53,6 +54,7 @@ NEEDS = {  # mode: (field, what it must name)
                                       "--mode=train"),
     "sample": ("checkpoint", "a training or distillation workdir or an export"),
     "eval": ("checkpoint", "a training or distillation workdir or an export"),
+    "generate": ("checkpoint", "an FLM or FMLM training or distillation workdir or export"),
 }
 
 

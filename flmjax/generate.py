@@ -1,0 +1,186 @@
+"""Conditional generation: prompts in, texts out (`Generator`, `--mode=generate`).
+
+A prompt is a template: text, with placeholders `{{N}}` for N tokens to write and at most
+one `{{}}` for a gap as long as the sequence allows. It is laid out over the model's L
+positions as the training examples are (BOS at position 0, EOS last): the text before
+`{{}}` from position 1 on, the text after it at the end, just before the final EOS (a
+suffix). Without `{{}}` the positions after the template are written (a continuation).
+Text is given (flmjax/conditioning.py), placeholders are written. A prompt may also be a
+list of token ids: a prefix after BOS. So "The cat sat" continues a prompt, "{{}} and
+they lived happily ever after." writes what leads to an ending, "The {{3}} sat on the
+{{}} every day." fills two gaps.
+
+Each prompt's text segments are encoded separately, with the model's own tokenizer.
+Sampling is the model's: Euler steps for an FLM, the flow map for an FMLM student (one
+step by default), given positions clamped after every step. A model trained with
+`train.condition` has learned to read given positions; any other FLM or FMLM still
+follows them through clamping alone, less well at few steps (docs/conditioning.md).
+
+A Generator loads the weights once and compiles its sampler once per (batch size, L,
+steps): any number of prompts runs in batches of `batch_size`, the last one padded.
+The result of each prompt is {prompt, text, steps, seconds}: `text` is the decoded
+sequence, given and written tokens together, without BOS and EOS, a continuation cut at
+its first EOS; `seconds` is its batch's time over the batch size.
+"""
+
+import dataclasses
+import json
+import re
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flmjax import evaluate, outputs, registry
+from flmjax.errors import UsageError
+from flmjax.sampling import Condition
+
+PLACEHOLDER = re.compile(r"\{\{(\d*)\}\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A prompt over L positions: given [L] bool, tokens [L] (the given ones' values) and,
+  for a continuation, the first written position after the template (else None)."""
+  given: np.ndarray
+  tokens: np.ndarray
+  continuation: int | None
+
+
+def _parts(prompt: str) -> list:
+  """Text segments and gaps (an int, or None for `{{}}`) of a template."""
+  parts, start = [], 0
+  for match in PLACEHOLDER.finditer(prompt):
+    parts += [prompt[start:match.start()], int(match.group(1)) if match.group(1) else None]
+    start = match.end()
+  parts.append(prompt[start:])
+  stray = [p for p in parts if isinstance(p, str) and ("{{" in p or "}}" in p)]
+  if stray or parts.count(None) > 1 or any(p == 0 for p in parts if isinstance(p, int)):
+    raise UsageError(f"prompt {prompt!r}: a placeholder is {{{{N}}}} (N > 0 tokens to "
+                     "write) or {{}} (the rest of the sequence, at most once); other uses "
+                     "of {{ and }} are not a template.")
+  return [p for p in parts if p != ""]
+
+
+def layout(prompt: str | Sequence[int], tokenizer, seq_len: int) -> Layout:
+  """The Layout of one prompt (see the module docstring); a prompt that does not fit L
+  positions with at least one to write is a UsageError naming it."""
+  if isinstance(prompt, str):
+    parts = _parts(prompt)
+    texts = [p for p in parts if isinstance(p, str)]
+    encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
+    parts = [next(encoded) if isinstance(p, str) else p for p in parts]
+  else:
+    parts = [[int(i) for i in prompt]]
+  split = parts.index(None) if None in parts else len(parts)
+  head, tail = [[tokenizer.bos_id]] + parts[:split], parts[split + 1:] + [[tokenizer.eos_id]]
+  size = (sum(len(p) if isinstance(p, list) else p for p in head)
+          + (sum(len(p) if isinstance(p, list) else p for p in tail) if split < len(parts)
+             else 0))
+  if size >= seq_len:
+    raise UsageError(f"prompt {str(prompt)[:80]!r} takes {size} of the model's L = {seq_len} "
+                     "positions and leaves none to write; shorten it.")
+  given, tokens = np.zeros(seq_len, bool), np.zeros(seq_len, np.int32)
+
+  def place(items, position):
+    for item in items:
+      if isinstance(item, list):
+        given[position:position + len(item)] = True
+        tokens[position:position + len(item)] = item
+        position += len(item)
+      else:
+        position += item
+    return position
+
+  end = place(head, 0)
+  if split < len(parts):
+    place(tail, seq_len - sum(len(p) if isinstance(p, list) else p for p in tail))
+    return Layout(given, tokens, None)
+  return Layout(given, tokens, end)
+
+
+class Generator:
+  """The weights of a workdir or export, loaded once, writing texts for prompts."""
+
+  def __init__(self, checkpoint: str, config: ml_collections.ConfigDict, *,
+               steps: int | None = None, batch_size: int = 16):
+    """`config` supplies the mesh and the sample options (sample.steps when `steps` is
+    None, sample.gamma for a student's churn)."""
+    self.record, self.graphdef, self.params, self.tokenizer = evaluate.load(config,
+                                                                            checkpoint)
+    if self.record["kind"] not in ("flm", "fmlm"):
+      raise UsageError(f"{checkpoint} holds a {self.record['kind']} model; conditional "
+                       "generation takes an FLM or FMLM (family=flm, or its distilled "
+                       "student).")
+    registry.check_sample_options(self.record["kind"], config.sample, checkpoint)
+    self.steps, self.batch_size = steps or config.sample.steps, batch_size
+    self.seq_len = self.record["config"]["data"]["seq_len"]
+    _, self._sample = evaluate.sampler_for(config, self.record, self.tokenizer, self.steps,
+                                           batch_size)
+
+  def generate(self, prompts: Sequence[str | Sequence[int]], seed: int = 0) -> list[dict]:
+    """{prompt, text, steps, seconds} for each prompt (see the module docstring)."""
+    layouts = [layout(p, self.tokenizer, self.seq_len) for p in prompts]
+    results = []
+    for start in range(0, len(layouts), self.batch_size):
+      batch = layouts[start:start + self.batch_size]
+      padded = batch + [batch[-1]] * (self.batch_size - len(batch))
+      condition = Condition(jnp.asarray(np.stack([x.given for x in padded])),
+                            jnp.asarray(np.stack([x.tokens for x in padded])))
+      began = time.perf_counter()
+      tokens, _ = self._sample(self.graphdef, self.params,
+                               jax.random.fold_in(jax.random.key(seed), start), condition)
+      tokens = np.asarray(jax.device_get(tokens))
+      seconds = (time.perf_counter() - began) / self.batch_size
+      for i, item in enumerate(batch):
+        results.append({"prompt": prompts[start + i], "text": self._text(tokens[i], item),
+                        "steps": self.steps, "seconds": seconds})
+    return results
+
+  def _text(self, ids: np.ndarray, item: Layout) -> str:
+    """The decoded sequence without BOS and EOS, a continuation cut at its first EOS."""
+    ids = ids[1:]
+    if item.continuation is not None:
+      written = ids[item.continuation - 1:]
+      ends = np.flatnonzero(written == self.tokenizer.eos_id)
+      ids = ids[:item.continuation - 1 + (ends[0] if len(ends) else len(written))]
+    special = (self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
+    return self.tokenizer.decode([int(i) for i in ids if i not in special])
+
+
+def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
+  """generate.prompt (one), else the lines of generate.prompts_file ("-": standard
+  input), empty lines skipped."""
+  if config.generate.prompt:
+    return [config.generate.prompt]
+  source = config.generate.prompts_file
+  if not source:
+    raise UsageError("--mode=generate needs --config.generate.prompt=TEXT or "
+                     "--config.generate.prompts_file=FILE (one prompt per line; - reads "
+                     "standard input).")
+  try:
+    text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
+  except OSError as error:
+    raise UsageError(f"generate.prompts_file={source}: {error.strerror}.") from error
+  prompts = [line for line in text.splitlines() if line.strip()]
+  if not prompts:
+    raise UsageError(f"generate.prompts_file={source} holds no prompt.")
+  return prompts
+
+
+def generate_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """`--mode=generate`: the texts of the prompts, as JSON lines on standard output and in
+  WORKDIR/generations.jsonl."""
+  prompts = read_prompts(config)
+  path = outputs.create_workdir(workdir)
+  generator = Generator(config.checkpoint, config, batch_size=config.generate.batch_size)
+  results = generator.generate(prompts, seed=config.seed)
+  lines = "".join(json.dumps(r) + "\n" for r in results)
+  if jax.process_index() == 0:
+    outputs.write_text(path / "generations.jsonl", lines)
+    sys.stdout.write(lines)
+  return results

@@ -1,0 +1,113 @@
+"""Conditional generation: prompt templates laid over L positions, the Generator and
+--mode=generate."""
+
+import json
+
+import pytest
+
+from conftest import train_config
+from flmjax import generate, train
+from flmjax.errors import UsageError
+
+
+class Chars:
+  """Characters as ids (their code points), BOS 1, EOS 2, pad 0."""
+  bos_id, eos_id, pad_id = 1, 2, 0
+
+  def encode_batch(self, texts):
+    return [[ord(c) for c in text] for text in texts]
+
+  def decode(self, ids):
+    return "".join(chr(i) for i in ids)
+
+
+def _show(item):
+  """A layout as text: given characters, '_' written, '^' BOS, '$' EOS."""
+  marks = {1: "^", 2: "$"}
+  return "".join((marks.get(t, chr(t)) if g else "_")
+                 for g, t in zip(item.given, item.tokens))
+
+
+def test_templates_lay_prompts_out_like_training_examples():
+  chars = Chars()
+  continuation = generate.layout("ab", chars, 8)
+  assert _show(continuation) == "^ab_____" and continuation.continuation == 3
+  assert _show(generate.layout("{{}}xy", chars, 8)) == "^____xy$"
+  assert _show(generate.layout("a{{2}}b{{}}c{{1}}d", chars, 12)) == "^a__b___c_d$"
+  assert _show(generate.layout("a{{2}}b", chars, 8)) == "^a__b___"
+  assert _show(generate.layout([7, 8], chars, 5)).startswith("^") and \
+      list(generate.layout([7, 8], chars, 5).tokens[1:3]) == [7, 8]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("abcdefg", "takes 8 of the model's L = 8 positions"),
+    ("{{}}abcdef", "takes 8 of the model's L = 8"),
+    ("a{{x}}", "a placeholder is {{N}}"),
+    ("a{{}}b{{}}", "at most once"),
+    ("a{{0}}", "N > 0"),
+    ("a {{ b", "other uses of {{ and }}"),
+])
+def test_a_prompt_that_does_not_fit_or_parse_is_named(prompt, message):
+  with pytest.raises(UsageError, match=message.replace("{", r"\{").replace("}", r"\}")) as error:
+    generate.layout(prompt, Chars(), 8)
+  assert repr(prompt)[:20] in str(error.value)
+
+
+def _read_prompts(**fields):
+  config = train_config()
+  config.generate.update(fields)
+  return generate.read_prompts(config)
+
+
+def test_prompts_come_from_the_config_a_file_or_standard_input(tmp_path, monkeypatch):
+  assert _read_prompts(prompt="Once {{3}} a") == ["Once {{3}} a"]
+  (tmp_path / "p.txt").write_text("first\n\n{{}} last\n")
+  assert _read_prompts(prompts_file=str(tmp_path / "p.txt")) == ["first", "{{}} last"]
+  monkeypatch.setattr("sys.stdin", __import__("io").StringIO("from stdin\n"))
+  assert _read_prompts(prompts_file="-") == ["from stdin"]
+  with pytest.raises(UsageError, match="needs --config.generate.prompt=TEXT"):
+    _read_prompts()
+  with pytest.raises(UsageError, match="generate.prompts_file=.*missing.txt: No such file"):
+    _read_prompts(prompts_file=str(tmp_path / "missing.txt"))
+  (tmp_path / "empty.txt").write_text("\n")
+  with pytest.raises(UsageError, match="holds no prompt"):
+    _read_prompts(prompts_file=str(tmp_path / "empty.txt"))
+
+
+@pytest.mark.slow
+def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys):
+  """Five prompts in batches of two (the last padded): five results in order, each
+  keeping its given text; token ids as a prompt; a baseline model is refused."""
+  config = train_config(steps=2)
+  config.data.dir = str(tmp_path / "data")
+  config.train.condition = "prefix,suffix,infill"
+  config.model.condition_embedding = True
+  train.train(config, str(tmp_path / "teacher"))
+  prompts = ["the", "{{}} end.", "a {{2}} b", "x", "one two"]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  config.checkpoint = str(tmp_path / "teacher")
+  config.generate.update(prompts_file=str(tmp_path / "prompts.txt"), batch_size=2)
+  config.sample.steps = 2
+  capsys.readouterr()  # the training's progress lines
+  results = generate.generate_mode(config, str(tmp_path / "out"))
+  lines = [json.loads(x) for x in (tmp_path / "out" / "generations.jsonl").read_text()
+           .splitlines()]
+  assert lines == results and capsys.readouterr().out.count("\n") == 5
+  assert [r["prompt"] for r in results] == prompts
+  assert all(r["steps"] == 2 and r["seconds"] > 0 for r in results)
+  generator = generate.Generator(config.checkpoint, config, batch_size=2)
+  tokenizer = generator.tokenizer
+
+  def round_trip(text):
+    return tokenizer.decode(tokenizer.encode_batch([text])[0])
+  assert results[0]["text"].startswith(round_trip("the"))
+  assert results[1]["text"].endswith(round_trip(" end."))
+  assert results[4]["text"].startswith(round_trip("one two"))
+  from_ids = generator.generate([tokenizer.encode_batch(["x"])[0]])
+  assert from_ids[0]["text"].startswith(round_trip("x"))
+
+  config.update(family="mdlm", checkpoint=str(tmp_path / "mdlm"))
+  config.train.condition = ""
+  train.train(config, str(tmp_path / "mdlm"))
+  with pytest.raises(UsageError, match="holds a mdlm model; conditional generation takes"):
+    generate.Generator(config.checkpoint, config)

@@ -180,6 +180,10 @@ def get_config() -> ml_collections.ConfigDict:
   # evaluates LM1B with 0.8 and OWT with 1.0. Also used by the samples taken during
   # distillation.
   config.sample.gamma = 0.0
+  # Classifier-free guidance w of conditional generation (--mode=generate) with a model
+  # trained with train.condition: softmax((1 + w) conditional - w unconditional logits);
+  # 0 is plain conditional sampling.
+  config.sample.guidance = 0.0
   config.checkpoint = ""
 
   config.generate = ml_collections.ConfigDict()

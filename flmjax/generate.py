@@ -12,7 +12,9 @@ they lived happily ever after." writes what leads to an ending, "The {{3}} sat o
 
 Each prompt's text segments are encoded separately, with the model's own tokenizer.
 Sampling is the model's: Euler steps for an FLM, the flow map for an FMLM student (one
-step by default), given positions clamped after every step. A model trained with
+step by default), each evaluation reading the given positions as their tokens, with
+classifier-free guidance `sample.guidance` for a model trained with `train.condition`
+(flmjax/sampling.py). A model trained with
 `train.condition` has learned to read given positions; any other FLM or FMLM still
 follows them through clamping alone, less well at few steps (docs/conditioning.md).
 
@@ -117,6 +119,11 @@ class Generator:
                        "generation takes an FLM or FMLM (family=flm, or its distilled "
                        "student).")
     registry.check_sample_options(self.record["kind"], config.sample, checkpoint)
+    if config.sample.guidance and not self.record["config"].get("train", {}).get("condition"):
+      raise UsageError(f"sample.guidance={config.sample.guidance} combines the conditional "
+                       "and unconditional denoisers of a model trained with "
+                       f"train.condition; {checkpoint} was trained without it: set "
+                       "sample.guidance=0 (clamping alone).")
     self.steps, self.batch_size = steps or config.sample.steps, batch_size
     self.seq_len = self.record["config"]["data"]["seq_len"]
     _, self._sample = evaluate.sampler_for(config, self.record, self.tokenizer, self.steps,

@@ -126,6 +126,7 @@ def sampler(kind: str, config: ml_collections.ConfigDict, steps: int, num_sample
       gamma=config.sample.gamma if name == "flowmap" else 0.0,
       latent=config.noise == "latent",
       temperature=config.sample.temperature if found.discrete else 1.0,
-      top_p=config.sample.top_p if found.discrete else 1.0, mask_id=mask_id, bos_id=bos_id)
+      top_p=config.sample.top_p if found.discrete else 1.0, mask_id=mask_id, bos_id=bos_id,
+      guidance=0.0 if found.discrete else config.sample.guidance)
   label = name if kind == "ar" else f"{name}_{steps}"
   return label, found.samplers[name](steps, num_samples, seq_len, options)

@@ -94,18 +94,42 @@ def _given(condition: Condition | None):
   return None if condition is None else condition.given
 
 
-def _denoise(model, state, row, latent: bool, condition: Condition | None = None):
-  """The denoiser's probabilities [B, L, V] at the row's time(s)."""
-  return jax.nn.softmax(model(state if latent else model.embed(state),
-                              *_times_of(row, state.shape[0]), given=_given(condition)),
-                        axis=-1)
+def _logits(model, state, row, latent: bool, condition: Condition | None = None,
+            guidance: float = 0.0) -> tuple[jax.Array, jax.Array | None]:
+  """(logits [B, L, V], the unconditional logits or None) of the denoiser at the row's
+  time(s), the given positions of `condition` clamped to their tokens. With guidance
+  w > 0 (classifier-free guidance) the logits are (1 + w) times the conditional ones minus
+  w times the unconditional ones, whose input is `state` itself (the given positions as
+  the unconditional flow left them) without the condition embedding: their softmax is
+  p_c^(1 + w) p_u^(-w), renormalised, a probability vector for every w."""
+  times = _times_of(row, state.shape[0])
+
+  def run(s, given):
+    return model(s if latent else model.embed(s), *times, given=given)
+  conditional = run(_clamp(model, state, condition, latent), _given(condition))
+  if not guidance or condition is None:
+    return conditional, None
+  unconditional = run(state, None)
+  return (1 + guidance) * conditional - guidance * unconditional, unconditional
 
 
-def flow_step(model, state, row, key, latent: bool, factor, condition=None):
-  """z <- keep z + move D (+ noise eps when `key` is given), in latent or V-space form, the
-  given positions of `condition` then reset; `factor` is the noise factor C of
-  flow.embedded_noise (latent churn only)."""
-  probs = _denoise(model, state, row, latent, condition)
+def _denoise(model, state, row, latent: bool, condition: Condition | None = None,
+             guidance: float = 0.0):
+  """The denoiser's probabilities [B, L, V] at the row's time(s) (see _logits)."""
+  return jax.nn.softmax(_logits(model, state, row, latent, condition, guidance)[0], axis=-1)
+
+
+def flow_step(model, state, row, key, latent: bool, factor, condition=None,
+              guidance: float = 0.0):
+  """z <- keep z + move D (+ noise eps when `key` is given), in latent or V-space form;
+  `factor` is the noise factor C of flow.embedded_noise (latent churn only). Each
+  evaluation reads the given positions of `condition` as their tokens (_logits); the
+  state keeps at them the flow of the unconditional denoiser, the input of guidance's
+  unconditional evaluation (without guidance, nothing reads it)."""
+  logits, unconditional = _logits(model, state, row, latent, condition, guidance)
+  if unconditional is not None:
+    logits = jnp.where(condition.given[..., None], unconditional, logits)
+  probs = jax.nn.softmax(logits, axis=-1)
   target = flow.project(probs, model.vocab_embed[...]) if latent else probs
   state = row["keep"] * state + row["move"] * target
   if key is not None:
@@ -114,14 +138,14 @@ def flow_step(model, state, row, key, latent: bool, factor, condition=None):
     else:
       eps = jax.random.normal(key, state.shape, jnp.float32)
     state = state + row["noise"] * eps
-  return _clamp(model, state, condition, latent)
+  return state
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """A sampler: its name, its host grid (vocab_size, steps, gamma) -> arrays, its step
-  (model, state, row, key, latent, factor, condition) -> state, and whether it takes
-  churn."""
+  (model, state, row, key, latent, factor, condition, guidance) -> state, and whether it
+  takes churn."""
   name: str
   grid: Callable[..., dict]
   step: Callable = flow_step
@@ -133,10 +157,9 @@ FLOW_MAP = Rule("flowmap", flow_map_grid, churn=True)
 
 
 def _integrate(model, state, grid, rng, rule: Rule, latent: bool, churn: bool,
-               condition: Condition | None = None):
-  """The rule's steps over the grid from `state` (its given positions reset first): (the
-  last state, the last row's times)."""
-  state = _clamp(model, state, condition, latent)
+               condition: Condition | None = None, guidance: float = 0.0):
+  """The rule's steps over the grid from `state`: (the last state, the last row's
+  times)."""
   grid = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grid)
   embed = model.vocab_embed[...]
   factor = flow.noise_factor(embed) if churn and latent and embed.shape[0] > embed.shape[1] \
@@ -147,7 +170,7 @@ def _integrate(model, state, grid, rng, rule: Rule, latent: bool, churn: bool,
   def body(state, inputs):
     row, key = inputs
     return rule.step(model, state, row, key if churn else None, latent, factor,
-                     condition), None
+                     condition, guidance), None
 
   keys = jax.random.split(rng, len(grid["keep"]))
   state, _ = jax.lax.scan(body, state, (rows, keys))
@@ -161,36 +184,44 @@ def initial_state(model, rng, shape: tuple[int, int], latent: bool) -> jax.Array
   return jax.random.normal(rng, (*shape, model.vocab_size), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rule", "latent", "churn"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "rule", "latent", "churn",
+                                             "guidance"))
 def probabilities(graphdef, params, z, grid, rng, *, rule: Rule, latent: bool = True,
-                  churn: bool = False, condition: Condition | None = None) -> jax.Array:
+                  churn: bool = False, condition: Condition | None = None,
+                  guidance: float = 0.0) -> jax.Array:
   """The sampler's last probabilities [B, L, V] from a given V-space noise z [B, L, V]."""
   model = nnx.merge(graphdef, params)
   state, last = _integrate(model, model.embed(z) if latent else z, grid, rng, rule, latent,
-                           churn, condition)
-  return _denoise(model, state, last, latent, condition)
+                           churn, condition, guidance)
+  return _denoise(model, state, last, latent, condition, guidance)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rule", "batch_size", "seq_len",
-                                             "latent", "churn", "mesh"))
+                                             "latent", "churn", "mesh", "guidance"))
 def tokens(graphdef, params, rng, grid, *, rule: Rule, batch_size: int, seq_len: int,
            latent: bool = True, churn: bool = False, mesh=None,
-           condition: Condition | None = None) -> jax.Array:
+           condition: Condition | None = None, guidance: float = 0.0) -> jax.Array:
   """Tokens [batch_size, seq_len] int32 from fresh noise; with `mesh`, the samples are
-  split over its batch axes and the tokens replicated. With `condition`, its given
-  positions are clamped (reset after every step) and returned as given."""
+  split over its batch axes and the tokens replicated. With `condition`, every
+  evaluation reads its given positions as their tokens (clamping), which come back as
+  given; `guidance` > 0 adds classifier-free guidance (_logits)."""
   model = nnx.merge(graphdef, params)
   # A rule that takes churn draws it from a second key; the Euler noise is rng's own.
   rng_init, rng_steps = jax.random.split(rng) if rule.churn else (rng, rng)
   state = initial_state(model, rng_init, (batch_size, seq_len), latent)
   with sharding.tracing_under(mesh):
-    state, last = _integrate(model, state, grid, rng_steps, rule, latent, churn, condition)
+    state, last = _integrate(model, state, grid, rng_steps, rule, latent, churn, condition,
+                             guidance)
     # The argmax of the probabilities is that of the logits (the cap and the softmax are
     # increasing).
-    features = model.features(state if latent else model.embed(state),
-                              *_times_of(last, batch_size), given=_given(condition))
-    result = flow.head_argmax(features, model.output.kernel[...], model.output.bias[...],
-                              model.output.dtype, ARGMAX_CHUNK)
+    if guidance and condition is not None:
+      result = jnp.argmax(_logits(model, state, last, latent, condition, guidance)[0], -1)
+    else:
+      clamped = _clamp(model, state, condition, latent)
+      features = model.features(clamped if latent else model.embed(clamped),
+                                *_times_of(last, batch_size), given=_given(condition))
+      result = flow.head_argmax(features, model.output.kernel[...], model.output.bias[...],
+                                model.output.dtype, ARGMAX_CHUNK)
     if condition is not None:
       result = jnp.where(condition.given, condition.tokens, result)
   if mesh is None:
@@ -225,6 +256,7 @@ class Options:
   top_p: float = 1.0  # discrete baselines only
   mask_id: int = -1  # absorbing baselines: the mask token
   bos_id: int = 0  # autoregressive baseline: the first token
+  guidance: float = 0.0  # classifier-free guidance of conditional sampling (FLM, FMLM)
 
 
 def params_mesh(params):
@@ -245,6 +277,6 @@ def sampler(rule: Rule) -> Callable:
       return tokens(graphdef, params, rng, grid, rule=rule, batch_size=num_samples,
                     seq_len=seq_len, latent=options.latent,
                     churn=bool(np.any(grid["noise"] > 0)), mesh=params_mesh(params),
-                    condition=condition), steps
+                    condition=condition, guidance=options.guidance), steps
     return sample
   return make

@@ -44,7 +44,7 @@ NON_NEGATIVE = (
     "data.max_documents", "model.output_chunk", "model.attn_softcap", "model.output_cap",
     "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.eval_every",
     "train.eval_batches", "train.sample_every", "train.checkpoint_every", "train.keep_period",
-    "distill.batch_size", "eval.valid_batches")
+    "distill.batch_size", "eval.valid_batches", "sample.guidance")
 BELOW_ONE = (  # in [0, 1)
     "data.valid_fraction", "model.dropout", "train.b1", "train.b2", "train.ema_decay",
     "distill.b2", "distill.boundary_fraction")
@@ -190,6 +190,10 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   if mode == "compare" and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode=compare trains every family itself; "
                      "leave family at flm.")
+  if config.sample.guidance and mode != "generate":
+    raise UsageError(f"sample.guidance={config.sample.guidance} guides conditional "
+                     "generation (--mode=generate); unconditional sampling has nothing to "
+                     "guide: set sample.guidance=0.")
   if mode == "train" and config.model.two_time:
     raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
                      "one-time FLM teacher.")

@@ -145,3 +145,31 @@ def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one
     assert rates["conditional", family, "suffix"] >= 0.8, rates
     assert rates["conditional", family, "suffix"] >= rates["clamped", family, "suffix"] + 0.1, \
         rates
+
+
+def test_guidance_is_the_normalised_product_of_conditional_and_unconditional():
+  """softmax of the guided logits is p_c^(1 + w) p_u^(-w) renormalised, p_c read with the
+  given positions clamped and embedded, p_u from the state as it is; with nothing given
+  guidance changes no sample."""
+  model, w = _model(), 1.5
+  h = jax.random.normal(jax.random.key(0), (2, L, D))
+  given = jnp.arange(L)[None].repeat(2, 0) < 4
+  prompt = jnp.full((2, L), 5)
+  tau = jnp.full((2,), 0.3)
+  logits, unconditional = sampling._logits(model, h, {"tau": jnp.float32(0.3)}, True,
+                                           sampling.Condition(given, prompt), w)
+  clamped = jnp.where(given[..., None], model.embed_ids(prompt), h)
+  p_c = np.asarray(jax.nn.softmax(model(clamped, tau, given=given)), np.float64)
+  p_u = np.asarray(jax.nn.softmax(model(h, tau)), np.float64)
+  product = p_c ** (1 + w) * p_u ** (-w)
+  np.testing.assert_allclose(jax.nn.softmax(logits), product / product.sum(-1, keepdims=True),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(unconditional, model(h, tau), rtol=1e-5, atol=1e-5)
+
+  graphdef, params = nnx.split(model)
+  grid = sampling.EULER.grid(V, 3)
+  none = sampling.Condition(jnp.zeros((4, L), bool), jnp.zeros((4, L), jnp.int32))
+  guided, plain = (np.asarray(sampling.tokens(
+      graphdef, params, jax.random.key(2), grid, rule=sampling.EULER, batch_size=4,
+      seq_len=L, condition=none, guidance=g)) for g in (w, 0.0))
+  np.testing.assert_array_equal(guided, plain)

@@ -77,7 +77,8 @@ def test_prompts_come_from_the_config_a_file_or_standard_input(tmp_path, monkeyp
 @pytest.mark.slow
 def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys):
   """Five prompts in batches of two (the last padded): five results in order, each
-  keeping its given text; token ids as a prompt; a baseline model is refused."""
+  keeping its given text; token ids as a prompt; guidance; guidance for a model trained
+  without conditions and a baseline model are refused."""
   config = train_config(steps=2)
   config.data.dir = str(tmp_path / "data")
   config.train.condition = "prefix,suffix,infill"
@@ -106,8 +107,16 @@ def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys):
   from_ids = generator.generate([tokenizer.encode_batch(["x"])[0]])
   assert from_ids[0]["text"].startswith(round_trip("x"))
 
-  config.update(family="mdlm", checkpoint=str(tmp_path / "mdlm"))
+  config.sample.guidance = 2.0
+  guided = generate.Generator(config.checkpoint, config, batch_size=2).generate(["x {{}} y"])
+  assert guided[0]["text"].startswith(round_trip("x"))
+
   config.train.condition = ""
+  train.train(config, str(tmp_path / "unconditional"))
+  with pytest.raises(UsageError, match="unconditional.*was trained without it"):
+    generate.Generator(str(tmp_path / "unconditional"), config)
+  config.update(family="mdlm", checkpoint=str(tmp_path / "mdlm"))
+  config.sample.guidance = 0.0
   train.train(config, str(tmp_path / "mdlm"))
   with pytest.raises(UsageError, match="holds a mdlm model; conditional generation takes"):
     generate.Generator(config.checkpoint, config)

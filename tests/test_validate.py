@@ -120,6 +120,10 @@ def test_conditional_training_names_its_kinds_and_family():
   config.family = "flm"
   assert "the baselines, which take no condition" in _refused(config, "compare")
   validate(config, "pipeline", lambda: 8)
+  config.sample.guidance = 1.0
+  assert "sample.guidance=1.0 guides conditional generation" in _refused(config, "sample")
+  config.checkpoint = "weights"
+  validate(config, "generate", lambda: 8)
 
 
 def test_step_counts():

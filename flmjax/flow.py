@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from flmjax.sharding import BATCH_AXES, data_parallel_size
+from flmjax.sharding import row_shards
 
 HIGHEST = jax.lax.Precision.HIGHEST
 VELOCITY_EPS = 1e-5  # the reference's guard on 1 - t in the velocity
@@ -201,22 +201,12 @@ def _head_logits(features, kernel, bias, dtype):
   return logits + bias.astype(dtype).astype(jnp.float32)
 
 
-def _local_rows(batch: int) -> int:
-  """The rows of a batch on each device: split over the batch axes of the mesh the caller
-  traces under (sharding.tracing_under), all of them without one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return batch
-  parallel = data_parallel_size(mesh)
-  return batch // parallel if batch % parallel == 0 else batch
-
-
 def _chunks(chunk: int, features, *per_token):
-  """features [B, L, D] and arrays [B, L] -> [L / r, B, r, (D)]: chunks of r positions of
+  """features [B, L, D] and arrays [B, L, ...] -> [L / r, B, r, ...]: chunks of r positions of
   every row, r the largest divisor of L with (rows per device) x r <= chunk (at least 1).
   The chunks split the positions, not the rows, so each device keeps its rows."""
   batch, length = features.shape[:2]
-  rows = _local_rows(batch)
+  rows = batch // row_shards(batch)
   r = max(r for r in range(1, length + 1) if length % r == 0 and (rows * r <= chunk or r == 1))
 
   def split(a):

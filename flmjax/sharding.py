@@ -78,6 +78,17 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def row_shards(batch: int) -> int:
+  """The parts that the rows of a batch of `batch` are split into on the mesh the caller
+  traces under (tracing_under): its data-parallel size where that divides the batch, else
+  1, as without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return 1
+  parallel = data_parallel_size(mesh)
+  return parallel if batch % parallel == 0 else 1
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -31,7 +31,7 @@ import ml_collections
 
 from flmjax import flow
 from flmjax.models import flash
-from flmjax.sharding import BATCH_AXES, data_parallel_size
+from flmjax.sharding import BATCH_AXES, row_shards
 
 FREQ_DIM = 256  # sinusoidal time features
 LN_EPS = 1e-5
@@ -125,8 +125,11 @@ def _splash_kernel(heads: int, seq_len: int, causal: bool, softcap: float, inter
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block,
                             block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                attn_logits_soft_cap=softcap or None, interpret=interpret)
+  # Built with concrete arrays even when first asked for inside a trace, since it is
+  # cached: a traced array kept in the cache would leak into the next trace.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  attn_logits_soft_cap=softcap or None, interpret=interpret)
 
 
 def _per_device(kernel, q, k, v):
@@ -135,7 +138,7 @@ def _per_device(kernel, q, k, v):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(q, k, v)
-  rows = BATCH_AXES if q.shape[0] % data_parallel_size(mesh) == 0 else None
+  rows = BATCH_AXES if row_shards(q.shape[0]) > 1 else None
   tensor = "tensor" if q.shape[2] % mesh.shape["tensor"] == 0 else None
   spec = jax.sharding.PartitionSpec(rows, None, tensor, None)
   return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
@@ -195,10 +198,7 @@ def split_batch(x):
   """x [B, ...] constrained to rows over the mesh's batch axes when the caller traces under
   a mesh (sharding.tracing_under, as the train step and the samplers do): with fsdp, XLA
   then gathers the sharded weights rather than the activations."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  if x.shape[0] % data_parallel_size(mesh):
+  if row_shards(x.shape[0]) == 1:
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 

@@ -183,9 +183,9 @@ def generate_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   """`--mode=generate`: the texts of the prompts, as JSON lines on standard output and in
   WORKDIR/generations.jsonl."""
   prompts = read_prompts(config)
-  path = outputs.create_workdir(workdir)
   generator = Generator(config.checkpoint, config, batch_size=config.generate.batch_size)
   results = generator.generate(prompts, seed=config.seed)
+  path = outputs.create_workdir(workdir)
   lines = "".join(json.dumps(r) + "\n" for r in results)
   if jax.process_index() == 0:
     outputs.write_text(path / "generations.jsonl", lines)

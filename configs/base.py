@@ -201,6 +201,11 @@ def get_config() -> ml_collections.ConfigDict:
   # evaluation protocol): samples with seed `seed` at each step count, scored by an
   # evaluator LM.
   config.eval.steps = "1,8,64"  # step counts, comma separated
+  # Prompted evaluation (FLM and FMLM): each of the eval.num_samples held-out examples
+  # gives its first half, the model writes the second; gen PPL is then the evaluator's
+  # perplexity of the continuation given the prefix, FD against the second halves of the
+  # reference examples, entropy over the written halves.
+  config.eval.prompted = False
   config.eval.num_samples = 64
   # Held-out examples (after the dataset row's) that FD compares the samples with.
   config.eval.reference_samples = 256

@@ -20,16 +20,25 @@ varied as it, as FID is for images. Its estimate depends on the sample count, so
 FD only between rows of one run (same `eval.num_samples` and reference); the "dataset"
 row, held-out real examples judged the same way, gives its level for real text.
 
+With `eval.prompted` (FLM and FMLM), each of the dataset row's held-out examples gives its
+first half (L/2 positions, BOS included) and the model writes the second, by clamping
+(flmjax/conditioning.py): gen PPL becomes the evaluator's perplexity of each continuation
+given its prefix (only the continuation's tokens scored), FD compares the continuations,
+read alone, with the second halves of the reference examples, and the dataset row holds
+the examples' own second halves.
+
 With `eval.evaluator=none` the samples are written unjudged; `--mode=score` judges them
 later, on a machine that has the evaluator's weights.
 """
 
 import copy
+import functools
 import json
 import time
 
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -39,7 +48,7 @@ from flmjax.data.tokenizers import load_tokenizer
 from flmjax.errors import UsageError
 from flmjax.evaluators import load_evaluator
 from flmjax.models import dit
-from flmjax.sampling import params_mesh
+from flmjax.sampling import Condition, params_mesh
 from flmjax.validate import step_counts
 
 
@@ -120,6 +129,48 @@ def judge(evaluator, texts: list[str], reference: np.ndarray, seq_len: int,
   return {**result, "fd": metrics.frechet_distance(features, reference)}
 
 
+def _prompted_ids(evaluator, prefixes: list[str], continuations: list[str],
+                  seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids [N, L], lengths [N], starts [N]): each prefix then its continuation in evaluator
+  tokens, the prefix cut from the left when both do not fit L, padded with EOS; `starts`
+  is where each continuation begins."""
+  ids = np.full((len(prefixes), seq_len), evaluator.eos_id, np.int32)
+  lengths, starts = np.zeros(len(prefixes), np.int32), np.zeros(len(prefixes), np.int32)
+  for i, (prefix, continuation) in enumerate(zip(evaluator.encode(prefixes),
+                                                  evaluator.encode(continuations))):
+    prefix = prefix[max(0, len(prefix) + len(continuation) - seq_len):]
+    row = (prefix + continuation)[:seq_len]
+    ids[i, :len(row)], lengths[i], starts[i] = row, len(row), len(prefix)
+  return ids, lengths, starts
+
+
+def judge_continuations(evaluator, prefixes: list[str], texts: list[str],
+                        reference: np.ndarray, seq_len: int, batch_size: int) -> dict:
+  """gen PPL of each continuation given its prefix (only the continuation's tokens, and
+  its first EOS, scored), with its token count, and the FD of the continuations read
+  alone against the reference features."""
+  ids, lengths, starts = _prompted_ids(evaluator, prefixes, texts, seq_len)
+  logprobs = np.concatenate([
+      evaluator.logprobs_and_features(ids[i:i + batch_size], lengths[i:i + batch_size])[0]
+      for i in range(0, len(texts), batch_size)])
+  targets = np.arange(1, seq_len)[None] >= starts[:, None]  # target j is ids[:, j]
+  mask = metrics.scored_targets(ids, evaluator.eos_id) & targets
+  features = read_texts(evaluator, texts, seq_len, batch_size)[1]
+  return {"gen_ppl": metrics.generative_perplexity(logprobs, mask), "tokens": int(mask.sum()),
+          "fd": metrics.frechet_distance(features, reference)}
+
+
+def halves(tokenizer, tokens: np.ndarray) -> tuple[list[str], list[str]]:
+  """(prefix texts, continuation texts) of examples [N, L]: positions 1 to L/2 - 1 after
+  BOS, and L/2 on, cut at the first EOS there."""
+  half = tokens.shape[1] // 2
+  continuations = []
+  for row in tokens[:, half:]:
+    ends = np.flatnonzero(row == tokenizer.eos_id)
+    continuations.append(row[:ends[0]] if len(ends) else row)
+  return tokenizer.decode_batch(tokens[:, 1:half]), tokenizer.decode_batch(continuations)
+
+
 def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, int, float]:
   """Tokens, network calls per sample and seconds per sample of a compiled (warmed-up)
   sampler."""
@@ -149,18 +200,28 @@ def validation_nll(config, record: dict, graphdef, params, prepared) -> dict:
 
 
 def _sample_rows(config, label: str, directory: str, steps: list[int], judged,
-                 prepared) -> list[dict]:
+                 prepared, prompts: np.ndarray | None = None) -> list[dict]:
   """A row per step count of the weights in `directory`: samples, entropy, network calls
   and seconds per sample, the validation NLL where the family defines one and what
-  `judged(texts)` gives."""
+  `judged(texts)` gives. With `prompts` (examples [N, L]) the samples are continuations:
+  the model writes the second half of each, given the first (entropy over the written
+  half)."""
   record, graphdef, params, tokenizer = load(config, directory)
   likelihood = validation_nll(config, record, graphdef, params, prepared)
   rows = []
   for n in steps:
     name, sampler = sampler_for(config, record, tokenizer, n, config.eval.num_samples)
+    if prompts is not None:
+      given = np.arange(prompts.shape[1]) < prompts.shape[1] // 2
+      sampler = functools.partial(sampler, condition=Condition(
+          jnp.asarray(np.broadcast_to(given, prompts.shape)), jnp.asarray(prompts)))
     tokens, calls, seconds = _timed_samples(sampler, graphdef, params,
                                             jax.random.PRNGKey(config.seed))
-    texts = tokenizer.decode_batch(tokens)
+    if prompts is not None:
+      texts = halves(tokenizer, tokens)[1]
+      tokens = tokens[:, prompts.shape[1] // 2:]
+    else:
+      texts = tokenizer.decode_batch(tokens)
     if record["kind"] == "ar":  # its sample does not depend on a step count: L - 1 tokens
       n = record["config"]["data"]["seq_len"] - 1
     row = {"model": label, "kind": record["kind"], "sampler": name, "steps": n,
@@ -185,8 +246,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   path = outputs.create_workdir(workdir) / "eval"
   # The dataset row's data first, so that a config that cannot give them fails before any
   # sampling.
-  prepared, dataset, dataset_texts, reference = _dataset_texts(config, workdir, {
-      directory: checkpoint.read_record(directory) for directory, _ in models.values()})
+  records = {directory: checkpoint.read_record(directory) for directory, _ in models.values()}
+  if cfg.prompted:
+    for directory, record in records.items():
+      if record["kind"] not in ("flm", "fmlm"):
+        raise UsageError(f"eval.prompted: {directory} holds a {record['kind']} model, which "
+                         "takes no prompt; evaluate FLM and FMLM weights, or set "
+                         "eval.prompted=False.")
+  prepared, dataset, dataset_texts, reference, reference_tokens = _dataset_texts(
+      config, workdir, records)
+  prompts, prefixes = None, None
+  if cfg.prompted:  # continuations of the dataset row's examples; the reference's halves
+    prompts = dataset
+    prefixes, dataset_texts = halves(prepared.tokenizer, dataset)
+    dataset = dataset[:, dataset.shape[1] // 2:]
+    reference = halves(prepared.tokenizer, reference_tokens)[1]
   evaluator = None
   if cfg.evaluator != "none":
     evaluator = load_evaluator(cfg.evaluator, cfg.evaluator_path)
@@ -196,23 +270,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   def judged(texts: list[str]) -> dict:
     if evaluator is None:
       return {}
+    if prefixes is not None:
+      return judge_continuations(evaluator, prefixes, texts, reference_features,
+                                 config.data.seq_len, cfg.batch_size)
     return judge(evaluator, texts, reference_features, config.data.seq_len, cfg.batch_size)
 
   rows = []
   for label, (directory, steps) in models.items():
-    rows += _sample_rows(config, label, directory, steps, judged, prepared)
+    rows += _sample_rows(config, label, directory, steps, judged, prepared, prompts)
   rows.append({"model": "dataset", "kind": "data", "sampler": "validation split", "steps": 0,
                "entropy": metrics.unigram_entropy(dataset), "samples": dataset_texts,
                **judged(dataset_texts)})
-  _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len, reference)
+  _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len, reference,
+         prefixes)
   return rows
 
 
 def _dataset_texts(config, workdir, records: dict[str, dict]):
-  """(the prepared data, tokens [N, L] and texts of the dataset row, texts of the FD
-  reference): the first eval.num_samples held-out examples of the validation split, then
-  eval.reference_samples more; prepared with this config, which must have the evaluated
-  models' L and tokenizer."""
+  """(the prepared data, tokens [N, L] and texts of the dataset row, texts and tokens of the
+  FD reference): the first eval.num_samples held-out examples of the validation split,
+  then eval.reference_samples more; prepared with this config, which must have the
+  evaluated models' L and tokenizer."""
   for directory, record in records.items():
     if record["config"]["data"]["seq_len"] != config.data.seq_len:
       raise UsageError(f"the weights in {directory} have L = "
@@ -234,19 +312,24 @@ def _dataset_texts(config, workdir, records: dict[str, dict]):
       raise UsageError(f"the data of this config were tokenized with another tokenizer than "
                        f"the weights in {directory}; use the model's data and tokenizer "
                        "settings.")
-  texts = prepared.tokenizer.decode_batch(np.concatenate(tokens))
-  dataset = np.concatenate(tokens[:config.eval.num_samples])
-  return prepared, dataset, texts[:len(dataset)], texts[len(dataset):]
+  tokens = np.concatenate(tokens)
+  texts = prepared.tokenizer.decode_batch(tokens)
+  dataset = tokens[:config.eval.num_samples]
+  return (prepared, dataset, texts[:len(dataset)], texts[len(dataset):],
+          tokens[len(dataset):])
 
 
 def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int,
-           reference: list[str]) -> None:
+           reference: list[str], prefixes: list[str] | None = None) -> None:
   if jax.process_index():
     return
   path.mkdir(parents=True, exist_ok=True)
-  outputs.write_json(path / "results.json", {"evaluator": evaluator, "seq_len": seq_len,
-                                             "rows": rows, "reference": reference})
-  lines = [f"| model | sampler | steps | calls | gen PPL ({evaluator}) | FD | entropy | "
+  saved = {"evaluator": evaluator, "seq_len": seq_len, "rows": rows, "reference": reference}
+  if prefixes is not None:  # prompted: the samples continue these
+    saved["prefixes"] = prefixes
+  outputs.write_json(path / "results.json", saved)
+  ppl = "continuation PPL" if prefixes is not None else "gen PPL"
+  lines = [f"| model | sampler | steps | calls | {ppl} ({evaluator}) | FD | entropy | "
            "s/sample | valid PPL |", "|---|---|---|---|---|---|---|---|---|"]
 
   def cell(row, key, form):
@@ -323,9 +406,12 @@ def rescore(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   evaluator = load_evaluator(config.eval.evaluator, config.eval.evaluator_path)
   seq_len, batch_size = saved["seq_len"], config.eval.batch_size
   reference = read_texts(evaluator, saved["reference"], seq_len, batch_size)[1]
+  prefixes = saved.get("prefixes")
   for row in saved["rows"]:
-    row.update(judge(evaluator, row["samples"], reference, seq_len, batch_size))
+    row.update(judge(evaluator, row["samples"], reference, seq_len, batch_size)
+               if prefixes is None else judge_continuations(
+                   evaluator, prefixes, row["samples"], reference, seq_len, batch_size))
     outputs.say(f"score {row['model']} {row['sampler']}: gen_ppl {row['gen_ppl']:.4g}, "
                 f"fd {row['fd']:.4g}")
-  _write(path, saved["rows"], evaluator.name, seq_len, saved["reference"])
+  _write(path, saved["rows"], evaluator.name, seq_len, saved["reference"], prefixes)
   return saved["rows"]

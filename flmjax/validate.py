@@ -114,7 +114,8 @@ def _model(model: ml_collections.ConfigDict) -> None:
 
 
 def _condition(config: ml_collections.ConfigDict, mode: str) -> None:
-  """train.condition: known kinds, for the FLM teacher."""
+  """train.condition: known kinds, for the FLM teacher; eval.prompted: not with the
+  baselines of --mode=compare."""
   kinds = conditioning.parse_kinds(config.train.condition)
   unknown = [k for k in kinds if k not in conditioning.KINDS]
   if unknown:
@@ -124,12 +125,13 @@ def _condition(config: ml_collections.ConfigDict, mode: str) -> None:
   if not 0 <= config.train.condition_dropout <= 1:
     raise UsageError(f"train.condition_dropout={config.train.condition_dropout} must be a "
                      "probability in [0, 1].")
-  if not kinds:
-    return
-  if config.family != "flm":
+  if kinds and config.family != "flm":
     raise UsageError(f"train.condition={config.train.condition!r} trains a conditional FLM; "
                      f"family={config.family} takes no condition: set train.condition=\"\".")
-  if mode == "compare":
+  if mode == "compare" and config.eval.prompted:
+    raise UsageError("eval.prompted: --mode=compare also evaluates the baselines, which take "
+                     "no prompt; set eval.prompted=False.")
+  if mode == "compare" and kinds:
     raise UsageError(f"train.condition={config.train.condition!r}: --mode=compare also "
                      "trains the baselines, which take no condition; set "
                      "train.condition=\"\".")

@@ -132,6 +132,59 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_p
     evaluate.evaluate(config, later, models)
 
 
+def test_continuation_perplexity_scores_only_the_continuation():
+  """Each prefix then its continuation in evaluator tokens, the prefix cut from the left
+  when both do not fit; only the continuation's tokens (and its first EOS) are scored."""
+  toy = CharEvaluator()
+  ids, lengths, starts = evaluate._prompted_ids(toy, ["ab", "vwxyz", ""], ["cd", "q", "k"], 5)
+  np.testing.assert_array_equal(ids, [[1, 2, 3, 4, 0], [23, 24, 25, 26, 17], [11, 0, 0, 0, 0]])
+  assert list(lengths) == [4, 5, 1] and list(starts) == [2, 4, 0]
+  reference = np.eye(27)[[1, 2, 3, 5]]
+  result = evaluate.judge_continuations(toy, ["ab", "vwxyz", ""], ["cd", "q", "k"], reference,
+                                        seq_len=5, batch_size=2)
+  # "ab|cd": c, d and the first EOS; "wxyz|q" (v cut): q; "|k": k is position 0, no
+  # context, so only its EOS.
+  scored = [3, 4, 0, 17, 0]
+  np.testing.assert_allclose(result["gen_ppl"], np.exp(-np.mean([toy.logp[i] for i in scored])),
+                             rtol=1e-12)
+  assert result["tokens"] == 5 and result["fd"] > 0
+
+
+def test_halves_are_the_prefix_after_bos_and_the_continuation_up_to_eos():
+  class Ids:
+    eos_id = 2
+
+    def decode_batch(self, rows):
+      return [" ".join(str(i) for i in row) for row in rows]
+  tokens = np.array([[1, 5, 6, 7, 8, 9, 2, 0], [1, 5, 6, 7, 2, 0, 0, 0]])
+  assert evaluate.halves(Ids(), tokens) == (["5 6 7", "5 6 7"], ["8 9", ""])
+
+
+@pytest.mark.slow
+def test_prompted_evaluation_writes_continuations_and_rescores_the_same(tmp_path,
+                                                                        monkeypatch):
+  monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
+  config = train_config(steps=2)
+  config.data.dir = str(tmp_path / "data")
+  train.train(config, str(tmp_path / "teacher"))
+  config.eval.update(num_samples=4, reference_samples=6, prompted=True)
+  models = {"FLM": (str(tmp_path / "teacher"), [1, 2])}
+  rows = evaluate.evaluate(config, str(tmp_path), models)
+  saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert len(saved["prefixes"]) == 4 and len(saved["reference"]) == 6
+  assert [r["model"] for r in rows] == ["FLM", "FLM", "dataset"]
+  assert all(len(r["samples"]) == 4 and r["gen_ppl"] > 1 for r in rows)
+  assert "continuation PPL (toy)" in (tmp_path / "eval" / "results.md").read_text()
+
+  def scores(rows):
+    return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
+  assert scores(evaluate.rescore(config, str(tmp_path))) == scores(saved["rows"])
+  config.family = "mdlm"
+  train.train(config, str(tmp_path / "mdlm"))
+  with pytest.raises(UsageError, match="eval.prompted: .* holds a mdlm model"):
+    evaluate.evaluate(config, str(tmp_path), {"MDLM": (str(tmp_path / "mdlm"), [1])})
+
+
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end(tmp_path):
   small = ["--config.data.max_documents=300", "--config.tokenizer.vocab_size=512",

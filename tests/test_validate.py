@@ -119,6 +119,11 @@ def test_conditional_training_names_its_kinds_and_family():
   assert "family=mdlm takes no condition" in _refused(config, "train")
   config.family = "flm"
   assert "the baselines, which take no condition" in _refused(config, "compare")
+  config.train.condition = ""
+  config.eval.prompted = True
+  assert "eval.prompted: --mode=compare also evaluates the baselines" in _refused(config,
+                                                                                 "compare")
+  config.train.condition, config.eval.prompted = "prefix", False
   validate(config, "pipeline", lambda: 8)
   config.sample.guidance = 1.0
   assert "sample.guidance=1.0 guides conditional generation" in _refused(config, "sample")

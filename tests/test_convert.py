@@ -139,7 +139,7 @@ def test_imported_weights_give_the_reference_logits(two_time):
   assert found == vocab
   assert fields == {"width": width, "depth": depth, "heads": heads, "cond_width": 32,
                     "mlp_ratio": 4, "two_time": two_time, "learned_loss_weight": False,
-                    "causal": False}
+                    "condition_embedding": False, "causal": False}
   model_cfg.update(fields)
   convert.check_tensors(tensors, vocab, model_cfg)
   model = dit.builder(model_cfg, vocab)()
@@ -182,6 +182,12 @@ def test_imported_baseline_weights_give_the_reference_logits(family):
                                                                               jnp.float32))
   assert np.abs(expected).max() > 1  # the weights drive the logits away from 0
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("field", ["learned_loss_weight", "condition_embedding"])
+def test_export_refuses_parameters_the_reference_has_no_place_for(field):
+  with pytest.raises(UsageError, match=f"model.{field}=True has no counterpart"):
+    convert.to_reference({}, _model_config(**{field: True}))
 
 
 def test_import_family_must_fit_the_tensors():

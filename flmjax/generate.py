@@ -81,12 +81,15 @@ def layout(prompt: str | Sequence[int], tokenizer, seq_len: int) -> Layout:
     parts = [[int(i) for i in prompt]]
   split = parts.index(None) if None in parts else len(parts)
   head, tail = [[tokenizer.bos_id]] + parts[:split], parts[split + 1:] + [[tokenizer.eos_id]]
-  size = (sum(len(p) if isinstance(p, list) else p for p in head)
-          + (sum(len(p) if isinstance(p, list) else p for p in tail) if split < len(parts)
-             else 0))
-  if size >= seq_len:
-    raise UsageError(f"prompt {str(prompt)[:80]!r} takes {size} of the model's L = {seq_len} "
-                     "positions and leaves none to write; shorten it.")
+
+  def size(items):
+    return sum(len(p) if isinstance(p, list) else p for p in items)
+  gap = split < len(parts)  # a {{}}: one position at least, before the tail
+  taken = size(head) + (size(tail) + 1 if gap else 0)
+  writes = gap or any(isinstance(p, int) for p in head) or taken < seq_len
+  if taken > seq_len or not writes:
+    raise UsageError(f"prompt {str(prompt)[:80]!r} takes {taken} of the model's L = "
+                     f"{seq_len} positions and leaves none to write; shorten it.")
   given, tokens = np.zeros(seq_len, bool), np.zeros(seq_len, np.int32)
 
   def place(items, position):
@@ -100,8 +103,8 @@ def layout(prompt: str | Sequence[int], tokenizer, seq_len: int) -> Layout:
     return position
 
   end = place(head, 0)
-  if split < len(parts):
-    place(tail, seq_len - sum(len(p) if isinstance(p, list) else p for p in tail))
+  if gap:
+    place(tail, seq_len - size(tail))
     return Layout(given, tokens, None)
   return Layout(given, tokens, end)
 

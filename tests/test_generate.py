@@ -35,13 +35,16 @@ def test_templates_lay_prompts_out_like_training_examples():
   assert _show(generate.layout("{{}}xy", chars, 8)) == "^____xy$"
   assert _show(generate.layout("a{{2}}b{{}}c{{1}}d", chars, 12)) == "^a__b___c_d$"
   assert _show(generate.layout("a{{2}}b", chars, 8)) == "^a__b___"
+  assert _show(generate.layout("a{{2}}bcd", chars, 7)) == "^a__bcd"  # fills L exactly
   assert _show(generate.layout([7, 8], chars, 5)).startswith("^") and \
       list(generate.layout([7, 8], chars, 5).tokens[1:3]) == [7, 8]
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ("abcdefg", "takes 8 of the model's L = 8 positions"),
-    ("{{}}abcdef", "takes 8 of the model's L = 8"),
+    ("abcdefg", "takes 8 of the model's L = 8 positions and leaves none"),
+    ("abcdefgh", "takes 9 of the model's L = 8"),
+    ("{{}}abcdef", "takes 9 of the model's L = 8"),
+    ("a{{7}}", "takes 9 of the model's L = 8"),
     ("a{{x}}", "a placeholder is {{N}}"),
     ("a{{}}b{{}}", "at most once"),
     ("a{{0}}", "N > 0"),

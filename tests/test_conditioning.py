@@ -94,8 +94,8 @@ def test_the_condition_embedding_is_added_at_given_positions_only():
   assert not np.asarray(fresh.condition_embed[...]).any()  # zero: no change at first
 
 
-@pytest.mark.parametrize("rule, two_time", [(sampling.EULER, False),
-                                            (sampling.FLOW_MAP, True)])
+@pytest.mark.parametrize("rule, two_time", [
+    (sampling.EULER, False), pytest.param(sampling.FLOW_MAP, True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("latent", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_samplers_clamp_given_positions_and_return_them(rule, two_time, latent):
   """Given positions come back as given; with none given the sampler is the
@@ -147,6 +147,7 @@ def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one
         rates
 
 
+@pytest.mark.slow
 def test_guidance_is_the_normalised_product_of_conditional_and_unconditional():
   """softmax of the guided logits is p_c^(1 + w) p_u^(-w) renormalised, p_c read with the
   given positions clamped and embedded, p_u from the state as it is; with nothing given

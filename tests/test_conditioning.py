@@ -80,6 +80,7 @@ def _model(two_time=False, condition_embedding=True):
   return randomize(model, 3)
 
 
+@pytest.mark.slow
 def test_the_condition_embedding_is_added_at_given_positions_only():
   model = _model()
   h = jax.random.normal(jax.random.key(0), (2, L, D))

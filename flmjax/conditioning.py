@@ -3,7 +3,7 @@
 A condition is a boolean mask `given` [B, L] (True: the position's token is given) beside
 the tokens [B, L] that hold the given values. Whatever the time, a given position enters
 the network clean, its latent the token's embedding row E[token] (x = the one-hot); the
-loss leaves it out; the samplers reset it to its token after every step (the paper's
+loss leaves it out; the samplers give it to every evaluation as its token (the paper's
 clamping) and return it unchanged. A model with `model.condition_embedding=True` also
 adds a learned vector, zero at initialisation, to its input at the given positions (the
 indicator of conditioned positions, projected and added to the input).

@@ -26,6 +26,10 @@ targets (the teacher's D_s, the semigroup and Lagrangian targets) are kept in mo
 (bfloat16 by default; the plain head keeps them in float32, as the reference). The
 Eulerian squared error reads the student's logits for its rows.
 
+With train.condition, each example's given positions (flmjax/conditioning.py) are clean
+in x_s for teacher and student alike, stay clean in the self-targets' intermediate states
+(X_{s,u}, X_{s,t}; the Eulerian tangent is zero there) and are left out of both losses.
+
 The student's self-targets are computed in training mode, with dropout (each call its own
 mask), as the reference computes them; `distill.target_dropout=False` computes them
 without. Everything the network reads is in latent form: x_s @ E, and

@@ -3,7 +3,7 @@ samples are at each step count: `python -m flmjax.toys --seed=1` (run from the r
 root: it reads configs/base.py). `--prompted` gives instead the rates at which an FLM and
 its FMLM student, trained with or without given positions (flmjax/conditioning.py),
 continue a given prefix of a markov walk, or lead into a given suffix, with an allowed
-transition.
+transition; `--guidance` those rates in one step against classifier-free guidance.
 
 Every example is BOS followed by L - 1 tokens of a source over K tokens; ids K (BOS) and
 K + 1 (the mask id) complete the vocabulary, V = K + 2.
@@ -108,18 +108,21 @@ def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teache
   return graphdef, params
 
 
-def samples(family: str, model, source: str, steps: int, n: int, seed: int, condition=None):
+def samples(family: str, model, source: str, steps: int, n: int, seed: int, condition=None,
+            guidance: float = 0.0):
   """(tokens [n, L], network calls) of the family's default sampler (FLM and FMLM: given
-  `condition`, a sampling.Condition)."""
+  `condition`, a sampling.Condition, with classifier-free `guidance`)."""
   found = registry.FAMILIES[family]
   make = found.samplers[found.default_sampler]
-  sample = make(steps, n, SEQ_LEN[source], sampling.Options(mask_id=MASK, bos_id=BOS))
+  sample = make(steps, n, SEQ_LEN[source],
+                sampling.Options(mask_id=MASK, bos_id=BOS, guidance=guidance))
   tokens, calls = sample(*model, jax.random.key(seed),
                          **({} if condition is None else {"condition": condition}))
   return np.asarray(tokens), int(calls)
 
 
-def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int) -> float:
+def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int,
+                  guidance: float = 0.0) -> float:
   """The share of `n` markov walks, given a prefix (or a suffix) of k ~ U{2, ..., L - 2}
   of their tokens, whose first written token fits: an allowed successor of the prefix's
   last token (an allowed predecessor of the suffix's first)."""
@@ -129,7 +132,7 @@ def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int) 
   count = np.asarray(jax.random.randint(key_count, (n, 1), 2, length - 1))
   given = np.arange(length) < count if kind == "prefix" else np.arange(length) >= length - count
   tokens, _ = samples(family, model, "markov", steps, n, seed + 1,
-                      sampling.Condition(jnp.asarray(given), jnp.asarray(walks)))
+                      sampling.Condition(jnp.asarray(given), jnp.asarray(walks)), guidance)
   rows, edge = np.arange(n), count[:, 0] if kind == "prefix" else length - count[:, 0] - 1
   written, known = tokens[rows, edge], walks[rows, edge - 1 if kind == "prefix" else edge + 1]
   step = (written - known) % K if kind == "prefix" else (known - written) % K
@@ -174,13 +177,35 @@ def prompted_table(seed: int, train_steps: int = 600, n: int = 512,
   return rows
 
 
+def guidance_table(seed: int, scales=(0.0, 0.5, 1.0, 2.0, 4.0), train_steps: int = 600,
+                   n: int = 512) -> list[dict]:
+  """Rows {family, kind, guidance, rate}: one-step prompted_rate of the conditional FLM
+  and FMLM of prompted_table at each classifier-free guidance scale."""
+  teacher = fit("flm", "markov", train_steps, seed, condition="prefix,suffix")
+  models = {"flm": teacher, "fmlm": fit("fmlm", "markov", train_steps, seed, teacher=teacher,
+                                        condition="prefix,suffix")}
+  return [{"family": family, "kind": kind, "guidance": w,
+           "rate": prompted_rate(family, model, kind, 1, n, seed + 100, w)}
+          for family, model in models.items() for kind in ("prefix", "suffix")
+          for w in scales]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seed", type=int, default=1)
   parser.add_argument("--sources", default="phrases,markov")
   parser.add_argument("--prompted", action="store_true",
                       help="the prompted markov rates (prompted_table) instead")
+  parser.add_argument("--guidance", action="store_true",
+                      help="the one-step prompted rates against guidance (guidance_table)")
   args = parser.parse_args()
+  if args.guidance:
+    print(f"prompted markov, one step, seed {args.seed}:\n| family | given | guidance | rate |"
+          "\n|---|---|---|---|")
+    for row in guidance_table(args.seed):
+      print(f"| {row['family']} | {row['kind']} | {row['guidance']} | {row['rate']:.3f} |",
+            flush=True)
+    return
   if args.prompted:
     print(f"prompted markov, seed {args.seed}:\n| family | training | given | steps | rate |"
           "\n|---|---|---|---|---|")

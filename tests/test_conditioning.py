@@ -151,8 +151,8 @@ def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one
 @pytest.mark.slow
 def test_guidance_is_the_normalised_product_of_conditional_and_unconditional():
   """softmax of the guided logits is p_c^(1 + w) p_u^(-w) renormalised, p_c read with the
-  given positions clamped and embedded, p_u from the state as it is; with nothing given
-  guidance changes no sample."""
+  given positions clamped and embedded, p_u from the state as it is; w = 0 is the
+  conditional denoiser alone; with nothing given guidance changes no sample."""
   model, w = _model(), 1.5
   h = jax.random.normal(jax.random.key(0), (2, L, D))
   given = jnp.arange(L)[None].repeat(2, 0) < 4
@@ -167,6 +167,10 @@ def test_guidance_is_the_normalised_product_of_conditional_and_unconditional():
   np.testing.assert_allclose(jax.nn.softmax(logits), product / product.sum(-1, keepdims=True),
                              rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(unconditional, model(h, tau), rtol=1e-5, atol=1e-5)
+  plain, none = sampling._logits(model, h, {"tau": jnp.float32(0.3)}, True,
+                                 sampling.Condition(given, prompt), 0.0)
+  assert none is None  # guidance 0 is plain conditional sampling: one evaluation
+  np.testing.assert_allclose(plain, model(clamped, tau, given=given), rtol=1e-5, atol=1e-5)
 
   graphdef, params = nnx.split(model)
   grid = sampling.EULER.grid(V, 3)

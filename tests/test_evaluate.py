@@ -82,15 +82,24 @@ def test_fd_tells_function_word_text_from_held_out_text():
   assert collapsed_fd > 2 * held_out_fd
 
 
-@pytest.mark.slow
-def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_path,
-                                                                           monkeypatch):
+def _trained_teacher(tmp_path, monkeypatch):
+  """(config, models) of a 2-step FLM in tmp_path/teacher, judged by the toy evaluator."""
   monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
   config = train_config(steps=2)
   config.data.dir = str(tmp_path / "data")
   train.train(config, str(tmp_path / "teacher"))
   config.eval.update(num_samples=4, reference_samples=6)
-  models = {"FLM": (str(tmp_path / "teacher"), [1, 2])}
+  return config, {"FLM": (str(tmp_path / "teacher"), [1, 2])}
+
+
+def _scores(rows):  # all but the sampling time
+  return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
+
+
+@pytest.mark.slow
+def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_path,
+                                                                           monkeypatch):
+  config, models = _trained_teacher(tmp_path, monkeypatch)
   rows = evaluate.evaluate(config, str(tmp_path), models)
   assert [(r["model"], r["steps"]) for r in rows] == [("FLM", 1), ("FLM", 2), ("dataset", 0)]
   saved = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -105,9 +114,6 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_p
   assert (tmp_path / "eval" / "gen_ppl.png").read_bytes()[:4] == b"\x89PNG"
 
   # --mode=score: the same samples written unscored, then scored, give the same rows.
-  def scores(rows):  # all but the sampling time
-    return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
-
   later = str(tmp_path / "later")
   with pytest.raises(UsageError, match="results.json does not exist"):
     evaluate.rescore(config, later)
@@ -116,9 +122,9 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(tmp_p
   with pytest.raises(UsageError, match="needs an evaluator"):
     evaluate.rescore(config, later)
   config.eval.evaluator = "smollm2"  # the toy evaluator, patched in above
-  assert scores(evaluate.rescore(config, later)) == scores(saved["rows"])
+  assert _scores(evaluate.rescore(config, later)) == _scores(saved["rows"])
   rescored = json.loads((tmp_path / "later" / "eval" / "results.json").read_text())
-  assert rescored["evaluator"] == "toy" and scores(rescored["rows"]) == scores(saved["rows"])
+  assert rescored["evaluator"] == "toy" and _scores(rescored["rows"]) == _scores(saved["rows"])
   assert (tmp_path / "later" / "eval" / "results.md").read_text().count("| FLM |") == 2
 
   # A dataset row that cannot match the model fails before any sampling.
@@ -163,12 +169,8 @@ def test_halves_are_the_prefix_after_bos_and_the_continuation_up_to_eos():
 @pytest.mark.slow
 def test_prompted_evaluation_writes_continuations_and_rescores_the_same(tmp_path,
                                                                         monkeypatch):
-  monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
-  config = train_config(steps=2)
-  config.data.dir = str(tmp_path / "data")
-  train.train(config, str(tmp_path / "teacher"))
-  config.eval.update(num_samples=4, reference_samples=6, prompted=True)
-  models = {"FLM": (str(tmp_path / "teacher"), [1, 2])}
+  config, models = _trained_teacher(tmp_path, monkeypatch)
+  config.eval.prompted = True
   rows = evaluate.evaluate(config, str(tmp_path), models)
   saved = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert len(saved["prefixes"]) == 4 and len(saved["reference"]) == 6
@@ -176,9 +178,7 @@ def test_prompted_evaluation_writes_continuations_and_rescores_the_same(tmp_path
   assert all(len(r["samples"]) == 4 and r["gen_ppl"] > 1 for r in rows)
   assert "continuation PPL (toy)" in (tmp_path / "eval" / "results.md").read_text()
 
-  def scores(rows):
-    return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
-  assert scores(evaluate.rescore(config, str(tmp_path))) == scores(saved["rows"])
+  assert _scores(evaluate.rescore(config, str(tmp_path))) == _scores(saved["rows"])
   config.family = "mdlm"
   train.train(config, str(tmp_path / "mdlm"))
   with pytest.raises(UsageError, match="eval.prompted: .* holds a mdlm model"):

@@ -22,6 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from flmjax import conditioning
 from flmjax.sharding import row_shards
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -333,8 +334,9 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   token_cross_entropy), or, with `head`, the output layer's input features [B, L, D] and
   leave the output layer to head(features, tokens, weights) -> (weighted sum, CE)
   (head_cross_entropy). `mask` [B, L] marks valid tokens (all by default). `given` [B, L]
-  marks the given positions of a condition (flmjax/conditioning.py): they enter clean,
-  E[token], and are left out of the loss; the denoiser sees the noisy latent only.
+  marks the given positions of a condition (flmjax/conditioning.py): the denoiser gets
+  them clean, E[token] (the caller passes `given` to the model itself, for its condition
+  embedding), and the loss leaves them out.
   `loss_weight(tau) -> w [B]` turns each token's loss into exp(-w) * loss + w.
   """
   rng_tau, rng_noise, rng_dropout = jax.random.split(rng, 3)
@@ -342,7 +344,7 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   t = schedule.t(tau)
   h = noisy_latent(rng_noise, embed, tokens, t, latent)
   if given is not None:
-    h = jnp.where(given[..., None], embed[tokens], h)
+    h = conditioning.clamp(h, given, embed[tokens])
     mask = ~given if mask is None else mask & ~given
   out = denoiser(h, tau, rng_dropout)
   mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)

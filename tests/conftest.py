@@ -2,12 +2,16 @@
 and shared small data."""
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+                           + " --xla_force_host_platform_device_count=8"
+                           # Cheaper compiles (most tests compile more than they run),
+                           # no slower runs for the learning tests.
+                           + " --xla_backend_optimization_level=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's many small runs compile the same steps again and again: one persistent
 # compilation cache per test session, shared with the subprocesses that tests start.
@@ -17,6 +21,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
 
+from flax import nnx  # pylint: disable=wrong-import-position
+import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from configs import tiny  # pylint: disable=wrong-import-position
@@ -25,17 +31,16 @@ from configs import tiny  # pylint: disable=wrong-import-position
 def randomize(model, seed: int = 7, scale: float = 0.3):
   """`model` with every parameter drawn from N(0, scale^2), zero-initialised layers
   included, so that every path through the network matters."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, _draw(state, seed, scale))
 
-  @jax.jit  # one compilation rather than one per parameter shape
-  def draw(state):
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                                        for k, x in zip(keys, leaves)])
-  return nnx.merge(graphdef, draw(state))
+
+@jax.jit  # one compilation per parameter layout
+def _draw(state, seed, scale):
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
+                                      for k, x in zip(keys, leaves)])
 
 
 def small_config(**data):
@@ -65,3 +70,17 @@ def prepared(tmp_path_factory):
   """The embedded corpus prepared with small_config()."""
   from flmjax.data import pipeline  # pylint: disable=import-outside-toplevel
   return pipeline.prepare(small_config(), str(tmp_path_factory.mktemp("workdir")))
+
+
+@pytest.fixture(scope="session")
+def markov_models():
+  """markov_models(condition) -> (FLM teacher, FMLM student) on flmjax.toys' markov walks,
+  600 steps each, seed 1, trained with train.condition=`condition` ("" for none): each
+  pair is trained once per session."""
+  from flmjax import toys  # pylint: disable=import-outside-toplevel
+
+  @functools.cache
+  def fit(condition: str):
+    teacher = toys.fit("flm", "markov", 600, 1, condition=condition)
+    return teacher, toys.fit("fmlm", "markov", 600, 1, teacher=teacher, condition=condition)
+  return fit

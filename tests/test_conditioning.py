@@ -127,7 +127,8 @@ def test_samplers_clamp_given_positions_and_return_them(rule, two_time, latent):
 
 
 @pytest.mark.slow
-def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one_step():
+def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one_step(
+    markov_models):
   """The exact judge of flmjax.toys: given a prefix (suffix) of a walk, is the first
   written token an allowed successor (predecessor)? Uniform tokens score 2/16. In one
   step (Euler for FLM, the flow map for its FMLM student), models trained and distilled
@@ -136,8 +137,7 @@ def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one
   before a suffix."""
   rates = {}
   for name, condition in (("conditional", "prefix,suffix"), ("clamped", "")):
-    teacher = toys.fit("flm", "markov", 600, 1, condition=condition)
-    student = toys.fit("fmlm", "markov", 600, 1, teacher=teacher, condition=condition)
+    teacher, student = markov_models(condition)
     for family, model in (("flm", teacher), ("fmlm", student)):
       for kind in ("prefix", "suffix"):
         rates[name, family, kind] = toys.prompted_rate(family, model, kind, 1, 512, 7)

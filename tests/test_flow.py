@@ -279,7 +279,7 @@ def test_gradients_are_finite_on_both_paths():
                          jax.random.key(3), get_schedule(V), latent=latent)[0]
 
   for latent in (True, False):
-    value, grads = jax.value_and_grad(loss)(params, latent)
+    value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, latent)
     leaves = jax.tree.leaves(grads)
     assert np.isfinite(value) and all(np.isfinite(g).all() for g in leaves)
     assert all(np.abs(g).max() > 0 for g in leaves)

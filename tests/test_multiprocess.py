@@ -44,16 +44,15 @@ def _assert_close(got: dict, expected: dict):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path, prepared):
+def test_checkpoints_move_between_one_and_two_processes_and_training_matches(tmp_path, prepared):
   data_dir = prepared.path.parent
   # One process, 6 steps straight (checkpoints at 2, 4, 6): the reference.
   single = _train(1, data_dir, tmp_path / "single", 6)
-  # Two processes, 4 steps; then one process resumes their step-4 checkpoint to step 6.
-  _train(2, data_dir, tmp_path / "two", 4)
+  # Two processes resume its step-2 checkpoint to step 4; one process resumes theirs to 6.
+  shutil.copytree(tmp_path / "single", tmp_path / "mixed")
+  for step in ("4", "6"):
+    shutil.rmtree(tmp_path / "mixed" / "checkpoints" / step)
+  _train(2, data_dir, tmp_path / "mixed", 4)
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
-      os.listdir(tmp_path / "two" / "checkpoints" / "4" / "data"))
-  _assert_close(_train(1, data_dir, tmp_path / "two", 6), single)
-  # One process's step-4 checkpoint resumed by two processes to step 6.
-  shutil.copytree(tmp_path / "single", tmp_path / "resumed")
-  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
-  _assert_close(_train(2, data_dir, tmp_path / "resumed", 6), single)
+      os.listdir(tmp_path / "mixed" / "checkpoints" / "4" / "data"))
+  _assert_close(_train(1, data_dir, tmp_path / "mixed", 6), single)

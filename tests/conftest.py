@@ -73,6 +73,18 @@ def prepared(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def teacher(tmp_path_factory, prepared) -> str:
+  """The directory of an FLM trained 2 steps with train_config() on the prepared corpus;
+  tests read it and never write to it."""
+  from flmjax import train  # pylint: disable=import-outside-toplevel
+  config = train_config(steps=2)
+  config.data.dir = str(prepared.path.parent)
+  path = str(tmp_path_factory.mktemp("teacher"))
+  train.train(config, path)
+  return path
+
+
+@pytest.fixture(scope="session")
 def markov_models():
   """markov_models(condition) -> (FLM teacher, FMLM student) on flmjax.toys' markov walks,
   600 steps each, seed 1, trained with train.condition=`condition` ("" for none): each

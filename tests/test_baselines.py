@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import randomize, train_config
-from flmjax import absorbing, autoregressive, evaluate, registry, sampling, train
+from flmjax import absorbing, autoregressive, evaluate, generate, registry, sampling, train
 from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.validate import validate
@@ -289,10 +289,10 @@ def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["mdlm", "sedd", "ar"])
-def test_each_baseline_trains_and_evaluates(tmp_path, family):
+def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
   config = train_config(steps=4, eval_every=4, sample_every=4)
   config.family = family
-  config.data.dir = str(tmp_path / "data")
+  config.data.dir = str(prepared.path.parent)
   train.train(config, str(tmp_path / "run"))
   record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "run"))
   assert record["kind"] == family and record["config"]["model"]["mask_id"] == \
@@ -318,3 +318,5 @@ def test_each_baseline_trains_and_evaluates(tmp_path, family):
   config.family, config.teacher_checkpoint = "flm", str(tmp_path / "run")
   with pytest.raises(UsageError, match=f"teacher_checkpoint=.*kind '{family}' != 'flm'"):
     train.distill(config, str(tmp_path / "student"))
+  with pytest.raises(UsageError, match=f"holds a {family} model; conditional generation takes"):
+    generate.Generator(config.checkpoint, config)

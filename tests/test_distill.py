@@ -408,12 +408,11 @@ def test_one_step_student_follows_a_markov_chain(markov_models):
 
 
 @pytest.mark.slow
-def test_distill_mode_exports_weights_that_sample_identically(tmp_path):
-  teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
-  config = train_config(steps=3)
-  config.data.dir = str(tmp_path / "data")
-  train.train(config, teacher_dir)
-  config.teacher_checkpoint = teacher_dir
+def test_distill_mode_exports_weights_that_sample_identically(tmp_path, prepared, teacher):
+  student_dir = str(tmp_path / "student")
+  config = train_config()
+  config.data.dir = str(prepared.path.parent)
+  config.teacher_checkpoint = teacher
   config.distill.steps = 3
   result = train.distill(config, student_dir)
   record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "student"))
@@ -434,13 +433,12 @@ def test_distill_mode_exports_weights_that_sample_identically(tmp_path):
 
 
 @pytest.mark.slow
-def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path):
+def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path, teacher):
   config = train_config(steps=2)
   config.teacher_checkpoint = str(tmp_path / "nothing")
   with pytest.raises(UsageError, match="holds no flmjax checkpoint"):
     train.distill(config, str(tmp_path / "s"))
-  train.train(config, str(tmp_path / "t"))
-  config.teacher_checkpoint = str(tmp_path / "t")
+  config.teacher_checkpoint = teacher
   config.model.width = 48
   with pytest.raises(UsageError, match="model.width 32 != 48"):
     train.distill(config, str(tmp_path / "s"))

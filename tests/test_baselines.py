@@ -320,3 +320,6 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
     train.distill(config, str(tmp_path / "student"))
   with pytest.raises(UsageError, match=f"holds a {family} model; conditional generation takes"):
     generate.Generator(config.checkpoint, config)
+  config.eval.prompted = True
+  with pytest.raises(UsageError, match=f"eval.prompted: .* holds a {family} model"):
+    evaluate.evaluate(config, str(tmp_path / "eval"), {"X": (config.checkpoint, [1])})

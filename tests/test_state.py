@@ -105,8 +105,9 @@ def test_gradient_accumulation_equals_the_whole_batch():
   for accum in (1, 4):
     config.train.grad_accum = accum
     layout, state = _setup(config, jax.devices()[:1])
-    state, _ = _step_fn(layout, config, objective)(state, {"tokens": tokens}, None)
-    state, _ = _step_fn(layout, config, objective)(state, {"tokens": tokens}, None)
+    step = _step_fn(layout, config, objective)
+    for _ in range(2):
+      state, _ = step(state, {"tokens": tokens}, None)
     states.append(state)
   for a, b in zip(jax.tree.leaves(states[0]["params"]), jax.tree.leaves(states[1]["params"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

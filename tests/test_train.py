@@ -55,7 +55,6 @@ def _truncate_largest_file(directory: pathlib.Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resumed(
     tmp_path, capsys, prepared):
   config = train_config(steps=6, checkpoint_every=2)

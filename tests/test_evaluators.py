@@ -283,17 +283,16 @@ FLUENT = ("The city council met on Tuesday evening to discuss the budget for the
 
 @pytest.mark.slow
 def test_smollm2_prefers_fluent_text(smollm2):
-  evaluator = smollm2
-  assert evaluator.name == "smollm2-135m" and evaluator.max_length == 8192
+  assert smollm2.name == "smollm2-135m" and smollm2.max_length == 8192
   words = FLUENT.split()
   shuffled = " ".join(words[i] for i in np.random.default_rng(0).permutation(len(words)))
-  fluent_ids, shuffled_ids = evaluator.encode([FLUENT, shuffled])
+  fluent_ids, shuffled_ids = smollm2.encode([FLUENT, shuffled])
   length = min(len(fluent_ids), len(shuffled_ids))
   assert length > 50
   # <|endoftext|> in front, so every token of the text is scored.
-  ids = np.array([[evaluator.eos_id] + fluent_ids[:length],
-                  [evaluator.eos_id] + shuffled_ids[:length]], np.int32)
-  fluent_ppl, shuffled_ppl = np.exp(-evaluator.token_logprobs(ids).mean(axis=1))
+  ids = np.array([[smollm2.eos_id] + fluent_ids[:length],
+                  [smollm2.eos_id] + shuffled_ids[:length]], np.int32)
+  fluent_ppl, shuffled_ppl = np.exp(-smollm2.token_logprobs(ids).mean(axis=1))
   assert 5 < fluent_ppl < 60
   assert shuffled_ppl > 3 * fluent_ppl
 

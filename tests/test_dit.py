@@ -150,6 +150,29 @@ def test_attention_kernels_under_a_mesh_run_per_device():
     np.testing.assert_allclose(kernel, outputs[0], rtol=1e-4, atol=1e-4)
 
 
+def test_flash_attention_lowers_to_triton_for_cuda():
+  """Exported for CUDA on this CPU (jax.export), the model's flash path becomes Triton
+  kernels, forward and backward: the Pallas GPU lowering accepts the kernels, and the Triton
+  backend is the one chosen (the installed JAX's default for pallas_call on GPUs is Mosaic
+  GPU, which cannot lower them)."""
+  graphdef, params = nnx.split(_model(attention_impl="flash"))
+  h = jax.ShapeDtypeStruct((2, 128, D), jnp.float32)
+  tau = jax.ShapeDtypeStruct((2,), jnp.float32)
+
+  def loss(params, h, tau):
+    return nnx.merge(graphdef, params)(h, tau).sum()
+
+  with dit.kernels_for("gpu"):
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss)), platforms=("cuda",),
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(params, h, tau)
+  module = exported.mlir_module()
+  assert module.count("@__gpu$xla.gpu.triton(") == 3 * 2  # 2 blocks: forward, dk dv, dq
+  for kernel in ("_forward_kernel", "_dkv_kernel", "_dq_kernel"):
+    assert f'name = "{kernel}"' in module
+
+
 def test_fused_attention_with_a_soft_cap_is_refused():
   with pytest.raises(ValueError, match="soft cap"):
     _model(attention_impl="fused")

@@ -104,9 +104,12 @@ def _specs(batch, heads, seq_len, dim):
 
 
 def _call(kernel, q, in_specs, out_specs, out_shape, interpret):
+  """The kernel over the grid (batch, heads, block), on GPUs through Triton: Triton's
+  compiler parameters select it (JAX's default for pallas_call on GPUs is Mosaic GPU)."""
   batch, heads, seq_len, _ = q.shape
   return pl.pallas_call(kernel, grid=(batch, heads, seq_len // BLOCK), in_specs=in_specs,
-                        out_specs=out_specs, out_shape=out_shape, interpret=interpret)
+                        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+                        compiler_params=plgpu.CompilerParams())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -141,8 +141,9 @@ def get_config() -> ml_collections.ConfigDict:
   # loads the compiled steps and samplers instead of compiling them again. "" turns it
   # off; the JAX_COMPILATION_CACHE_DIR environment variable, when set, takes precedence.
   config.compilation_cache_dir = "~/.cache/flmjax/xla"
-  # --mode=compile: the TPU slice to compile for without its hardware (e.g. "v5e:8x8",
-  # "v5p:2x2x4"; needs libtpu); "" compiles for the local devices.
+  # --mode=compile: the TPU slice or the GPUs to compile for without the hardware (e.g.
+  # "v5e:8x8", "v5p:2x2x4", needing libtpu; "h100:8", "h200", needing JAX's CUDA plugin);
+  # "" compiles for the local devices.
   config.topology = ""
 
   config.distill = ml_collections.ConfigDict()

@@ -3,14 +3,18 @@
 With `--config.topology=v5e:8x8` (any TPU slice name libtpu knows: v5e:AxB, v5p:AxBxC,
 v6e:AxB; install it with pip install "jax[tpu]==<the installed jax version>") the train
 step, the distillation step and the one-step sampler are lowered and compiled for that
-slice on this machine, with the config's mesh laid over its chips. With an empty
-topology they are compiled for the local devices. For each it prints XLA's per-chip
+slice on this machine, with the config's mesh laid over its chips. With `h100`, `h200`,
+`h100:8` (8 GPUs in one host) or `h100:4x8` (4 hosts of 8) they are compiled for NVIDIA
+GPUs, described by GPUS (install JAX's CUDA plugin: pip install "jax[cuda12-local]==<the
+installed jax version>"; no GPU or driver is needed). With an empty topology they are
+compiled for the local devices. For each it prints XLA's per-chip
 memory plan (arguments + outputs + temporaries - aliased + code) against the chip's HBM,
 the FLOPs and the bytes of memory accessed per chip from XLA's cost analysis, and the
 roofline step time max(FLOPs / peak, bytes / HBM bandwidth) with the chip's published
 bf16 peak and bandwidth (a lower bound: no chip reaches either; and XLA's cost analysis
 counts a loop's body once and nothing inside a Pallas kernel, so the fused output head and
-the splash attention are undercounted); the same goes to WORKDIR/compile.json. Nothing is
+the splash attention are undercounted; compiled for a GPU without one, XLA gives no cost
+analysis, and only the memory is reported); the same goes to WORKDIR/compile.json. Nothing is
 allocated and no data is read: V comes from the tokenizer's files where the config
 names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-uncased's
 30522 (BERT without tokenizer.path).
@@ -38,13 +42,60 @@ CHIPS = {
     "NVIDIA H100 80GB HBM3": (80 * GIB, 989e12, 3.35e12),  # SXM
     "NVIDIA H200": (141 * GIB, 989e12, 4.8e12),
 }
+# topology name -> (device_kind, CUDA compute capability, SMs, boost clock GHz, L2 bytes),
+# from NVIDIA's spec sheets; HBM and bandwidth from CHIPS.
+GPUS = {
+    "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 132, 1.98, 50 * 2**20),
+    "h200": ("NVIDIA H200", (9, 0), 132, 1.98, 50 * 2**20),
+}
+# XLA's GpuTargetConfigProto (text format) for compiling without a GPU; the per-block and
+# per-SM limits are those of compute capability 9.0.
+_GPU_TARGET = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {cores}
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: {l2}
+  clock_rate_ghz: {clock} device_memory_size: {hbm} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{kind}"
+"""
 BERT_BASE_UNCASED = 30522
 
 
+def _gpu_devices(topology: str) -> list:
+  """The devices of `GPU`, `GPU:N` (N in one host) or `GPU:HxN` (H hosts of N), GPU a key
+  of GPUS, compiled for without a GPU through JAX's CUDA plugin."""
+  name, _, count = topology.partition(":")
+  hosts, _, per_host = count.rpartition("x")
+  if not (per_host or "1").isdigit() or not (hosts or "1").isdigit():
+    raise UsageError(f"topology={topology!r}: write {name}, {name}:GPUS or "
+                     f"{name}:HOSTSxGPUS, e.g. {name}:8 or {name}:4x8.")
+  kind, (major, minor), cores, clock, l2 = GPUS[name]
+  hbm, _, bandwidth = CHIPS[kind]
+  target = _GPU_TARGET.format(cores=cores, bandwidth=int(bandwidth), l2=l2, clock=clock,
+                              hbm=hbm, major=major, minor=minor, kind=kind)
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return topologies.get_topology_desc(
+        platform="cuda", target_config=target,
+        topology=f"1x{hosts or 1}x{per_host or 1}").devices
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f"topology={topology!r} could not be described ({str(e)[:200]}); it "
+                     "needs JAX's CUDA plugin (pip install \"jax[cuda12-local]=="
+                     f"{jax.__version__}\"; no GPU is needed).") from None
+
+
 def target_devices(topology: str) -> list:
-  """The devices of a TPU slice description, or the local devices for ""."""
+  """The devices of a TPU slice or a GPU description (GPUS), or the local devices for ""."""
   if not topology:
     return jax.devices()
+  if topology.partition(":")[0] in GPUS:
+    return _gpu_devices(topology)
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   # Describing a slice loads libtpu, which by default allows one user per machine; this
   # process only compiles, so it may share it.
@@ -54,7 +105,8 @@ def target_devices(topology: str) -> list:
   except Exception as e:  # pylint: disable=broad-except
     raise UsageError(f"topology={topology!r} could not be described ({str(e)[:200]}); it "
                      "needs libtpu (pip install \"jax[tpu]==" + jax.__version__ + "\") and a "
-                     "slice name such as v5e:4x4, v5e:8x8 or v5p:2x2x4.") from None
+                     "slice name such as v5e:4x4, v5e:8x8 or v5p:2x2x4 (or a GPU: "
+                     f"{', '.join(GPUS)}).") from None
 
 
 def vocab_size(config: ml_collections.ConfigDict) -> int:
@@ -89,20 +141,22 @@ def _report(entry: dict, compiled, devices) -> dict:
   if compiled is None:
     return entry
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
+  cost = compiled.cost_analysis()  # None when compiled for a GPU without one
   cost = cost[0] if isinstance(cost, list) else cost
   entry = dict(entry, bytes_per_chip=planned_bytes(compiled),
                argument_bytes=int(memory.argument_size_in_bytes),
-               temp_bytes=int(memory.temp_size_in_bytes),
-               flops_per_chip=float(cost.get("flops", 0.0)),
-               bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)))
+               temp_bytes=int(memory.temp_size_in_bytes))
+  if cost:
+    entry.update(flops_per_chip=float(cost.get("flops", 0.0)),
+                 bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)))
   if devices[0].device_kind in CHIPS:
     hbm, peak, bandwidth = CHIPS[devices[0].device_kind]
-    compute, memory_time = entry["flops_per_chip"] / peak, \
-        entry["bytes_accessed_per_chip"] / bandwidth
-    entry.update(hbm_fraction=entry["bytes_per_chip"] / hbm,
-                 roofline_seconds=max(compute, memory_time),
-                 bound="compute" if compute >= memory_time else "memory")
+    entry.update(hbm_fraction=entry["bytes_per_chip"] / hbm)
+    if cost:
+      compute, memory_time = entry["flops_per_chip"] / peak, \
+          entry["bytes_accessed_per_chip"] / bandwidth
+      entry.update(roofline_seconds=max(compute, memory_time),
+                   bound="compute" if compute >= memory_time else "memory")
   return entry
 
 
@@ -172,9 +226,11 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fraction = f"{c['hbm_fraction']:.0%}" if "hbm_fraction" in c else "-"
     seconds = (f"{c['roofline_seconds'] * 1e3:,.1f} ms ({c['bound']})"
                if "roofline_seconds" in c else "-")
+    flops, accessed = ((f"{c['flops_per_chip'] / 1e9:,.0f}",
+                        f"{c['bytes_accessed_per_chip'] / 1e9:,.1f}")
+                       if "flops_per_chip" in c else ("-", "-"))
     lines.append(f"| {c['computation']} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB "
-                 f"| {fraction} | {c['flops_per_chip'] / 1e9:,.0f} "
-                 f"| {c['bytes_accessed_per_chip'] / 1e9:,.1f} | {seconds} |")
+                 f"| {fraction} | {flops} | {accessed} | {seconds} |")
   outputs.say("\n".join(lines))
   if jax.process_index() == 0:
     outputs.write_json(path / "compile.json", report)

@@ -18,6 +18,7 @@ the share of the step's executed time in each part of the model (flmjax/profilin
 import json
 import os
 import resource
+import sys
 import time
 
 from absl import app
@@ -27,7 +28,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from flmjax import aot, objectives, profiling, sampling, sharding, state
+from flmjax.errors import UsageError
 from flmjax.models import dit
+from flmjax.validate import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -148,6 +151,11 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
 def main(argv):
   del argv
   config = _CONFIG.value
+  try:  # the config's training step, checked as --mode=train checks it
+    validate(config, "train", jax.device_count)
+  except UsageError as e:
+    print(f"flmjax.bench: error: {e}", file=sys.stderr)
+    sys.exit(2)
   vocab_size = _VOCAB.value or config.tokenizer.vocab_size
   print(json.dumps(run(config, vocab_size, [int(s) for s in _STEPS.value], _NOISE.value,
                        _REPEATS.value, _PROFILE.value, _SAMPLE_BATCH.value), indent=1))

@@ -7,10 +7,14 @@
 #
 # gpu (the default): DiT small (D 768, 12 blocks, 12 heads, bfloat16 blocks)
 #   - at L 128, V 8192, batch 128 (the shape of the H200 entry in docs/results.md);
-#   - at the OpenWebText shape, L 1024, V 50258, batch 16, one-step sampling at batch 64.
+#   - at the OpenWebText shape, L 1024, V 50258, batch 64 (the paper's batch per GPU; XLA
+#     plans both codes' train steps within an H100's 80 GiB and an H200's 141 GiB:
+#     --mode=compile, docs/performance.md), one-step sampling at batch 64.
 #   Four bench runs, each compiling its step: about 6 minutes on one H200.
 # tiny: the same four runs at a toy size, on any machine (a check of the script on a CPU).
-# Each line is the bench's JSON with "shape", "code" (before or after) and "commit" added.
+# Each line is the bench's JSON with "shape", "code" (before or after) and "commit" added;
+# a run that fails gives a line with "error" instead, the others still run, and the script
+# then exits 1.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,7 +36,7 @@ case "$size" in
     model=(--config.model.width=768 --config.model.depth=12 --config.model.heads=12
            --config.model.cond_width=128)
     small=(--vocab_size=8192 --config.data.seq_len=128 --config.batch_size=128)
-    owt=(--vocab_size=50258 --config.data.seq_len=1024 --config.batch_size=16
+    owt=(--vocab_size=50258 --config.data.seq_len=1024 --config.batch_size=64
          --sample_batch=64) ;;
   tiny)
     model=(--config.model.width=32 --config.model.depth=1 --config.model.heads=2
@@ -45,6 +49,7 @@ commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 before=(--config.model.output_head=plain --config.model.attention=plain)
 after=(--config.model.output_head=auto --config.model.attention=flash)
+failed=0
 for shape in small owt; do
   for code in before after; do
     declare -n sizes="$shape" variant="$code"
@@ -54,7 +59,13 @@ for shape in small owt; do
       printf '+'; printf ' %q' "${command[@]}"; printf '\n'
       continue
     fi
-    "${command[@]}" | python -c "import json, sys; d = json.load(sys.stdin); \
-d.update(shape='$shape', code='$code', commit='$commit'); print(json.dumps(d))"
+    if report="$("${command[@]}")"; then
+      python -c "import json, sys; d = json.load(sys.stdin); \
+d.update(shape='$shape', code='$code', commit='$commit'); print(json.dumps(d))" <<< "$report"
+    else
+      echo "{\"shape\": \"$shape\", \"code\": \"$code\", \"commit\": \"$commit\", \"error\": \"exit $?\"}"
+      failed=1
+    fi
   done
 done
+exit "$failed"

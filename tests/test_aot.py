@@ -1,5 +1,7 @@
-"""--mode=compile: the steps and the sampler compiled for a TPU slice this machine lacks."""
+"""--mode=compile: the steps and the sampler compiled for a TPU slice or GPUs this machine
+lacks."""
 
+import importlib.util
 import json
 
 import jax
@@ -7,9 +9,10 @@ import pytest
 
 from conftest import train_config
 from flmjax import aot
+from flmjax.errors import UsageError
 from flmjax.models import dit
 
-pytest.importorskip("libtpu", reason='needs libtpu: pip install -e ".[tpu]"')
+CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +39,7 @@ def _config(**mesh):
 @pytest.mark.slow
 def test_compiles_for_a_v5e_slice_and_reports_memory_flops_and_what_does_not_fit(
     tmp_path):
+  pytest.importorskip("libtpu", reason='needs libtpu: pip install -e ".[tpu]"')
   config = _config(data=4)
   report = aot.compile_mode(config, str(tmp_path))
   assert (report["topology"], report["chips"], report["device_kind"]) == (
@@ -65,3 +69,33 @@ def test_compiles_for_a_v5e_slice_and_reports_memory_flops_and_what_does_not_fit
   assert report["attention"] == "splash"
   assert "RESOURCE_EXHAUSTED" in report["computations"][0]["error"]
   assert report["computations"][2]["argument_bytes"] < 0.4 * sampler["argument_bytes"]
+
+
+@pytest.mark.skipif(CUDA_PLUGIN, reason="JAX's CUDA plugin is installed")
+def test_a_gpu_topology_without_jaxs_cuda_plugin_says_what_to_install():
+  with pytest.raises(UsageError, match=r"topology='h100:8' could not be described .*"
+                     r"pip install \"jax\[cuda12-local\]=="):
+    aot.target_devices("h100:8")
+
+
+def test_a_malformed_gpu_topology_is_refused():
+  with pytest.raises(UsageError, match="topology='h200:eight': write h200, h200:GPUS or "
+                     "h200:HOSTSxGPUS"):
+    aot.target_devices("h200:eight")
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN,
+                    reason='needs JAX\'s CUDA plugin: pip install "jax[cuda12-local]"')
+def test_compiles_for_gpus_without_one_with_the_flash_kernel(tmp_path):
+  """Two hosts of two H100s described to XLA (no GPU here): the memory plan per GPU against
+  its 80 GiB; XLA gives no cost analysis without the device, so no FLOPs or roofline."""
+  config = _config(data=4)
+  config.topology, config.model.attention = "h100:2x2", "flash"
+  report = aot.compile_mode(config, str(tmp_path))
+  assert (report["chips"], report["device_kind"], report["attention"]) == (
+      4, "NVIDIA H100 80GB HBM3", "flash")
+  for computation in report["computations"]:
+    assert computation["hbm_fraction"] == pytest.approx(
+        computation["bytes_per_chip"] / (80 * 2**30))
+    assert 0 < computation["hbm_fraction"] < 0.01
+    assert "flops_per_chip" not in computation and "roofline_seconds" not in computation

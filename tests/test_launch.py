@@ -1,9 +1,12 @@
 """launch/*.sh: argument checks, and the commands their --dry-run prints."""
 
+import json
 import os
 import pathlib
 import shlex
 import subprocess
+
+import pytest
 
 from flmjax.modes import MODES
 
@@ -111,3 +114,16 @@ def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
   assert "--config.data.seq_len=1024" in commands[2] and "--sample_batch=64" in commands[2]
   run, _ = _launch("gpu_bench.sh", "--size=huge")
   assert run.returncode == 2 and "--size=huge: gpu or tiny" in run.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_reports_a_failed_run_and_goes_on_to_the_next():
+  """The GPU's time is scarce: a run that fails (here all four, on a bad attention) is a
+  JSON line with its error, the others still run, and the script exits 1."""
+  run, _ = _launch("gpu_bench.sh", "--size=tiny", "--", "--config.model.attention=bogus")
+  assert run.returncode == 1
+  lines = [json.loads(line) for line in run.stdout.splitlines()]
+  assert [(d["shape"], d["code"]) for d in lines] == [
+      ("small", "before"), ("small", "after"), ("owt", "before"), ("owt", "after")]
+  assert all(d["error"] == "exit 2" for d in lines)
+  assert run.stderr.count("flmjax.bench: error: model.attention='bogus' is not one of") == 4

@@ -163,8 +163,15 @@ def _report(entry: dict, compiled, devices) -> dict:
 def compile_all(config: ml_collections.ConfigDict) -> dict:
   """Compiles the three computations for config.topology; returns the report."""
   devices = target_devices(config.topology)
-  with dit.kernels_for(devices[0].platform):  # attention=auto takes the slice's kernels
-    return _compile_all(config, devices)
+  # An executable compiled without its devices cannot be read back from JAX's persistent
+  # compilation cache (JAX warns and compiles again), so for a topology none is written.
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", cache and not config.topology)
+  try:
+    with dit.kernels_for(devices[0].platform):  # attention=auto takes the slice's kernels
+      return _compile_all(config, devices)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
 
 
 def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:

@@ -14,8 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 512
   # What --mode=train trains: "flm" (the FLM teacher; --mode=distill makes its FMLM
   # student), or a discrete baseline on the same DiT, data and loop (BASELINES.md, and
-  # docs/baselines.md): "mdlm" (masked diffusion), "sedd" (score entropy, absorbing) or
-  # "ar" (autoregressive, causal).
+  # docs/baselines.md): "mdlm" (masked diffusion), "sedd" (score entropy, absorbing), "duo"
+  # (uniform-state diffusion, without its curriculum) or "ar" (autoregressive, causal).
   config.family = "flm"
 
   config.data = ml_collections.ConfigDict()
@@ -171,7 +171,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.steps = 1
   config.sample.num_samples = 16
   # "auto" (the family's default: euler, flowmap, ancestral_cache for mdlm, analytic for
-  # sedd, ar) or one of the family's samplers by name (mdlm also has "ancestral").
+  # sedd, ancestral for duo, ar) or one of the family's samplers by name (mdlm also has
+  # "ancestral", duo "greedy": the argmax at the noise-removal call).
   config.sample.sampler = "auto"
   # The discrete baselines only: temperature of their token draws and nucleus (top-p)
   # mass, both 1 = exact sampling of the model.

@@ -185,7 +185,7 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
 
   def step(name, cfg, objective, frozen=None, teacher_graphdef=None):
     cfg = registry.with_family(cfg, objective)
-    if registry.FAMILIES[objective.kind].discrete:
+    if registry.FAMILIES[objective.kind].masked:
       cfg.model.mask_id = vocab - 1  # any id: compiling needs the shapes only
     build = dit.builder(cfg.model, vocab)
     layout = state.plan(cfg, build, mesh)

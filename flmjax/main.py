@@ -69,13 +69,13 @@ def run_pipeline(config, workdir: str) -> None:
       "FMLM": (student, step_counts(config.eval.student_steps, "eval.student_steps"))})
 
 
-BASELINES = ("mdlm", "sedd", "ar")
+BASELINES = ("mdlm", "sedd", "duo", "ar")
 
 
 def run_compare(config, workdir: str) -> None:
   """The pipeline's teacher and student, then each baseline of BASELINES trained with the
   same data, tokenizer, backbone, batch and train.steps (WORKDIR/FAMILY), then all of them
-  evaluated in one table and plot (WORKDIR/eval): FLM, FMLM, MDLM and SEDD at each of
+  evaluated in one table and plot (WORKDIR/eval): FLM, FMLM, MDLM, SEDD and Duo at each of
   eval.compare_steps, AR once (its L - 1 calls). Rerunning resumes each stage."""
   teacher, student = _teacher_and_student(config, workdir)
   steps = step_counts(config.eval.compare_steps, "eval.compare_steps")

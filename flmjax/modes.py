@@ -21,7 +21,8 @@ MODES = {
     "pipeline": "prepare, train (WORKDIR/teacher), distill (WORKDIR/student) and eval "
                 "(WORKDIR/eval)",
     "compare": "prepare, then train FLM (WORKDIR/teacher) and its FMLM student "
-               "(WORKDIR/student), MDLM, SEDD and AR (WORKDIR/mdlm, sedd, ar) on the same data "
+               "(WORKDIR/student), MDLM, SEDD, Duo and AR (WORKDIR/mdlm, sedd, duo, ar) on the "
+               "same data "
                "and backbone, and evaluate them all at eval.compare_steps (WORKDIR/eval)",
     "compile": "compiles the train step (of --config.family), and for FLM the distillation "
                "step and the one-step sampler, for --config.topology and prints memory and "

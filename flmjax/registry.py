@@ -12,6 +12,7 @@ module that defines its objective and sampler factories, plus an entry in each t
 | fmlm | two-time flow map | flowmap | FLM cross entropy at s = t |
 | mdlm | ids in, no output cap | ancestral_cache, ancestral | NLL bound (nats/token) |
 | sedd | ids in, no output cap | analytic | NLL bound (nats/token) |
+| duo | ids in, no output cap | ancestral, greedy | NLL bound (nats/token) |
 | ar | causal, no adaLN | ar | exact NLL (nats/token) |
 """
 
@@ -21,7 +22,7 @@ from typing import Callable
 
 import ml_collections
 
-from flmjax import absorbing, autoregressive, distill, objectives, sampling
+from flmjax import absorbing, autoregressive, distill, objectives, sampling, uniform
 from flmjax.errors import UsageError
 
 
@@ -31,7 +32,8 @@ class Family:
   model: dict  # the `model` config fields this family sets
   samplers: dict[str, Callable]  # name -> factory (steps, num_samples, seq_len, Options)
   likelihood: bool = False  # its validation loss bounds the NLL: report exp() as PPL
-  discrete: bool = False  # token ids in and out: reads model.mask_id; temperature, top-p
+  discrete: bool = False  # token ids in and out: temperature, top-p
+  masked: bool = False  # reads model.mask_id (the tokenizer's mask id)
 
   @property
   def default_sampler(self) -> str:
@@ -46,11 +48,14 @@ FAMILIES = {family.kind: family for family in (
            {"flowmap": sampling.sampler(sampling.FLOW_MAP)}),
     Family("mdlm", BASELINE, {"ancestral_cache": absorbing.sampler("mdlm", cache=True),
                               "ancestral": absorbing.sampler("mdlm")},
-           likelihood=True, discrete=True),
+           likelihood=True, discrete=True, masked=True),
     Family("sedd", BASELINE, {"analytic": absorbing.sampler("sedd")}, likelihood=True,
-           discrete=True),
+           discrete=True, masked=True),
+    Family("duo", BASELINE, {"ancestral": uniform.sampler(),
+                             "greedy": uniform.sampler(greedy=True)},
+           likelihood=True, discrete=True),
     Family("ar", dict(BASELINE, causal=True, attn_softcap=0.0),
-           {"ar": autoregressive.sampler}, likelihood=True, discrete=True),
+           {"ar": autoregressive.sampler}, likelihood=True, discrete=True, masked=True),
 )}
 SAMPLERS = tuple(dict.fromkeys(name for f in FAMILIES.values() for name in f.samplers))
 
@@ -59,6 +64,7 @@ OBJECTIVES = {objective.name: objective for objective in (
     objectives.FLM, distill.SEMIGROUP, distill.EULERIAN, distill.LAGRANGIAN,
     objectives.Objective("mdlm", "mdlm", absorbing.mdlm_objective),
     objectives.Objective("sedd", "sedd", absorbing.sedd_objective),
+    objectives.Objective("duo", "duo", uniform.objective),
     objectives.Objective("ar", "ar", autoregressive.objective))}
 DISTILLATION = tuple(name for name, o in OBJECTIVES.items() if o.teacher)
 TRAINABLE = tuple(name for name, o in OBJECTIVES.items() if not o.teacher)
@@ -83,7 +89,7 @@ def with_family(config: ml_collections.ConfigDict, objective: objectives.Objecti
   config.model.update(FAMILIES[objective.kind].model)
   if objective.jvp and config.model.attention == "auto":
     config.model.attention = "plain"
-  if FAMILIES[objective.kind].discrete and tokenizer is not None:
+  if FAMILIES[objective.kind].masked and tokenizer is not None:
     if tokenizer.mask_id is None:
       raise UsageError(f"family={objective.kind} needs a mask id, and this {tokenizer.kind} "
                        f"tokenizer ({tokenizer.source}) has none: use a vocabulary with a "

@@ -10,14 +10,14 @@ K + 1 (the mask id) complete the vocabulary, V = K + 2.
 - `phrases`: each example is one of 4 fixed phrases of 7 random tokens (K = 16). A
   sample's score is 1 when it is BOS and one of them, else 0. A sampler that draws
   positions independently mixes phrases ("New Diego"): from all-mask, one MDLM or SEDD
-  step does.
+  step does, and from uniform ids one Duo step.
 - `markov`: a walk on a ring of K = 16 tokens, each followed by the next one or the third
   next one with probability 1/2 (L = 16). A sample's score is its share of allowed
   transitions (after BOS): 1 for the chain, 2/16 for uniform tokens.
 
 Each family trains from the same random start on the same batches with its own objective
 (flmjax/registry.py), Adam at 3e-3: FLM, then its FMLM student by the semigroup objective,
-MDLM, SEDD and AR; then samples through the families' own samplers.
+MDLM, SEDD, Duo and AR; then samples through the families' own samplers.
 """
 
 import argparse
@@ -140,7 +140,7 @@ def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int,
 
 
 STEPS = {"flm": (1, 8, 64), "fmlm": (1, 2, 4), "mdlm": (1, 2, 4, 8, 64),
-         "sedd": (1, 2, 4, 8, 64), "ar": (None,)}
+         "sedd": (1, 2, 4, 8, 64), "duo": (1, 2, 4, 8, 64), "ar": (None,)}
 
 
 def table(source: str, seed: int, train_steps: int = 600, n: int = 256,

@@ -1,5 +1,6 @@
-"""The discrete baselines (MDLM, SEDD, AR): schedule, losses, samplers and the family
-rules, each checked against a closed form or a second code path written here."""
+"""The discrete baselines (MDLM, SEDD, AR; Duo's closed forms are in test_uniform.py):
+schedule, losses, samplers and the family rules, each checked against a closed form or a
+second code path written here."""
 
 import jax
 import jax.numpy as jnp
@@ -257,7 +258,7 @@ def test_a_sampler_option_the_family_does_not_take_is_refused(kind, field, value
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("family", "duo", "family='duo' is not one of flm, mdlm, sedd, ar"),
+    ("family", "d3pm", "family='d3pm' is not one of flm, mdlm, sedd, duo, ar"),
     ("sample.sampler", "ddpm", "sample.sampler='ddpm' is not one of auto, euler"),
     ("sample.top_p", 0.0, "sample.top_p=0.0: the nucleus mass must be in"),
     ("sample.temperature", 0.0, "sample.temperature=0.0 must be positive"),
@@ -290,15 +291,16 @@ def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mdlm", "sedd", "ar"])
+@pytest.mark.parametrize("family", ["mdlm", "sedd", "duo", "ar"])
 def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
   config = train_config(steps=4, eval_every=4, sample_every=4)
   config.family = family
   config.data.dir = str(prepared.path.parent)
   train.train(config, str(tmp_path / "run"))
   record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "run"))
-  assert record["kind"] == family and record["config"]["model"]["mask_id"] == \
-      tokenizer.mask_id == tokenizer.pad_id
+  assert record["kind"] == family and record["config"]["model"]["mask_id"] == (
+      -1 if family == "duo" else tokenizer.mask_id)  # Duo has no mask
+  assert tokenizer.mask_id == tokenizer.pad_id
   config.checkpoint = str(tmp_path / "run")
   config.eval.update(evaluator="none", steps="1,4", num_samples=4, reference_samples=4,
                      valid_batches=2)
@@ -307,7 +309,7 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
   calls = [r["network_calls"] for r in model_rows]
   if family == "ar":
     assert calls == [config.data.seq_len - 1]  # one row: its sample ignores the step count
-  elif family == "sedd":
+  elif family in ("sedd", "duo"):
     assert calls == [2, 5]
   else:  # the cache: 1 + the steps that changed a token
     assert 1 < calls[0] <= 2 and 1 < calls[1] <= 5

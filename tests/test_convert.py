@@ -194,6 +194,7 @@ def test_import_family_must_fit_the_tensors():
   one_time = {"causal": False, "two_time": False}
   assert convert.family_of(one_time, "auto") == "flm"
   assert convert.family_of(one_time, "sedd") == "sedd"
+  assert convert.family_of(one_time, "duo") == "duo"
   assert convert.family_of({"causal": True, "two_time": False}, "auto") == "ar"
   with pytest.raises(UsageError, match="--family=ar, but the weights are a one-time"):
     convert.family_of(one_time, "ar")

@@ -1,0 +1,168 @@
+"""Duo's uniform-state discrete diffusion (BASELINES.md sections 1, 6.1 and 6.2): the
+`duo_base` model, trained on discrete states. Duo's Gaussian curriculum (section 6.3) and
+its consistency distillation (section 7) are not implemented.
+
+Time, schedule and training times are flmjax/absorbing.py's (t = 1 noise, alpha_t =
+1 - (1 - 1e-3) t, the network's time input sigma_t = -log alpha_t). Forward process: each
+token is kept with probability alpha_t, else replaced by an id drawn uniformly from all V
+(x0 again possible); the prior is uniform over V. The network reads token ids and gives
+x_theta = softmax(f) over all V.
+
+Loss per position (the continuous-time bound; BASELINES.md 6.1 writes it with
+xb_theta = V A x_theta + 1 - A): with A = alpha_t, j = x_t, rho = V A / (1 - A),
+l(v) = log(1 + rho x_theta(v)) and u(v) = log(c + (1 - c) x_theta(v)), c = 1 / (1 + rho),
+
+  T1 = (rho / A) (1[x0 = j] c + 1[x0 != j] - e^{-l(j)}),
+  T2 = -(sum_{v != j} l(v) - (V - 1) u(j)) / (1 + rho)             if x0 = j,
+  T2 = -(1 + rho) u(x0) + (rho + V) l(j) - sum_{v != x0} l(v)      if x0 != j,
+  loss = (alpha'_t / (V A)) (T1 - T2),  alpha'_t = -(1 - 1e-3).
+
+This is section 6.1's expression rearranged so that its terms of size rho log rho (about
+1e9 at t = 1e-3 and V = 50258) cancel in closed form rather than in float32; it is the
+limit of KL(q(x_s | x_t, x0) || q(x_s | x_t, x0 = x_theta)) / (t - s) as s -> t, 0 when
+x_theta is x0's one-hot. It is also the validation bound on the NLL per token (no prior
+term; the integral starts at t = 1e-3).
+
+Sampling (one compiled scan, `tokens`): from uniform ids at t = 1 along t_i = linspace(1,
+1e-5, k + 1), every position is redrawn at each step t -> s from the posterior with x0
+replaced by x_theta(x_t, sigma_t):
+
+  q(v) ~ (r [v = j] + (1 - r) / V) (a_s x_theta(v) + (1 - a_s) / V),  r = a_t / a_s,
+
+then one noise-removal call at t = 1e-5: `ancestral` takes the same step to a_s = 1,
+`greedy` the argmax of x_theta; k + 1 network calls. Temperature and nucleus (top-p) apply
+to q (sampling.nucleus; the reference's Duo top-p is broken, BASELINES.md 11.6).
+"""
+
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flmjax import sampling, sharding
+from flmjax.absorbing import EPS, LAST_TIME, alpha, sigma, training_times
+
+
+def corrupt(rng: jax.Array, x0: jax.Array, t: jax.Array, vocab_size: int) -> jax.Array:
+  """x_t: each token of x0 [B, L] kept with probability alpha_t [B], else an id drawn
+  uniformly from all `vocab_size`."""
+  rng_keep, rng_id = jax.random.split(rng)
+  kept = jax.random.uniform(rng_keep, x0.shape) < alpha(t)[:, None]
+  return jnp.where(kept, x0, jax.random.randint(rng_id, x0.shape, 0, vocab_size))
+
+
+def token_loss(logits, xt, x0, t) -> jax.Array:
+  """The continuous-time bound at every position [B, L] (module docstring); logits
+  [B, L, V] float32, t [B]."""
+  vocab = logits.shape[-1]
+  a = alpha(t)[:, None]
+  log_rho = jnp.log(vocab * a) - jnp.log1p(-a)  # rho = V A / (1 - A), [B, 1]
+  log1p_rho = jnp.logaddexp(0.0, log_rho)
+  log_x = jax.nn.log_softmax(logits, axis=-1)
+  ell = jax.nn.softplus(log_rho[..., None] + log_x)  # l(v) = log(1 + rho x(v))
+
+  def at(values, ids):
+    return jnp.take_along_axis(values, ids[..., None], -1)[..., 0]
+
+  def u(log_x):  # log(c + (1 - c) x): log1p((1 - c)(x - 1)) near x = 1, else a logaddexp
+    near_one = jnp.log1p(jnp.exp(log_rho - log1p_rho) * jnp.expm1(log_x))
+    return jnp.where(log_x > -0.5, near_one,
+                     jnp.logaddexp(-log1p_rho, log_rho - log1p_rho + log_x))
+
+  rho, c = jnp.exp(log_rho), jnp.exp(-log1p_rho)
+  ell_j, log_x_j, log_x_0 = at(ell, xt), at(log_x, xt), at(log_x, x0)
+  # sum over v != x0 of l(v), without the large l(x0) of a confident x_theta
+  others = jnp.where(jnp.arange(vocab) == x0[..., None], 0.0, ell).sum(-1)
+  same = x0 == xt
+  t1 = rho / a * (jnp.where(same, c, 1.0) - jnp.exp(-ell_j))
+  t2 = jnp.where(same, -(others - (vocab - 1) * u(log_x_j)) * c,
+                 -(1 + rho) * u(log_x_0) + (rho + vocab) * ell_j - others)
+  return -(1 - EPS) / (vocab * a) * (t1 - t2)
+
+
+def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
+              train: bool = True):
+  """Duo's loss (token_loss) of the model, time input sigma_t; dropout only when
+  training."""
+  del config, teacher_graphdef
+
+  def loss_fn(model, batch, rng, frozen):
+    del frozen
+    x0 = batch["tokens"]
+    rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
+    t = training_times(rng_t, x0.shape[0])
+    xt = corrupt(rng_noise, x0, t, vocab_size)
+    logits = model(model.embed_ids(xt), sigma(t), dropout_rng=rng_dropout if train else None)
+    loss = token_loss(logits, xt, x0, t).mean()
+    return loss, {"loss": loss, "changed": (xt != x0).mean()}
+  return loss_fn
+
+
+# --- Samplers ---------------------------------------------------------------------------
+
+
+def grid(steps: int) -> dict[str, np.ndarray]:
+  """Host float64 rows of the k steps and the noise-removal call [k + 1]: the noise level
+  the network sees (sigma_t), alpha at t and at the next time (1 for the last call)."""
+  if steps < 1:
+    raise ValueError(f"steps must be at least 1, got {steps}")
+  alpha_t = alpha(np.linspace(1.0, LAST_TIME, steps + 1))
+  return {"sigma": -np.log(alpha_t), "alpha_t": alpha_t,
+          "alpha_s": np.append(alpha_t[1:], 1.0), "last": np.arange(steps + 1) == steps}
+
+
+def posterior(probs: jax.Array, x: jax.Array, alpha_t, alpha_s) -> jax.Array:
+  """q(x_s | x_t = x, x0 ~ probs) [B, L, V] of the uniform process (module docstring)."""
+  vocab = probs.shape[-1]
+  r = alpha_t / alpha_s
+  toward = alpha_s * probs + (1 - alpha_s) / vocab
+  weights = (1 - r) / vocab * toward + r * jax.nn.one_hot(x, vocab) * toward
+  return weights / weights.sum(-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "graphdef", "batch_size", "seq_len", "greedy", "temperature", "top_p", "mesh"))
+def tokens(graphdef, params, rng, rows, *, batch_size: int, seq_len: int,
+           greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           mesh=None) -> tuple[jax.Array, jax.Array]:
+  """(tokens [B, L] int32, network calls) of a Duo sample over `rows` (`grid`); `greedy`
+  takes the argmax of x_theta at the noise-removal call."""
+  model = nnx.merge(graphdef, params)
+  rows = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if x.dtype != bool else bool),
+                      rows)
+
+  def body(x, inputs):
+    row, key = inputs
+    probs = jax.nn.softmax(model(model.embed_ids(x), jnp.full(x.shape[:1], row["sigma"])),
+                           axis=-1)
+    step = sampling.nucleus(posterior(probs, x, row["alpha_t"], row["alpha_s"]),
+                            temperature, top_p)
+    new = jax.random.categorical(key, jnp.log(step), axis=-1)
+    if greedy:
+      new = jnp.where(row["last"], jnp.argmax(probs, axis=-1), new)
+    return new, None
+
+  rng_prior, rng_steps = jax.random.split(rng)
+  x = jax.random.randint(rng_prior, (batch_size, seq_len), 0, model.vocab_size, jnp.int32)
+  keys = jax.random.split(rng_steps, len(rows["sigma"]))
+  with sharding.tracing_under(mesh):
+    x, _ = jax.lax.scan(body, x, (rows, keys))
+  if mesh is not None:
+    x = jax.lax.with_sharding_constraint(x, sharding.replicated(mesh))
+  return x, jnp.int32(len(rows["sigma"]))
+
+
+def sampler(greedy: bool = False):
+  """A Duo sampler factory (see sampling.Options): noise removal ancestral or greedy."""
+  def make(steps: int, num_samples: int, seq_len: int, options: sampling.Options):
+    rows = grid(steps)
+
+    def sample(graphdef, params, rng):
+      return tokens(graphdef, params, rng, rows, batch_size=num_samples, seq_len=seq_len,
+                    greedy=greedy, temperature=options.temperature, top_p=options.top_p,
+                    mesh=sampling.params_mesh(params))
+    return sample
+  return make

@@ -1,0 +1,169 @@
+"""Duo's uniform-state diffusion (flmjax/uniform.py): its forward process, loss and
+sampler, each against BASELINES.md section 6 computed here in float64 or a closed form."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flmjax import absorbing, uniform
+from flmjax.models import dit
+
+V = 7
+
+
+def _usdm_loss(x_theta, x0, j, a, vocab):
+  """BASELINES.md 6.1 as written there, in float64."""
+  xb_theta = vocab * a * x_theta + 1 - a
+  xb = vocab * a * (np.arange(vocab) == x0) + 1 - a
+  c = (1 - a) / (vocab * a + 1 - a)
+  s = np.log(xb_theta).sum() - vocab * np.log(xb_theta[j])
+  t1 = vocab * (1 / xb[j] - 1 / xb_theta[j])
+  if x0 == j:
+    t2 = -c * s + (vocab - 1) * c * np.log(c)
+  else:
+    t2 = (-s - vocab * a / (1 - a) * (np.log(xb_theta[x0]) - np.log(xb_theta[j]))
+          - np.log(c) / c)
+  return -(1 - absorbing.EPS) / (vocab * a) * (t1 - t2)
+
+
+def _bayes_posterior(x0, j, a_t, a_s, vocab):
+  """q(x_s | x_t = j, x0) by Bayes' rule from the forward kernels: q(x_s | x0) keeps x0
+  with probability a_s, and q(x_t | x_s) keeps x_s with a_t / a_s, the kernel that makes
+  q(x_s | x0) then q(x_t | x_s) equal q(x_t | x0) (checked here)."""
+  def kernel(keep):
+    return keep * np.eye(vocab) + (1 - keep) / vocab
+  np.testing.assert_allclose(kernel(a_s) @ kernel(a_t / a_s), kernel(a_t), atol=1e-15)
+  joint = kernel(a_t / a_s)[:, j] * kernel(a_s)[x0]
+  return joint / kernel(a_t)[x0, j]
+
+
+def _loss(logits, x0, j, t):
+  return float(uniform.token_loss(jnp.asarray(logits, jnp.float32)[None, None],
+                                  jnp.array([[j]]), jnp.array([[x0]]),
+                                  jnp.array([t], jnp.float32))[0, 0])
+
+
+def test_corruption_keeps_a_token_or_draws_any_id_uniformly():
+  x0 = jnp.zeros((3, 40000), jnp.int32)
+  t = jnp.array([0.2, 0.6, 1.0])
+  xt = np.asarray(uniform.corrupt(jax.random.key(0), x0, t, V))
+  a = absorbing.alpha(np.asarray(t))
+  # P(x_t = x0) = alpha + (1 - alpha) / V; every other id (1 - alpha) / V.
+  for row, keep in zip(xt, a):
+    frequency = np.bincount(row, minlength=V) / row.size
+    np.testing.assert_allclose(frequency, [keep + (1 - keep) / V] + [(1 - keep) / V] * 6,
+                               atol=0.008)
+
+
+@pytest.mark.parametrize("vocab", [V, 50258])
+@pytest.mark.parametrize("t", [1e-3, 0.3, 0.9])
+def test_the_loss_is_section_6_1s_expression(vocab, t):
+  """The rearranged float32 form against the expression as BASELINES.md writes it, in
+  float64, for a kept and a changed token, at a spread and a peaked x_theta; at t = 1e-3
+  and V = 50258 the written form's terms are about 1e9."""
+  rng = np.random.default_rng(0)
+  a = float(absorbing.alpha(t))
+  for scale in (1.0, 8.0):
+    logits = rng.normal(size=vocab) * scale
+    x_theta = np.exp(logits - logits.max())
+    x_theta /= x_theta.sum()
+    for x0, j in ((2, 2), (2, 5)):
+      expected = _usdm_loss(x_theta, x0, j, a, vocab)
+      np.testing.assert_allclose(_loss(logits, x0, j, t), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_the_loss_is_the_rate_of_kl_between_the_true_and_the_modelled_reverse_step(t):
+  """The continuous-time bound: KL(q(x_s | x_t, x0) || q(x_s | x_t, x0 = x_theta)) / (t - s)
+  as s -> t, the step's posteriors by Bayes' rule (x0 known) and by 6.2's rule (x0 ~
+  x_theta), both in float64."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=V)
+  x_theta = np.exp(logits) / np.exp(logits).sum()
+  dt = 1e-6
+  a_t, a_s = absorbing.alpha(t), absorbing.alpha(t - dt)
+  for x0, j in ((1, 1), (1, 3)):
+    true = _bayes_posterior(x0, j, a_t, a_s, V)
+    modelled = _sampler_rule(x_theta, j, a_t, a_s)
+    rate = (true * np.log(true / modelled)).sum() / dt
+    np.testing.assert_allclose(_loss(logits, x0, j, t), rate, rtol=1e-4)
+
+
+def _sampler_rule(x_theta, j, a_t, a_s):
+  """BASELINES.md 6.2's step in float64."""
+  r = a_t / a_s
+  weights = (r * (np.arange(len(x_theta)) == j) + (1 - r) / len(x_theta)) * \
+      (a_s * x_theta + (1 - a_s) / len(x_theta))
+  return weights / weights.sum()
+
+
+def test_the_sampler_step_is_the_posterior_of_the_forward_process():
+  """uniform.posterior at a one-hot x0 is Bayes' rule; at a distribution, 6.2's rule."""
+  a_t, a_s = 0.3, 0.55
+  for x0, j in ((1, 1), (1, 3)):
+    got = uniform.posterior(jax.nn.one_hot(jnp.array([x0]), V), jnp.array([j]), a_t, a_s)
+    np.testing.assert_allclose(got[0], _bayes_posterior(x0, j, a_t, a_s, V), atol=1e-6)
+  x_theta = np.random.default_rng(2).dirichlet(np.ones(V))
+  got = uniform.posterior(jnp.asarray(x_theta, jnp.float32)[None], jnp.array([4]), a_t, a_s)
+  np.testing.assert_allclose(got[0], _sampler_rule(x_theta, 4, a_t, a_s), atol=1e-6)
+
+
+def test_a_perfect_denoiser_has_zero_loss():
+  x0 = jax.random.randint(jax.random.key(0), (4, 16), 0, V)
+  for t in (1e-3, 0.5, 1.0):
+    times = jnp.full((4,), t)
+    xt = uniform.corrupt(jax.random.key(1), x0, times, V)
+    sure = 60.0 * jax.nn.one_hot(x0, V)  # x_theta(x0) = 1 - O(e^-60)
+    np.testing.assert_allclose(uniform.token_loss(sure, xt, x0, times), 0, atol=1e-4)
+
+
+def _constant_model(logits):
+  """A DiT whose logits are `logits` [V] at every position and time (the zero-initialised
+  output layer leaves its bias)."""
+  model = dit.DiT(V, 16, 1, 2, 8, output_cap=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  model.output.bias[...] = jnp.asarray(logits, jnp.float32)
+  graphdef, params = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(params)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_a_certain_model_is_sampled_exactly_in_k_plus_one_calls(greedy):
+  """x_theta = one-hot(3) everywhere: from uniform ids, the last step (a_s = 1, or the
+  argmax) leaves every position at 3, after k + 1 network calls."""
+  graphdef, params = _constant_model(30.0 * np.eye(V)[3])
+  for steps in (1, 4):
+    tokens, calls = uniform.tokens(graphdef, params, jax.random.key(steps),
+                                   uniform.grid(steps), batch_size=8, seq_len=5,
+                                   greedy=greedy)
+    assert int(calls) == steps + 1
+    np.testing.assert_array_equal(tokens, 3)
+
+
+def test_one_ancestral_step_draws_from_the_posterior_with_temperature_and_top_p():
+  """A 1-step sample of a constant model draws every position from 6.2's rule from t = 1
+  to 1e-5, then removes the noise (a_s = 1): the one-step marginal over uniform starting
+  ids is computed here in closed form; top_p keeps the nucleus of each draw."""
+  logits = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
+  x_theta = np.exp(logits)
+  graphdef, params = _constant_model(logits)
+  rows = uniform.grid(1)
+  tokens, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=2000,
+                             seq_len=8)
+  marginal = np.zeros(V)
+  for j in range(V):  # x_1 uniform, x at 1e-5, then x_0
+    middle = _sampler_rule(x_theta, j, rows["alpha_t"][0], rows["alpha_s"][0])
+    for k in range(V):
+      marginal += middle[k] / V * _sampler_rule(x_theta, k, rows["alpha_t"][1], 1.0)
+  frequency = np.bincount(np.asarray(tokens).ravel(), minlength=V) / tokens.size
+  np.testing.assert_allclose(frequency, marginal, atol=0.01)
+  nucleus, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=200,
+                              seq_len=8, top_p=0.05)
+  # Each draw is its posterior's most probable id: x_theta's top (0), then 0 kept.
+  np.testing.assert_array_equal(nucleus, 0)
+  # At temperature 0.5 the first step draws 0 with probability about 0.62 (x_theta
+  # squared, renormalised), against 0.4 at temperature 1.
+  colder, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=2000,
+                             seq_len=8, temperature=0.5)
+  assert (np.asarray(colder) == 0).mean() > frequency[0] + 0.1

@@ -59,7 +59,7 @@ def token_loss(logits, xt, x0, t) -> jax.Array:
   [B, L, V] float32, t [B]."""
   vocab = logits.shape[-1]
   a = alpha(t)[:, None]
-  log_rho = jnp.log(vocab * a) - jnp.log1p(-a)  # rho = V A / (1 - A), [B, 1]
+  log_rho = jnp.log(vocab * a) - jnp.log((1 - EPS) * t)[:, None]  # rho = V A / (1 - A)
   log1p_rho = jnp.logaddexp(0.0, log_rho)
   log_x = jax.nn.log_softmax(logits, axis=-1)
   ell = jax.nn.softplus(log_rho[..., None] + log_x)  # l(v) = log(1 + rho x(v))
@@ -68,9 +68,9 @@ def token_loss(logits, xt, x0, t) -> jax.Array:
     return jnp.take_along_axis(values, ids[..., None], -1)[..., 0]
 
   def u(log_x):  # log(c + (1 - c) x): log1p((1 - c)(x - 1)) near x = 1, else a logaddexp
-    near_one = jnp.log1p(jnp.exp(log_rho - log1p_rho) * jnp.expm1(log_x))
-    return jnp.where(log_x > -0.5, near_one,
-                     jnp.logaddexp(-log1p_rho, log_rho - log1p_rho + log_x))
+    near = log_x > -0.5  # (the other branch's input kept in range: its gradient is taken)
+    near_one = jnp.log1p(jnp.exp(log_rho - log1p_rho) * jnp.expm1(jnp.where(near, log_x, 0.0)))
+    return jnp.where(near, near_one, jnp.logaddexp(-log1p_rho, log_rho - log1p_rho + log_x))
 
   rho, c = jnp.exp(log_rho), jnp.exp(-log1p_rho)
   ell_j, log_x_j, log_x_0 = at(ell, xt), at(log_x, xt), at(log_x, x0)

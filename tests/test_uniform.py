@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import randomize
 from flmjax import absorbing, uniform
 from flmjax.models import dit
 
@@ -91,11 +92,11 @@ def test_the_loss_is_the_rate_of_kl_between_the_true_and_the_modelled_reverse_st
     np.testing.assert_allclose(_loss(logits, x0, j, t), rate, rtol=1e-4)
 
 
-def _sampler_rule(x_theta, j, a_t, a_s):
-  """BASELINES.md 6.2's step in float64."""
+def _sampler_rule(x_theta, j, a_t, a_s, temperature=1.0):
+  """BASELINES.md 6.2's step in float64, its weights at `temperature` (p^(1/T))."""
   r = a_t / a_s
-  weights = (r * (np.arange(len(x_theta)) == j) + (1 - r) / len(x_theta)) * \
-      (a_s * x_theta + (1 - a_s) / len(x_theta))
+  weights = ((r * (np.arange(len(x_theta)) == j) + (1 - r) / len(x_theta)) *
+             (a_s * x_theta + (1 - a_s) / len(x_theta))) ** (1 / temperature)
   return weights / weights.sum()
 
 
@@ -141,29 +142,81 @@ def test_a_certain_model_is_sampled_exactly_in_k_plus_one_calls(greedy):
     np.testing.assert_array_equal(tokens, 3)
 
 
-def test_one_ancestral_step_draws_from_the_posterior_with_temperature_and_top_p():
+def test_one_step_draws_from_the_posterior_then_removes_the_noise():
   """A 1-step sample of a constant model draws every position from 6.2's rule from t = 1
-  to 1e-5, then removes the noise (a_s = 1): the one-step marginal over uniform starting
-  ids is computed here in closed form; top_p keeps the nucleus of each draw."""
+  to 1e-5, then removes the noise: `ancestral` by the same rule to a_s = 1, `greedy` by the
+  argmax of x_theta. The one-step marginal over uniform starting ids is computed here in
+  closed form, at temperature 1 and 0.5; top_p keeps the nucleus of each draw."""
   logits = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
   x_theta = np.exp(logits)
   graphdef, params = _constant_model(logits)
   rows = uniform.grid(1)
-  tokens, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=2000,
-                             seq_len=8)
-  marginal = np.zeros(V)
-  for j in range(V):  # x_1 uniform, x at 1e-5, then x_0
-    middle = _sampler_rule(x_theta, j, rows["alpha_t"][0], rows["alpha_s"][0])
-    for k in range(V):
-      marginal += middle[k] / V * _sampler_rule(x_theta, k, rows["alpha_t"][1], 1.0)
-  frequency = np.bincount(np.asarray(tokens).ravel(), minlength=V) / tokens.size
-  np.testing.assert_allclose(frequency, marginal, atol=0.01)
+  for temperature in (1.0, 0.5):
+    tokens, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=2000,
+                               seq_len=8, temperature=temperature)
+    marginal = np.zeros(V)
+    for j in range(V):  # x_1 uniform, x at 1e-5, then x_0
+      middle = _sampler_rule(x_theta, j, rows["alpha_t"][0], rows["alpha_s"][0], temperature)
+      for k in range(V):
+        marginal += middle[k] / V * _sampler_rule(x_theta, k, rows["alpha_t"][1], 1.0,
+                                                  temperature)
+    frequency = np.bincount(np.asarray(tokens).ravel(), minlength=V) / tokens.size
+    np.testing.assert_allclose(frequency, marginal, atol=0.01)
+  greedy, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=200,
+                             seq_len=8, greedy=True)
+  np.testing.assert_array_equal(greedy, 0)
   nucleus, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=200,
                               seq_len=8, top_p=0.05)
   # Each draw is its posterior's most probable id: x_theta's top (0), then 0 kept.
   np.testing.assert_array_equal(nucleus, 0)
-  # At temperature 0.5 the first step draws 0 with probability about 0.62 (x_theta
-  # squared, renormalised), against 0.4 at temperature 1.
-  colder, _ = uniform.tokens(graphdef, params, jax.random.key(0), rows, batch_size=2000,
-                             seq_len=8, temperature=0.5)
-  assert (np.asarray(colder) == 0).mean() > frequency[0] + 0.1
+
+
+def test_the_sampler_and_the_objective_feed_the_network_sigma_t():
+  """With a network that depends on its time input, the compiled sampler equals the steps
+  of 6.2 taken one by one here with sigma_t = -log(1 - (1 - 1e-3) t) on t_i = linspace(1,
+  1e-5, k + 1) and the same draws, and the objective equals the token loss of the network
+  at sigma_t of the drawn times."""
+  graphdef, params = nnx.split(randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0,
+                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  params = nnx.to_pure_dict(params)
+  model = nnx.merge(graphdef, params)
+  steps, rng = 3, jax.random.key(4)
+  got, _ = uniform.tokens(graphdef, params, rng, uniform.grid(steps), batch_size=4,
+                          seq_len=6, greedy=True)
+  rng_prior, rng_steps = jax.random.split(rng)
+  x = jax.random.randint(rng_prior, (4, 6), 0, V, jnp.int32)
+  times = np.linspace(1.0, 1e-5, steps + 1)
+  for i, key in enumerate(jax.random.split(rng_steps, steps + 1)):
+    noise = -np.log(1 - (1 - 1e-3) * times[i])
+    probs = jax.nn.softmax(model(model.embed_ids(x), jnp.full((4,), noise, jnp.float32)))
+    if i == steps:
+      x = jnp.argmax(probs, axis=-1)
+      break
+    a_t, a_s = 1 - (1 - 1e-3) * times[i], 1 - (1 - 1e-3) * times[i + 1]
+    step = np.stack([[_sampler_rule(np.asarray(p, np.float64), j, a_t, a_s)
+                      for p, j in zip(row, ids)] for row, ids in zip(probs, np.asarray(x))])
+    x = jax.random.categorical(key, jnp.log(jnp.asarray(step, jnp.float32)), axis=-1)
+  np.testing.assert_array_equal(got, x)
+
+  tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, V)
+  loss, _ = uniform.objective(None, V, train=False)(model, {"tokens": tokens},
+                                                    jax.random.key(6), None)
+  rng_t, rng_noise, _ = jax.random.split(jax.random.key(6), 3)
+  t = absorbing.training_times(rng_t, 4)
+  xt = uniform.corrupt(rng_noise, tokens, t, V)
+  logits = model(model.embed_ids(xt), -jnp.log(1 - (1 - 1e-3) * t))
+  np.testing.assert_allclose(loss, uniform.token_loss(logits, xt, tokens, t).mean(),
+                             rtol=1e-5)
+
+
+def test_the_loss_has_finite_gradients_for_confident_models():
+  """A 100-nat gap between logits (x_theta of the other ids about e^-100) at the smallest
+  training time and at V 50258, where rho is about 5e7: every gradient finite (each branch
+  of the loss is differentiated, the one not taken too)."""
+  vocab = 50258
+  logits = jnp.zeros((2, 2, vocab)).at[:, :, 7].set(100.0)
+  x0 = jnp.array([[7, 3], [7, 3]])
+  xt = jnp.array([[7, 7], [5, 3]])
+  for t in (1e-3, 0.5, 1.0):
+    grad = jax.grad(lambda f: uniform.token_loss(f, xt, x0, jnp.full((2,), t)).sum())(logits)
+    assert np.isfinite(np.asarray(grad)).all()

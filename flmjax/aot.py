@@ -21,6 +21,7 @@ names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-
 """
 
 import os
+import re
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -70,11 +71,12 @@ BERT_BASE_UNCASED = 30522
 def _gpu_devices(topology: str) -> list:
   """The devices of `GPU`, `GPU:N` (N in one host) or `GPU:HxN` (H hosts of N), GPU a key
   of GPUS, compiled for without a GPU through JAX's CUDA plugin."""
-  name, _, count = topology.partition(":")
-  hosts, _, per_host = count.rpartition("x")
-  if not (per_host or "1").isdigit() or not (hosts or "1").isdigit():
+  name, colon, count = topology.partition(":")
+  found = re.fullmatch(r"(?:([1-9][0-9]*)x)?([1-9][0-9]*)", count)
+  if colon and not found:
     raise UsageError(f"topology={topology!r}: write {name}, {name}:GPUS or "
-                     f"{name}:HOSTSxGPUS, e.g. {name}:8 or {name}:4x8.")
+                     f"{name}:HOSTSxGPUS with positive counts, e.g. {name}:8 or {name}:4x8.")
+  hosts, per_host = found.groups() if found else (None, None)
   kind, (major, minor), cores, clock, l2 = GPUS[name]
   hbm, _, bandwidth = CHIPS[kind]
   target = _GPU_TARGET.format(cores=cores, bandwidth=int(bandwidth), l2=l2, clock=clock,
@@ -163,15 +165,8 @@ def _report(entry: dict, compiled, devices) -> dict:
 def compile_all(config: ml_collections.ConfigDict) -> dict:
   """Compiles the three computations for config.topology; returns the report."""
   devices = target_devices(config.topology)
-  # An executable compiled without its devices cannot be read back from JAX's persistent
-  # compilation cache (JAX warns and compiles again), so for a topology none is written.
-  cache = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", cache and not config.topology)
-  try:
-    with dit.kernels_for(devices[0].platform):  # attention=auto takes the slice's kernels
-      return _compile_all(config, devices)
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
+  with dit.kernels_for(devices[0].platform):  # attention=auto takes the slice's kernels
+    return _compile_all(config, devices)
 
 
 def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:

@@ -137,7 +137,12 @@ def main(argv):
     sharding.initialize_distributed(config)
     validate(config, mode, lambda: len(
         aot.target_devices(config.topology) if mode == "compile" else jax.devices()))
-    state.use_compilation_cache(config.compilation_cache_dir)
+    if mode == "compile" and config.topology:
+      # An executable compiled without its devices cannot be loaded back from the
+      # persistent cache (JAX warns and compiles again): none is written.
+      jax.config.update("jax_enable_compilation_cache", False)
+    else:
+      state.use_compilation_cache(config.compilation_cache_dir)
     RUNS[mode](config, _WORKDIR.value)
   except UsageError as e:
     _fail(str(e))

@@ -59,9 +59,10 @@ for shape in small owt; do
       printf '+'; printf ' %q' "${command[@]}"; printf '\n'
       continue
     fi
-    if report="$("${command[@]}")"; then
-      python -c "import json, sys; d = json.load(sys.stdin); \
-d.update(shape='$shape', code='$code', commit='$commit'); print(json.dumps(d))" <<< "$report"
+    if report="$("${command[@]}")" && line="$(python -c "import json, sys; \
+d = json.load(sys.stdin); d.update(shape='$shape', code='$code', commit='$commit'); \
+print(json.dumps(d))" <<< "$report")"; then
+      echo "$line"
     else
       echo "{\"shape\": \"$shape\", \"code\": \"$code\", \"commit\": \"$commit\", \"error\": \"exit $?\"}"
       failed=1

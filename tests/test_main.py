@@ -1,6 +1,7 @@
 """The command line, run as a user runs it."""
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -92,3 +93,25 @@ def test_sigterm_saves_ends_the_pipeline_and_train_resumes(tmp_path):
   assert "valid_loss" in lines[-1]
   samples = json.loads((teacher / "samples" / f"step_{step + 2}.json").read_text())
   assert len(samples["euler_2"]["samples"]) == 2
+
+
+@pytest.mark.slow
+def test_compiling_for_a_slice_writes_nothing_to_the_compilation_cache(tmp_path):
+  """An executable compiled for a TPU slice without it cannot be loaded back from the
+  persistent compilation cache (JAX warns and compiles again), so --mode=compile for a
+  topology writes none there; compiling for the local devices does."""
+  pytest.importorskip("libtpu", reason='needs libtpu: pip install -e ".[tpu]"')
+  small = ["--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2",
+           "--config.model.cond_width=16", "--config.data.seq_len=32",
+           "--config.batch_size=8", "--config.sample.num_samples=4"]
+  for topology in ("v5e:2x2", ""):
+    cache = tmp_path / f"cache{topology}"
+    run = subprocess.run(
+        [sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
+         f"--workdir={tmp_path / topology}", "--mode=compile",
+         f"--config.topology={topology}", *small], cwd=ROOT, capture_output=True, text=True,
+        check=False, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+                              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / topology / "compile.json").exists()
+    assert bool(cache.exists() and any(cache.iterdir())) == (topology == ""), topology

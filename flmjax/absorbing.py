@@ -104,28 +104,37 @@ def sedd_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
   return jnp.where(xt == mask_id, dsigma * entropy, 0.0)
 
 
-def _objective(token_loss, time_conditioning: bool):
+def objective(noise, token_loss, time_input):
+  """The training objective (objectives.Objective.build) of a discrete diffusion family:
+  x_t = noise(rng, x0, t, mask_id, V) at stratified times t, the network on E[x_t] at
+  time_input(t), the token-weighted mean of token_loss(logits, x_t, x0, t, mask_id), with
+  dropout only when training; it also reports the share of noised tokens."""
   def build(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
             train: bool = True):
-    del vocab_size, teacher_graphdef
+    del teacher_graphdef
     mask_id = config.model.mask_id
 
-    def objective(model, batch, rng, frozen):
+    def loss_fn(model, batch, rng, frozen):
       del frozen
       x0 = batch["tokens"]
-      rng_t, rng_mask, rng_dropout = jax.random.split(rng, 3)
+      rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
       t = training_times(rng_t, x0.shape[0])
-      xt = mask_tokens(rng_mask, x0, t, mask_id)
-      time = sigma(t) if time_conditioning else jnp.zeros_like(t)
-      logits = model(model.embed_ids(xt), time, dropout_rng=rng_dropout if train else None)
+      xt = noise(rng_noise, x0, t, mask_id, vocab_size)
+      logits = model(model.embed_ids(xt), time_input(t),
+                     dropout_rng=rng_dropout if train else None)
       loss = token_loss(logits, xt, x0, t, mask_id).mean()
-      return loss, {"loss": loss, "masked": (xt == mask_id).mean()}
-    return objective
+      return loss, {"loss": loss, "noised": (xt != x0).mean()}
+    return loss_fn
   return build
 
 
-mdlm_objective = _objective(mdlm_token_loss, time_conditioning=False)
-sedd_objective = _objective(sedd_token_loss, time_conditioning=True)
+def _mask_noise(rng, x0, t, mask_id, vocab_size):
+  del vocab_size
+  return mask_tokens(rng, x0, t, mask_id)
+
+
+mdlm_objective = objective(_mask_noise, mdlm_token_loss, jnp.zeros_like)  # no time input
+sedd_objective = objective(_mask_noise, sedd_token_loss, sigma)
 
 
 # --- Samplers ---------------------------------------------------------------------------

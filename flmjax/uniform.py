@@ -39,11 +39,10 @@ import functools
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from flmjax import sampling, sharding
-from flmjax.absorbing import EPS, LAST_TIME, alpha, sigma, training_times
+from flmjax import absorbing, sampling, sharding
+from flmjax.absorbing import EPS, LAST_TIME, alpha, sigma
 
 
 def corrupt(rng: jax.Array, x0: jax.Array, t: jax.Array, vocab_size: int) -> jax.Array:
@@ -83,22 +82,9 @@ def token_loss(logits, xt, x0, t) -> jax.Array:
   return -(1 - EPS) / (vocab * a) * (t1 - t2)
 
 
-def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
-              train: bool = True):
-  """Duo's loss (token_loss) of the model, time input sigma_t; dropout only when
-  training."""
-  del config, teacher_graphdef
-
-  def loss_fn(model, batch, rng, frozen):
-    del frozen
-    x0 = batch["tokens"]
-    rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
-    t = training_times(rng_t, x0.shape[0])
-    xt = corrupt(rng_noise, x0, t, vocab_size)
-    logits = model(model.embed_ids(xt), sigma(t), dropout_rng=rng_dropout if train else None)
-    loss = token_loss(logits, xt, x0, t).mean()
-    return loss, {"loss": loss, "changed": (xt != x0).mean()}
-  return loss_fn
+objective = absorbing.objective(  # absorbing.py's loop, with this noise and loss
+    lambda rng, x0, t, mask_id, vocab_size: corrupt(rng, x0, t, vocab_size),
+    lambda logits, xt, x0, t, mask_id: token_loss(logits, xt, x0, t), sigma)
 
 
 # --- Samplers ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ sampler, each against BASELINES.md section 6 computed here in float64 or a close
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -199,8 +200,9 @@ def test_the_sampler_and_the_objective_feed_the_network_sigma_t():
   np.testing.assert_array_equal(got, x)
 
   tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, V)
-  loss, _ = uniform.objective(None, V, train=False)(model, {"tokens": tokens},
-                                                    jax.random.key(6), None)
+  config = ml_collections.ConfigDict({"model": {"mask_id": -1}})  # Duo has none
+  loss, _ = uniform.objective(config, V, train=False)(model, {"tokens": tokens},
+                                                      jax.random.key(6), None)
   rng_t, rng_noise, _ = jax.random.split(jax.random.key(6), 3)
   t = absorbing.training_times(rng_t, 4)
   xt = uniform.corrupt(rng_noise, tokens, t, V)

@@ -147,11 +147,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.topology = ""
 
   config.distill = ml_collections.ConfigDict()
-  # --mode=distill: the FMLM student (the paper's v2 flow map). It starts from the EMA
-  # weights of the FLM run in config.teacher_checkpoint and trains with the loop above,
+  # --mode=distill: the FMLM student (the paper's v2 flow map), or with family "duo" and
+  # objective "dcd" Duo's discrete consistency distillation. It starts from the EMA
+  # weights of the run in config.teacher_checkpoint and trains with the loop above,
   # with these fields in place of train.steps, train.learning_rate, train.b2 and
   # batch_size (0 keeps batch_size).
-  config.distill.objective = "semigroup"  # "semigroup" (PSD), "eulerian" or "lagrangian"
+  # FLM teachers: "semigroup" (PSD), "eulerian" or "lagrangian"; Duo teachers: "dcd".
+  config.distill.objective = "semigroup"
   config.distill.diagonal_fraction = 0.5  # rows with s = t, target the teacher's D_s
   # Rows with tau_s = 0, tau_t = 1 (semigroup only: the other two objectives take none).
   config.distill.boundary_fraction = (1 - 0.5) / 32
@@ -162,6 +164,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.learning_rate = 3e-4
   config.distill.b2 = 0.95
   config.distill.batch_size = 0
+  # DCD (distill.objective "dcd"): the student at argmax z_t learns the round's teacher at
+  # argmax z_s, s = t - dt on the same Gaussian noise, dt = 2^k / grid in round k; the
+  # teacher becomes the student at the start of every round of round_steps steps.
+  config.distill.dcd = ml_collections.ConfigDict()
+  config.distill.dcd.grid = 512  # T (the reference's default is 64; its OWT script 512)
+  config.distill.dcd.round_steps = 10_000
+  # The range of g = -log SNR of z = sqrt(sigmoid(-g)) onehot + sqrt(sigmoid(g)) eps that
+  # t in [0, 1] maps to linearly.
+  config.distill.dcd.gamma_min = -4.0
+  config.distill.dcd.gamma_max = -1.0
+  config.distill.dcd.divergence = "kl-bwd"  # KL(student || teacher); "kl-fwd" the reverse
   # The teacher for --mode=distill: a --mode=train workdir (its latest EMA weights).
   config.teacher_checkpoint = ""
 

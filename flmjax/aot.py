@@ -2,7 +2,8 @@
 
 With `--config.topology=v5e:8x8` (any TPU slice name libtpu knows: v5e:AxB, v5p:AxBxC,
 v6e:AxB; install it with pip install "jax[tpu]==<the installed jax version>") the train
-step, the distillation step and the one-step sampler are lowered and compiled for that
+step of config.family, and for FLM the distillation step and the one-step sampler (for
+Duo with distill.objective=dcd, the DCD step), are lowered and compiled for that
 slice on this machine, with the config's mesh laid over its chips. With `h100`, `h200`,
 `h100:8` (8 GPUs in one host) or `h100:4x8` (4 hosts of 8) they are compiled for NVIDIA
 GPUs, described by GPUS (install JAX's CUDA plugin: pip install "jax[cuda12-local]==<the
@@ -163,7 +164,7 @@ def _report(entry: dict, compiled, devices) -> dict:
 
 
 def compile_all(config: ml_collections.ConfigDict) -> dict:
-  """Compiles the three computations for config.topology; returns the report."""
+  """Compiles the computations for config.topology; returns the report."""
   devices = target_devices(config.topology)
   with dit.kernels_for(devices[0].platform):  # attention=auto takes the slice's kernels
     return _compile_all(config, devices)
@@ -178,22 +179,26 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
             "attention": dit.attention_path(config.model.attention, config.model.attn_softcap,
                                             config.data.seq_len)}
 
-  def step(name, cfg, objective, frozen=None, teacher_graphdef=None):
+  def step(name, cfg, objective, frozen=None, teacher_graphdef=None, teacher_every=0):
     cfg = registry.with_family(cfg, objective)
     if registry.FAMILIES[objective.kind].masked:
       cfg.model.mask_id = vocab - 1  # any id: compiling needs the shapes only
     build = dit.builder(cfg.model, vocab)
-    layout = state.plan(cfg, build, mesh)
+    layout = state.plan(cfg, build, mesh, teacher_every=teacher_every)
     loss = objective.build(cfg, vocab, teacher_graphdef)
     report["computations"].append(_report(*_compiled(
         name, cfg.batch_size, lambda: state.compile_step(layout, loss, cfg, frozen)), devices))
     return layout
 
   step("train step", config, registry.OBJECTIVES[config.family])
-  if config.family != "flm":  # only FLM has a distillation step and a flow-map sampler
-    return report
   objective = registry.OBJECTIVES[config.distill.objective]
   student = distill.student_config(config)
+  if objective.teacher != config.family:  # no distillation of this family's teacher
+    return report
+  if objective.self_teacher:  # Duo's DCD: the student holds its own teacher
+    step("distill step", student, objective,
+         teacher_every=student.distill.dcd.round_steps)
+    return report
   teacher_graphdef, teacher_abstract = state.param_layout(dit.builder(
       distill.teacher_model(registry.with_family(student, objective)), vocab), mesh)
   layout = step("distill step", student, objective, teacher_abstract, teacher_graphdef)

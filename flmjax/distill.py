@@ -226,7 +226,7 @@ def _flow_map(name, target, off_diagonal, *, boundary_rows=False, jvp=False,
   return Objective(name, "fmlm", functools.partial(
       flow_map_objective, target=target, off_diagonal=off_diagonal,
       boundary_rows=boundary_rows, teacher_off_diagonal=teacher_off_diagonal),
-                   teacher=True, boundary_rows=boundary_rows, jvp=jvp)
+                   teacher="flm", boundary_rows=boundary_rows, jvp=jvp)
 
 
 SEMIGROUP = _flow_map("semigroup", semigroup_target, flow.soft_cross_entropy,
@@ -275,7 +275,7 @@ def student_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 @dataclasses.dataclass
 class Teacher:
-  """The frozen FLM teacher of a student: its graph, EMA params and where they came from."""
+  """The teacher of a student: its graph, EMA params and where they came from."""
   graphdef: nnx.GraphDef
   params: dict
   record: dict  # {"teacher": directory, "teacher_step": step}
@@ -286,20 +286,21 @@ def teacher_model(config: ml_collections.ConfigDict) -> dict:
   return dict(config.model.to_dict(), two_time=False)
 
 
-def check_teacher(config: ml_collections.ConfigDict,
-                  workdir: epath.Path) -> tuple[int | None, dict]:
-  """(step, run record) of the teacher a student distils from, the record checked against
-  the student's architecture (its vocabulary is checked when it is loaded). A resumed
-  student keeps the step it started from, even if the teacher trained on."""
+def check_teacher(config: ml_collections.ConfigDict, workdir: epath.Path,
+                  kind: str) -> tuple[int | None, dict]:
+  """(step, run record) of the `kind` teacher a student distils from, the record checked
+  against the student's architecture (config.model, with the student's family settings;
+  its vocabulary is checked when it is loaded). A resumed student keeps the step it
+  started from, even if the teacher trained on."""
   own = checkpoint.Checkpoints(workdir / "checkpoints").newest_record()
   step = (own["teacher_step"] if own is not None
           else checkpoint.latest_step(config.teacher_checkpoint))
   record = checkpoint.read_record(config.teacher_checkpoint, step)
   checkpoint.check_compatible(
-      record, kind="flm", vocab_size=None, model=teacher_model(config),
+      record, kind=kind, vocab_size=None, model=teacher_model(config),
       where=f"teacher_checkpoint={config.teacher_checkpoint}",
-      advice="distillation needs an FLM teacher trained with --mode=train, with this "
-             "config's model settings")
+      advice=f"distill.objective={config.distill.objective} needs a {kind} teacher trained "
+             "with --mode=train, with this config's model settings")
   return step, record
 
 

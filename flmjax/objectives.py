@@ -1,8 +1,9 @@
 """Training objectives as small named units, and the FLM denoising objective.
 
 An `Objective` says what it trains (the run kind of its checkpoints, which picks the model
-options and the sampler in flmjax/registry.py) and what it needs: a frozen teacher, boundary
-rows of the batch (tau_s = 0, tau_t = 1), forward-mode differentiation of the model (jvp).
+options and the sampler in flmjax/registry.py) and what it needs: a teacher (the family
+of config.teacher_checkpoint), boundary rows of the batch (tau_s = 0, tau_t = 1),
+forward-mode differentiation of the model (jvp).
 `build(config, vocab_size, teacher_graphdef, train)` returns the loss function
 (model, batch, rng, frozen) -> (loss, metrics) that the training loop differentiates;
 `train=False` gives the same loss without dropout, for validation on fixed draws.
@@ -24,7 +25,12 @@ class Objective:
   name: str
   kind: str  # the family it trains: "flm", "fmlm" or a baseline (flmjax/registry.py)
   build: Callable[..., ObjectiveFn]
-  teacher: bool = False  # reads a frozen teacher's params (passed as `frozen`)
+  # The family of the teacher it distils ("" for none); the teacher's params are passed
+  # as `frozen`.
+  teacher: str = ""
+  # The teacher is the student itself, copied at the start of every round of
+  # distill.dcd.round_steps steps (state.py); teacher_checkpoint is where the student starts.
+  self_teacher: bool = False
   boundary_rows: bool = False  # takes rows with tau_s = 0, tau_t = 1
   jvp: bool = False  # differentiates the model forward (jax.jvp)
 

@@ -65,6 +65,8 @@ OBJECTIVES = {objective.name: objective for objective in (
     objectives.Objective("mdlm", "mdlm", absorbing.mdlm_objective),
     objectives.Objective("sedd", "sedd", absorbing.sedd_objective),
     objectives.Objective("duo", "duo", uniform.objective),
+    objectives.Objective("dcd", "duo", uniform.dcd_objective, teacher="duo",
+                         self_teacher=True),
     objectives.Objective("ar", "ar", autoregressive.objective))}
 DISTILLATION = tuple(name for name, o in OBJECTIVES.items() if o.teacher)
 TRAINABLE = tuple(name for name, o in OBJECTIVES.items() if not o.teacher)

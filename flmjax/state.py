@@ -4,7 +4,10 @@ The state is a plain pytree {step, params, ema, opt_state, rng}. `train_step` is
 function of (state, batch, frozen) -> (state, metrics); `compile_step` jits it with the
 mesh's shardings, the state donated, and compiles it ahead of the first batch. An
 objective is any function (model, batch, rng, frozen) -> (loss, metrics); `frozen` holds
-arrays it reads but does not train (a distillation teacher), None otherwise.
+arrays it reads but does not train (a distillation teacher), None otherwise. A run whose
+teacher is the student itself as it was at the start of a round (teacher_every steps; Duo's
+consistency distillation) keeps that copy in the state under "teacher" and gets `frozen` =
+{"params": the round's teacher, "step": the step}.
 
 Recipe (the paper's training recipe): AdamW with gradient clipping by global norm, linear
 warmup then constant; EMA with decay min(ema_decay, (1 + n) / (10 + n)) after the n-th
@@ -57,6 +60,7 @@ class Layout:
   tx: optax.GradientTransformation
   state_shardings: dict
   abstract_state: dict
+  teacher_every: int = 0  # the state's teacher is the params at multiples of this step
 
   @property
   def param_shardings(self):
@@ -75,8 +79,10 @@ def param_layout(build: Callable[[], nnx.Module], mesh) -> tuple[nnx.GraphDef, d
       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-def plan(config: ml_collections.ConfigDict, build: Callable[[], nnx.Module], mesh) -> Layout:
-  """The layout of the train state whose params `build()` makes, without allocating."""
+def plan(config: ml_collections.ConfigDict, build: Callable[[], nnx.Module], mesh, *,
+         teacher_every: int = 0) -> Layout:
+  """The layout of the train state whose params `build()` makes (with a "teacher" copy of
+  them, refreshed every `teacher_every` steps, if that is not 0), without allocating."""
   tx = make_optimizer(config.train)
   graphdef, abstract_params = param_layout(build, mesh)
   param_shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
@@ -92,10 +98,12 @@ def plan(config: ml_collections.ConfigDict, build: Callable[[], nnx.Module], mes
                     "params": abstract_params, "ema": abstract_params,
                     "opt_state": abstract_opt,
                     "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  if teacher_every:
+    shardings["teacher"], abstract_state["teacher"] = param_shardings, abstract_params
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
       shardings)
-  return Layout(mesh, graphdef, tx, shardings, abstract_state)
+  return Layout(mesh, graphdef, tx, shardings, abstract_state, teacher_every)
 
 
 def random_params(layout: Layout, build: Callable[[], nnx.Module]):
@@ -105,10 +113,14 @@ def random_params(layout: Layout, build: Callable[[], nnx.Module]):
 
 
 def init_state(layout: Layout, params, seed: int) -> dict:
-  """A fresh train state around `params`: EMA equal to them, a new optimizer state."""
+  """A fresh train state around `params`: EMA (and teacher, if the layout has one) equal
+  to them, a new optimizer state."""
   def init(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
-            "opt_state": layout.tx.init(params), "rng": jax.random.PRNGKey(seed)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
+             "opt_state": layout.tx.init(params), "rng": jax.random.PRNGKey(seed)}
+    if layout.teacher_every:
+      state["teacher"] = params
+    return state
   return jax.jit(init, in_shardings=(layout.param_shardings,),
                  out_shardings=layout.state_shardings)(params)
 
@@ -140,9 +152,16 @@ def _gradients(loss_fn, params, batch, rng, parts: int):
 
 
 def train_step(state: dict, batch: dict, frozen, *, graphdef, tx, objective: ObjectiveFn,
-               cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
-  """One optimizer update on the global batch (accumulated over cfg.grad_accum parts)."""
+               cfg: ml_collections.ConfigDict, teacher_every: int = 0) -> tuple[dict, dict]:
+  """One optimizer update on the global batch (accumulated over cfg.grad_accum parts);
+  with `teacher_every`, the state's teacher is first set to the params at every multiple
+  of that many steps."""
   rng = jax.random.fold_in(state["rng"], state["step"])
+  if teacher_every:
+    new_round = state["step"] % teacher_every == 0
+    state = dict(state, teacher=jax.tree.map(lambda t, p: jnp.where(new_round, p, t),
+                                             state["teacher"], state["params"]))
+    frozen = {"params": state["teacher"], "step": state["step"]}
 
   def loss_fn(params, part, key):
     return objective(nnx.merge(graphdef, params), part, key, frozen)
@@ -167,7 +186,7 @@ def step_function(layout: Layout, objective: ObjectiveFn, cfg, frozen_shardings=
   def step(state, batch, frozen):
     with sharding.tracing_under(layout.mesh):
       return train_step(state, batch, frozen, graphdef=layout.graphdef, tx=layout.tx,
-                        objective=objective, cfg=cfg)
+                        objective=objective, cfg=cfg, teacher_every=layout.teacher_every)
 
   return jax.jit(
       step,

@@ -35,13 +35,15 @@ class Task:
   frozen: Any = None
   initial_params: Callable | None = None  # layout -> params; default: build() fresh
   record: dict = dataclasses.field(default_factory=dict)
+  teacher_every: int = 0  # the state's own teacher: the params every this many steps
 
 
 def _start(config, path: epath.Path, prepared, task: Task):
   """The layout, the state (restored, or fresh), the checkpoints, the batches and the run
   record of a run."""
   cfg = config.train
-  layout = train_state.plan(config, task.build, sharding.make_mesh(config.mesh))
+  layout = train_state.plan(config, task.build, sharding.make_mesh(config.mesh),
+                            teacher_every=task.teacher_every)
   record = dict(checkpoint.run_record(config, prepared.tokenizer, task.kind), **task.record)
   checkpoints = checkpoint.Checkpoints(path / "checkpoints", cfg.keep_checkpoints,
                                        cfg.keep_period)
@@ -121,13 +123,15 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -> Result:
-  """Prepares the data and trains `objective`'s model in WORKDIR (from a frozen teacher
-  when the objective takes one): samples at train.sample_steps (teacher, baselines) or 1,
-  2 and 4 steps (student), validation of the data's loss (FLM's denoising loss for FLM and
-  FMLM, the baseline's own NLL or bound) and, with a teacher, of the objective itself."""
+  """Prepares the data and trains `objective`'s model in WORKDIR (from a teacher when the
+  objective takes one): samples at train.sample_steps (teacher, baselines) or 1, 2 and 4
+  steps (student), validation of the data's loss (FLM's denoising loss for FLM and FMLM,
+  the baseline's own NLL or bound) and, with a frozen teacher, of the objective itself.
+  A student of its own teacher (Duo's DCD) starts as the teacher's EMA weights."""
   path = outputs.create_workdir(workdir)
-  teacher_step, teacher_record = (fmlm.check_teacher(config, path) if objective.teacher
-                                  else (None, None))
+  teacher_step, teacher_record = (
+      fmlm.check_teacher(registry.with_family(config, objective), path, objective.teacher)
+      if objective.teacher else (None, None))
   prepared = pipeline.prepare(config, workdir)
   config = registry.with_family(config, objective, prepared.tokenizer)
   vocab_size = prepared.tokenizer.vocab_size
@@ -136,13 +140,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   samplers = dict(registry.sampler(
       objective.kind, config, n, config.train.num_samples, seq_len=config.data.seq_len,
       mask_id=config.model.mask_id, bos_id=prepared.tokenizer.bos_id) for n in steps)
-  data_loss = "flm" if objective.teacher else objective.name
+  data_loss = objective.teacher or objective.name
   validation = {"": registry.OBJECTIVES[data_loss].build(config, vocab_size, train=False)}
   if not objective.teacher:
     return fit(config, path, prepared, Task(objective.kind, build, objective.build(
         config, vocab_size), validation, samplers))
   teacher = fmlm.load_teacher(config, teacher_step, teacher_record, vocab_size,
                               sharding.make_mesh(config.mesh))
+  if objective.self_teacher:
+    return fit(config, path, prepared, Task(
+        objective.kind, build, objective.build(config, vocab_size), validation, samplers,
+        initial_params=lambda layout: teacher.params, record=teacher.record,
+        teacher_every=config.distill.dcd.round_steps))
   validation["distill_"] = objective.build(config, vocab_size, teacher.graphdef, train=False)
   return fit(config, path, prepared, Task(
       objective.kind, build, objective.build(config, vocab_size, teacher.graphdef),
@@ -158,9 +167,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> Result:
-  """`--mode=distill`: the FMLM student of config.teacher_checkpoint by
-  distill.objective, with distill.* in place of train.* (distill.student_config); then
-  its EMA weights are exported to WORKDIR/export."""
+  """`--mode=distill`: the student of config.teacher_checkpoint by distill.objective (the
+  FMLM student of an FLM, or Duo's DCD), with distill.* in place of train.*
+  (distill.student_config); then its EMA weights are exported to WORKDIR/export."""
   config = fmlm.student_config(config)
   result = run(config, workdir, registry.OBJECTIVES[config.distill.objective])
   export = epath.Path(workdir).expanduser() / "export"

@@ -1,6 +1,6 @@
 """Duo's uniform-state discrete diffusion (BASELINES.md sections 1, 6.1 and 6.2): the
-`duo_base` model, trained on discrete states. Duo's Gaussian curriculum (section 6.3) and
-its consistency distillation (section 7) are not implemented.
+`duo_base` model, trained on discrete states, and Duo's discrete consistency distillation
+(DCD, section 7). Duo's Gaussian curriculum (section 6.3) is not implemented.
 
 Time, schedule and training times are flmjax/absorbing.py's (t = 1 noise, alpha_t =
 1 - (1 - 1e-3) t, the network's time input sigma_t = -log alpha_t). Forward process: each
@@ -39,7 +39,10 @@ import functools
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.scipy import special
+import ml_collections
 import numpy as np
+from scipy import special as host_special
 
 from flmjax import absorbing, sampling, sharding
 from flmjax.absorbing import EPS, LAST_TIME, alpha, sigma
@@ -152,3 +155,95 @@ def sampler(greedy: bool = False):
                     mesh=sampling.params_mesh(params))
     return sample
   return make
+
+
+# --- Discrete consistency distillation (DCD, BASELINES.md section 7) ---------------------
+#
+# Duo's Gaussian view of the uniform process: z = a(g) onehot(x0) + b(g) eps, eps ~ N(0,
+# I_V), a(g) = sqrt(sigmoid(-g)), b(g) = sqrt(sigmoid(g)) (g is -log SNR); x = argmax z is
+# a uniform-process state with alpha(g) = (V P(g) - 1) / (V - 1), P(g) the probability
+# that the clean id is the argmax. The student at (argmax z_t, g_t) is trained toward a
+# frozen teacher at (argmax z_s, g_s) on the same eps, a step dt = 2^k / T closer to the
+# data, k the round (distill.dcd.round_steps steps each; the teacher is the student as it
+# was when its round began). The argmax is drawn exactly without eps: the other ids' z are
+# b(g) eps_v, so their argmax is one uniform id other than x0 at every g, and x0 wins when
+# e^{-g/2} = a / b exceeds the gap M - eps_x0, M the maximum of V - 1 standard normals.
+
+# Gauss-Hermite nodes and weights for E_{y ~ N(mu, 1)} f(y) = sum_i w_i f(mu + sqrt(2) x_i)
+_NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(200)
+SIGMA_TABLE = 4097  # points of the table of -log alpha(g) that the objective interpolates
+
+
+def gaussian_alpha(g, vocab_size: int, ids: int | None = None) -> np.ndarray:
+  """alpha(g) = (V P(g) - 1) / (V - 1) of the argmax state, in float64 on the host, with
+  P(g) = E_{y ~ N(mu, 1)} Phi(y)^(ids - 1), mu = e^{-g/2}, the probability that the clean
+  id is the argmax over `ids` ids (default V, the argmax that `trajectory` draws; Duo's
+  GPT-2 table takes 50257 for V = 50258, BASELINES.md 11.11), by 200-node Gauss-Hermite
+  quadrature of exp((ids - 1) log Phi)."""
+  y = np.exp(-np.asarray(g, np.float64) / 2)[..., None] + np.sqrt(2) * _NODES
+  probability = np.sum(_WEIGHTS / np.sqrt(np.pi) * np.exp(
+      ((ids or vocab_size) - 1) * host_special.log_ndtr(y)), -1)
+  return (vocab_size * probability - 1) / (vocab_size - 1)
+
+
+def gaussian_sigma(cfg: ml_collections.ConfigDict, vocab_size: int):
+  """g [B] -> the network's time input -log alpha(g) [B], interpolated in a float64 table
+  over [gamma_min, gamma_max] (float32 quadrature would be off by up to 4e-5 in alpha)."""
+  grid = np.linspace(cfg.gamma_min, cfg.gamma_max, SIGMA_TABLE)
+  table = -np.log(gaussian_alpha(grid, vocab_size))
+  return lambda g: jnp.interp(g, grid.astype(np.float32), table.astype(np.float32))
+
+
+def trajectory(rng: jax.Array, x0: jax.Array, gammas, vocab_size: int) -> list[jax.Array]:
+  """[argmax_v (a(g) onehot(x0) + b(g) eps)_v [B, L] for g in `gammas` (each [B])], one eps
+  ~ N(0, I_V) per position shared by all, drawn as the section comment says: the maximum
+  of V - 1 standard normals is -Phi^{-1}(1 - U^{1/(V - 1)}), U ~ U(0, 1)."""
+  rng_clean, rng_top, rng_id = jax.random.split(rng, 3)
+  clean = jax.random.normal(rng_clean, x0.shape)
+  u = jax.random.uniform(rng_top, x0.shape, minval=jnp.finfo(jnp.float32).tiny)
+  top = -special.ndtri(-jnp.expm1(jnp.log(u) / (vocab_size - 1)))
+  other = jax.random.randint(rng_id, x0.shape, 0, vocab_size - 1)
+  other = other + (other >= x0)  # uniform over the ids other than x0
+  return [jnp.where(top - clean < jnp.exp(-g / 2)[:, None], x0, other) for g in gammas]
+
+
+def dcd_step(step: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
+  """dt = 2^k / T at optimizer step `step`, k = step // round_steps."""
+  return 2.0 ** (step // cfg.round_steps) / cfg.grid
+
+
+def dcd_objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None,
+                  *, train: bool = True):
+  """The DCD loss (model, batch, rng, frozen) -> (loss, metrics), `frozen` the round's
+  teacher {"params", "step"}: times t ~ training_times, t <- min(t + dt, 1), s = t - dt,
+  g = gamma_min + t (gamma_max - gamma_min); the student's log x_S at (x_t, sigma =
+  -log alpha(g_t)), the teacher's log x_T at (x_s, -log alpha(g_s)) without gradient or
+  dropout; per position kl-bwd sum_v x_S (log x_S - log x_T) or kl-fwd sum_v x_T (log x_T
+  - log x_S), averaged over the batch's tokens."""
+  del teacher_graphdef  # the teacher is the student's graph
+  cfg = config.distill.dcd
+  time_input = gaussian_sigma(cfg, vocab_size)
+
+  def gamma(t):
+    return cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)
+
+  def loss_fn(student, batch, rng, frozen):
+    x0 = batch["tokens"]
+    rng_t, rng_z, rng_dropout = jax.random.split(rng, 3)
+    dt = dcd_step(frozen["step"], cfg)
+    t = jnp.minimum(absorbing.training_times(rng_t, x0.shape[0]) + dt, 1.0)
+    g_t, g_s = gamma(t), gamma(t - dt)
+    x_t, x_s = trajectory(rng_z, x0, (g_t, g_s), vocab_size)
+    teacher = nnx.merge(nnx.graphdef(student), frozen["params"])
+    log_teacher = jax.lax.stop_gradient(jax.nn.log_softmax(
+        teacher(teacher.embed_ids(x_s), time_input(g_s)), axis=-1))
+    log_student = jax.nn.log_softmax(student(
+        student.embed_ids(x_t), time_input(g_t), dropout_rng=rng_dropout if train else None),
+        axis=-1)
+    if cfg.divergence == "kl-bwd":
+      kl = jnp.sum(jnp.exp(log_student) * (log_student - log_teacher), -1)
+    else:
+      kl = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), -1)
+    loss = kl.mean()
+    return loss, {"loss": loss, "dt": dt, "noised": (x_t != x0).mean()}
+  return loss_fn

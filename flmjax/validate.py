@@ -29,6 +29,7 @@ CHOICES = {
     "noise": ("latent", "vocab"),
     "family": registry.TRAINABLE,
     "distill.objective": registry.DISTILLATION,
+    "distill.dcd.divergence": ("kl-bwd", "kl-fwd"),
     "sample.sampler": ("auto", *registry.SAMPLERS),
     "eval.evaluator": (*EVALUATORS, "none"),
 }
@@ -39,7 +40,7 @@ POSITIVE = (
     "train.sample_steps", "train.num_samples", "train.keep_checkpoints", "distill.steps",
     "distill.learning_rate", "sample.steps", "sample.num_samples", "generate.batch_size",
     "eval.num_samples",
-    "eval.batch_size", "sample.temperature")
+    "eval.batch_size", "sample.temperature", "distill.dcd.grid", "distill.dcd.round_steps")
 NON_NEGATIVE = (
     "data.max_documents", "model.output_chunk", "model.attn_softcap", "model.output_cap",
     "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.eval_every",
@@ -89,6 +90,14 @@ def _fields(config: ml_collections.ConfigDict) -> None:
     raise UsageError(f"distill.diagonal_fraction={fractions[0]} must be in (0, 1) and leave "
                      f"room for off-diagonal rows beside distill.boundary_fraction="
                      f"{fractions[1]}.")
+  dcd = config.distill.dcd
+  if dcd.gamma_min >= dcd.gamma_max:
+    raise UsageError(f"distill.dcd.gamma_min={dcd.gamma_min} must be below "
+                     f"distill.dcd.gamma_max={dcd.gamma_max}.")
+  if 2 ** ((config.distill.steps - 1) // dcd.round_steps) > dcd.grid:
+    raise UsageError(f"distill.dcd: the last of distill.steps={config.distill.steps} would "
+                     f"take steps dt = 2^round / grid above 1 (round_steps="
+                     f"{dcd.round_steps}, grid={dcd.grid}); raise grid or round_steps.")
   if not 0 < config.sample.top_p <= 1:
     raise UsageError(f"sample.top_p={config.sample.top_p}: the nucleus mass must be in "
                      "(0, 1]; 1 turns it off.")
@@ -172,8 +181,9 @@ def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) ->
       raise UsageError(f"{field} {run.batch_size} must be a multiple of the data-parallel "
                        f"size {parallel} (mesh data x fsdp) times train.grad_accum="
                        f"{config.train.grad_accum}.")
-  if mode in ("distill", "pipeline", "compile", "compare"):
-    distill.part_counts(student, registry.OBJECTIVES[config.distill.objective])
+  objective = registry.OBJECTIVES[config.distill.objective]
+  if mode in ("distill", "pipeline", "compile", "compare") and objective.teacher == "flm":
+    distill.part_counts(student, objective)
 
 
 def validate(config: ml_collections.ConfigDict, mode: str,
@@ -185,9 +195,19 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   _model(config.model)
   _attention(config, mode)
   _condition(config, mode)
-  if mode in ("distill", "pipeline") and config.family != "flm":
-    raise UsageError(f"family={config.family}: --mode={mode} distills an FLM teacher into "
-                     "its flow map; set family=flm, or train the baseline with --mode=train "
+  teacher = registry.OBJECTIVES[config.distill.objective].teacher
+  if mode in ("distill", "pipeline") and config.family != teacher:
+    known = [n for n in registry.DISTILLATION
+             if registry.OBJECTIVES[n].teacher == config.family]
+    raise UsageError(
+        f"family={config.family}: distill.objective={config.distill.objective} distils a "
+        f"teacher of family {teacher}; " + (f"set family={teacher}, or distill.objective to one of "
+                                  f"{', '.join(known)}." if known else
+                                  f"set family={teacher} (there is no {config.family} "
+                                  "distillation; --mode=train trains the baseline)."))
+  if mode == "pipeline" and config.family != "flm":
+    raise UsageError(f"family={config.family}: --mode=pipeline trains and distills an FLM; "
+                     "run a baseline's stages with --mode=train, distill and eval "
                      "(--mode=compare trains every family).")
   if mode == "compare" and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode=compare trains every family itself; "

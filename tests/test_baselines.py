@@ -271,16 +271,32 @@ def test_baseline_fields_are_checked(field, value, message):
     validate(config, "train", lambda: 1)
 
 
-def test_distillation_needs_an_flm_teacher_family():
+def test_distillation_objectives_need_their_teachers_family():
   config = train_config()
   config.family = "mdlm"
   config.teacher_checkpoint = "somewhere"
   for mode in ("distill", "pipeline"):
-    with pytest.raises(UsageError, match=f"family=mdlm: --mode={mode} distills an FLM"):
+    with pytest.raises(UsageError, match="family=mdlm: distill.objective=semigroup distils a "
+                                         "teacher of family flm; set family=flm .there is no "
+                                         "mdlm distillation"):
       validate(config, mode, lambda: 1)
   with pytest.raises(UsageError, match="family=mdlm: --mode=compare trains every family"):
     validate(config, "compare", lambda: 1)
   validate(config, "train", lambda: 1)
+  config.family = "duo"
+  with pytest.raises(UsageError, match="family=duo: distill.objective=semigroup distils a "
+                                       "teacher of family flm; set family=flm, or "
+                                       "distill.objective to one of dcd."):
+    validate(config, "distill", lambda: 1)
+  config.distill.objective = "dcd"
+  validate(config, "distill", lambda: 1)
+  with pytest.raises(UsageError, match="family=duo: --mode=pipeline trains and distills an FLM"):
+    validate(config, "pipeline", lambda: 1)
+  config.family = "flm"
+  with pytest.raises(UsageError, match="family=flm: distill.objective=dcd distils a teacher of "
+                                       "family duo; set family=duo, or distill.objective to "
+                                       "one of semigroup, eulerian, lagrangian."):
+    validate(config, "distill", lambda: 1)
 
 
 def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():

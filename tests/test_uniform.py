@@ -1,15 +1,19 @@
 """Duo's uniform-state diffusion (flmjax/uniform.py): its forward process, loss and
 sampler, each against BASELINES.md section 6 computed here in float64 or a closed form."""
 
+import json
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy import integrate, special
 
-from conftest import randomize
-from flmjax import absorbing, uniform
+from conftest import randomize, train_config
+from flmjax import absorbing, checkpoint, train, uniform, validate
+from flmjax.errors import UsageError
 from flmjax.models import dit
 
 V = 7
@@ -222,3 +226,159 @@ def test_the_loss_has_finite_gradients_for_confident_models():
   for t in (1e-3, 0.5, 1.0):
     grad = jax.grad(lambda f: uniform.token_loss(f, xt, x0, jnp.full((2,), t)).sum())(logits)
     assert np.isfinite(np.asarray(grad)).all()
+
+
+# --- Discrete consistency distillation (BASELINES.md section 7) -------------------------
+
+
+@pytest.mark.parametrize("ids, vocab, table", [
+    (30522, 30522, {-3.5: 0.94170, -3.0: 0.63787, -2.5: 0.27372, -2.0: 0.08880,
+                    -1.75: 0.04868}),
+    (50257, 50258, {-3.55: 0.94547, -3.0: 0.59624, -2.5: 0.23797, -1.85: 0.04932})])
+def test_gaussian_alpha_matches_duos_integral_tables_and_adaptive_quadrature(ids, vocab,
+                                                                             table):
+  """alpha(g) against BASELINES.md 6.3's values of Duo's bert and gpt2 tables (5 digits,
+  read at the nearest of 10^5 points: up to 2e-5 off), and against P(g) integrated here
+  by adaptive quadrature."""
+  g = np.array(list(table))
+  got = uniform.gaussian_alpha(g, vocab, ids)
+  np.testing.assert_allclose(got, list(table.values()), atol=2e-5)
+
+  def probability(g):
+    mu = np.exp(-g / 2)
+    return integrate.quad(lambda y: np.exp(-(y - mu) ** 2 / 2 + (ids - 1) * special.log_ndtr(
+        y)) / np.sqrt(2 * np.pi), mu - 12, mu + 12, limit=500, epsabs=1e-13)[0]
+  np.testing.assert_allclose(
+      got, [(vocab * probability(x) - 1) / (vocab - 1) for x in g], atol=3e-6)
+  # the table the objective interpolates, at V = 50258 over [-4, -1]
+  cfg = _dcd_config().distill.dcd
+  g = np.array([-4.0, -3.55, -3.0, -2.5, -1.85, -1.0])
+  np.testing.assert_allclose(uniform.gaussian_sigma(cfg, 50258)(jnp.asarray(g, jnp.float32)),
+                             -np.log(uniform.gaussian_alpha(g, 50258)), rtol=2e-6)
+
+
+def _brute_force_argmax(rng, x0, gammas, vocab):
+  """argmax_v (a(g) onehot(x0) + b(g) eps)_v for each g, with eps ~ N(0, I_V) built."""
+  eps = jax.random.normal(rng, (*x0.shape, vocab))
+  onehot = jax.nn.one_hot(x0, vocab)
+  return [jnp.argmax(jnp.sqrt(jax.nn.sigmoid(-g)) * onehot + jnp.sqrt(jax.nn.sigmoid(g)) * eps,
+                     -1) for g in (g[:, None, None] for g in gammas)]
+
+
+def test_the_trajectory_draws_the_argmax_of_one_gaussian_path_without_building_it():
+  """At V = 5, (x_t, x_s) from `trajectory` against the argmax of z built with its V-sized
+  eps: the same joint law of (x_t = x0, x_s = x0, x_t = x_s), the noisy ids uniform over
+  the others, and P(x_t = x0) = P(g) = alpha + (1 - alpha) / V."""
+  vocab, n = 5, 200_000
+  x0 = jax.random.randint(jax.random.key(0), (n // 100, 100), 0, vocab)
+  gammas = (jnp.full((n // 100,), 0.5), jnp.full((n // 100,), -1.0))
+  fast = uniform.trajectory(jax.random.key(1), x0, gammas, vocab)
+  slow = _brute_force_argmax(jax.random.key(2), x0, gammas, vocab)
+
+  def law(x_t, x_s):
+    clean_t, clean_s, same = x_t == x0, x_s == x0, x_t == x_s
+    return np.array([float(jnp.mean(c)) for c in (
+        clean_t & clean_s, ~clean_t & clean_s, ~clean_t & ~clean_s & same,
+        ~clean_t & ~clean_s & ~same, clean_t & ~clean_s)])
+  np.testing.assert_allclose(law(*fast), law(*slow), atol=0.006)  # 4 sigma of 200k draws
+  assert law(*fast)[3:].sum() == 0  # a clean x_t has a clean x_s; noisy ones share an id
+  for x, g in zip(fast, (0.5, -1.0)):
+    alpha = float(uniform.gaussian_alpha(g, vocab))
+    assert abs(float(jnp.mean(x == x0)) - (alpha + (1 - alpha) / vocab)) < 0.005
+    offset = np.asarray((x - x0) % vocab)[np.asarray(x != x0)]  # 1..V-1, uniform
+    np.testing.assert_allclose(np.bincount(offset, minlength=vocab)[1:] / offset.size,
+                               1 / (vocab - 1), atol=0.01)
+
+
+def _dcd_config(**dcd):
+  return ml_collections.ConfigDict({"distill": {"dcd": dict(
+      dict(grid=16, round_steps=10, gamma_min=-4.0, gamma_max=-1.0, divergence="kl-bwd"),
+      **dcd)}})
+
+
+@pytest.mark.parametrize("divergence", ["kl-bwd", "kl-fwd"])
+def test_the_dcd_loss_is_the_kl_from_the_student_at_t_to_the_teacher_at_s(divergence):
+  """The objective at step 25 (round 2: dt = 4 / 16) equals section 7's loss computed here
+  in float64 from two different networks: the student at (x_t, -log alpha(g_t)), the
+  teacher (the frozen params) at (x_s, -log alpha(g_s)), t = min(t + dt, 1), s = t - dt,
+  g = -4 + 3 t; and its gradient reaches the student only."""
+  student = randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0, dtype=jnp.float32,
+                              rngs=nnx.Rngs(0)))
+  teacher = randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0, dtype=jnp.float32,
+                              rngs=nnx.Rngs(1)), seed=1)
+  frozen = {"params": nnx.to_pure_dict(nnx.state(teacher, nnx.Param)), "step": jnp.int32(25)}
+  tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, V)
+  objective = uniform.dcd_objective(_dcd_config(divergence=divergence), V, train=False)
+  loss, metrics = objective(student, {"tokens": tokens}, jax.random.key(6), frozen)
+  assert float(metrics["dt"]) == 0.25
+
+  rng_t, rng_z, _ = jax.random.split(jax.random.key(6), 3)
+  t = np.minimum(np.asarray(absorbing.training_times(rng_t, 4), np.float64) + 0.25, 1.0)
+  g_t, g_s = -4 + 3 * t, -4 + 3 * (t - 0.25)
+  x_t, x_s = uniform.trajectory(rng_z, tokens, (jnp.asarray(g_t, jnp.float32),
+                                                jnp.asarray(g_s, jnp.float32)), V)
+
+  def log_probs(model, x, g):
+    sigma = -np.log(uniform.gaussian_alpha(g, V))
+    return np.asarray(jax.nn.log_softmax(model(model.embed_ids(x), jnp.asarray(
+        sigma, jnp.float32))), np.float64)
+  log_s, log_t = log_probs(student, x_t, g_t), log_probs(teacher, x_s, g_s)
+  p, q = (log_s, log_t) if divergence == "kl-bwd" else (log_t, log_s)
+  np.testing.assert_allclose(loss, np.mean(np.sum(np.exp(p) * (p - q), -1)), rtol=1e-4)
+
+  grads = jax.grad(lambda params, teacher: objective(
+      nnx.merge(nnx.graphdef(student), params), {"tokens": tokens}, jax.random.key(6),
+      dict(frozen, params=teacher))[0], argnums=(0, 1))(
+          nnx.to_pure_dict(nnx.state(student, nnx.Param)), frozen["params"])
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 0
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[1])) == 0
+
+
+def test_the_dcd_step_doubles_every_round():
+  cfg = _dcd_config(grid=512, round_steps=10_000).distill.dcd
+  got = [float(uniform.dcd_step(jnp.int32(step), cfg)) for step in
+         (0, 9_999, 10_000, 20_000, 30_000, 49_999)]
+  assert got == [1 / 512, 1 / 512, 1 / 256, 1 / 128, 1 / 64, 1 / 32]
+
+
+def test_dcd_distils_a_duo_run_with_a_teacher_refreshed_every_round(tmp_path, prepared):
+  """--mode=distill with distill.objective=dcd on a Duo run (rounds of 2 steps, T = 8): the
+  student starts as the Duo run's EMA weights, dt doubles each round, the state's teacher
+  is the params at the round's start (also across a resume), and the export is a Duo
+  model with Duo's validation bound."""
+  config = train_config(steps=2)
+  config.family, config.data.dir = "duo", str(prepared.path.parent)
+  train.train(config, str(tmp_path / "duo"))
+  config.teacher_checkpoint = str(tmp_path / "duo")
+  config.distill.update(objective="dcd", steps=4, batch_size=0)
+  config.distill.dcd.update(round_steps=2, grid=8)
+  first = train.distill(config, str(tmp_path / "dcd"))
+  at_four = jax.tree.map(np.asarray, first.state["params"])
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(at_four), jax.tree.leaves(first.state["teacher"])))
+  config.distill.steps = 6
+  last = train.distill(config, str(tmp_path / "dcd"))  # resumes at step 4
+  for a, b in zip(jax.tree.leaves(at_four), jax.tree.leaves(last.state["teacher"])):
+    np.testing.assert_array_equal(a, b)
+  rows = [json.loads(line) for line in (tmp_path / "dcd/metrics.jsonl").read_text().splitlines()]
+  assert [r["dt"] for r in rows if "dt" in r] == [1 / 8, 1 / 8, 2 / 8, 2 / 8, 4 / 8, 4 / 8]
+  assert any("valid_loss" in r for r in rows)
+  record = checkpoint.read_record(tmp_path / "dcd" / "export")
+  assert record["kind"] == "duo" and record["teacher"] == str(tmp_path / "duo")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("divergence", "kl", "distill.dcd.divergence='kl' is not one of kl-bwd, kl-fwd"),
+    ("round_steps", 0, "distill.dcd.round_steps=0 must be positive"),
+    ("gamma_min", -1.0, "distill.dcd.gamma_min=-1.0 must be below distill.dcd.gamma_max=-1.0"),
+    ("grid", 4, r"the last of distill.steps=10 would take steps dt = 2\^round / grid above 1"),
+])
+def test_dcd_fields_are_checked(field, value, message):
+  config = train_config()
+  config.family, config.teacher_checkpoint = "duo", "somewhere"
+  config.distill.update(objective="dcd", steps=10)
+  config.distill.dcd.update(round_steps=3, grid=8)  # rounds 0..3: dt up to 8 / 8
+  validate.validate(config, "distill", lambda: 1)
+  config.distill.dcd[field] = value
+  with pytest.raises(UsageError, match=message):
+    validate.validate(config, "distill", lambda: 1)

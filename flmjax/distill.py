@@ -315,5 +315,9 @@ def load_teacher(config: ml_collections.ConfigDict, step: int | None, record: di
   graphdef, abstract = state.param_layout(dit.builder(teacher_model(config), vocab_size),
                                           mesh)
   params = checkpoint.load_ema(config.teacher_checkpoint, abstract, step)
-  return Teacher(graphdef, params, {"teacher": str(config.teacher_checkpoint),
-                                    "teacher_step": step})
+  return Teacher(graphdef, params, teacher_source(config, step))
+
+
+def teacher_source(config: ml_collections.ConfigDict, step: int | None) -> dict:
+  """Where a student's teacher came from, for its run record."""
+  return {"teacher": str(config.teacher_checkpoint), "teacher_step": step}

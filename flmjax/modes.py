@@ -9,8 +9,9 @@ MODES = {
                "prints their statistics and a decoded batch",
     "train": "trains the FLM teacher, or the baseline of --config.family; resumes from "
              "WORKDIR/checkpoints",
-    "distill": "distills the FMLM student of --config.teacher_checkpoint, then exports its "
-               "EMA weights to WORKDIR/export",
+    "distill": "distills the FMLM student of --config.teacher_checkpoint (with "
+               "--config.family=duo --config.distill.objective=dcd: Duo's DCD student), "
+               "then exports its EMA weights to WORKDIR/export",
     "sample": "writes samples of --config.checkpoint to WORKDIR/samples/",
     "generate": "writes texts of --config.checkpoint for the prompts of generate.prompt or "
                 "generate.prompts_file (given text, {{N}} tokens to write) as JSON lines to "
@@ -25,6 +26,6 @@ MODES = {
                "same data "
                "and backbone, and evaluate them all at eval.compare_steps (WORKDIR/eval)",
     "compile": "compiles the train step (of --config.family), and for FLM the distillation "
-               "step and the one-step sampler, for --config.topology and prints memory and "
-               "FLOPs per chip",
+               "step and the one-step sampler (for Duo with distill.objective=dcd, the DCD "
+               "step), for --config.topology and prints memory and FLOPs per chip",
 }

@@ -17,7 +17,10 @@ K + 1 (the mask id) complete the vocabulary, V = K + 2.
 
 Each family trains from the same random start on the same batches with its own objective
 (flmjax/registry.py), Adam at 3e-3: FLM, then its FMLM student by the semigroup objective,
-MDLM, SEDD, Duo and AR; then samples through the families' own samplers.
+MDLM, SEDD, Duo, then Duo's DCD student (`dcd`: Adam at 6e-4, a fifth, as in Duo's
+recipe; six rounds of a sixth of the steps, T = 256, so dt ends at 1/8; g in [-4, 4],
+where alpha falls from 1 to 0.016 at V = 18), and AR; then samples through the families'
+own samplers.
 """
 
 import argparse
@@ -74,29 +77,36 @@ def _config(family: str) -> ml_collections.ConfigDict:
                       dtype="float32", mask_id=MASK)
   config.family = family
   config.distill.boundary_fraction = 0.25
+  config.distill.dcd.update(grid=256, gamma_min=-4.0, gamma_max=4.0)
   return config
+
+
+def _objective(family: str):
+  return registry.OBJECTIVES["semigroup" if family == "fmlm" else family]
 
 
 def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teacher=None,
         condition: str = ""):
-  """(graphdef, params) of `family` trained for `steps` on the source (FMLM: distilled
-  from `teacher`, the FLM's (graphdef, params), which it also starts from); FLM with
+  """(graphdef, params) of `family` trained for `steps` on the source (FMLM and DCD:
+  distilled from `teacher`, the FLM's or Duo's (graphdef, params), which they also start
+  from; DCD's teacher is then the student at the start of each round); FLM with
   `condition` (train.condition) trains conditionally, with the condition embedding."""
-  objective = registry.OBJECTIVES["semigroup" if family == "fmlm" else family]
+  objective = _objective(family)
   config = registry.with_family(_config(family), objective)
   config.train.condition = condition
   config.model.condition_embedding = bool(condition)
+  config.distill.dcd.round_steps = max(1, -(-steps // 6))
   graphdef, params = nnx.split(dit.builder(config.model, V, seed)())
   params = nnx.to_pure_dict(params)
   loss_fn = objective.build(config, V, teacher[0] if teacher else None, train=False)
   frozen = teacher[1] if teacher else None
   if teacher:
     params = dict(params, **teacher[1])
-  tx = optax.adam(3e-3)
+  tx = optax.adam(3e-3 / 5 if objective.self_teacher else 3e-3)
   draw = functools.partial(SOURCES[source], batch=batch)
 
   @jax.jit
-  def step(params, opt_state, key):
+  def step(params, opt_state, key, frozen):
     batch = {"tokens": draw(jax.random.fold_in(key, 1))}
     grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch, key, frozen)[0])(params)
     updates, opt_state = tx.update(grads, opt_state)
@@ -104,7 +114,12 @@ def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teache
 
   opt_state = tx.init(params)
   for i in range(steps):
-    params, opt_state = step(params, opt_state, jax.random.fold_in(jax.random.key(seed), i))
+    if objective.self_teacher:
+      if i % config.distill.dcd.round_steps == 0:
+        frozen = {"params": params, "step": jnp.int32(i)}
+      frozen = dict(frozen, step=jnp.int32(i))
+    params, opt_state = step(params, opt_state, jax.random.fold_in(jax.random.key(seed), i),
+                             frozen)
   return graphdef, params
 
 
@@ -112,7 +127,7 @@ def samples(family: str, model, source: str, steps: int, n: int, seed: int, cond
             guidance: float = 0.0):
   """(tokens [n, L], network calls) of the family's default sampler (FLM and FMLM: given
   `condition`, a sampling.Condition, with classifier-free `guidance`)."""
-  found = registry.FAMILIES[family]
+  found = registry.FAMILIES[_objective(family).kind]
   make = found.samplers[found.default_sampler]
   sample = make(steps, n, SEQ_LEN[source],
                 sampling.Options(mask_id=MASK, bos_id=BOS, guidance=guidance))
@@ -140,16 +155,18 @@ def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int,
 
 
 STEPS = {"flm": (1, 8, 64), "fmlm": (1, 2, 4), "mdlm": (1, 2, 4, 8, 64),
-         "sedd": (1, 2, 4, 8, 64), "duo": (1, 2, 4, 8, 64), "ar": (None,)}
+         "sedd": (1, 2, 4, 8, 64), "duo": (1, 2, 4, 8, 64), "dcd": (1, 2, 4, 8),
+         "ar": (None,)}
+TEACHERS = {"fmlm": "flm", "dcd": "duo"}  # a student's family after its teacher's
 
 
 def table(source: str, seed: int, train_steps: int = 600, n: int = 256,
           steps: dict = STEPS) -> list[dict]:
   """Rows {family, steps, calls, score}: the mean score of each family's samples at each
-  of its `steps` (FMLM needs FLM, its teacher, before it)."""
+  of its `steps` (FMLM and DCD need FLM and Duo, their teachers, before them)."""
   models, rows = {}, []
   for family, counts in steps.items():
-    teacher = models.get("flm") if family == "fmlm" else None
+    teacher = models.get(TEACHERS.get(family))
     models[family] = fit(family, source, train_steps, seed, teacher=teacher)
     for steps in counts:
       tokens, calls = samples(family, models[family], source, steps or 1, n, seed + 100)

@@ -145,13 +145,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   if not objective.teacher:
     return fit(config, path, prepared, Task(objective.kind, build, objective.build(
         config, vocab_size), validation, samplers))
-  teacher = fmlm.load_teacher(config, teacher_step, teacher_record, vocab_size,
-                              sharding.make_mesh(config.mesh))
-  if objective.self_teacher:
+  if objective.self_teacher:  # loaded only to start from, not when resuming
+    def initial(layout):
+      return fmlm.load_teacher(config, teacher_step, teacher_record, vocab_size,
+                               layout.mesh).params
     return fit(config, path, prepared, Task(
         objective.kind, build, objective.build(config, vocab_size), validation, samplers,
-        initial_params=lambda layout: teacher.params, record=teacher.record,
+        initial_params=initial, record=fmlm.teacher_source(config, teacher_step),
         teacher_every=config.distill.dcd.round_steps))
+  teacher = fmlm.load_teacher(config, teacher_step, teacher_record, vocab_size,
+                              sharding.make_mesh(config.mesh))
   validation["distill_"] = objective.build(config, vocab_size, teacher.graphdef, train=False)
   return fit(config, path, prepared, Task(
       objective.kind, build, objective.build(config, vocab_size, teacher.graphdef),

@@ -91,10 +91,11 @@ def _fields(config: ml_collections.ConfigDict) -> None:
                      f"room for off-diagonal rows beside distill.boundary_fraction="
                      f"{fractions[1]}.")
   dcd = config.distill.dcd
-  if dcd.gamma_min >= dcd.gamma_max:
+  if config.distill.objective == "dcd" and dcd.gamma_min >= dcd.gamma_max:
     raise UsageError(f"distill.dcd.gamma_min={dcd.gamma_min} must be below "
                      f"distill.dcd.gamma_max={dcd.gamma_max}.")
-  if 2 ** ((config.distill.steps - 1) // dcd.round_steps) > dcd.grid:
+  if (config.distill.objective == "dcd"
+      and 2 ** ((config.distill.steps - 1) // dcd.round_steps) > dcd.grid):
     raise UsageError(f"distill.dcd: the last of distill.steps={config.distill.steps} would "
                      f"take steps dt = 2^round / grid above 1 (round_steps="
                      f"{dcd.round_steps}, grid={dcd.grid}); raise grid or round_steps.")
@@ -199,12 +200,11 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   if mode in ("distill", "pipeline") and config.family != teacher:
     known = [n for n in registry.DISTILLATION
              if registry.OBJECTIVES[n].teacher == config.family]
-    raise UsageError(
-        f"family={config.family}: distill.objective={config.distill.objective} distils a "
-        f"teacher of family {teacher}; " + (f"set family={teacher}, or distill.objective to one of "
-                                  f"{', '.join(known)}." if known else
-                                  f"set family={teacher} (there is no {config.family} "
-                                  "distillation; --mode=train trains the baseline)."))
+    advice = (f"set family={teacher}, or distill.objective to one of {', '.join(known)}."
+              if known else f"set family={teacher} (there is no {config.family} "
+                            "distillation; --mode=train trains the baseline).")
+    raise UsageError(f"family={config.family}: distill.objective={config.distill.objective} "
+                     f"distils a teacher of family {teacher}; {advice}")
   if mode == "pipeline" and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode=pipeline trains and distills an FLM; "
                      "run a baseline's stages with --mode=train, distill and eval "

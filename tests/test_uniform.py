@@ -12,7 +12,8 @@ import pytest
 from scipy import integrate, special
 
 from conftest import randomize, train_config
-from flmjax import absorbing, checkpoint, train, uniform, validate
+from configs import owt_dcd
+from flmjax import absorbing, checkpoint, distill, train, uniform, validate
 from flmjax.errors import UsageError
 from flmjax.models import dit
 
@@ -382,3 +383,14 @@ def test_dcd_fields_are_checked(field, value, message):
   config.distill.dcd[field] = value
   with pytest.raises(UsageError, match=message):
     validate.validate(config, "distill", lambda: 1)
+
+
+def test_the_owt_dcd_config_is_the_recipe_and_runs_on_8_devices():
+  config = owt_dcd.get_config()
+  config.teacher_checkpoint = "somewhere"
+  validate.validate(config, "distill", lambda: 8)
+  student = distill.student_config(config)
+  assert (student.batch_size, student.train.steps, student.train.learning_rate,
+          student.train.warmup_steps, student.train.ema_decay, student.distill.dcd.grid,
+          student.distill.dcd.round_steps) == (128, 50_000, 6e-5, 500, 0.999, 512, 10_000)
+  assert float(uniform.dcd_step(jnp.int32(49_999), student.distill.dcd)) == 1 / 32

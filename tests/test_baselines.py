@@ -275,11 +275,13 @@ def test_distillation_objectives_need_their_teachers_family():
   config = train_config()
   config.family = "mdlm"
   config.teacher_checkpoint = "somewhere"
-  for mode in ("distill", "pipeline"):
-    with pytest.raises(UsageError, match="family=mdlm: distill.objective=semigroup distils a "
-                                         "teacher of family flm; set family=flm .there is no "
-                                         "mdlm distillation"):
-      validate(config, mode, lambda: 1)
+  with pytest.raises(UsageError, match="family=mdlm: distill.objective=semigroup distils a "
+                                       "teacher of family flm; set family=flm .there is no "
+                                       "mdlm distillation"):
+    validate(config, "distill", lambda: 1)
+  with pytest.raises(UsageError, match="family=mdlm: --mode=pipeline trains and distills an "
+                                       "FLM"):
+    validate(config, "pipeline", lambda: 1)
   with pytest.raises(UsageError, match="family=mdlm: --mode=compare trains every family"):
     validate(config, "compare", lambda: 1)
   validate(config, "train", lambda: 1)
@@ -297,6 +299,10 @@ def test_distillation_objectives_need_their_teachers_family():
                                        "family duo; set family=duo, or distill.objective to "
                                        "one of semigroup, eulerian, lagrangian."):
     validate(config, "distill", lambda: 1)
+  for mode in ("pipeline", "compare"):  # these distil an FLM
+    with pytest.raises(UsageError, match="family duo; set distill.objective to one of "
+                                         "semigroup, eulerian, lagrangian.$"):
+      validate(config, mode, lambda: 1)
 
 
 def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():

@@ -151,7 +151,7 @@ def get_config() -> ml_collections.ConfigDict:
   # objective "dcd" Duo's discrete consistency distillation. It starts from the EMA
   # weights of the run in config.teacher_checkpoint and trains with the loop above,
   # with these fields in place of train.steps, train.learning_rate, train.b2 and
-  # batch_size (0 keeps batch_size).
+  # batch_size (0 keeps batch_size; DCD has its own learning rate and b2, below).
   # FLM teachers: "semigroup" (PSD), "eulerian" or "lagrangian"; Duo teachers: "dcd".
   config.distill.objective = "semigroup"
   config.distill.diagonal_fraction = 0.5  # rows with s = t, target the teacher's D_s
@@ -175,6 +175,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.dcd.gamma_min = -4.0
   config.distill.dcd.gamma_max = -1.0
   config.distill.dcd.divergence = "kl-bwd"  # KL(student || teacher); "kl-fwd" the reverse
+  # DCD's optimizer (Duo's OWT recipe), in place of distill.learning_rate and distill.b2.
+  config.distill.dcd.learning_rate = 6e-5
+  config.distill.dcd.b2 = 0.999
   # The teacher for --mode=distill: a --mode=train workdir (its latest EMA weights).
   config.teacher_checkpoint = ""
 

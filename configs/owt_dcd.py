@@ -14,10 +14,9 @@ from configs import owt
 def get_config():
   config = owt.get_config()
   config.family = "duo"
-  config.distill.update(objective="dcd", steps=50_000, learning_rate=6e-5, b2=0.999,
-                        batch_size=128)
+  config.distill.update(objective="dcd", steps=50_000, batch_size=128)
   config.distill.dcd.update(grid=512, round_steps=10_000, gamma_min=-4.0, gamma_max=-1.0,
-                            divergence="kl-bwd")
+                            divergence="kl-bwd", learning_rate=6e-5, b2=0.999)
   config.train.update(warmup_steps=500, ema_decay=0.999, eval_every=1000, eval_batches=8)
   config.eval.steps = "1,2,4,8,16,32"
   return config

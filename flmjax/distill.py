@@ -264,12 +264,15 @@ def part_counts(config: ml_collections.ConfigDict,
 
 def student_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` for the student: distill.* in place of train.steps,
-  train.learning_rate, train.b2 and batch_size (0 keeps it)."""
+  train.learning_rate, train.b2 and batch_size (0 keeps it); DCD's learning rate and b2
+  from distill.dcd."""
   config = copy.deepcopy(config)  # the student's settings stay out of the caller's config
   config.lock()
   cfg = config.distill
+  optimizer = cfg.dcd if cfg.objective == "dcd" else cfg
   config.batch_size = cfg.batch_size or config.batch_size
-  config.train.update(steps=cfg.steps, learning_rate=cfg.learning_rate, b2=cfg.b2)
+  config.train.update(steps=cfg.steps, learning_rate=optimizer.learning_rate,
+                      b2=optimizer.b2)
   return config
 
 

@@ -74,9 +74,11 @@ BASELINES = ("mdlm", "sedd", "duo", "ar")
 
 def run_compare(config, workdir: str) -> None:
   """The pipeline's teacher and student, then each baseline of BASELINES trained with the
-  same data, tokenizer, backbone, batch and train.steps (WORKDIR/FAMILY), then all of them
-  evaluated in one table and plot (WORKDIR/eval): FLM, FMLM, MDLM, SEDD and Duo at each of
-  eval.compare_steps, AR once (its L - 1 calls). Rerunning resumes each stage."""
+  same data, tokenizer, backbone, batch and train.steps (WORKDIR/FAMILY), and Duo's DCD
+  student distilled from that Duo with distill.steps and batch (WORKDIR/duo_dcd), then all
+  of them evaluated in one table and plot (WORKDIR/eval): FLM, FMLM, MDLM, SEDD, Duo and
+  Duo + DCD at each of eval.compare_steps, AR once (its L - 1 calls). Rerunning resumes
+  each stage."""
   teacher, student = _teacher_and_student(config, workdir)
   steps = step_counts(config.eval.compare_steps, "eval.compare_steps")
   models = {"FLM": (teacher, steps), "FMLM": (student, steps)}
@@ -85,6 +87,11 @@ def run_compare(config, workdir: str) -> None:
     baseline.family = family
     train.train(baseline, os.path.join(workdir, family))
     models[family.upper()] = (os.path.join(workdir, family), steps)
+  dcd = copy.deepcopy(config)
+  dcd.family, dcd.distill.objective = "duo", "dcd"
+  dcd.teacher_checkpoint = os.path.join(workdir, "duo")
+  train.distill(dcd, os.path.join(workdir, "duo_dcd"))
+  models["DUO+DCD"] = (os.path.join(workdir, "duo_dcd"), steps)
   evaluate.evaluate(config, workdir, models)
 
 

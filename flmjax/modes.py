@@ -23,8 +23,8 @@ MODES = {
                 "(WORKDIR/eval)",
     "compare": "prepare, then train FLM (WORKDIR/teacher) and its FMLM student "
                "(WORKDIR/student), MDLM, SEDD, Duo and AR (WORKDIR/mdlm, sedd, duo, ar) on the "
-               "same data "
-               "and backbone, and evaluate them all at eval.compare_steps (WORKDIR/eval)",
+               "same data and backbone and Duo's DCD student (WORKDIR/duo_dcd), and "
+               "evaluate them all at eval.compare_steps (WORKDIR/eval)",
     "compile": "compiles the train step (of --config.family), and for FLM the distillation "
                "step and the one-step sampler (for Duo with distill.objective=dcd, the DCD "
                "step), for --config.topology and prints memory and FLOPs per chip",

@@ -40,7 +40,8 @@ POSITIVE = (
     "train.sample_steps", "train.num_samples", "train.keep_checkpoints", "distill.steps",
     "distill.learning_rate", "sample.steps", "sample.num_samples", "generate.batch_size",
     "eval.num_samples",
-    "eval.batch_size", "sample.temperature", "distill.dcd.grid", "distill.dcd.round_steps")
+    "eval.batch_size", "sample.temperature", "distill.dcd.grid", "distill.dcd.round_steps",
+    "distill.dcd.learning_rate")
 NON_NEGATIVE = (
     "data.max_documents", "model.output_chunk", "model.attn_softcap", "model.output_cap",
     "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.eval_every",
@@ -48,7 +49,7 @@ NON_NEGATIVE = (
     "distill.batch_size", "eval.valid_batches", "sample.guidance")
 BELOW_ONE = (  # in [0, 1)
     "data.valid_fraction", "model.dropout", "train.b1", "train.b2", "train.ema_decay",
-    "distill.b2", "distill.boundary_fraction")
+    "distill.b2", "distill.boundary_fraction", "distill.dcd.b2")
 STEP_LISTS = ("eval.steps", "eval.teacher_steps", "eval.student_steps", "eval.compare_steps")
 NEEDS = {  # mode: (field, what it must name)
     "distill": ("teacher_checkpoint", "the workdir (or export) of a teacher trained with "
@@ -90,15 +91,6 @@ def _fields(config: ml_collections.ConfigDict) -> None:
     raise UsageError(f"distill.diagonal_fraction={fractions[0]} must be in (0, 1) and leave "
                      f"room for off-diagonal rows beside distill.boundary_fraction="
                      f"{fractions[1]}.")
-  dcd = config.distill.dcd
-  if config.distill.objective == "dcd" and dcd.gamma_min >= dcd.gamma_max:
-    raise UsageError(f"distill.dcd.gamma_min={dcd.gamma_min} must be below "
-                     f"distill.dcd.gamma_max={dcd.gamma_max}.")
-  if (config.distill.objective == "dcd"
-      and 2 ** ((config.distill.steps - 1) // dcd.round_steps) > dcd.grid):
-    raise UsageError(f"distill.dcd: the last of distill.steps={config.distill.steps} would "
-                     f"take steps dt = 2^round / grid above 1 (round_steps="
-                     f"{dcd.round_steps}, grid={dcd.grid}); raise grid or round_steps.")
   if not 0 < config.sample.top_p <= 1:
     raise UsageError(f"sample.top_p={config.sample.top_p}: the nucleus mass must be in "
                      "(0, 1]; 1 turns it off.")
@@ -112,6 +104,20 @@ def _fields(config: ml_collections.ConfigDict) -> None:
                      "Gaussian to the reference examples and needs at least 2.")
   for field in STEP_LISTS:
     step_counts(_get(config, field), field)
+
+
+def _dcd(config: ml_collections.ConfigDict, mode: str) -> None:
+  """distill.dcd, where Duo's DCD runs: distill.objective=dcd, or --mode=compare."""
+  dcd = config.distill.dcd
+  if config.distill.objective != "dcd" and mode != "compare":
+    return
+  if dcd.gamma_min >= dcd.gamma_max:
+    raise UsageError(f"distill.dcd.gamma_min={dcd.gamma_min} must be below "
+                     f"distill.dcd.gamma_max={dcd.gamma_max}.")
+  if 2 ** ((config.distill.steps - 1) // dcd.round_steps) > dcd.grid:
+    raise UsageError(f"distill.dcd: the last of distill.steps={config.distill.steps} would "
+                     f"take steps dt = 2^round / grid above 1 (round_steps="
+                     f"{dcd.round_steps}, grid={dcd.grid}); raise grid or round_steps.")
 
 
 def _model(model: ml_collections.ConfigDict) -> None:
@@ -193,6 +199,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   on a mesh of `device_count()` devices (asked only once the fields are valid, so that a
   bad field is reported before any device is started)."""
   _fields(config)
+  _dcd(config, mode)
   _model(config.model)
   _attention(config, mode)
   _condition(config, mode)

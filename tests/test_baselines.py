@@ -344,3 +344,26 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
   config.eval.prompted = True
   with pytest.raises(UsageError, match=f"eval.prompted: .* holds a {family} model"):
     evaluate.evaluate(config, str(tmp_path / "eval"), {"X": (config.checkpoint, [1])})
+
+
+def test_compare_distils_duos_dcd_student_from_its_duo_run(monkeypatch, tmp_path):
+  """--mode=compare's stages: after the baselines, Duo's DCD student from WORKDIR/duo (with
+  the config's distill.steps and DCD's own learning rate), evaluated as DUO+DCD."""
+  from flmjax import main  # pylint: disable=import-outside-toplevel
+  stages = []
+  monkeypatch.setattr(main, "_teacher_and_student", lambda config, workdir: ("T", "S"))
+  monkeypatch.setattr(train, "train", lambda config, workdir: stages.append(
+      ("train", config.family, workdir)))
+  monkeypatch.setattr(train, "distill", lambda config, workdir: stages.append(
+      ("distill", config.family, config.distill.objective, config.teacher_checkpoint,
+       workdir)))
+  monkeypatch.setattr(evaluate, "evaluate", lambda config, workdir, models: stages.append(
+      ("eval", {label: path for label, (path, _) in models.items()})))
+  config = train_config()
+  main.run_compare(config, str(tmp_path))
+  w = str(tmp_path)
+  assert stages == [("train", f, f"{w}/{f}") for f in ("mdlm", "sedd", "duo", "ar")] + [
+      ("distill", "duo", "dcd", f"{w}/duo", f"{w}/duo_dcd"),
+      ("eval", {"FLM": "T", "FMLM": "S", "MDLM": f"{w}/mdlm", "SEDD": f"{w}/sedd",
+                "DUO": f"{w}/duo", "AR": f"{w}/ar", "DUO+DCD": f"{w}/duo_dcd"})]
+  assert (config.family, config.distill.objective) == ("flm", "semigroup")  # untouched

@@ -395,6 +395,10 @@ def test_the_owt_dcd_config_is_the_recipe_and_runs_on_8_devices():
   validate.validate(config, "distill", lambda: 8)
   student = distill.student_config(config)
   assert (student.batch_size, student.train.steps, student.train.learning_rate,
-          student.train.warmup_steps, student.train.ema_decay, student.distill.dcd.grid,
-          student.distill.dcd.round_steps) == (128, 50_000, 6e-5, 500, 0.999, 512, 10_000)
+          student.train.b2, student.train.warmup_steps, student.train.ema_decay,
+          student.distill.dcd.grid, student.distill.dcd.round_steps) == (
+              128, 50_000, 6e-5, 0.999, 500, 0.999, 512, 10_000)
   assert float(uniform.dcd_step(jnp.int32(49_999), student.distill.dcd)) == 1 / 32
+  config.distill.objective = "semigroup"  # an FMLM student takes distill.learning_rate, b2
+  assert (distill.student_config(config).train.learning_rate,
+          distill.student_config(config).train.b2) == (3e-4, 0.95)

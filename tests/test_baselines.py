@@ -2,6 +2,11 @@
 schedule, losses, samplers and the family rules, each checked against a closed form or a
 second code path written here."""
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -346,24 +351,34 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
     evaluate.evaluate(config, str(tmp_path / "eval"), {"X": (config.checkpoint, [1])})
 
 
-def test_compare_distils_duos_dcd_student_from_its_duo_run(monkeypatch, tmp_path):
-  """--mode=compare's stages: after the baselines, Duo's DCD student from WORKDIR/duo (with
-  the config's distill.steps and DCD's own learning rate), evaluated as DUO+DCD."""
-  from flmjax import main  # pylint: disable=import-outside-toplevel
-  stages = []
-  monkeypatch.setattr(main, "_teacher_and_student", lambda config, workdir: ("T", "S"))
-  monkeypatch.setattr(train, "train", lambda config, workdir: stages.append(
-      ("train", config.family, workdir)))
-  monkeypatch.setattr(train, "distill", lambda config, workdir: stages.append(
-      ("distill", config.family, config.distill.objective, config.teacher_checkpoint,
-       workdir)))
-  monkeypatch.setattr(evaluate, "evaluate", lambda config, workdir, models: stages.append(
-      ("eval", {label: path for label, (path, _) in models.items()})))
-  config = train_config()
-  main.run_compare(config, str(tmp_path))
+def test_compare_distils_duos_dcd_student_from_its_duo_run(tmp_path):
+  """--mode=compare's stages: after the baselines, Duo's DCD student from WORKDIR/duo,
+  evaluated as DUO+DCD. (In a subprocess: flmjax.main and flmjax.convert, which other
+  tests import, both define the --config flag.)"""
+  stages = subprocess.run([sys.executable, "-c", COMPARE_STAGES, str(tmp_path)],
+                          cwd=pathlib.Path(__file__).parents[1], capture_output=True,
+                          text=True, check=True).stdout.splitlines()[-1]
   w = str(tmp_path)
-  assert stages == [("train", f, f"{w}/{f}") for f in ("mdlm", "sedd", "duo", "ar")] + [
-      ("distill", "duo", "dcd", f"{w}/duo", f"{w}/duo_dcd"),
-      ("eval", {"FLM": "T", "FMLM": "S", "MDLM": f"{w}/mdlm", "SEDD": f"{w}/sedd",
-                "DUO": f"{w}/duo", "AR": f"{w}/ar", "DUO+DCD": f"{w}/duo_dcd"})]
-  assert (config.family, config.distill.objective) == ("flm", "semigroup")  # untouched
+  assert json.loads(stages) == [["train", f, f"{w}/{f}"] for f in ("mdlm", "sedd", "duo", "ar")] + [
+      ["distill", "duo", "dcd", f"{w}/duo", f"{w}/duo_dcd"],
+      ["eval", {"FLM": "T", "FMLM": "S", "MDLM": f"{w}/mdlm", "SEDD": f"{w}/sedd",
+                "DUO": f"{w}/duo", "AR": f"{w}/ar", "DUO+DCD": f"{w}/duo_dcd"}],
+      ["config", "flm", "semigroup"]]  # the caller's config untouched
+
+
+COMPARE_STAGES = """
+import json, sys
+sys.path.insert(0, "tests")
+from conftest import train_config
+from flmjax import evaluate, main, train
+stages = []
+main._teacher_and_student = lambda config, workdir: ("T", "S")
+train.train = lambda config, workdir: stages.append(["train", config.family, workdir])
+train.distill = lambda config, workdir: stages.append(
+    ["distill", config.family, config.distill.objective, config.teacher_checkpoint, workdir])
+evaluate.evaluate = lambda config, workdir, models: stages.append(
+    ["eval", {label: path for label, (path, _) in models.items()}])
+config = train_config()
+main.run_compare(config, sys.argv[1])
+print(json.dumps(stages + [["config", config.family, config.distill.objective]]))
+"""

@@ -1,5 +1,6 @@
 """Duo's uniform-state diffusion (flmjax/uniform.py): its forward process, loss and
-sampler, each against BASELINES.md section 6 computed here in float64 or a closed form."""
+sampler, and its consistency distillation (DCD), each against BASELINES.md sections 6 and 7
+computed here in float64, a closed form or a brute-force draw."""
 
 import json
 

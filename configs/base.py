@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   # What --mode=train trains: "flm" (the FLM teacher; --mode=distill makes its FMLM
   # student), or a discrete baseline on the same DiT, data and loop (BASELINES.md, and
   # docs/baselines.md): "mdlm" (masked diffusion), "sedd" (score entropy, absorbing), "duo"
-  # (uniform-state diffusion, without its curriculum) or "ar" (autoregressive, causal).
+  # (uniform-state diffusion; its Gaussian curriculum in `duo` below) or "ar"
+  # (autoregressive, causal).
   config.family = "flm"
 
   config.data = ml_collections.ConfigDict()
@@ -145,6 +146,21 @@ def get_config() -> ml_collections.ConfigDict:
   # "v5e:8x8", "v5p:2x2x4", needing libtpu; "h100:8", "h200", needing JAX's CUDA plugin);
   # "" compiles for the local devices.
   config.topology = ""
+
+  config.duo = ml_collections.ConfigDict()
+  # family=duo: Duo's Gaussian curriculum for the first curriculum_end steps (0: none,
+  # the bound on discrete states from the first step). The network reads the relaxed
+  # softmax(z / tau) @ E of z = sqrt(sigmoid(-g)) onehot + sqrt(sigmoid(g)) eps and learns
+  # the bound at argmax z, with g = gamma_min + t (gamma_max - gamma_min). Defaults: Duo's
+  # OWT script (configs/lm1b.py sets its LM1B range).
+  config.duo.curriculum_end = 0
+  config.duo.gamma_min = -3.55
+  config.duo.gamma_max = -1.85
+  # log10 tau: tau_log10_start before curriculum_start, then linear to tau_log10_end at
+  # curriculum_end (Duo's scripts hold it at -3).
+  config.duo.curriculum_start = 0
+  config.duo.tau_log10_start = -3.0
+  config.duo.tau_log10_end = -3.0
 
   config.distill = ml_collections.ConfigDict()
   # --mode=distill: the FMLM student (the paper's v2 flow map), or with family "duo" and

@@ -4,10 +4,11 @@ The state is a plain pytree {step, params, ema, opt_state, rng}. `train_step` is
 function of (state, batch, frozen) -> (state, metrics); `compile_step` jits it with the
 mesh's shardings, the state donated, and compiles it ahead of the first batch. An
 objective is any function (model, batch, rng, frozen) -> (loss, metrics); `frozen` holds
-arrays it reads but does not train (a distillation teacher), None otherwise. A run whose
-teacher is the student itself as it was at the start of a round (teacher_every steps; Duo's
-consistency distillation) keeps that copy in the state under "teacher" and gets `frozen` =
-{"params": the round's teacher, "step": the step}.
+arrays it reads but does not train: a distillation teacher's params, else {"step": the
+step} (None in validation). A run whose teacher is the student itself as it was at the
+start of a round (teacher_every steps; Duo's consistency distillation) keeps that copy in
+the state under "teacher" and gets `frozen` = {"params": the round's teacher, "step": the
+step}.
 
 Recipe (the paper's training recipe): AdamW with gradient clipping by global norm, linear
 warmup then constant; EMA with decay min(ema_decay, (1 + n) / (10 + n)) after the n-th
@@ -162,6 +163,8 @@ def train_step(state: dict, batch: dict, frozen, *, graphdef, tx, objective: Obj
     state = dict(state, teacher=jax.tree.map(lambda t, p: jnp.where(new_round, p, t),
                                              state["teacher"], state["params"]))
     frozen = {"params": state["teacher"], "step": state["step"]}
+  elif frozen is None:
+    frozen = {"step": state["step"]}
 
   def loss_fn(params, part, key):
     return objective(nnx.merge(graphdef, params), part, key, frozen)

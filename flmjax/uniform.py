@@ -1,6 +1,6 @@
-"""Duo's uniform-state discrete diffusion (BASELINES.md sections 1, 6.1 and 6.2): the
-`duo_base` model, trained on discrete states, and Duo's discrete consistency distillation
-(DCD, section 7). Duo's Gaussian curriculum (section 6.3) is not implemented.
+"""Duo's uniform-state discrete diffusion (BASELINES.md sections 1 and 6): the `duo_base`
+model, trained on discrete states after Duo's Gaussian curriculum (section 6.3, `objective`
+and the section below), and Duo's discrete consistency distillation (DCD, section 7).
 
 Time, schedule and training times are flmjax/absorbing.py's (t = 1 noise, alpha_t =
 1 - (1 - 1e-3) t, the network's time input sigma_t = -log alpha_t). Forward process: each
@@ -46,6 +46,7 @@ from scipy import special as host_special
 
 from flmjax import absorbing, sampling, sharding
 from flmjax.absorbing import EPS, LAST_TIME, alpha, sigma
+from flmjax.flow import HIGHEST
 
 
 def corrupt(rng: jax.Array, x0: jax.Array, t: jax.Array, vocab_size: int) -> jax.Array:
@@ -56,12 +57,12 @@ def corrupt(rng: jax.Array, x0: jax.Array, t: jax.Array, vocab_size: int) -> jax
   return jnp.where(kept, x0, jax.random.randint(rng_id, x0.shape, 0, vocab_size))
 
 
-def token_loss(logits, xt, x0, t) -> jax.Array:
-  """The continuous-time bound at every position [B, L] (module docstring); logits
-  [B, L, V] float32, t [B]."""
+def bound(logits, xt, x0, alpha_t, log_noised, dalpha) -> jax.Array:
+  """The continuous-time bound at every position [B, L] (module docstring) of a schedule
+  at alpha_t = A [B], log(1 - A) [B] and alpha'_t [B]; logits [B, L, V] float32."""
   vocab = logits.shape[-1]
-  a = alpha(t)[:, None]
-  log_rho = jnp.log(vocab * a) - jnp.log((1 - EPS) * t)[:, None]  # rho = V A / (1 - A)
+  a = alpha_t[:, None]
+  log_rho = jnp.log(vocab * a) - log_noised[:, None]  # rho = V A / (1 - A)
   log1p_rho = jnp.logaddexp(0.0, log_rho)
   log_x = jax.nn.log_softmax(logits, axis=-1)
   ell = jax.nn.softplus(log_rho[..., None] + log_x)  # l(v) = log(1 + rho x(v))
@@ -82,10 +83,16 @@ def token_loss(logits, xt, x0, t) -> jax.Array:
   t1 = rho / a * (jnp.where(same, c, 1.0) - jnp.exp(-ell_j))
   t2 = jnp.where(same, -(others - (vocab - 1) * u(log_x_j)) * c,
                  -(1 + rho) * u(log_x_0) + (rho + vocab) * ell_j - others)
-  return -(1 - EPS) / (vocab * a) * (t1 - t2)
+  return dalpha[:, None] / (vocab * a) * (t1 - t2)
 
 
-objective = absorbing.objective(  # absorbing.py's loop, with this noise and loss
+def token_loss(logits, xt, x0, t) -> jax.Array:
+  """The bound [B, L] of the log-linear schedule at times t [B]: 1 - alpha_t = (1 - eps) t,
+  alpha'_t = -(1 - eps)."""
+  return bound(logits, xt, x0, alpha(t), jnp.log((1 - EPS) * t), jnp.full_like(t, -(1 - EPS)))
+
+
+base_objective = absorbing.objective(  # absorbing.py's loop, with this noise and loss
     lambda rng, x0, t, mask_id, vocab_size: corrupt(rng, x0, t, vocab_size),
     lambda logits, xt, x0, t, mask_id: token_loss(logits, xt, x0, t), sigma)
 
@@ -157,47 +164,163 @@ def sampler(greedy: bool = False):
   return make
 
 
-# --- Discrete consistency distillation (DCD, BASELINES.md section 7) ---------------------
+# --- Duo's Gaussian view (BASELINES.md 6.3 and 7) -----------------------------------------
 #
-# Duo's Gaussian view of the uniform process: z = a(g) onehot(x0) + b(g) eps, eps ~ N(0,
-# I_V), a(g) = sqrt(sigmoid(-g)), b(g) = sqrt(sigmoid(g)) (g is -log SNR); x = argmax z is
-# a uniform-process state with alpha(g) = (V P(g) - 1) / (V - 1), P(g) the probability
-# that the clean id is the argmax. The student at (argmax z_t, g_t) is trained toward a
-# frozen teacher at (argmax z_s, g_s) on the same eps, a step dt = 2^k / T closer to the
-# data, k the round (distill.dcd.round_steps steps each; the teacher is the student as it
-# was when its round began). The argmax is drawn exactly without eps: the other ids' z are
-# b(g) eps_v, so their argmax is one uniform id other than x0 at every g, and x0 wins when
-# e^{-g/2} = a / b exceeds the gap M - eps_x0, M the maximum of V - 1 standard normals.
+# z = a(g) onehot(x0) + b(g) eps, eps ~ N(0, I_V), a(g) = sqrt(sigmoid(-g)), b(g) =
+# sqrt(sigmoid(g)) (g is -log SNR); x = argmax z is a uniform-process state with alpha(g) =
+# (V P(g) - 1) / (V - 1), P(g) the probability that the clean id is the argmax. Duo's
+# curriculum trains on (argmax z, the relaxed input softmax(z / tau) @ E); its distillation
+# (DCD) on the argmax at two g of one eps.
 
 # Gauss-Hermite nodes and weights for E_{y ~ N(mu, 1)} f(y) = sum_i w_i f(mu + sqrt(2) x_i)
 _NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(200)
-SIGMA_TABLE = 4097  # points of the table of -log alpha(g) that the objective interpolates
+SIGMA_TABLE = 4097  # points of the tables of alpha(g) that the objectives interpolate
+
+
+def _clean_wins(g, vocab_size: int, ids: int | None, weight) -> np.ndarray:
+  """E_{y ~ N(mu, 1)} weight(y - mu) Phi(y)^(ids - 1), mu = e^{-g/2}, in float64."""
+  offset = np.sqrt(2) * _NODES
+  y = np.exp(-np.asarray(g, np.float64) / 2)[..., None] + offset
+  return np.sum(_WEIGHTS / np.sqrt(np.pi) * weight(offset) * np.exp(
+      ((ids or vocab_size) - 1) * host_special.log_ndtr(y)), -1)
 
 
 def gaussian_alpha(g, vocab_size: int, ids: int | None = None) -> np.ndarray:
   """alpha(g) = (V P(g) - 1) / (V - 1) of the argmax state, in float64 on the host, with
   P(g) = E_{y ~ N(mu, 1)} Phi(y)^(ids - 1), mu = e^{-g/2}, the probability that the clean
-  id is the argmax over `ids` ids (default V, the argmax that `trajectory` draws; Duo's
-  GPT-2 table takes 50257 for V = 50258, BASELINES.md 11.11), by 200-node Gauss-Hermite
+  id is the argmax over `ids` ids (default V, the argmax that flmjax draws; Duo's GPT-2
+  table takes 50257 for V = 50258, BASELINES.md 11.11), by 200-node Gauss-Hermite
   quadrature of exp((ids - 1) log Phi)."""
-  y = np.exp(-np.asarray(g, np.float64) / 2)[..., None] + np.sqrt(2) * _NODES
-  probability = np.sum(_WEIGHTS / np.sqrt(np.pi) * np.exp(
-      ((ids or vocab_size) - 1) * host_special.log_ndtr(y)), -1)
+  probability = _clean_wins(g, vocab_size, ids, np.ones_like)
   return (vocab_size * probability - 1) / (vocab_size - 1)
 
 
-def gaussian_sigma(cfg: ml_collections.ConfigDict, vocab_size: int):
-  """g [B] -> the network's time input -log alpha(g) [B], interpolated in a float64 table
-  over [gamma_min, gamma_max] (float32 quadrature would be off by up to 4e-5 in alpha)."""
-  grid = np.linspace(cfg.gamma_min, cfg.gamma_max, SIGMA_TABLE)
-  table = -np.log(gaussian_alpha(grid, vocab_size))
-  return lambda g: jnp.interp(g, grid.astype(np.float32), table.astype(np.float32))
+def gaussian_slope(g, vocab_size: int) -> np.ndarray:
+  """d alpha / d g = V / (V - 1) dP/dg, dP/dg = -(mu / 2) E[(y - mu) Phi(y)^(V - 1)] (d mu /
+  d g = -mu / 2, and d/d mu E_{N(mu, 1)} f = E[(y - mu) f]), by the same quadrature: the
+  analytic form of the reference's forward difference (BASELINES.md 6.3)."""
+  mu = np.exp(-np.asarray(g, np.float64) / 2)
+  return vocab_size / (vocab_size - 1) * -mu / 2 * _clean_wins(g, vocab_size, None,
+                                                             lambda offset: offset)
+
+
+def gaussian_table(gamma_min: float, gamma_max: float, vocab_size: int):
+  """g [B] -> (-log alpha(g), d alpha / d g) [B], interpolated in float64 tables of
+  SIGMA_TABLE points over [gamma_min, gamma_max] (float32 quadrature would be off by up
+  to 4e-5 in alpha)."""
+  grid = np.linspace(gamma_min, gamma_max, SIGMA_TABLE)
+  sigma = -np.log(gaussian_alpha(grid, vocab_size))
+  slope = gaussian_slope(grid, vocab_size)
+  grid, sigma, slope = (x.astype(np.float32) for x in (grid, sigma, slope))
+  return lambda g: (jnp.interp(g, grid, sigma), jnp.interp(g, grid, slope))
+
+
+# Relaxed input of the curriculum, in chunks of ids so that no [B, L, V] array is held:
+# eps of the ids [NOISE_BLOCK k, NOISE_BLOCK (k + 1)) is normal(fold_in(rng, k)), whatever
+# the chunk, so the draw does not depend on the chunking (nor on the mesh).
+NOISE_BLOCK = 128
+RELAXED_CHUNK_BYTES = 128 * 2**20  # float32 weights of one chunk, per device
+
+
+def relaxed_blocks(x0_shape: tuple[int, int], vocab_size: int) -> int:
+  """Noise blocks per chunk of `relaxed_input`: the most whose float32 weights [B, L,
+  ids] fit in RELAXED_CHUNK_BYTES on each device (at least one, at most all)."""
+  tokens = x0_shape[0] // sharding.row_shards(x0_shape[0]) * x0_shape[1]
+  return int(np.clip(RELAXED_CHUNK_BYTES // (4 * tokens * NOISE_BLOCK), 1,
+                     -(-vocab_size // NOISE_BLOCK)))
+
+
+def _relaxed_chunk(rng, x0, g, inv_tau, index, blocks: int, vocab_size: int):
+  """z / tau of chunk `index` [blocks, B, L, NOISE_BLOCK] (ids past V at -inf) and its
+  ids [blocks, NOISE_BLOCK]."""
+  first = index * blocks + jnp.arange(blocks)
+  eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(rng, k),
+                                             (*x0.shape, NOISE_BLOCK)))(first)
+  ids = first[:, None] * NOISE_BLOCK + jnp.arange(NOISE_BLOCK)
+  g = g[None, :, None, None]
+  z = jnp.sqrt(jax.nn.sigmoid(g)) * eps + jnp.sqrt(jax.nn.sigmoid(-g)) * (
+      ids[:, None, None, :] == x0[None, :, :, None])
+  return jnp.where(ids[:, None, None, :] < vocab_size, z * inv_tau, -jnp.inf), ids
+
+
+def _embed_chunks(embed, blocks: int):
+  """E [V, D] zero-padded and split [chunks, blocks, NOISE_BLOCK, D]."""
+  vocab, dim = embed.shape
+  per = blocks * NOISE_BLOCK
+  chunks = -(-vocab // per)
+  return jnp.pad(embed, ((0, chunks * per - vocab), (0, 0))).reshape(
+      chunks, blocks, NOISE_BLOCK, dim)
+
+
+def _relaxed_forward(embed, rng, x0, g, inv_tau, blocks):
+  """(h, argmax z, max z / tau, sum_v e^{z_v / tau - max}) in one pass over the chunks,
+  the softmax kept online (running max, sum and weighted sum of rows of E)."""
+  vocab = embed.shape[0]
+  shape = x0.shape
+
+  def body(carry, inputs):
+    top, total, acc, arg = carry
+    index, rows = inputs
+    logits, ids = _relaxed_chunk(rng, x0, g, inv_tau, index, blocks, vocab)
+    block_top = logits.max(-1)  # [blocks, B, L]
+    best = block_top.argmax(0)
+    chunk_top = block_top.max(0)
+    chunk_arg = jnp.take_along_axis(ids[:, 0][:, None, None] + logits.argmax(-1),
+                                    best[None], 0)[0]
+    new_top = jnp.maximum(top, chunk_top)
+    weights = jnp.exp(logits - new_top[None, ..., None])
+    scale = jnp.exp(top - new_top)
+    total = total * scale + weights.sum((0, 3))
+    acc = acc * scale[..., None] + jnp.einsum("kblc,kcd->bld", weights, rows,
+                                              precision=HIGHEST)
+    return (new_top, total, acc, jnp.where(chunk_top > top, chunk_arg, arg)), None
+
+  chunks = _embed_chunks(embed, blocks)
+  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, embed.shape[1])),
+          jnp.zeros(shape, jnp.int32))
+  (top, total, acc, arg), _ = jax.lax.scan(body, init, (jnp.arange(len(chunks)), chunks))
+  return acc / total[..., None], arg, top, total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def relaxed_input(embed, rng, x0, g, inv_tau, blocks: int):
+  """(softmax(z / tau) @ E [B, L, D] float32, argmax_v z_v [B, L]) for z = a(g) onehot(x0)
+  + b(g) eps of one eps ~ N(0, I_V) per position (g [B], inv_tau = 1 / tau a scalar), in
+  chunks of `blocks` noise blocks (relaxed_blocks), never holding [B, L, V]. Differentiable
+  in E only (the curriculum's z does not depend on the parameters): its backward pass
+  draws each chunk's eps again."""
+  h, arg, _, _ = _relaxed_forward(embed, rng, x0, g, inv_tau, blocks)
+  return h, arg
+
+
+def _relaxed_fwd(embed, rng, x0, g, inv_tau, blocks):
+  h, arg, top, total = _relaxed_forward(embed, rng, x0, g, inv_tau, blocks)
+  return (h, arg), (embed, rng, x0, g, inv_tau, top, total)
+
+
+def _relaxed_bwd(blocks, residuals, cotangents):
+  embed, rng, x0, g, inv_tau, top, total = residuals
+  dh = cotangents[0]
+
+  def rows(_, index):  # dE of the chunk's ids = softmax weights^T dh
+    logits, _ = _relaxed_chunk(rng, x0, g, inv_tau, index, blocks, embed.shape[0])
+    weights = jnp.exp(logits - top[None, ..., None]) / total[None, ..., None]
+    return None, jnp.einsum("kblc,bld->kcd", weights, dh, precision=HIGHEST)
+
+  chunks = _embed_chunks(embed, blocks).shape[0]
+  _, grads = jax.lax.scan(rows, None, jnp.arange(chunks))
+  return grads.reshape(-1, embed.shape[1])[:embed.shape[0]], None, None, None, None
+
+
+relaxed_input.defvjp(_relaxed_fwd, _relaxed_bwd)
 
 
 def trajectory(rng: jax.Array, x0: jax.Array, gammas, vocab_size: int) -> list[jax.Array]:
   """[argmax_v (a(g) onehot(x0) + b(g) eps)_v [B, L] for g in `gammas` (each [B])], one eps
-  ~ N(0, I_V) per position shared by all, drawn as the section comment says: the maximum
-  of V - 1 standard normals is -Phi^{-1}(1 - U^{1/(V - 1)}), U ~ U(0, 1)."""
+  ~ N(0, I_V) per position shared by all, drawn without eps: the other ids' z are b(g)
+  eps_v, so their argmax is one uniform id other than x0 at every g, and x0 wins when
+  e^{-g/2} = a / b exceeds the gap M - eps_x0, M the maximum of V - 1 standard normals,
+  -Phi^{-1}(1 - U^{1/(V - 1)}), U ~ U(0, 1)."""
   rng_clean, rng_top, rng_id = jax.random.split(rng, 3)
   clean = jax.random.normal(rng_clean, x0.shape)
   u = jax.random.uniform(rng_top, x0.shape, minval=jnp.finfo(jnp.float32).tiny)
@@ -205,6 +328,60 @@ def trajectory(rng: jax.Array, x0: jax.Array, gammas, vocab_size: int) -> list[j
   other = jax.random.randint(rng_id, x0.shape, 0, vocab_size - 1)
   other = other + (other >= x0)  # uniform over the ids other than x0
   return [jnp.where(top - clean < jnp.exp(-g / 2)[:, None], x0, other) for g in gammas]
+
+
+# --- Duo's Gaussian curriculum (BASELINES.md 6.3) ------------------------------------------
+
+
+def inverse_tau(step: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
+  """1 / tau at optimizer step `step`: log10 tau is tau_log10_start before
+  curriculum_start, then linear to tau_log10_end at curriculum_end."""
+  span = max(cfg.curriculum_end - cfg.curriculum_start, 1)
+  frac = jnp.clip((step - cfg.curriculum_start) / span, 0.0, 1.0)
+  return 10.0 ** -(cfg.tau_log10_start + frac * (cfg.tau_log10_end - cfg.tau_log10_start))
+
+
+def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
+              train: bool = True):
+  """Duo's training objective: the bound on discrete states (`duo_base`), after Duo's
+  Gaussian curriculum for the first duo.curriculum_end steps (0: none; validation is
+  always the bound). In the curriculum, at t ~ training_times and g = gamma_min + t
+  (gamma_max - gamma_min), the network reads softmax(z / tau) @ E (relaxed_input; the
+  original Duo's softmax, BASELINES.md 11.4) at sigma = -log alpha(g), and the loss is
+  the bound at x_t = argmax z with alpha(g) and alpha'_t = (gamma_max - gamma_min) d alpha
+  / d g. It reads the step from frozen["step"] (state.train_step)."""
+  base = base_objective(config, vocab_size, teacher_graphdef, train=train)
+  if not train or not config.duo.curriculum_end:
+    return base
+  cfg = config.duo
+  table = gaussian_table(cfg.gamma_min, cfg.gamma_max, vocab_size)
+  span = cfg.gamma_max - cfg.gamma_min
+
+  def curriculum(model, batch, rng, step):
+    x0 = batch["tokens"]
+    rng_t, rng_z, rng_dropout = jax.random.split(rng, 3)
+    g = cfg.gamma_min + absorbing.training_times(rng_t, x0.shape[0]) * span
+    sigma_g, slope = table(g)
+    h, xt = relaxed_input(model.vocab_embed[...], rng_z, x0, g, inverse_tau(step, cfg),
+                          relaxed_blocks(x0.shape, vocab_size))
+    logits = model(h, sigma_g, dropout_rng=rng_dropout)
+    loss = bound(logits, xt, x0, jnp.exp(-sigma_g), jnp.log(-jnp.expm1(-sigma_g)),
+                 span * slope).mean()
+    return loss, {"loss": loss, "noised": (xt != x0).mean()}
+
+  def loss_fn(model, batch, rng, frozen):
+    return jax.lax.cond(frozen["step"] < cfg.curriculum_end,
+                        lambda: curriculum(model, batch, rng, frozen["step"]),
+                        lambda: base(model, batch, rng, frozen))
+  return loss_fn
+
+
+# --- Discrete consistency distillation (DCD, BASELINES.md section 7) ---------------------
+#
+# The student at (argmax z_t, g_t) is trained toward a frozen teacher at (argmax z_s, g_s)
+# on the same eps, a step dt = 2^k / T closer to the data, k the round
+# (distill.dcd.round_steps steps each; the teacher is the student as it was when its round
+# began).
 
 
 def dcd_step(step: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -222,7 +399,10 @@ def dcd_objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_gr
   - log x_S), averaged over the batch's tokens."""
   del teacher_graphdef  # the teacher is the student's graph
   cfg = config.distill.dcd
-  time_input = gaussian_sigma(cfg, vocab_size)
+  table = gaussian_table(cfg.gamma_min, cfg.gamma_max, vocab_size)
+
+  def time_input(g):
+    return table(g)[0]
 
   def gamma(t):
     return cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)

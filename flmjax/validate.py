@@ -46,7 +46,8 @@ NON_NEGATIVE = (
     "data.max_documents", "model.output_chunk", "model.attn_softcap", "model.output_cap",
     "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.eval_every",
     "train.eval_batches", "train.sample_every", "train.checkpoint_every", "train.keep_period",
-    "distill.batch_size", "eval.valid_batches", "sample.guidance")
+    "distill.batch_size", "eval.valid_batches", "sample.guidance", "duo.curriculum_end",
+    "duo.curriculum_start")
 BELOW_ONE = (  # in [0, 1)
     "data.valid_fraction", "model.dropout", "train.b1", "train.b2", "train.ema_decay",
     "distill.b2", "distill.boundary_fraction", "distill.dcd.b2")
@@ -118,6 +119,19 @@ def _dcd(config: ml_collections.ConfigDict, mode: str) -> None:
     raise UsageError(f"distill.dcd: the last of distill.steps={config.distill.steps} would "
                      f"take steps dt = 2^round / grid above 1 (round_steps="
                      f"{dcd.round_steps}, grid={dcd.grid}); raise grid or round_steps.")
+
+
+def _duo(config: ml_collections.ConfigDict, mode: str) -> None:
+  """duo, where Duo's curriculum trains: family=duo with duo.curriculum_end, or compare."""
+  duo = config.duo
+  if not duo.curriculum_end or (config.family != "duo" and mode != "compare"):
+    return
+  if duo.curriculum_start > duo.curriculum_end:
+    raise UsageError(f"duo.curriculum_start={duo.curriculum_start} (where tau starts to "
+                     f"move) must not be after duo.curriculum_end={duo.curriculum_end}.")
+  if duo.gamma_min >= duo.gamma_max:
+    raise UsageError(f"duo.gamma_min={duo.gamma_min} must be below duo.gamma_max="
+                     f"{duo.gamma_max}.")
 
 
 def _model(model: ml_collections.ConfigDict) -> None:
@@ -200,6 +214,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   bad field is reported before any device is started)."""
   _fields(config)
   _dcd(config, mode)
+  _duo(config, mode)
   _model(config.model)
   _attention(config, mode)
   _condition(config, mode)

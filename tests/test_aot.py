@@ -105,9 +105,10 @@ def test_compiles_for_gpus_without_one_with_the_flash_kernel(tmp_path):
 
 
 def test_a_duo_run_compiles_its_dcd_step():
-  """For the local devices: family=duo with distill.objective=dcd compiles the train and
-  the DCD step (its state holding the round's teacher)."""
+  """For the local devices: family=duo with distill.objective=dcd compiles the train step
+  (with Duo's curriculum) and the DCD step (its state holding the round's teacher)."""
   config = train_config()
   config.family, config.distill.objective = "duo", "dcd"
+  config.duo.curriculum_end = 2
   names = [c["computation"] for c in aot.compile_all(config)["computations"]]
   assert names == ["train step", "distill step"]

@@ -2,6 +2,7 @@
 sampler, and its consistency distillation (DCD), each against BASELINES.md sections 6 and 7
 computed here in float64, a closed form or a brute-force draw."""
 
+import importlib
 import json
 
 from flax import nnx
@@ -21,8 +22,9 @@ from flmjax.models import dit
 V = 7
 
 
-def _usdm_loss(x_theta, x0, j, a, vocab):
-  """BASELINES.md 6.1 as written there, in float64."""
+def _usdm_loss(x_theta, x0, j, a, vocab, dalpha=-(1 - absorbing.EPS)):
+  """BASELINES.md 6.1 as written there, in float64 (alpha'_t of the log-linear schedule
+  unless given)."""
   xb_theta = vocab * a * x_theta + 1 - a
   xb = vocab * a * (np.arange(vocab) == x0) + 1 - a
   c = (1 - a) / (vocab * a + 1 - a)
@@ -33,7 +35,7 @@ def _usdm_loss(x_theta, x0, j, a, vocab):
   else:
     t2 = (-s - vocab * a / (1 - a) * (np.log(xb_theta[x0]) - np.log(xb_theta[j]))
           - np.log(c) / c)
-  return -(1 - absorbing.EPS) / (vocab * a) * (t1 - t2)
+  return dalpha / (vocab * a) * (t1 - t2)
 
 
 def _bayes_posterior(x0, j, a_t, a_s, vocab):
@@ -230,6 +232,150 @@ def test_the_loss_has_finite_gradients_for_confident_models():
     assert np.isfinite(np.asarray(grad)).all()
 
 
+# --- Duo's Gaussian curriculum (BASELINES.md 6.3) ---------------------------------------
+
+
+def _dense_relaxed(rng, x0, g, inv_tau, embed):
+  """(softmax(z / tau) @ E, argmax z, the softmax weights) in float64 with eps [B, L, V]
+  built whole, z = sqrt(sigmoid(-g)) onehot(x0) + sqrt(sigmoid(g)) eps; the ids of block k
+  of 128 draw their eps from normal(fold_in(rng, k)), uniform.py's convention."""
+  vocab = embed.shape[0]
+  eps = np.concatenate([np.asarray(jax.random.normal(jax.random.fold_in(rng, k),
+                                                     (*x0.shape, 128)))
+                        for k in range(-(-vocab // 128))], -1)[..., :vocab]
+  g = np.asarray(g, np.float64)[:, None, None]
+  z = (np.sqrt(special.expit(-g)) * (np.arange(vocab) == np.asarray(x0)[..., None])
+       + np.sqrt(special.expit(g)) * eps.astype(np.float64))
+  weights = np.exp(z * inv_tau - (z * inv_tau).max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return weights @ np.asarray(embed, np.float64), z.argmax(-1), weights
+
+
+@pytest.mark.parametrize("inv_tau", [1.0, 30.0, 1000.0])
+def test_the_relaxed_input_is_softmax_z_over_tau_times_e_in_any_chunking(inv_tau):
+  """h and argmax z against the float64 construction with eps built, for chunks of 1, 2
+  and 3 blocks of ids (V = 300: a partial last block), and the gradient reaching E as
+  the softmax weights^T dh, jitted and not."""
+  vocab, dim = 300, 8
+  embed = jax.random.normal(jax.random.key(0), (vocab, dim))
+  x0 = jax.random.randint(jax.random.key(1), (3, 5), 0, vocab)
+  g = jnp.array([-3.0, -1.0, 0.5])
+  rng, dh = jax.random.PRNGKey(3), jax.random.normal(jax.random.key(4), (3, 5, dim))
+  h, arg, weights = _dense_relaxed(rng, x0, g, inv_tau, embed)
+  grad = np.einsum("blv,bld->vd", weights, np.asarray(dh, np.float64))
+  for blocks in (1, 2, 3):
+    got, got_arg = uniform.relaxed_input(embed, rng, x0, g, inv_tau, blocks)
+    np.testing.assert_allclose(got, h, atol=2e-6)
+    np.testing.assert_array_equal(got_arg, arg)
+    def loss(e, blocks=blocks):
+      return (uniform.relaxed_input(e, rng, x0, g, inv_tau, blocks)[0] * dh).sum()
+    np.testing.assert_allclose(jax.grad(loss)(embed), grad, atol=2e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(embed), grad, atol=2e-6)
+
+
+def test_the_relaxed_argmax_is_the_uniform_process_at_alpha_of_g():
+  """P(argmax z = x0) = alpha(g) + (1 - alpha(g)) / V (alpha by quadrature), the other ids
+  uniform, at V = 64 over 20k positions per g."""
+  vocab = 64
+  x0 = jax.random.randint(jax.random.key(0), (400, 100), 0, vocab)
+  g = jnp.repeat(jnp.array([-1.0, 0.5]), 200)
+  _, xt = uniform.relaxed_input(jnp.zeros((vocab, 4)), jax.random.PRNGKey(1), x0, g, 1e3, 1)
+  for rows, value in ((slice(0, 200), -1.0), (slice(200, 400), 0.5)):
+    alpha = float(uniform.gaussian_alpha(value, vocab))
+    clean = np.asarray(xt[rows] == x0[rows])
+    assert abs(clean.mean() - (alpha + (1 - alpha) / vocab)) < 0.013  # 4 sigma
+    offset = np.asarray((xt[rows] - x0[rows]) % vocab)[~clean]
+    np.testing.assert_allclose(np.bincount(offset, minlength=vocab)[1:] / offset.size,
+                               1 / (vocab - 1), atol=0.007)
+
+
+def _duo_config(**duo):
+  return ml_collections.ConfigDict({"model": {"mask_id": -1}, "duo": dict(dict(
+      curriculum_end=5, curriculum_start=0, gamma_min=-1.0, gamma_max=1.0,
+      tau_log10_start=-1.0, tau_log10_end=-2.0), **duo)})
+
+
+def test_tau_holds_then_moves_linearly_in_log10_over_the_window():
+  cfg = _duo_config(curriculum_start=100, curriculum_end=200).duo
+  got = [float(uniform.inverse_tau(jnp.int32(step), cfg)) for step in (0, 100, 150, 200, 300)]
+  np.testing.assert_allclose(got, [10, 10, 10 ** 1.5, 100, 100], rtol=1e-6)
+
+
+def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_base():
+  """Before duo.curriculum_end: the network at the relaxed input and sigma = -log alpha(g),
+  the loss BASELINES.md 6.1 as written at x_t = argmax z with alpha(g) by quadrature and
+  alpha'_t = (gamma_max - gamma_min) d alpha / d g by central differences, all in float64
+  here; from curriculum_end on, and in validation, the discrete-state objective."""
+  graphdef, params = nnx.split(randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0,
+                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  model = nnx.merge(graphdef, params)
+  config = _duo_config()
+  tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, V)
+  batch, rng = {"tokens": tokens}, jax.random.PRNGKey(6)
+  loss_fn = uniform.objective(config, V)
+  loss, _ = loss_fn(model, batch, rng, {"step": jnp.int32(2)})
+  rng_t, rng_z, _ = jax.random.split(rng, 3)
+  g = -1.0 + 2.0 * np.asarray(absorbing.training_times(rng_t, 4), np.float64)
+  h, xt, _ = _dense_relaxed(rng_z, tokens, g, 10 ** 1.4, model.vocab_embed[...])  # step 2/5
+  alpha = uniform.gaussian_alpha(g, V)
+  dalpha = 2.0 * (uniform.gaussian_alpha(g + 1e-5, V) - uniform.gaussian_alpha(g - 1e-5, V)
+                  ) / 2e-5
+  logits = np.asarray(model(jnp.asarray(h, jnp.float32), jnp.asarray(-np.log(alpha),
+                                                                     jnp.float32)), np.float64)
+  x_theta = np.exp(logits - logits.max(-1, keepdims=True))
+  x_theta /= x_theta.sum(-1, keepdims=True)
+  expected = np.mean([[_usdm_loss(x_theta[b, i], int(tokens[b, i]), int(xt[b, i]), alpha[b],
+                                  V, dalpha[b]) for i in range(6)] for b in range(4)])
+  np.testing.assert_allclose(loss, expected, rtol=1e-4)
+  base = uniform.base_objective(config, V)(model, batch, rng, None)[0]
+  for step in (5, 9):
+    np.testing.assert_allclose(loss_fn(model, batch, rng, {"step": jnp.int32(step)})[0], base,
+                               rtol=1e-6)
+  assert uniform.objective(config, V, train=False) is not None
+  np.testing.assert_allclose(uniform.objective(config, V, train=False)(model, batch, rng, None)[0],
+                             uniform.base_objective(config, V, train=False)(
+                                 model, batch, rng, None)[0], rtol=1e-6)
+
+
+def test_duo_trains_through_its_curriculum_into_the_bound_on_8_devices(tmp_path, prepared):
+  """family=duo with duo.curriculum_end=2 of 4 steps, on the 8-device mesh: finite losses
+  and gradients on both sides of the switch, resumable."""
+  config = train_config(steps=4)
+  config.family, config.data.dir = "duo", str(prepared.path.parent)
+  config.duo.update(curriculum_end=2, gamma_min=-3.0, gamma_max=0.0)
+  train.train(config, str(tmp_path / "duo"))
+  rows = [json.loads(line) for line in (tmp_path / "duo/metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 4 and np.isfinite(losses).all()
+  assert np.isfinite([r["grad_norm"] for r in rows if "grad_norm" in r]).all()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("curriculum_start", 9, "duo.curriculum_start=9 .* must not be after duo.curriculum_end=5"),
+    ("gamma_max", -2.0, "duo.gamma_min=-1.0 must be below duo.gamma_max=-2.0"),
+    ("curriculum_end", -1, "duo.curriculum_end=-1 must be 0 or more"),
+])
+def test_duo_curriculum_fields_are_checked(field, value, message):
+  config = train_config()
+  config.family = "duo"
+  config.duo.update(_duo_config().duo)
+  validate.validate(config, "train", lambda: 1)
+  config.duo[field] = value
+  with pytest.raises(UsageError, match=message):
+    validate.validate(config, "train", lambda: 1)
+
+
+@pytest.mark.parametrize("name, gammas", [("owt_duo", (-3.55, -1.85)),
+                                          ("lm1b_duo", (-3.5, -1.75))])
+def test_the_duo_configs_are_duos_scripts(name, gammas):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  validate.validate(config, "train", lambda: 8)
+  assert (config.family, config.train.steps, config.batch_size, config.duo.curriculum_end,
+          config.duo.curriculum_start, config.duo.tau_log10_start, config.duo.tau_log10_end,
+          (config.duo.gamma_min, config.duo.gamma_max)) == (
+              "duo", 1_000_000, 512, 500_000, 0, -3.0, -3.0, gammas)
+
+
 # --- Discrete consistency distillation (BASELINES.md section 7) -------------------------
 
 
@@ -246,17 +392,32 @@ def test_gaussian_alpha_matches_duos_integral_tables_and_adaptive_quadrature(ids
   got = uniform.gaussian_alpha(g, vocab, ids)
   np.testing.assert_allclose(got, list(table.values()), atol=2e-5)
 
-  def probability(g):
-    mu = np.exp(-g / 2)
-    return integrate.quad(lambda y: np.exp(-(y - mu) ** 2 / 2 + (ids - 1) * special.log_ndtr(
-        y)) / np.sqrt(2 * np.pi), mu - 12, mu + 12, limit=500, epsabs=1e-13)[0]
   np.testing.assert_allclose(
-      got, [(vocab * probability(x) - 1) / (vocab - 1) for x in g], atol=3e-6)
-  # the table the objective interpolates, at V = 50258 over [-4, -1]
-  cfg = _dcd_config().distill.dcd
-  g = np.array([-4.0, -3.55, -3.0, -2.5, -1.85, -1.0])
-  np.testing.assert_allclose(uniform.gaussian_sigma(cfg, 50258)(jnp.asarray(g, jnp.float32)),
-                             -np.log(uniform.gaussian_alpha(g, 50258)), rtol=2e-6)
+      got, [(vocab * _probability(x, ids) - 1) / (vocab - 1) for x in g], atol=3e-6)
+
+
+def _probability(g, ids):
+  """P(g) = E_{y ~ N(e^{-g/2}, 1)} Phi(y)^(ids - 1) by adaptive quadrature."""
+  mu = np.exp(-g / 2)
+  return integrate.quad(lambda y: np.exp(-(y - mu) ** 2 / 2 + (ids - 1) * special.log_ndtr(
+      y)) / np.sqrt(2 * np.pi), mu - 12, mu + 12, limit=500, epsabs=1e-14)[0]
+
+
+@pytest.mark.parametrize("vocab", [512, 50258])
+def test_the_gaussian_slope_is_the_derivative_of_alpha_and_the_tables_interpolate_both(vocab):
+  """d alpha / d g against central differences (h = 1e-4) of alpha(g) by adaptive
+  quadrature, and the objectives' table over [-4, -1] against the quadrature at points
+  off its grid."""
+  g = np.array([-4.0, -3.55, -3.01, -2.5, -1.85, -1.0])
+  h = 1e-4
+  numeric = np.array([vocab / (vocab - 1) * (_probability(x + h, vocab) - _probability(
+      x - h, vocab)) / (2 * h) for x in g])
+  np.testing.assert_allclose(uniform.gaussian_slope(g, vocab), numeric, rtol=3e-5)
+  assert (numeric < 0).all()  # more noise, fewer clean argmaxes
+  sigma, slope = uniform.gaussian_table(-4.0, -1.0, vocab)(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(sigma, -np.log(uniform.gaussian_alpha(g, vocab)), rtol=2e-6,
+                             atol=1e-7)
+  np.testing.assert_allclose(slope, numeric, rtol=4e-5)
 
 
 def _brute_force_argmax(rng, x0, gammas, vocab):

@@ -1,0 +1,17 @@
+"""Duo on LM1B, the recipe of Duo's LM1B script (BASELINES.md sections 1.6 and 6.3):
+configs/lm1b.py with family=duo, Duo's Gaussian curriculum (tau = 1e-3, g in [-3.5,
+-1.75]) for the first 500k of 1M steps, then the bound on discrete states.
+
+  python -m flmjax.main --config=configs/lm1b_duo.py --workdir=DIR --mode=train \\
+      --config.tokenizer.path=/path/to/vocab.txt
+"""
+
+from configs import lm1b
+
+
+def get_config():
+  config = lm1b.get_config()
+  config.family = "duo"
+  config.duo.update(curriculum_end=500_000, gamma_min=-3.5, gamma_max=-1.75,
+                    curriculum_start=0, tau_log10_start=-3.0, tau_log10_end=-3.0)
+  return config

@@ -86,15 +86,10 @@ def bound(logits, xt, x0, alpha_t, log_noised, dalpha) -> jax.Array:
   return dalpha[:, None] / (vocab * a) * (t1 - t2)
 
 
-def token_loss(logits, xt, x0, t) -> jax.Array:
-  """The bound [B, L] of the log-linear schedule at times t [B]: 1 - alpha_t = (1 - eps) t,
-  alpha'_t = -(1 - eps)."""
-  return bound(logits, xt, x0, alpha(t), jnp.log((1 - EPS) * t), jnp.full_like(t, -(1 - EPS)))
-
-
-base_objective = absorbing.objective(  # absorbing.py's loop, with this noise and loss
-    lambda rng, x0, t, mask_id, vocab_size: corrupt(rng, x0, t, vocab_size),
-    lambda logits, xt, x0, t, mask_id: token_loss(logits, xt, x0, t), sigma)
+def log_linear(t) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(alpha_t, log(1 - alpha_t), alpha'_t) [B] of the log-linear schedule at times t [B]:
+  1 - alpha_t = (1 - eps) t, alpha'_t = -(1 - eps); the arguments of `bound`."""
+  return alpha(t), jnp.log((1 - EPS) * t), jnp.full_like(t, -(1 - EPS))
 
 
 # --- Samplers ---------------------------------------------------------------------------
@@ -343,36 +338,47 @@ def inverse_tau(step: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
 
 def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
               train: bool = True):
-  """Duo's training objective: the bound on discrete states (`duo_base`), after Duo's
-  Gaussian curriculum for the first duo.curriculum_end steps (0: none; validation is
-  always the bound). In the curriculum, at t ~ training_times and g = gamma_min + t
-  (gamma_max - gamma_min), the network reads softmax(z / tau) @ E (relaxed_input; the
-  original Duo's softmax, BASELINES.md 11.4) at sigma = -log alpha(g), and the loss is
-  the bound at x_t = argmax z with alpha(g) and alpha'_t = (gamma_max - gamma_min) d alpha
-  / d g. It reads the step from frozen["step"] (state.train_step)."""
-  base = base_objective(config, vocab_size, teacher_graphdef, train=train)
-  if not train or not config.duo.curriculum_end:
-    return base
-  cfg = config.duo
-  table = gaussian_table(cfg.gamma_min, cfg.gamma_max, vocab_size)
-  span = cfg.gamma_max - cfg.gamma_min
-
-  def curriculum(model, batch, rng, step):
-    x0 = batch["tokens"]
-    rng_t, rng_z, rng_dropout = jax.random.split(rng, 3)
-    g = cfg.gamma_min + absorbing.training_times(rng_t, x0.shape[0]) * span
-    sigma_g, slope = table(g)
-    h, xt = relaxed_input(model.vocab_embed[...], rng_z, x0, g, inverse_tau(step, cfg),
-                          relaxed_blocks(x0.shape, vocab_size))
-    logits = model(h, sigma_g, dropout_rng=rng_dropout)
-    loss = bound(logits, xt, x0, jnp.exp(-sigma_g), jnp.log(-jnp.expm1(-sigma_g)),
-                 span * slope).mean()
-    return loss, {"loss": loss, "noised": (xt != x0).mean()}
+  """Duo's training objective, the token-weighted mean of `bound` at stratified times t
+  (absorbing.training_times), with dropout only when training: on discrete states
+  (`duo_base`: x_t = corrupt(x0, t), the network on E[x_t] at sigma_t, the log-linear
+  schedule), after Duo's Gaussian curriculum for the first duo.curriculum_end steps
+  (0: none; validation is always on discrete states). In the curriculum, at g =
+  gamma_min + t (gamma_max - gamma_min), the network reads softmax(z / tau) @ E
+  (relaxed_input; the original Duo's softmax, BASELINES.md 11.4) at sigma = -log alpha(g),
+  and the bound is taken at x_t = argmax z with alpha(g) and alpha'_t = (gamma_max -
+  gamma_min) d alpha / d g. The step, frozen["step"] (state.train_step), picks the
+  network's input and schedule by a lax.cond; the network and the loss lie outside it, as
+  the residuals of a differentiated cond are those of both branches."""
+  del teacher_graphdef
+  curriculum = train and config.duo.curriculum_end
+  if curriculum:
+    cfg = config.duo
+    table = gaussian_table(cfg.gamma_min, cfg.gamma_max, vocab_size)
+    span = cfg.gamma_max - cfg.gamma_min
 
   def loss_fn(model, batch, rng, frozen):
-    return jax.lax.cond(frozen["step"] < cfg.curriculum_end,
-                        lambda: curriculum(model, batch, rng, frozen["step"]),
-                        lambda: base(model, batch, rng, frozen))
+    x0 = batch["tokens"]
+    rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
+    t = absorbing.training_times(rng_t, x0.shape[0])
+
+    def discrete():
+      xt = corrupt(rng_noise, x0, t, vocab_size)
+      return (model.embed_ids(xt), xt, sigma(t)) + log_linear(t)
+
+    def relaxed():
+      g = cfg.gamma_min + t * span
+      sigma_g, slope = table(g)
+      h, xt = relaxed_input(model.vocab_embed[...], rng_noise, x0, g,
+                            inverse_tau(frozen["step"], cfg),
+                            relaxed_blocks(x0.shape, vocab_size))
+      return h, xt, sigma_g, jnp.exp(-sigma_g), jnp.log(-jnp.expm1(-sigma_g)), span * slope
+
+    h, xt, time_input, *schedule = (
+        jax.lax.cond(frozen["step"] < cfg.curriculum_end, relaxed, discrete)
+        if curriculum else discrete())
+    logits = model(h, time_input, dropout_rng=rng_dropout if train else None)
+    loss = bound(logits, xt, x0, *schedule).mean()
+    return loss, {"loss": loss, "noised": (xt != x0).mean()}
   return loss_fn
 
 

@@ -49,8 +49,13 @@ def _bayes_posterior(x0, j, a_t, a_s, vocab):
   return joint / kernel(a_t)[x0, j]
 
 
+def _token_loss(logits, xt, x0, t):
+  """The bound of the log-linear schedule at times t [B]."""
+  return uniform.bound(logits, xt, x0, *uniform.log_linear(t))
+
+
 def _loss(logits, x0, j, t):
-  return float(uniform.token_loss(jnp.asarray(logits, jnp.float32)[None, None],
+  return float(_token_loss(jnp.asarray(logits, jnp.float32)[None, None],
                                   jnp.array([[j]]), jnp.array([[x0]]),
                                   jnp.array([t], jnp.float32))[0, 0])
 
@@ -126,7 +131,7 @@ def test_a_perfect_denoiser_has_zero_loss():
     times = jnp.full((4,), t)
     xt = uniform.corrupt(jax.random.key(1), x0, times, V)
     sure = 60.0 * jax.nn.one_hot(x0, V)  # x_theta(x0) = 1 - O(e^-60)
-    np.testing.assert_allclose(uniform.token_loss(sure, xt, x0, times), 0, atol=1e-4)
+    np.testing.assert_allclose(_token_loss(sure, xt, x0, times), 0, atol=1e-4)
 
 
 def _constant_model(logits):
@@ -215,7 +220,7 @@ def test_the_sampler_and_the_objective_feed_the_network_sigma_t():
   t = absorbing.training_times(rng_t, 4)
   xt = uniform.corrupt(rng_noise, tokens, t, V)
   logits = model(model.embed_ids(xt), -jnp.log(1 - (1 - 1e-3) * t))
-  np.testing.assert_allclose(loss, uniform.token_loss(logits, xt, tokens, t).mean(),
+  np.testing.assert_allclose(loss, _token_loss(logits, xt, tokens, t).mean(),
                              rtol=1e-5)
 
 
@@ -228,7 +233,7 @@ def test_the_loss_has_finite_gradients_for_confident_models():
   x0 = jnp.array([[7, 3], [7, 3]])
   xt = jnp.array([[7, 7], [5, 3]])
   for t in (1e-3, 0.5, 1.0):
-    grad = jax.grad(lambda f: uniform.token_loss(f, xt, x0, jnp.full((2,), t)).sum())(logits)
+    grad = jax.grad(lambda f: _token_loss(f, xt, x0, jnp.full((2,), t)).sum())(logits)
     assert np.isfinite(np.asarray(grad)).all()
 
 
@@ -327,14 +332,14 @@ def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_ba
   expected = np.mean([[_usdm_loss(x_theta[b, i], int(tokens[b, i]), int(xt[b, i]), alpha[b],
                                   V, dalpha[b]) for i in range(6)] for b in range(4)])
   np.testing.assert_allclose(loss, expected, rtol=1e-4)
-  base = uniform.base_objective(config, V)(model, batch, rng, None)[0]
+  without = _duo_config(curriculum_end=0)
+  base = uniform.objective(without, V)(model, batch, rng, None)[0]
   for step in (5, 9):
     np.testing.assert_allclose(loss_fn(model, batch, rng, {"step": jnp.int32(step)})[0], base,
                                rtol=1e-6)
-  assert uniform.objective(config, V, train=False) is not None
-  np.testing.assert_allclose(uniform.objective(config, V, train=False)(model, batch, rng, None)[0],
-                             uniform.base_objective(config, V, train=False)(
-                                 model, batch, rng, None)[0], rtol=1e-6)
+  np.testing.assert_allclose(
+      uniform.objective(config, V, train=False)(model, batch, rng, None)[0],
+      uniform.objective(without, V, train=False)(model, batch, rng, None)[0], rtol=1e-6)
 
 
 def test_duo_trains_through_its_curriculum_into_the_bound_on_8_devices(tmp_path, prepared):

@@ -15,7 +15,8 @@ l(v) = log(1 + rho x_theta(v)) and u(v) = log(c + (1 - c) x_theta(v)), c = 1 / (
   T1 = (rho / A) (1[x0 = j] c + 1[x0 != j] - e^{-l(j)}),
   T2 = -(sum_{v != j} l(v) - (V - 1) u(j)) / (1 + rho)             if x0 = j,
   T2 = -(1 + rho) u(x0) + (rho + V) l(j) - sum_{v != x0} l(v)      if x0 != j,
-  loss = (alpha'_t / (V A)) (T1 - T2),  alpha'_t = -(1 - 1e-3).
+  loss = (alpha'_t / (V A)) (T1 - T2),  alpha'_t = -(1 - 1e-3) (log-linear; `bound`
+  takes any schedule's A, 1 - A and alpha'_t).
 
 This is section 6.1's expression rearranged so that its terms of size rho log rho (about
 1e9 at t = 1e-3 and V = 50258) cancel in closed form rather than in float32; it is the

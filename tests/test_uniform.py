@@ -256,11 +256,11 @@ def _dense_relaxed(rng, x0, g, inv_tau, embed):
   return weights @ np.asarray(embed, np.float64), z.argmax(-1), weights
 
 
-@pytest.mark.parametrize("inv_tau", [1.0, 30.0, 1000.0])
+@pytest.mark.parametrize("inv_tau", [1.0, 1000.0])
 def test_the_relaxed_input_is_softmax_z_over_tau_times_e_in_any_chunking(inv_tau):
-  """h and argmax z against the float64 construction with eps built, for chunks of 1, 2
-  and 3 blocks of ids (V = 300: a partial last block), and the gradient reaching E as
-  the softmax weights^T dh, jitted and not."""
+  """h and argmax z against the float64 construction with eps built, for chunks of 1 and
+  3 blocks of ids (V = 300: 3 chunks, the last partial; or 1), and the gradient reaching
+  E as the softmax weights^T dh."""
   vocab, dim = 300, 8
   embed = jax.random.normal(jax.random.key(0), (vocab, dim))
   x0 = jax.random.randint(jax.random.key(1), (3, 5), 0, vocab)
@@ -268,14 +268,16 @@ def test_the_relaxed_input_is_softmax_z_over_tau_times_e_in_any_chunking(inv_tau
   rng, dh = jax.random.PRNGKey(3), jax.random.normal(jax.random.key(4), (3, 5, dim))
   h, arg, weights = _dense_relaxed(rng, x0, g, inv_tau, embed)
   grad = np.einsum("blv,bld->vd", weights, np.asarray(dh, np.float64))
-  for blocks in (1, 2, 3):
-    got, got_arg = uniform.relaxed_input(embed, rng, x0, g, inv_tau, blocks)
+  for blocks in (1, 3):
+    @jax.jit
+    def run(e, blocks=blocks):
+      (got, got_arg), vjp = jax.vjp(
+          lambda e: uniform.relaxed_input(e, rng, x0, g, inv_tau, blocks), e)
+      return got, got_arg, vjp((dh, np.zeros(got_arg.shape, jax.dtypes.float0)))[0]
+    got, got_arg, got_grad = run(embed)
     np.testing.assert_allclose(got, h, atol=2e-6)
     np.testing.assert_array_equal(got_arg, arg)
-    def loss(e, blocks=blocks):
-      return (uniform.relaxed_input(e, rng, x0, g, inv_tau, blocks)[0] * dh).sum()
-    np.testing.assert_allclose(jax.grad(loss)(embed), grad, atol=2e-6)
-    np.testing.assert_allclose(jax.jit(jax.grad(loss))(embed), grad, atol=2e-6)
+    np.testing.assert_allclose(got_grad, grad, atol=2e-6)
 
 
 def test_the_relaxed_argmax_is_the_uniform_process_at_alpha_of_g():
@@ -342,6 +344,7 @@ def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_ba
       uniform.objective(without, V, train=False)(model, batch, rng, None)[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_duo_trains_through_its_curriculum_into_the_bound_on_8_devices(tmp_path, prepared):
   """family=duo with duo.curriculum_end=2 of 4 steps, on the 8-device mesh: finite losses
   and gradients on both sides of the switch, resumable."""
@@ -513,6 +516,7 @@ def test_the_dcd_step_doubles_every_round():
   assert got == [1 / 512, 1 / 512, 1 / 256, 1 / 128, 1 / 64, 1 / 32]
 
 
+@pytest.mark.slow
 def test_dcd_distils_a_duo_run_with_a_teacher_refreshed_every_round(tmp_path, prepared):
   """--mode=distill with distill.objective=dcd on a Duo run (rounds of 2 steps, T = 8): the
   student starts as the Duo run's EMA weights, dt doubles each round, the state's teacher

@@ -1,11 +1,11 @@
-"""The absorbing-state discrete diffusion baselines: MDLM and SEDD (BASELINES.md sections
-1, 3 and 4).
+"""The absorbing-state discrete diffusion baselines: MDLM, SEDD and D3PM (BASELINES.md
+sections 1, 3, 4 and 5).
 
 Time runs the other way from FLM's: t = 1 is pure noise, t = 0 data. Each token is
 independently replaced by the mask id m with probability 1 - alpha_t, with the log-linear
 schedule alpha_t = 1 - (1 - 1e-3) t and sigma_t = -log alpha_t. The network reads token
 ids (rows of E) and its time input is sigma: 0 for MDLM (no time conditioning), sigma_t
-for SEDD.
+for SEDD and D3PM.
 
 - MDLM: SUBS parameterisation (the mask logit removed, clean positions copied); loss
   -alpha'_t / (1 - alpha_t) log p(x0 | x_t) = (1 / t) x cross entropy at masked positions.
@@ -13,9 +13,16 @@ for SEDD.
   p_t(v) / p_t(m) at a masked position); denoising score entropy
   sigma'(t) [sum_{v != m} s_v - q log s_{x0} + q (log q - 1)], q = 1 / (e^sigma - 1), at
   masked positions.
+- D3PM (absorbing, T = 1000 discrete steps): p_theta = softmax(f) over all V (the mask
+  keeps its mass); times snapped to the grid (d3pm_time); loss T KL(q(x_s | x_t, x0) ||
+  p_theta(x_s | x_t)) at masked positions (d3pm_token_loss) plus the reconstruction
+  -log p_theta(x0 | x0) of a second pass on the clean sequence at sigma = 0, at every
+  position.
 
-Both losses are token-weighted means over the batch and are also the validation bound on
-the negative log likelihood per token (no prior term; the integral starts at t = 1e-3).
+The losses are token-weighted means over the batch and are also the validation bound on
+the negative log likelihood per token (no prior term; the integral starts at t = 1e-3; for
+D3PM the discrete-time bound with the reconstruction read off the clean sequence, as the
+reference does).
 
 Sampling (one compiled scan, `tokens`): from all-mask at t = 1 along
 t_i = linspace(1, 1e-5, k + 1), then one noise-removal call at t = 1e-5, so k + 1 network
@@ -29,6 +36,7 @@ weights of very different sizes in float32):
   steps that changed a token.
 - SEDD `analytic` (Tweedie): pi = s / sum s over real tokens, u = (e^d - 1) sum_{v != m} s_v
   with d = sigma_t - sigma_s; the final denoiser has u = 1.
+- D3PM `ancestral`: the reference's MDLM step with D3PM's p_theta (_d3pm_step).
 Temperature and nucleus (top-p) apply to pi (sampling.nucleus).
 """
 
@@ -104,11 +112,43 @@ def sedd_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
   return jnp.where(xt == mask_id, dsigma * entropy, 0.0)
 
 
-def objective(noise, token_loss, time_input):
+D3PM_STEPS = 1000  # T, D3PM's number of discrete time steps
+
+
+def d3pm_time(t):
+  """t snapped to D3PM's grid: (floor(T t) + 1) / T, so training times in [1/T, 1) give
+  2/T, ..., 1."""
+  return (jnp.floor(D3PM_STEPS * t) + 1) / D3PM_STEPS
+
+
+def d3pm_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
+  """D3PM's diffusion term at masked positions, 0 elsewhere [B, L]: T KL(q(x_s | x_t, x0)
+  || p_theta(x_s | x_t)) for the step s -> t that raises the masking probability
+  u = 1 - alpha_t (at most 1 - 1e-4) by h = 1 / T, with p_theta(x_s | x_t) proportional
+  to q(x_t | x_s) sum_v p(v) q(x_s | x0 = v), p = softmax(f) over all V (its mask entry
+  q_m included); with a_t = 1 - u, a_s = 1 - (u - h) (the reference writes u - h, a slip,
+  BASELINES.md 11.3):
+
+    (h / u) [log(1 + a_t q_m / u) - log p(x0)]
+      + (1 - h / u) [log(1 + a_t q_m / u) - log(1 + a_s q_m / (u - h))]."""
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  u = jnp.minimum(1 - alpha(t), 1 - 1e-4)[:, None]
+  h = 1 / D3PM_STEPS
+  q_m = jnp.exp(log_p[..., mask_id])
+  log_p0 = jnp.take_along_axis(log_p, x0[..., None], -1)[..., 0]
+  masked = jnp.log1p((1 - u) * q_m / u)
+  kl = h / u * (masked - log_p0) + (1 - h / u) * (
+      masked - jnp.log1p((1 - u + h) * q_m / (u - h)))
+  return jnp.where(xt == mask_id, D3PM_STEPS * kl, 0.0)
+
+
+def objective(noise, token_loss, time_input, times=lambda t: t, reconstruction=False):
   """The training objective (objectives.Objective.build) of a discrete diffusion family:
-  x_t = noise(rng, x0, t, mask_id, V) at stratified times t, the network on E[x_t] at
-  time_input(t), the token-weighted mean of token_loss(logits, x_t, x0, t, mask_id), with
-  dropout only when training; it also reports the share of noised tokens."""
+  x_t = noise(rng, x0, t, mask_id, V) at times t = times(stratified times), the network on
+  E[x_t] at time_input(t), the token-weighted mean of token_loss(logits, x_t, x0, t,
+  mask_id) (plus, with `reconstruction`, -log p_theta(x0 | x0) of a second pass on the
+  clean sequence at sigma = 0, at every position), with dropout only when training; it
+  also reports the share of noised tokens."""
   def build(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
             train: bool = True):
     del teacher_graphdef
@@ -118,11 +158,17 @@ def objective(noise, token_loss, time_input):
       del frozen
       x0 = batch["tokens"]
       rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
-      t = training_times(rng_t, x0.shape[0])
+      t = times(training_times(rng_t, x0.shape[0]))
       xt = noise(rng_noise, x0, t, mask_id, vocab_size)
       logits = model(model.embed_ids(xt), time_input(t),
                      dropout_rng=rng_dropout if train else None)
-      loss = token_loss(logits, xt, x0, t, mask_id).mean()
+      per_token = token_loss(logits, xt, x0, t, mask_id)
+      if reconstruction:
+        clean = model(model.embed_ids(x0), jnp.zeros_like(t),
+                      dropout_rng=jax.random.fold_in(rng_dropout, 1) if train else None)
+        per_token -= jnp.take_along_axis(jax.nn.log_softmax(clean, axis=-1), x0[..., None],
+                                         -1)[..., 0]
+      loss = per_token.mean()
       return loss, {"loss": loss, "noised": (xt != x0).mean()}
     return loss_fn
   return build
@@ -135,6 +181,8 @@ def _mask_noise(rng, x0, t, mask_id, vocab_size):
 
 mdlm_objective = objective(_mask_noise, mdlm_token_loss, jnp.zeros_like)  # no time input
 sedd_objective = objective(_mask_noise, sedd_token_loss, sigma)
+d3pm_objective = objective(_mask_noise, d3pm_token_loss, sigma, times=d3pm_time,
+                           reconstruction=True)
 
 
 # --- Samplers ---------------------------------------------------------------------------
@@ -150,7 +198,7 @@ def grid(steps: int) -> dict[str, np.ndarray]:
   alpha_s = np.append(alpha_t[1:], 1.0)  # the noise-removal step goes to alpha = 1
   sigma_t = -np.log(alpha_t)
   return {"sigma": sigma_t, "unmask": (alpha_s - alpha_t) / (1 - alpha_t),
-          "d": sigma_t - np.append(sigma_t[1:], 0.0),
+          "d": sigma_t - np.append(sigma_t[1:], 0.0), "alpha_t": alpha_t, "alpha_s": alpha_s,
           "last": np.arange(steps + 1) == steps}
 
 
@@ -170,7 +218,18 @@ def _sedd_step(model, x, row, mask_id):
   return jnp.exp(log_score - total[..., None]), jnp.clip(unmask, 0.0, 1.0)
 
 
-STEPS = {"mdlm": _mdlm_step, "sedd": _sedd_step}
+def _d3pm_step(model, x, row, mask_id):
+  """(pi, u) of the ancestral step with D3PM's p_theta over all V: the weights p_v
+  (alpha_s - alpha_t) of real tokens and 1 - alpha_s of the mask (p_theta's own mask
+  entry dropped) give pi = p_theta over real tokens and u = g / (g + 1 - alpha_s),
+  g = (alpha_s - alpha_t) (1 - p_theta(m)); 1 at the noise-removal call."""
+  logits = model(model.embed_ids(x), jnp.full(x.shape[:1], row["sigma"]))
+  gain = (row["alpha_s"] - row["alpha_t"]) * (1 - jax.nn.softmax(logits, axis=-1)[..., mask_id])
+  unmask = jnp.where(row["last"], 1.0, gain / (gain + 1 - row["alpha_s"]))
+  return jnp.exp(subs_log_probs(logits, mask_id)), unmask
+
+
+STEPS = {"mdlm": _mdlm_step, "sedd": _sedd_step, "d3pm": _d3pm_step}
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -179,7 +238,7 @@ STEPS = {"mdlm": _mdlm_step, "sedd": _sedd_step}
 def tokens(graphdef, params, rng, rows, *, kind: str, batch_size: int, seq_len: int,
            mask_id: int, cache: bool = False, temperature: float = 1.0, top_p: float = 1.0,
            mesh=None) -> tuple[jax.Array, jax.Array]:
-  """(tokens [B, L] int32, network calls) of a `kind` (mdlm or sedd) sample over `rows`
+  """(tokens [B, L] int32, network calls) of a `kind` (STEPS) sample over `rows`
   (`grid`); `cache` (MDLM only) skips the call when the last step changed no token."""
   model = nnx.merge(graphdef, params)
   step_fn = STEPS[kind]
@@ -217,7 +276,7 @@ def tokens(graphdef, params, rng, rows, *, kind: str, batch_size: int, seq_len: 
 
 
 def sampler(kind: str, cache: bool = False):
-  """A sampler factory (see sampling.Options) of `kind` (mdlm or sedd)."""
+  """A sampler factory (see sampling.Options) of `kind` (STEPS)."""
   def make(steps: int, num_samples: int, seq_len: int, options: sampling.Options):
     rows = grid(steps)
 

@@ -12,6 +12,7 @@ module that defines its objective and sampler factories, plus an entry in each t
 | fmlm | two-time flow map | flowmap | FLM cross entropy at s = t |
 | mdlm | ids in, no output cap | ancestral_cache, ancestral | NLL bound (nats/token) |
 | sedd | ids in, no output cap | analytic | NLL bound (nats/token) |
+| d3pm | ids in, no output cap | ancestral | NLL bound (nats/token) |
 | duo | ids in, no output cap | ancestral, greedy | NLL bound (nats/token) |
 | ar | causal, no adaLN | ar | exact NLL (nats/token) |
 """
@@ -51,6 +52,8 @@ FAMILIES = {family.kind: family for family in (
            likelihood=True, discrete=True, masked=True),
     Family("sedd", BASELINE, {"analytic": absorbing.sampler("sedd")}, likelihood=True,
            discrete=True, masked=True),
+    Family("d3pm", BASELINE, {"ancestral": absorbing.sampler("d3pm")}, likelihood=True,
+           discrete=True, masked=True),
     Family("duo", BASELINE, {"ancestral": uniform.sampler(),
                              "greedy": uniform.sampler(greedy=True)},
            likelihood=True, discrete=True),
@@ -64,6 +67,7 @@ OBJECTIVES = {objective.name: objective for objective in (
     objectives.FLM, distill.SEMIGROUP, distill.EULERIAN, distill.LAGRANGIAN,
     objectives.Objective("mdlm", "mdlm", absorbing.mdlm_objective),
     objectives.Objective("sedd", "sedd", absorbing.sedd_objective),
+    objectives.Objective("d3pm", "d3pm", absorbing.d3pm_objective),
     objectives.Objective("duo", "duo", uniform.objective),
     objectives.Objective("dcd", "duo", uniform.dcd_objective, teacher="duo",
                          self_teacher=True),

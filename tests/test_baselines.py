@@ -1,4 +1,4 @@
-"""The discrete baselines (MDLM, SEDD, AR; Duo's closed forms are in test_uniform.py):
+"""The discrete baselines (MDLM, SEDD, D3PM, AR; Duo's closed forms are in test_uniform.py):
 schedule, losses, samplers and the family rules, each checked against a closed form or a
 second code path written here."""
 
@@ -120,6 +120,93 @@ def test_sedd_loss_is_minimised_by_the_true_score_ratio():
   value = jax.jit(expected, static_argnums=1)
   np.testing.assert_allclose(value(logits, absorbing.sedd_token_loss),
                              value(mdlm_logits, absorbing.mdlm_token_loss), rtol=1e-5)
+
+
+def test_d3pm_times_snap_to_its_grid_of_1000_steps():
+  """(floor(T t) + 1) / T in float32: the smallest training time, 1e-3 = 1 / T, is step 2."""
+  t = jnp.array([1e-3, 1.5e-3, 2e-3, 0.5, 0.9999], jnp.float32)
+  np.testing.assert_allclose(absorbing.d3pm_time(t), [2e-3, 2e-3, 3e-3, 0.501, 1.0],
+                             rtol=1e-6)
+
+
+def _absorbing_kernel(keep):
+  """q(x_t | x_s) [V, V] of masking with probability 1 - keep (the mask stays the mask)."""
+  kernel = keep * np.eye(V)
+  kernel[:, M] += 1 - keep
+  kernel[M] = np.eye(V)[M]
+  return kernel
+
+
+@pytest.mark.parametrize("k", [2, 3, 50, 1000])
+def test_d3pm_loss_is_t_times_the_kl_to_the_models_posterior(k):
+  """At a masked position and grid step k: T KL(q(x_s | x_t, x0) || p_theta(x_s | x_t)),
+  both posteriors by Bayes' rule over the forward kernels in float64, the model's with
+  x0's one-hot replaced by softmax(f) over all V (BASELINES.md section 5, with the next
+  level 1 - (u - h)); 0 at a clean position and for a certain model."""
+  t = k / 1000
+  u = 1 - absorbing.alpha(t)
+  a_t, a_s = 1 - u, 1 - (u - 1 / 1000)
+  np.testing.assert_allclose(_absorbing_kernel(a_s) @ _absorbing_kernel(a_t / a_s),
+                             _absorbing_kernel(a_t), atol=1e-15)
+  step, marginal = _absorbing_kernel(a_t / a_s)[:, M], _absorbing_kernel(a_s)
+  rng = np.random.default_rng(k)
+  for scale in (1.0, 6.0):
+    logits = rng.normal(size=V) * scale
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    for x0 in (2, 5):
+      true = step * marginal[x0] / (step * marginal[x0]).sum()
+      model = step * (p @ marginal) / (step * (p @ marginal)).sum()
+      kl = (true * np.log(np.where(true > 0, true / model, 1.0))).sum()
+      got = absorbing.d3pm_token_loss(jnp.asarray(logits, jnp.float32)[None, None],
+                                      jnp.array([[M]]), jnp.array([[x0]]),
+                                      jnp.array([t], jnp.float32), M)
+      np.testing.assert_allclose(got[0, 0], 1000 * kl, rtol=2e-4, atol=1e-5)
+  clean = absorbing.d3pm_token_loss(jnp.zeros((1, 1, V)), jnp.array([[3]]), jnp.array([[3]]),
+                                    jnp.array([t], jnp.float32), M)
+  sure = absorbing.d3pm_token_loss(40.0 * jax.nn.one_hot(jnp.array([[3]]), V),
+                                   jnp.array([[M]]), jnp.array([[3]]),
+                                   jnp.array([t], jnp.float32), M)
+  assert float(clean[0, 0]) == 0 and abs(float(sure[0, 0])) < 1e-4
+
+
+def test_d3pm_objective_adds_the_clean_sequences_reconstruction_at_snapped_times():
+  """The network on the masked ids at sigma of the snapped time, and on the clean ids at
+  sigma = 0 for -log p_theta(x0 | x0) at every position."""
+  model = randomize(_constant_model(np.zeros(V)))
+  tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, M)
+  loss, _ = absorbing.d3pm_objective(_config(), V, train=False)(
+      model, {"tokens": tokens}, jax.random.key(3), None)
+  rng_t, rng_noise, _ = jax.random.split(jax.random.key(3), 3)
+  t = (np.floor(1000 * np.asarray(absorbing.training_times(rng_t, 4))) + 1) / 1000
+  xt = absorbing.mask_tokens(rng_noise, tokens, jnp.asarray(t, jnp.float32), M)
+  noisy = model(model.embed_ids(xt), jnp.asarray(-np.log(1 - 0.999 * t), jnp.float32))
+  clean = jax.nn.log_softmax(model(model.embed_ids(tokens), jnp.zeros(4)), axis=-1)
+  expected = absorbing.d3pm_token_loss(noisy, xt, tokens, jnp.asarray(t, jnp.float32), M) - \
+      jnp.take_along_axis(clean, tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(loss, expected.mean(), rtol=1e-5)
+
+
+def test_d3pm_step_is_the_references_draw_over_real_tokens_and_the_mask():
+  """The factored step (unmask with u, then a token from pi) against the reference's one
+  categorical draw over the weights p_v (alpha_s - alpha_t), v real, and 1 - alpha_s for
+  the mask, with p = softmax(f) over all V and its mask entry dropped; samples after the
+  noise-removal call hold no mask."""
+  logits = np.random.default_rng(3).normal(size=V) * 2
+  p = np.exp(logits) / np.exp(logits).sum()
+  model = _constant_model(logits)
+  rows = absorbing.grid(3)
+  row = {key: jnp.asarray(value[1]) for key, value in rows.items()}
+  pi, unmask = absorbing.STEPS["d3pm"](model, jnp.full((1, 1), M), row, M)
+  weights = np.append(p[:M] * (rows["alpha_s"][1] - rows["alpha_t"][1]), 1 - rows["alpha_s"][1])
+  weights /= weights.sum()
+  np.testing.assert_allclose(float(unmask[0, 0]) * np.asarray(pi[0, 0, :M]), weights[:M],
+                             rtol=1e-5)
+  np.testing.assert_allclose(1 - float(unmask[0, 0]), weights[M], rtol=1e-5)
+  samples, calls = _samples(model, "d3pm", 3)
+  assert int(calls) == 4 and not np.any(np.asarray(samples) == M)
+  frequency = np.bincount(np.asarray(samples).ravel(), minlength=V)[:M] / samples.size
+  np.testing.assert_allclose(frequency, p[:M] / p[:M].sum(), atol=0.025)
 
 
 def test_sampler_grid_ends_with_the_noise_removal_step():
@@ -263,7 +350,7 @@ def test_a_sampler_option_the_family_does_not_take_is_refused(kind, field, value
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("family", "d3pm", "family='d3pm' is not one of flm, mdlm, sedd, duo, ar"),
+    ("family", "udlm", "family='udlm' is not one of flm, mdlm, sedd, d3pm, duo, ar"),
     ("sample.sampler", "ddpm", "sample.sampler='ddpm' is not one of auto, euler"),
     ("sample.top_p", 0.0, "sample.top_p=0.0: the nucleus mass must be in"),
     ("sample.temperature", 0.0, "sample.temperature=0.0 must be positive"),
@@ -313,7 +400,7 @@ def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mdlm", "sedd", "duo", "ar"])
+@pytest.mark.parametrize("family", ["mdlm", "sedd", "d3pm", "duo", "ar"])
 def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
   config = train_config(steps=4, eval_every=4, sample_every=4)
   config.family = family
@@ -331,7 +418,7 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
   calls = [r["network_calls"] for r in model_rows]
   if family == "ar":
     assert calls == [config.data.seq_len - 1]  # one row: its sample ignores the step count
-  elif family in ("sedd", "duo"):
+  elif family in ("sedd", "d3pm", "duo"):
     assert calls == [2, 5]
   else:  # the cache: 1 + the steps that changed a token
     assert 1 < calls[0] <= 2 and 1 < calls[1] <= 5

@@ -13,10 +13,10 @@ else config.json's `n_heads`, else the config's), conditioning width, MLP ratio,
 two-time conditioning (an FMLM student has `sigma_map_prime`) and the causal AR backbone
 (no `sigma_map`, no adaLN) from the tensors, and writes DIR/params (Orbax) +
 DIR/record.json, an export that `--mode=sample`, `--mode=eval` and
-`--config.teacher_checkpoint` accept. `--family` says what the tensors cannot: MDLM, SEDD
-and Duo checkpoints have FLM's tensors, so import them with --family=mdlm, sedd or duo
-(auto: flm, fmlm or ar from the tensors). The config supplies what the weights do not say: the
-tokenizer (its V must match), L, the caps and the data settings.
+`--config.teacher_checkpoint` accept. `--family` says what the tensors cannot: MDLM,
+SEDD, D3PM and Duo checkpoints have FLM's tensors, so import them with --family=mdlm,
+sedd, d3pm or duo (auto: flm, fmlm or ar from the tensors). The config supplies what the
+weights do not say: the tokenizer (its V must match), L, the caps and the data settings.
 
 `export` writes DIR/model.safetensors with the reference names and layouts (PyTorch
 Linear weights are (out, in)) plus DIR/config.json describing the architecture. `random`
@@ -158,9 +158,9 @@ def family_of(fields: dict, family: str) -> str:
     return found or "flm"
   if found and family != found or not found and family in ("fmlm", "ar"):
     what = {"ar": "a causal AR DiT", "fmlm": "a two-time FMLM student"}.get(
-        found, "a one-time, non-causal DiT (flm, mdlm, sedd or duo)")
+        found, "a one-time, non-causal DiT (flm, mdlm, sedd, d3pm or duo)")
     raise UsageError(f"--family={family}, but the weights are {what}; use --family="
-                     f"{found or 'flm, mdlm, sedd or duo'} (or auto).")
+                     f"{found or 'flm, mdlm, sedd, d3pm or duo'} (or auto).")
   return family
 
 

@@ -190,7 +190,8 @@ d3pm_objective = objective(_mask_noise, d3pm_token_loss, sigma, times=d3pm_time,
 
 def grid(steps: int) -> dict[str, np.ndarray]:
   """Host float64 rows of the k steps and the noise-removal call [k + 1]: the noise level
-  the network sees (sigma_t), MDLM's unmasking probability u and SEDD's d."""
+  the network sees (sigma_t), MDLM's unmasking probability u, SEDD's d, and alpha at t
+  and at the next time (D3PM)."""
   if steps < 1:
     raise ValueError(f"steps must be at least 1, got {steps}")
   t = np.linspace(1.0, LAST_TIME, steps + 1)

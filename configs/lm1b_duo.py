@@ -12,6 +12,5 @@ from configs import lm1b
 def get_config():
   config = lm1b.get_config()
   config.family = "duo"
-  config.duo.update(curriculum_end=500_000, gamma_min=-3.5, gamma_max=-1.75,
-                    curriculum_start=0, tau_log10_start=-3.0, tau_log10_end=-3.0)
+  config.duo.update(curriculum_end=500_000, gamma_min=-3.5, gamma_max=-1.75)
   return config

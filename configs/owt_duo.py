@@ -11,6 +11,5 @@ from configs import owt
 def get_config():
   config = owt.get_config()
   config.family = "duo"
-  config.duo.update(curriculum_end=500_000, gamma_min=-3.55, gamma_max=-1.85,
-                    curriculum_start=0, tau_log10_start=-3.0, tau_log10_end=-3.0)
+  config.duo.curriculum_end = 500_000  # the other duo fields default to this script's
   return config

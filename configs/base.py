@@ -152,7 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the bound on discrete states from the first step). The network reads the relaxed
   # softmax(z / tau) @ E of z = sqrt(sigmoid(-g)) onehot + sqrt(sigmoid(g)) eps and learns
   # the bound at argmax z, with g = gamma_min + t (gamma_max - gamma_min). Defaults: Duo's
-  # OWT script (configs/lm1b.py sets its LM1B range).
+  # OWT script (configs/lm1b_duo.py sets the LM1B script's range).
   config.duo.curriculum_end = 0
   config.duo.gamma_min = -3.55
   config.duo.gamma_max = -1.85

@@ -117,8 +117,8 @@ D3PM_STEPS = 1000  # T, D3PM's number of discrete time steps
 
 def d3pm_time(t):
   """t snapped to D3PM's grid: (floor(T t) + 1) / T, so training times in [1/T, 1) give
-  2/T, ..., 1."""
-  return (jnp.floor(D3PM_STEPS * t) + 1) / D3PM_STEPS
+  2/T, ..., 1 (at most 1: float32 can round a training time up to 1)."""
+  return jnp.minimum((jnp.floor(D3PM_STEPS * t) + 1) / D3PM_STEPS, 1.0)
 
 
 def d3pm_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
@@ -132,7 +132,7 @@ def d3pm_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
     (h / u) [log(1 + a_t q_m / u) - log p(x0)]
       + (1 - h / u) [log(1 + a_t q_m / u) - log(1 + a_s q_m / (u - h))]."""
   log_p = jax.nn.log_softmax(logits, axis=-1)
-  u = jnp.minimum(1 - alpha(t), 1 - 1e-4)[:, None]
+  u = jnp.minimum((1 - EPS) * t, 1 - 1e-4)[:, None]  # 1 - alpha_t, without cancellation
   h = 1 / D3PM_STEPS
   q_m = jnp.exp(log_p[..., mask_id])
   log_p0 = jnp.take_along_axis(log_p, x0[..., None], -1)[..., 0]

@@ -347,9 +347,10 @@ def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
   gamma_min + t (gamma_max - gamma_min), the network reads softmax(z / tau) @ E
   (relaxed_input; the original Duo's softmax, BASELINES.md 11.4) at sigma = -log alpha(g),
   and the bound is taken at x_t = argmax z with alpha(g) and alpha'_t = (gamma_max -
-  gamma_min) d alpha / d g. The step, frozen["step"] (state.train_step), picks the
-  network's input and schedule by a lax.cond; the network and the loss lie outside it, as
-  the residuals of a differentiated cond are those of both branches."""
+  gamma_min) d alpha / d g. The curriculum's last step is curriculum_end - 1 (the
+  reference also runs it at curriculum_end). The step, frozen["step"] (state.train_step),
+  picks the network's input and schedule by a lax.cond; the network and the loss lie
+  outside it, as the residuals of a differentiated cond are those of both branches."""
   del teacher_graphdef
   curriculum = train and config.duo.curriculum_end
   if curriculum:

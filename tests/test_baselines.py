@@ -123,9 +123,10 @@ def test_sedd_loss_is_minimised_by_the_true_score_ratio():
 
 
 def test_d3pm_times_snap_to_its_grid_of_1000_steps():
-  """(floor(T t) + 1) / T in float32: the smallest training time, 1e-3 = 1 / T, is step 2."""
-  t = jnp.array([1e-3, 1.5e-3, 2e-3, 0.5, 0.9999], jnp.float32)
-  np.testing.assert_allclose(absorbing.d3pm_time(t), [2e-3, 2e-3, 3e-3, 0.501, 1.0],
+  """(floor(T t) + 1) / T in float32: the smallest training time, 1e-3 = 1 / T, is step 2;
+  a time rounded up to 1 stays on the grid's last step."""
+  t = jnp.array([1e-3, 1.5e-3, 2e-3, 0.5, 0.9999, 1.0], jnp.float32)
+  np.testing.assert_allclose(absorbing.d3pm_time(t), [2e-3, 2e-3, 3e-3, 0.501, 1.0, 1.0],
                              rtol=1e-6)
 
 

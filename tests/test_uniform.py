@@ -15,7 +15,7 @@ from scipy import integrate, special
 
 from conftest import randomize, train_config
 from configs import owt_dcd
-from flmjax import absorbing, checkpoint, distill, train, uniform, validate
+from flmjax import absorbing, checkpoint, distill, sharding, train, uniform, validate
 from flmjax.errors import UsageError
 from flmjax.models import dit
 
@@ -278,6 +278,29 @@ def test_the_relaxed_input_is_softmax_z_over_tau_times_e_in_any_chunking(inv_tau
     np.testing.assert_allclose(got, h, atol=2e-6)
     np.testing.assert_array_equal(got_arg, arg)
     np.testing.assert_allclose(got_grad, grad, atol=2e-6)
+
+
+def test_the_relaxed_input_is_the_same_split_over_a_mesh():
+  """Rows over 4 data devices and E's ids over 2 tensor devices (as the train step lays
+  them out): the same input, argmax and gradient of E as on one device."""
+  vocab, dim = 1000, 16
+  embed = jax.random.normal(jax.random.key(0), (vocab, dim))
+  x0 = jax.random.randint(jax.random.key(1), (8, 12), 0, vocab)
+  g, dh = jnp.linspace(-3.0, 0.0, 8), jax.random.normal(jax.random.key(4), (8, 12, dim))
+
+  def run(e, x0, g, dh):
+    (h, arg), vjp = jax.vjp(lambda e: uniform.relaxed_input(
+        e, jax.random.PRNGKey(3), x0, g, 1000.0, uniform.relaxed_blocks(x0.shape, vocab)), e)
+    return h, arg, vjp((dh, np.zeros(arg.shape, jax.dtypes.float0)))[0]
+
+  alone = jax.jit(run)(embed, x0, g, dh)
+  mesh = jax.make_mesh((4, 1, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+  ids = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tensor", None))
+  with sharding.tracing_under(mesh):
+    split = jax.jit(run, in_shardings=(ids, rows, rows, rows))(embed, x0, g, dh)
+  for a, b in zip(alone, split):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
 
 
 def test_the_relaxed_argmax_is_the_uniform_process_at_alpha_of_g():

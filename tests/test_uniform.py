@@ -258,9 +258,9 @@ def _dense_relaxed(rng, x0, g, inv_tau, embed):
 
 @pytest.mark.parametrize("inv_tau", [1.0, 1000.0])
 def test_the_relaxed_input_is_softmax_z_over_tau_times_e_in_any_chunking(inv_tau):
-  """h and argmax z against the float64 construction with eps built, for chunks of 1 and
-  3 blocks of ids (V = 300: 3 chunks, the last partial; or 1), and the gradient reaching
-  E as the softmax weights^T dh."""
+  """h and argmax z against the float64 construction with eps built, for chunks of 1, 2
+  and 3 blocks of ids (V = 300: 3 chunks, the last partial; 2, the last with a block of
+  padding only; 1), and the gradient reaching E as the softmax weights^T dh."""
   vocab, dim = 300, 8
   embed = jax.random.normal(jax.random.key(0), (vocab, dim))
   x0 = jax.random.randint(jax.random.key(1), (3, 5), 0, vocab)
@@ -268,7 +268,7 @@ def test_the_relaxed_input_is_softmax_z_over_tau_times_e_in_any_chunking(inv_tau
   rng, dh = jax.random.PRNGKey(3), jax.random.normal(jax.random.key(4), (3, 5, dim))
   h, arg, weights = _dense_relaxed(rng, x0, g, inv_tau, embed)
   grad = np.einsum("blv,bld->vd", weights, np.asarray(dh, np.float64))
-  for blocks in (1, 3):
+  for blocks in (1, 2, 3):
     @jax.jit
     def run(e, blocks=blocks):
       (got, got_arg), vjp = jax.vjp(

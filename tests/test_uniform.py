@@ -367,6 +367,47 @@ def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_ba
       uniform.objective(without, V, train=False)(model, batch, rng, None)[0], rtol=1e-6)
 
 
+def test_the_curriculum_gradient_is_autodiffs_through_eps_built_whole():
+  """The parameters' gradient of the objective (the relaxed input's own backward pass, inside
+  the step's lax.cond) against jax.grad of the same loss with eps [B, L, V] built whole and
+  h = softmax(z / tau) @ E written out, at V = 300 (three blocks of ids, the last partial),
+  in the curriculum; after it, the gradient of the objective without one."""
+  vocab = 300
+  graphdef, params = nnx.split(randomize(dit.DiT(vocab, 16, 1, 2, 8, output_cap=0.0,
+                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  config = _duo_config()
+  tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, vocab)
+  batch, rng = {"tokens": tokens}, jax.random.PRNGKey(6)
+
+  def dense(params):
+    model = nnx.merge(graphdef, params)
+    rng_t, rng_z, rng_dropout = jax.random.split(rng, 3)
+    g = -1.0 + 2.0 * absorbing.training_times(rng_t, 4)
+    eps = jnp.concatenate([jax.random.normal(jax.random.fold_in(rng_z, k), (4, 6, 128))
+                           for k in range(3)], -1)[..., :vocab]
+    z = (jnp.sqrt(jax.nn.sigmoid(-g))[:, None, None] * jax.nn.one_hot(tokens, vocab)
+         + jnp.sqrt(jax.nn.sigmoid(g))[:, None, None] * eps)
+    h = jax.nn.softmax(z * 10 ** 1.4, -1) @ model.vocab_embed[...]  # 1 / tau at step 2 of 5
+    sigma_g, slope = uniform.gaussian_table(-1.0, 1.0, vocab)(g)
+    logits = model(h, sigma_g, dropout_rng=rng_dropout)
+    return uniform.bound(logits, z.argmax(-1), tokens, jnp.exp(-sigma_g),
+                         jnp.log(-jnp.expm1(-sigma_g)), 2.0 * slope).mean()
+
+  def fused(config, step):
+    loss_fn = uniform.objective(config, vocab)
+    return jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch, rng,
+                                              {"step": jnp.int32(step)})[0]))(params)
+
+  pairs = [(fused(config, 2), jax.jit(jax.grad(dense))(params)),
+           (fused(config, 5), fused(_duo_config(curriculum_end=0), 5))]
+  for got, expected in pairs:
+    for path, a, b in zip(jax.tree.leaves_with_path(got), jax.tree.leaves(got),
+                          jax.tree.leaves(expected)):
+      scale = float(np.abs(b).max())
+      assert scale > 0, path[0]
+      np.testing.assert_allclose(a, b, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path[0]))
+
+
 @pytest.mark.slow
 def test_duo_trains_through_its_curriculum_into_the_bound_on_8_devices(tmp_path, prepared):
   """family=duo with duo.curriculum_end=2 of 4 steps, on the 8-device mesh: finite losses

@@ -17,7 +17,7 @@ K + 1 (the mask id) complete the vocabulary, V = K + 2.
 
 Each family trains from the same random start on the same batches with its own objective
 (flmjax/registry.py), Adam at 3e-3: FLM, then its FMLM student by the semigroup objective,
-MDLM, SEDD, Duo, then Duo's DCD student (`dcd`: Adam at 6e-4, a fifth, as in Duo's
+MDLM, D3PM, SEDD, Duo, then Duo's DCD student (`dcd`: Adam at 6e-4, a fifth, as in Duo's
 recipe; six rounds of a sixth of the steps, T = 256, so dt ends at 1/8; g in [-4, 4],
 where alpha falls from 1 to 0.016 at V = 18), and AR; then samples through the families'
 own samplers.
@@ -155,7 +155,7 @@ def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int,
 
 
 STEPS = {"flm": (1, 8, 64), "fmlm": (1, 2, 4), "mdlm": (1, 2, 4, 8, 64),
-         "sedd": (1, 2, 4, 8, 64), "duo": (1, 2, 4, 8, 64), "dcd": (1, 2, 4, 8),
+         "d3pm": (1, 2, 4, 8, 64), "sedd": (1, 2, 4, 8, 64), "duo": (1, 2, 4, 8, 64), "dcd": (1, 2, 4, 8),
          "ar": (None,)}
 TEACHERS = {"fmlm": "flm", "dcd": "duo"}  # a student's family after its teacher's
 

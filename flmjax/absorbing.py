@@ -190,8 +190,9 @@ d3pm_objective = objective(_mask_noise, d3pm_token_loss, sigma, times=d3pm_time,
 
 def grid(steps: int) -> dict[str, np.ndarray]:
   """Host float64 rows of the k steps and the noise-removal call [k + 1]: the noise level
-  the network sees (sigma_t), MDLM's unmasking probability u, SEDD's d, and alpha at t
-  and at the next time (D3PM)."""
+  the network sees (sigma_t), MDLM's unmasking probability u, SEDD's d, and D3PM's
+  alpha_s - alpha_t and 1 - alpha_s (s the next time), each taken here rather than as a
+  difference of float32 alphas on the device."""
   if steps < 1:
     raise ValueError(f"steps must be at least 1, got {steps}")
   t = np.linspace(1.0, LAST_TIME, steps + 1)
@@ -199,8 +200,8 @@ def grid(steps: int) -> dict[str, np.ndarray]:
   alpha_s = np.append(alpha_t[1:], 1.0)  # the noise-removal step goes to alpha = 1
   sigma_t = -np.log(alpha_t)
   return {"sigma": sigma_t, "unmask": (alpha_s - alpha_t) / (1 - alpha_t),
-          "d": sigma_t - np.append(sigma_t[1:], 0.0), "alpha_t": alpha_t, "alpha_s": alpha_s,
-          "last": np.arange(steps + 1) == steps}
+          "d": sigma_t - np.append(sigma_t[1:], 0.0), "gap": alpha_s - alpha_t,
+          "masked": 1 - alpha_s, "last": np.arange(steps + 1) == steps}
 
 
 def _mdlm_step(model, x, row, mask_id):
@@ -225,8 +226,8 @@ def _d3pm_step(model, x, row, mask_id):
   entry dropped) give pi = p_theta over real tokens and u = g / (g + 1 - alpha_s),
   g = (alpha_s - alpha_t) (1 - p_theta(m)); 1 at the noise-removal call."""
   logits = model(model.embed_ids(x), jnp.full(x.shape[:1], row["sigma"]))
-  gain = (row["alpha_s"] - row["alpha_t"]) * (1 - jax.nn.softmax(logits, axis=-1)[..., mask_id])
-  unmask = jnp.where(row["last"], 1.0, gain / (gain + 1 - row["alpha_s"]))
+  gain = row["gap"] * (1 - jax.nn.softmax(logits, axis=-1)[..., mask_id])
+  unmask = jnp.where(row["last"], 1.0, gain / (gain + row["masked"]))
   return jnp.exp(subs_log_probs(logits, mask_id)), unmask
 
 

@@ -196,10 +196,10 @@ def test_d3pm_step_is_the_references_draw_over_real_tokens_and_the_mask():
   logits = np.random.default_rng(3).normal(size=V) * 2
   p = np.exp(logits) / np.exp(logits).sum()
   model = _constant_model(logits)
-  rows = absorbing.grid(3)
-  row = {key: jnp.asarray(value[1]) for key, value in rows.items()}
+  row = {key: jnp.asarray(value[1]) for key, value in absorbing.grid(3).items()}
   pi, unmask = absorbing.STEPS["d3pm"](model, jnp.full((1, 1), M), row, M)
-  weights = np.append(p[:M] * (rows["alpha_s"][1] - rows["alpha_t"][1]), 1 - rows["alpha_s"][1])
+  a_t, a_s = 1 - (1 - 1e-3) * np.linspace(1, 1e-5, 4)[1:3]  # step 2 of 3
+  weights = np.append(p[:M] * (a_s - a_t), 1 - a_s)
   weights /= weights.sum()
   np.testing.assert_allclose(float(unmask[0, 0]) * np.asarray(pi[0, 0, :M]), weights[:M],
                              rtol=1e-5)
@@ -215,6 +215,37 @@ def test_sampler_grid_ends_with_the_noise_removal_step():
   np.testing.assert_allclose(1 - np.exp(-grid["sigma"]),
                              1 - absorbing.alpha(np.linspace(1, 1e-5, 5)), atol=1e-12)
   assert grid["unmask"][-1] == 1 and list(grid["last"]) == [False] * 4 + [True]
+  t = np.append(np.linspace(1, 1e-5, 5), 0.0)
+  np.testing.assert_allclose(grid["gap"], (1 - 1e-3) * -np.diff(t), atol=1e-16)
+  np.testing.assert_allclose(grid["masked"], (1 - 1e-3) * t[1:], atol=1e-16)
+
+
+def test_the_d3pm_sampler_feeds_the_network_sigma_t():
+  """With a network that depends on its time input, the compiled D3PM sampler equals its
+  steps taken one by one here with the same draws: the network at sigma_t = -log(1 -
+  (1 - 1e-3) t) on t = linspace(1, 1e-5, k + 1), the mask revealed with u = g / (g + 1 -
+  alpha_s), g = (alpha_s - alpha_t) (1 - p(m)), u = 1 at the last call, the token drawn
+  from p over the real ids."""
+  graphdef, params = nnx.split(randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0,
+                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  params = nnx.to_pure_dict(params)
+  model = nnx.merge(graphdef, params)
+  steps, rng = 3, jax.random.key(4)
+  got, calls = absorbing.tokens(graphdef, params, rng, absorbing.grid(steps), kind="d3pm",
+                                batch_size=4, seq_len=6, mask_id=M)
+  x = jnp.full((4, 6), M, jnp.int32)
+  alphas = np.append(1 - (1 - 1e-3) * np.linspace(1.0, 1e-5, steps + 1), 1.0)
+  for i, key in enumerate(jax.random.split(rng, steps + 1)):
+    p = jax.nn.softmax(model(model.embed_ids(x), jnp.full((4,), -np.log(alphas[i]),
+                                                          jnp.float32)))
+    gain = (alphas[i + 1] - alphas[i]) * (1 - p[..., M])
+    u = 1.0 if i == steps else gain / (gain + 1 - alphas[i + 1])
+    key_unmask, key_token = jax.random.split(key)
+    real = p.at[..., M].set(0.0)
+    drawn = jax.random.categorical(key_token, jnp.log(real / real.sum(-1, keepdims=True)))
+    x = jnp.where((x == M) & (jax.random.uniform(key_unmask, x.shape) < u), drawn, x)
+  assert int(calls) == steps + 1 and not np.any(np.asarray(x) == M)
+  np.testing.assert_array_equal(got, x)
 
 
 def _samples(model, kind, steps, seed=0, n=512, length=4, cache=False, **options):

@@ -47,6 +47,7 @@ from scipy import special as host_special
 
 from flmjax import absorbing, sampling, sharding
 from flmjax.absorbing import EPS, LAST_TIME, alpha, sigma
+from flmjax.errors import UsageError
 from flmjax.flow import HIGHEST
 
 
@@ -355,6 +356,13 @@ def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
   curriculum = train and config.duo.curriculum_end
   if curriculum:
     cfg = config.duo
+    ends = gaussian_alpha(np.array([cfg.gamma_min, cfg.gamma_max]), vocab_size)
+    if not 0 < ends[1] <= ends[0] < 1:  # log(1 - alpha) and log(alpha) finite
+      raise UsageError(
+          f"duo.gamma_min={cfg.gamma_min}, duo.gamma_max={cfg.gamma_max}: at V={vocab_size} "
+          f"alpha(g) is {ends[0]} and {ends[1]} there; the curriculum's bound needs alpha "
+          "strictly between 0 and 1 (the clean id neither always nor never the argmax): "
+          "move the range toward Duo's (-3.55 to -1.85).")
     table = gaussian_table(cfg.gamma_min, cfg.gamma_max, vocab_size)
     span = cfg.gamma_max - cfg.gamma_min
 

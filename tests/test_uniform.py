@@ -343,20 +343,23 @@ def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_ba
   tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, V)
   batch, rng = {"tokens": tokens}, jax.random.PRNGKey(6)
   loss_fn = uniform.objective(config, V)
-  loss, _ = loss_fn(model, batch, rng, {"step": jnp.int32(2)})
   rng_t, rng_z, _ = jax.random.split(rng, 3)
   g = -1.0 + 2.0 * np.asarray(absorbing.training_times(rng_t, 4), np.float64)
-  h, xt, _ = _dense_relaxed(rng_z, tokens, g, 10 ** 1.4, model.vocab_embed[...])  # step 2/5
   alpha = uniform.gaussian_alpha(g, V)
   dalpha = 2.0 * (uniform.gaussian_alpha(g + 1e-5, V) - uniform.gaussian_alpha(g - 1e-5, V)
                   ) / 2e-5
-  logits = np.asarray(model(jnp.asarray(h, jnp.float32), jnp.asarray(-np.log(alpha),
-                                                                     jnp.float32)), np.float64)
-  x_theta = np.exp(logits - logits.max(-1, keepdims=True))
-  x_theta /= x_theta.sum(-1, keepdims=True)
-  expected = np.mean([[_usdm_loss(x_theta[b, i], int(tokens[b, i]), int(xt[b, i]), alpha[b],
-                                  V, dalpha[b]) for i in range(6)] for b in range(4)])
-  np.testing.assert_allclose(loss, expected, rtol=1e-4)
+  # log10 tau from -1 to -2 over steps 0 to 5; step 4 is the curriculum's last
+  for step, inverse_tau in ((2, 10 ** 1.4), (4, 10 ** 1.8)):
+    loss, _ = loss_fn(model, batch, rng, {"step": jnp.int32(step)})
+    h, xt, _ = _dense_relaxed(rng_z, tokens, g, inverse_tau, model.vocab_embed[...])
+    logits = np.asarray(model(jnp.asarray(h, jnp.float32), jnp.asarray(-np.log(alpha),
+                                                                       jnp.float32)), np.float64)
+    x_theta = np.exp(logits - logits.max(-1, keepdims=True))
+    x_theta /= x_theta.sum(-1, keepdims=True)
+    expected = np.mean([[_usdm_loss(x_theta[b, i], int(tokens[b, i]), int(xt[b, i]),
+                                    alpha[b], V, dalpha[b]) for i in range(6)]
+                        for b in range(4)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-4)
   without = _duo_config(curriculum_end=0)
   base = uniform.objective(without, V)(model, batch, rng, None)[0]
   for step in (5, 9):
@@ -435,6 +438,17 @@ def test_duo_curriculum_fields_are_checked(field, value, message):
   config.duo[field] = value
   with pytest.raises(UsageError, match=message):
     validate.validate(config, "train", lambda: 1)
+
+
+def test_a_gamma_range_where_alpha_is_1_is_refused():
+  """At V = 50258, the clean id's lead e^{-g/2} = 20 standard deviations at g = -6 makes
+  alpha 1 in float64 (log(1 - alpha) = -inf in the bound); Duo's ranges build."""
+  config = _duo_config(gamma_min=-6.0, gamma_max=-1.85)
+  with pytest.raises(UsageError, match=r"duo.gamma_min=-6.0, duo.gamma_max=-1.85: at "
+                                       r"V=50258 alpha\(g\) is 1.0 and"):
+    uniform.objective(config, 50258)
+  uniform.objective(_duo_config(gamma_min=-3.55, gamma_max=-1.85), 50258)
+  uniform.objective(config, 50258, train=False)  # validation reads no curriculum
 
 
 @pytest.mark.parametrize("name, gammas", [("owt_duo", (-3.55, -1.85)),

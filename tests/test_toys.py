@@ -37,3 +37,15 @@ def test_one_step_discrete_diffusion_mixes_phrases_and_one_step_fmlm_does_not():
   assert scores["dcd", 2] > scores["duo", 2] + 0.05
   assert calls["fmlm", 1] == 1 and calls["sedd", 1] == calls["duo", 1] == 2
   assert calls["ar", None] == 7
+
+
+def test_the_curriculum_variant_trains_on_the_relaxed_input():
+  """duo-curriculum's first step is not Duo's (the relaxed input at alpha(g)): from the
+  same start on the same batches, E and the output layer move differently in 2 steps
+  (the first relaxed)."""
+  def moved(family, steps):
+    params = toys.fit(family, "markov", steps, seed=1)[1]
+    return np.asarray(params["vocab_embed"]), np.asarray(params["output"]["kernel"])
+
+  for plain, relaxed in zip(moved("duo", 2), moved("duo-curriculum", 2)):
+    assert not np.allclose(plain, relaxed)

@@ -167,8 +167,8 @@ def prompted_rate(family: str, model, kind: str, steps: int, n: int, seed: int,
 
 
 STEPS = {"flm": (1, 8, 64), "fmlm": (1, 2, 4), "mdlm": (1, 2, 4, 8, 64),
-         "d3pm": (1, 2, 4, 8, 64), "sedd": (1, 2, 4, 8, 64), "duo": (1, 2, 4, 8, 64), "dcd": (1, 2, 4, 8),
-         "ar": (None,)}
+         "d3pm": (1, 2, 4, 8, 64), "sedd": (1, 2, 4, 8, 64), "duo": (1, 2, 4, 8, 64),
+         "dcd": (1, 2, 4, 8), "ar": (None,)}
 TEACHERS = {"fmlm": "flm", "dcd": "duo"}  # a student's family after its teacher's
 
 

@@ -442,7 +442,7 @@ def test_duo_curriculum_fields_are_checked(field, value, message):
 
 def test_a_gamma_range_where_alpha_is_1_is_refused():
   """At V = 50258, the clean id's lead e^{-g/2} = 20 standard deviations at g = -6 makes
-  alpha 1 in float64 (log(1 - alpha) = -inf in the bound); Duo's ranges build."""
+  alpha 1 in float64 (log(1 - alpha) = -inf in the bound); Duo's OWT range builds."""
   config = _duo_config(gamma_min=-6.0, gamma_max=-1.85)
   with pytest.raises(UsageError, match=r"duo.gamma_min=-6.0, duo.gamma_max=-1.85: at "
                                        r"V=50258 alpha\(g\) is 1.0 and"):

@@ -25,6 +25,7 @@ stand-in for a download when checking or timing the import and the samplers.
 """
 
 import json
+import os
 import pathlib
 import re
 import sys
@@ -296,7 +297,11 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
 
 def write_reference(directory: pathlib.Path, tensors: dict[str, np.ndarray],
                     model: ml_collections.ConfigDict, vocab: int, kind: str) -> None:
-  safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
+  weights = directory / "model.safetensors"
+  safetensors.numpy.save_file(tensors, str(weights))
+  umask = os.umask(0)  # safetensors writes 0600; give the file the mode open() would
+  os.umask(umask)
+  os.chmod(weights, 0o666 & ~umask)
   outputs.write_json(directory / "config.json", {
       "kind": kind, "vocab_size": vocab, "hidden_size": model.width,
       "n_blocks": model.depth, "n_heads": model.heads, "cond_dim": model.cond_width,

@@ -226,6 +226,9 @@ def test_import_export_round_trip_is_bit_exact(tmp_path, prepared):
       assert back[name].dtype == np.float32 and np.array_equal(back[name], value), name
   meta = json.loads((tmp_path / "exported" / "config.json").read_text())
   assert meta["n_heads"] == 2 and meta["n_blocks"] == 2 and meta["two_time"]
+  # readable as any file the user writes (safetensors alone writes 0600)
+  assert ((tmp_path / "exported" / "model.safetensors").stat().st_mode ==
+          (tmp_path / "exported" / "config.json").stat().st_mode)
   with pytest.raises(UsageError, match="already holds model.safetensors"):
     convert.export_weights(str(tmp_path / "imported"), str(tmp_path / "exported"))
 

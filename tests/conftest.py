@@ -26,9 +26,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 from flax import nnx  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from configs import tiny  # pylint: disable=wrong-import-position
+from flmjax.models import dit  # pylint: disable=wrong-import-position
 
 
 def randomize(model, seed: int = 7, scale: float = 0.3):
@@ -36,6 +38,13 @@ def randomize(model, seed: int = 7, scale: float = 0.3):
   included, so that every path through the network matters."""
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, _draw(state, seed, scale))
+
+
+def small_dit(vocab: int):
+  """(graphdef, params) of a randomized float32 DiT of width 16, 1 block, 2 heads,
+  conditioning 8 and no output cap: a network whose every parameter matters."""
+  return nnx.split(randomize(dit.DiT(vocab, 16, 1, 2, 8, output_cap=0.0, dtype=jnp.float32,
+                                     rngs=nnx.Rngs(0))))
 
 
 @jax.jit  # one compilation per parameter layout

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import randomize, train_config
+from conftest import randomize, small_dit, train_config
 from flmjax import absorbing, autoregressive, evaluate, generate, registry, sampling, train
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -226,8 +226,7 @@ def test_the_d3pm_sampler_feeds_the_network_sigma_t():
   (1 - 1e-3) t) on t = linspace(1, 1e-5, k + 1), the mask revealed with u = g / (g + 1 -
   alpha_s), g = (alpha_s - alpha_t) (1 - p(m)), u = 1 at the last call, the token drawn
   from p over the real ids."""
-  graphdef, params = nnx.split(randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0,
-                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  graphdef, params = small_dit(V)
   params = nnx.to_pure_dict(params)
   model = nnx.merge(graphdef, params)
   steps, rng = 3, jax.random.key(4)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import integrate, special
 
-from conftest import randomize, train_config
+from conftest import randomize, small_dit, train_config
 from configs import owt_dcd
 from flmjax import absorbing, checkpoint, distill, sharding, train, uniform, validate
 from flmjax.errors import UsageError
@@ -190,8 +190,7 @@ def test_the_sampler_and_the_objective_feed_the_network_sigma_t():
   of 6.2 taken one by one here with sigma_t = -log(1 - (1 - 1e-3) t) on t_i = linspace(1,
   1e-5, k + 1) and the same draws, and the objective equals the token loss of the network
   at sigma_t of the drawn times."""
-  graphdef, params = nnx.split(randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0,
-                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  graphdef, params = small_dit(V)
   params = nnx.to_pure_dict(params)
   model = nnx.merge(graphdef, params)
   steps, rng = 3, jax.random.key(4)
@@ -336,8 +335,7 @@ def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_ba
   the loss BASELINES.md 6.1 as written at x_t = argmax z with alpha(g) by quadrature and
   alpha'_t = (gamma_max - gamma_min) d alpha / d g by central differences, all in float64
   here; from curriculum_end on, and in validation, the discrete-state objective."""
-  graphdef, params = nnx.split(randomize(dit.DiT(V, 16, 1, 2, 8, output_cap=0.0,
-                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  graphdef, params = small_dit(V)
   model = nnx.merge(graphdef, params)
   config = _duo_config()
   tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, V)
@@ -376,8 +374,7 @@ def test_the_curriculum_gradient_is_autodiffs_through_eps_built_whole():
   h = softmax(z / tau) @ E written out, at V = 300 (three blocks of ids, the last partial),
   in the curriculum; after it, the gradient of the objective without one."""
   vocab = 300
-  graphdef, params = nnx.split(randomize(dit.DiT(vocab, 16, 1, 2, 8, output_cap=0.0,
-                                                 dtype=jnp.float32, rngs=nnx.Rngs(0))))
+  graphdef, params = small_dit(vocab)
   config = _duo_config()
   tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, vocab)
   batch, rng = {"tokens": tokens}, jax.random.PRNGKey(6)

@@ -39,10 +39,22 @@ def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
                               [cfg.warmup_steps])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Gradients times min(1, max_norm / (norm + 1e-6)), norm their global norm: PyTorch's
+  clip_grad_norm_, which the reference's trainer applies. A product with one scalar, so
+  XLA fuses it into AdamW's moment updates (optax's clip_by_global_norm divides by the
+  norm, and XLA:CPU stores the divided gradients, a pass over all parameters)."""
+  def update(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW (the `train` section of a config)."""
   return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+      clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
       optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay))
 

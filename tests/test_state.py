@@ -30,6 +30,19 @@ def test_learning_rate_warms_up_linearly_then_stays_constant():
                              [0, 1.5e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6)
 
 
+@pytest.mark.parametrize("max_norm, norm, scale",
+                         [(1e-6, 1e-5, 1 / 11), (1e-6, 1e-6, 1 / 2), (1.0, 0.5, 1.0)])
+def test_clipping_is_pytorchs_clip_grad_norm(max_norm, norm, scale):
+  """g * min(1, c / (norm + 1e-6)) over the whole tree (the formula of PyTorch's
+  clip_grad_norm_): with c = 1e-6 the 1e-6 makes the scale 1/11 at norm 1e-5 (not 1/10)
+  and 1/2 at norm 1e-6 (not 1); well below c the gradients pass unchanged."""
+  clip = train_state.clip_by_global_norm(max_norm)
+  grads = {"a": jnp.array([0.6, 0.0]) * norm, "b": jnp.array([[0.8]]) * norm}
+  clipped, _ = clip.update(grads, clip.init(grads))
+  for name in grads:
+    np.testing.assert_allclose(clipped[name], np.asarray(grads[name]) * scale, rtol=1e-6)
+
+
 @pytest.mark.parametrize("norm", [10.0, 0.5])
 def test_gradients_are_clipped_to_the_global_norm_before_adamw(norm):
   """Two AdamW steps (no weight decay) against numpy Adam on the gradients scaled to global

@@ -393,6 +393,7 @@ def test_distilled_student_writes_a_learned_sequence_in_one_step():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("markov_models")  # trained once per process
 def test_one_step_student_follows_a_markov_chain(markov_models):
   """flmjax.toys' markov walks, a source with an exact judge: 16 tokens on a ring, each
   followed by the next one or the third next one with probability 1/2. A sample's share of

@@ -3,18 +3,20 @@ and what many tests share: small data and models trained once per session."""
 
 import atexit
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import tempfile
 
+# Cheaper compiles (most tests compile more than they run; the older fusion code generator
+# compiles about a third faster), no slower runs for the learning tests. XLA kept that
+# generator, and its flag, until jaxlib 0.11: an unknown flag in XLA_FLAGS is fatal.
+_JAXLIB = tuple(int(x) for x in importlib.metadata.version("jaxlib").split(".")[:2])
+COMPILE_FLAGS = " --xla_backend_optimization_level=1" + (
+    " --xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11) else "")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8"
-                           # Cheaper compiles (most tests compile more than they run;
-                           # the older fusion code generator compiles about a third
-                           # faster), no slower runs for the learning tests.
-                           + " --xla_backend_optimization_level=1"
-                           + " --xla_cpu_use_fusion_emitters=false")
+                           + " --xla_force_host_platform_device_count=8" + COMPILE_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's many small runs compile the same steps again and again: one persistent
 # compilation cache per test session, shared with the subprocesses that tests start.

@@ -7,13 +7,12 @@ spanning every process (conftest.mesh_config).
 import os
 import sys
 
-from conftest import mesh_config  # sets XLA_FLAGS for the test process; replaced below
+# conftest sets XLA_FLAGS for the test process; replaced below
+from conftest import COMPILE_FLAGS, mesh_config
 
 process_id, num_processes, port, devices = (int(a) for a in sys.argv[1:5])
 data_dir, workdir, steps = sys.argv[5], sys.argv[6], int(sys.argv[7])
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices}"
-                           " --xla_backend_optimization_level=1"
-                           " --xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" + COMPILE_FLAGS
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # pylint: disable=wrong-import-position

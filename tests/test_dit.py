@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import randomize
+from flmjax import sharding
 from flmjax.models import dit
 
 V, D, L, B = 97, 64, 16, 3
@@ -162,7 +163,12 @@ def test_flash_attention_lowers_to_triton_for_cuda():
   def loss(params, h, tau):
     return nnx.merge(graphdef, params)(h, tau).sum()
 
-  with dit.kernels_for("gpu"):
+  # JAX from 0.11 reads the target GPU from an abstract mesh's device when none is attached
+  h100 = jax.sharding.AbstractMesh(
+      (1,) * len(sharding.AXES), sharding.AXES, (jax.sharding.AxisType.Auto,) * 3,
+      abstract_device=jax.sharding.AbstractDevice(
+          device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
+  with dit.kernels_for("gpu"), jax.sharding.use_abstract_mesh(h100):
     exported = jax.export.export(
         jax.jit(jax.grad(loss)), platforms=("cuda",),
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],

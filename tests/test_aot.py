@@ -104,6 +104,7 @@ def test_compiles_for_gpus_without_one_with_the_flash_kernel(tmp_path):
     assert "flops_per_chip" not in computation and "roofline_seconds" not in computation
 
 
+@pytest.mark.slow
 def test_a_duo_run_compiles_its_dcd_step():
   """For the local devices: family=duo with distill.objective=dcd compiles the train step
   (with Duo's curriculum) and the DCD step (its state holding the round's teacher)."""

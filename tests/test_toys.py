@@ -39,6 +39,7 @@ def test_one_step_discrete_diffusion_mixes_phrases_and_one_step_fmlm_does_not():
   assert calls["ar", None] == 7
 
 
+@pytest.mark.slow
 def test_the_curriculum_variant_trains_on_the_relaxed_input():
   """duo-curriculum's first step is not Duo's (the relaxed input at alpha(g)): from the
   same start on the same batches, E and the output layer move differently in 2 steps

@@ -368,6 +368,7 @@ def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_ba
       uniform.objective(without, V, train=False)(model, batch, rng, None)[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_curriculum_gradient_is_autodiffs_through_eps_built_whole():
   """The parameters' gradient of the objective (the relaxed input's own backward pass, inside
   the step's lax.cond) against jax.grad of the same loss with eps [B, L, V] built whole and
@@ -543,7 +544,8 @@ def _dcd_config(**dcd):
       **dcd)}})
 
 
-@pytest.mark.parametrize("divergence", ["kl-bwd", "kl-fwd"])
+@pytest.mark.parametrize("divergence",
+                         [pytest.param("kl-bwd", marks=pytest.mark.slow), "kl-fwd"])
 def test_the_dcd_loss_is_the_kl_from_the_student_at_t_to_the_teacher_at_s(divergence):
   """The objective at step 25 (round 2: dt = 4 / 16) equals section 7's loss computed here
   in float64 from two different networks: the student at (x_t, -log alpha(g_t)), the

@@ -28,7 +28,7 @@ def _no_compilation_cache():
 
 def _config(**mesh):
   config = train_config()
-  config.model.update(width=128, depth=2, heads=2, dtype="bfloat16")
+  config.model.update(width=128, depth=1, heads=2, dtype="bfloat16")
   config.data.seq_len = 64
   config.batch_size = 16
   config.sample.num_samples = 4

@@ -1,10 +1,7 @@
 """Evaluation: gen PPL's targets and the features of texts under a toy evaluator, FD under
-SmolLM2, the sweep's outputs and --mode=score, and the whole pipeline."""
+SmolLM2, the sweep's outputs and --mode=score."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +10,6 @@ from conftest import small_config, train_config
 from flmjax import evaluate, metrics
 from flmjax.data import corpora
 from flmjax.errors import UsageError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class CharEvaluator:
@@ -175,33 +170,3 @@ def test_prompted_evaluation_writes_continuations_and_rescores_the_same(
 
   assert _scores(evaluate.rescore(config, str(tmp_path))) == _scores(saved["rows"])
   # (baseline weights are refused: tests/test_baselines.py)
-
-
-@pytest.mark.slow
-def test_pipeline_runs_end_to_end(tmp_path):
-  small = ["--config.data.max_documents=300", "--config.tokenizer.vocab_size=512",
-           "--config.data.seq_len=32", "--config.batch_size=8", "--config.model.width=32",
-           "--config.model.depth=1", "--config.model.heads=2", "--config.model.cond_width=16",
-           "--config.train.steps=2", "--config.distill.steps=2", "--config.train.log_every=1",
-           "--config.train.eval_batches=1", "--config.train.num_samples=2",
-           "--config.eval.num_samples=4", "--config.eval.reference_samples=4",
-           "--config.eval.teacher_steps=1,2",
-           "--config.eval.student_steps=1"]
-  run = subprocess.run([sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
-                        f"--workdir={tmp_path}", "--mode=pipeline", *small], cwd=ROOT,
-                       capture_output=True, text=True, check=False)
-  assert run.returncode == 0, run.stderr[-3000:]
-  rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
-  assert [(r["model"], r["sampler"]) for r in rows] == [
-      ("FLM", "euler_1"), ("FLM", "euler_2"), ("FMLM", "flowmap_1"),
-      ("dataset", "validation split")]
-  assert (tmp_path / "student" / "export" / "record.json").is_file()
-  assert (tmp_path / "eval" / "gen_ppl.png").is_file()
-  logged = {stage: (tmp_path / stage / "metrics.jsonl").read_text()
-            for stage in ("teacher", "student")}
-  again = subprocess.run([sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
-                          f"--workdir={tmp_path}", "--mode=pipeline", *small], cwd=ROOT,
-                         capture_output=True, text=True, check=False)
-  assert again.returncode == 0, again.stderr[-3000:]
-  for stage, text in logged.items():  # both stages resumed at their end: no step again
-    assert (tmp_path / stage / "metrics.jsonl").read_text() == text

@@ -65,12 +65,18 @@ TRAIN = SMALL + ["--config.model.width=32", "--config.model.depth=1", "--config.
                  "--config.train.num_samples=2", "--config.train.sample_steps=2"]
 
 
+# The pipeline's distillation and evaluation, shrunk (teacher stage: TRAIN).
+REST = ["--config.distill.steps=2", "--config.eval.num_samples=4",
+        "--config.eval.reference_samples=4", "--config.eval.teacher_steps=1,2",
+        "--config.eval.student_steps=1"]
+
+
 @pytest.mark.slow
-def test_sigterm_saves_ends_the_pipeline_and_train_resumes(tmp_path):
+def test_sigterm_ends_the_pipeline_which_then_resumes_to_its_end_and_reruns_nothing(tmp_path):
   process = subprocess.Popen(
       [sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
        f"--workdir={tmp_path}", "--mode=pipeline", "--config.train.steps=100000",
-       "--config.train.checkpoint_every=0", *TRAIN],
+       "--config.train.checkpoint_every=0", *TRAIN, *REST],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   teacher = tmp_path / "teacher"
   metrics = teacher / "metrics.jsonl"
@@ -85,14 +91,30 @@ def test_sigterm_saves_ends_the_pipeline_and_train_resumes(tmp_path):
   assert step >= 3 and logged[-1] == step  # the step it stopped at, logged and saved
   assert not (tmp_path / "student").exists()  # the pipeline stopped with the teacher
   assert json.loads((teacher / "config.json").read_text())["config"]["train"]["steps"] == 100000
-  run = _main(teacher, "--mode=train", f"--config.train.steps={step + 2}",
-              f"--config.data.dir={tmp_path / 'data'}", *TRAIN)
-  assert run.returncode == 0, run.stderr
+
+  # The same command with fewer teacher steps: the teacher resumes and ends, then the
+  # student is distilled, exported and evaluated.
+  args = ["--mode=pipeline", f"--config.train.steps={step + 2}", *TRAIN, *REST]
+  run = _main(tmp_path, *args)
+  assert run.returncode == 0, run.stderr[-3000:]
   lines = [json.loads(l) for l in metrics.read_text().splitlines()]
   assert [l["step"] for l in lines if "loss" in l][-3:] == [step, step + 1, step + 2]
   assert "valid_loss" in lines[-1]
   samples = json.loads((teacher / "samples" / f"step_{step + 2}.json").read_text())
   assert len(samples["euler_2"]["samples"]) == 2
+  rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+  assert [(r["model"], r["sampler"]) for r in rows] == [
+      ("FLM", "euler_1"), ("FLM", "euler_2"), ("FMLM", "flowmap_1"),
+      ("dataset", "validation split")]
+  assert (tmp_path / "student" / "export" / "record.json").is_file()
+  assert (tmp_path / "eval" / "gen_ppl.png").is_file()
+
+  logged = {stage: (tmp_path / stage / "metrics.jsonl").read_text()
+            for stage in ("teacher", "student")}
+  again = _main(tmp_path, *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  for stage, text in logged.items():  # both stages resumed at their end: no step again
+    assert (tmp_path / stage / "metrics.jsonl").read_text() == text
 
 
 @pytest.mark.slow

@@ -452,27 +452,24 @@ def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path, teacher):
 
 
 @pytest.mark.slow
-def test_resumed_student_keeps_its_teacher_step(tmp_path):
-  config = train_config(steps=2, checkpoint_every=1)
-  config.train.keep_checkpoints = 2
-  config.data.dir = str(tmp_path / "data")
+def test_resumed_student_keeps_its_teacher_step(tmp_path, prepared):
+  def teacher(steps):  # two checkpoints kept
+    config = train_config(steps=steps, checkpoint_every=1, keep_checkpoints=2)
+    config.data.dir = str(prepared.path.parent)
+    return config
+
+  config = teacher(2)
   teacher_dir, student_dir = str(tmp_path / "t"), str(tmp_path / "s")
   train.train(config, teacher_dir)
   config.teacher_checkpoint = teacher_dir
   config.distill.steps = 2
   train.distill(config, student_dir)
-  train.train(_with_data_dir(train_config(steps=3, checkpoint_every=1), tmp_path), teacher_dir)
+  train.train(teacher(3), teacher_dir)
   config.distill.steps = 3
   train.distill(config, student_dir)  # still distils from teacher step 2
   record = json.loads((tmp_path / "s" / "export" / "record.json").read_text())
   assert record["teacher_step"] == 2
-  train.train(_with_data_dir(train_config(steps=5, checkpoint_every=1), tmp_path), teacher_dir)
-  config.distill.steps = 4  # teacher step 2 has rotated away (two kept)
+  train.train(teacher(5), teacher_dir)
+  config.distill.steps = 4  # teacher step 2 has rotated away
   with pytest.raises(UsageError, match="no longer holds step 2"):
     train.distill(config, student_dir)
-
-
-def _with_data_dir(config, tmp_path):
-  config.train.keep_checkpoints = 2
-  config.data.dir = str(tmp_path / "data")
-  return config

@@ -29,6 +29,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 from flax import nnx  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from configs import tiny  # pylint: disable=wrong-import-position
@@ -37,9 +38,13 @@ from flmjax.models import dit  # pylint: disable=wrong-import-position
 
 def randomize(model, seed: int = 7, scale: float = 0.3):
   """`model` with every parameter drawn from N(0, scale^2), zero-initialised layers
-  included, so that every path through the network matters."""
+  included, so that every path through the network matters. (NumPy draws them: a jitted
+  draw would compile once per model layout, for seconds.)"""
   graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, _draw(state, seed, scale))
+  leaves, treedef = jax.tree.flatten(state)
+  rng = np.random.default_rng(seed)
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, [
+      jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) for x in leaves]))
 
 
 def small_dit(vocab: int):
@@ -47,14 +52,6 @@ def small_dit(vocab: int):
   conditioning 8 and no output cap: a network whose every parameter matters."""
   return nnx.split(randomize(dit.DiT(vocab, 16, 1, 2, 8, output_cap=0.0, dtype=jnp.float32,
                                      rngs=nnx.Rngs(0))))
-
-
-@jax.jit  # one compilation per parameter layout
-def _draw(state, seed, scale):
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                                      for k, x in zip(keys, leaves)])
 
 
 def small_config(**data):

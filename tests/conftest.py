@@ -18,6 +18,11 @@ COMPILE_FLAGS = " --xla_backend_optimization_level=1" + (
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8" + COMPILE_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Cheaper still: XLA compiles without most of its optimisations (about 40% less time; the
+# runs are slower), here and in the command lines that tests start, except for the tests
+# marked `learning` (the `optimised` fixture below): they train for thousands of steps,
+# and their bars were set on optimised code (which rounds differently).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The suite's many small runs compile the same steps again and again: one persistent
 # compilation cache per test session, shared with the subprocesses that tests start.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -34,6 +39,20 @@ import pytest  # pylint: disable=wrong-import-position
 
 from configs import tiny  # pylint: disable=wrong-import-position
 from flmjax.models import dit  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(autouse=True)
+def optimised(request):
+  """Compiles with XLA's optimisations within tests marked `learning`."""
+  if request.node.get_closest_marker("learning") is None:
+    yield
+    return
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def randomize(model, seed: int = 7, scale: float = 0.3):

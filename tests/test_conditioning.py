@@ -128,6 +128,7 @@ def test_samplers_clamp_given_positions_and_return_them(rule, two_time, latent):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("markov_models")  # trained once per process
+@pytest.mark.learning
 def test_conditionally_trained_models_continue_and_precede_a_markov_chain_in_one_step(
     markov_models):
   """The exact judge of flmjax.toys: given a prefix (suffix) of a walk, is the first

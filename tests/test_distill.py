@@ -378,6 +378,7 @@ def _sample(rule, graphdef, params, seed, n, length, steps):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_distilled_student_writes_a_learned_sequence_in_one_step():
   sequence = jnp.array([5, 17, 3, 42, 8, 8, 29, 11])
   teacher_graphdef, teacher, student_graphdef, student = _distilled(
@@ -394,6 +395,7 @@ def test_distilled_student_writes_a_learned_sequence_in_one_step():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("markov_models")  # trained once per process
+@pytest.mark.learning
 def test_one_step_student_follows_a_markov_chain(markov_models):
   """flmjax.toys' markov walks, a source with an exact judge: 16 tokens on a ring, each
   followed by the next one or the third next one with probability 1/2. A sample's share of

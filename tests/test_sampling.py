@@ -161,6 +161,7 @@ def test_flow_map_sampler_steps_by_hand():
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_a_model_trained_on_one_sequence_samples_it_back():
   sequence = jnp.array([5, 17, 3, 42, 8, 8, 29, 11])
   model = dit.DiT(V, 64, 2, 4, 32, rngs=nnx.Rngs(0), dtype=jnp.float32)

@@ -20,6 +20,7 @@ def test_judges_score_the_sources_and_reject_mixtures():
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_one_step_discrete_diffusion_mixes_phrases_and_one_step_fmlm_does_not():
   """What held for seeds 1 and 2 at this size (300 training steps; one MDLM or SEDD step
   scored 0 for both, one FMLM step 0.28 and 0.07, one Duo step at most 0.008 for seeds 1 to 3

@@ -18,7 +18,7 @@ COMPILE_FLAGS = " --xla_backend_optimization_level=1" + (
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8" + COMPILE_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Cheaper still: XLA compiles without most of its optimisations (about 40% less time; the
+# Cheaper still: XLA compiles without most of its optimisations (a third less time; the
 # runs are slower), here and in the command lines that tests start, except for the tests
 # marked `learning` (the `optimised` fixture below): they train for thousands of steps,
 # and their bars were set on optimised code (which rounds differently).

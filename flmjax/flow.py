@@ -41,10 +41,12 @@ def per_row(x: jax.Array, ndim: int) -> jax.Array:
 
 
 def stratified_uniform(rng: jax.Array, n: int) -> jax.Array:
-  """n stratified draws on [0, 1): u_i = (r / n + i / n) mod 1, randomly permuted [n]."""
-  rng_offset, rng_perm = jax.random.split(rng)
-  offset = jax.random.uniform(rng_offset, ())
-  u = jnp.mod(offset / n + jnp.arange(n) / n, 1.0)
+  """n stratified draws on [0, 1): u_i = (r_i / n + i / n) mod 1 with r_i ~ U[0, 1)
+  independent (one draw in each stratum, as the reference draws them), randomly permuted
+  [n]."""
+  rng_r, rng_perm = jax.random.split(rng)
+  r = jax.random.uniform(rng_r, (n,))
+  u = jnp.mod(r / n + jnp.arange(n) / n, 1.0)
   return jax.random.permutation(rng_perm, u)
 
 

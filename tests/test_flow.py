@@ -21,6 +21,10 @@ def test_stratified_uniform_puts_one_draw_in_each_stratum():
   u = np.asarray(flow.stratified_uniform(jax.random.key(3), n))
   np.testing.assert_array_equal(np.floor(np.sort(u) * n), np.arange(n))
   assert not np.all(np.diff(u) > 0)  # permuted, not sorted
+  # Each stratum has its own uniform offset (the reference's torch.rand(n)), not one
+  # offset shared by all: the positions within the strata are spread over [0, 1).
+  within = np.sort(u) * n - np.arange(n)
+  assert within.std() > 0.2  # U[0, 1) has std 0.289; a shared offset gives 0
 
 
 def test_flm_loss_equals_a_hand_computed_cross_entropy():

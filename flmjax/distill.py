@@ -119,7 +119,8 @@ def semigroup_target(student, rows: Rows, dropout=None):
 def eulerian_target(student, rows: Rows, dropout=None):
   """D_s + ((1 - s)(t - s) / (1 - t)) d/ds delta_{s,t}(x_s) along b_s = (D_s - x) / (1 - s)."""
   (tau_s, _, tau_t), (s, _, t) = rows.tau, rows.times
-  velocity = flow.velocity(rows.h_s, flow.project(rows.teacher_probs, rows.embed), s)
+  velocity = flow.velocity(rows.h_s, flow.project(rows.teacher_probs, rows.embed), s,
+                           flow.DENOMINATOR_EPS)  # the reference's guard in its tangent
   velocity = conditioning.clamp(velocity, rows.given, jnp.zeros_like(velocity))  # held
   _, d_delta = jax.jvp(lambda a, h: rows.probs(student, h, a, tau_t, dropout),
                        (tau_s, rows.h_s), (rows.schedule.dtau_dt(s), velocity))

@@ -56,9 +56,9 @@ def interpolate(noise, data, t):
   return (1 - t) * noise + t * data
 
 
-def velocity(x, denoised, t):
-  """b_t(x) = (D_t(x) - x) / (1 - t + 1e-5), t [B]."""
-  return (denoised - x) / (1 - per_row(t, x.ndim) + VELOCITY_EPS)
+def velocity(x, denoised, t, eps: float = VELOCITY_EPS):
+  """b_t(x) = (D_t(x) - x) / (1 - t + eps), t [B]."""
+  return (denoised - x) / (1 - per_row(t, x.ndim) + eps)
 
 
 @jax.custom_vjp

@@ -264,6 +264,43 @@ def _distillation_loss(objective, head="auto", dtype="float32", noise="latent", 
   return jax.jit(jax.value_and_grad(loss, has_aux=True) if grad else loss)(sp)
 
 
+def test_semigroup_objective_equals_its_v_space_definition():
+  """The whole semigroup loss (V-space noise, no dropout) from the definitions, on the
+  objective's own draws of times and noise: x_s = (1 - s) eps + s onehot at s = t(tau_s);
+  diagonal rows against the teacher's D_s(x_s) at tau_s, the others (2 boundary rows
+  here) against lambda delta_{s,u} + (1 - lambda) delta_{u,t}(X_{s,u}); soft cross
+  entropies of the student's capped log-softmax, each share's mean over its positions,
+  the loss their mean weighted by rows."""
+  (tg, tp), _ = _teacher_and_student()
+  teacher, student = nnx.merge(tg, tp), nnx.merge(*_different_student())
+  config = train_config()
+  config.noise = "vocab"
+  config.model.output_head = "plain"
+  config.distill.boundary_fraction = 0.125
+  fn = registry.OBJECTIVES["semigroup"].build(config, V, tg, train=False)
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+  rng = jax.random.key(1)
+  loss, metrics = jax.jit(lambda: fn(student, {"tokens": tokens}, rng, tp))()
+
+  rng_times, rng_noise, _, _ = jax.random.split(rng, 4)
+  counts = distill.split_counts(B, 0.5, 0.125)
+  assert counts == (8, 2, 6)
+  tau = distill.draw_times(rng_times, counts)
+  s, u, t = (get_schedule(V).t(x) for x in tau)
+  x_s = _col(1 - s) * jax.random.normal(rng_noise, (B, L, V)) + _col(s) * jax.nn.one_hot(
+      tokens, V)
+  d_su = _probs(student, x_s, tau[0], tau[1])
+  x_su = _col((1 - u) / (1 - s)) * x_s + _col((u - s) / (1 - s)) * d_su
+  lam = _col((1 - t) * (u - s) / ((1 - u) * (t - s)))
+  target = lam * d_su + (1 - lam) * _probs(student, x_su, tau[1], tau[2])
+  log_delta = jax.nn.log_softmax(student(student.embed(x_s), tau[0], tau[2]), axis=-1)
+  diagonal = -np.mean(np.sum(_probs(teacher, x_s, tau[0])[:8] * log_delta[:8], -1))
+  off = -np.mean(np.sum(target[8:] * log_delta[8:], -1))
+  np.testing.assert_allclose(metrics["diagonal_loss"], diagonal, rtol=1e-5)
+  np.testing.assert_allclose(metrics["offdiagonal_loss"], off, rtol=1e-5)
+  np.testing.assert_allclose(loss, (8 * diagonal + 8 * off) / 16, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", FLOW_MAP)
 def test_objectives_with_v_space_noise_give_finite_losses_and_gradients(objective):

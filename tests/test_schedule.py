@@ -47,14 +47,15 @@ def _both_paths(function_name, vocab_size, values):
 def test_reference_tau_to_t(vocab_size):
   tau, expected = zip(*TAU_TO_T[vocab_size].items())
   for t in _both_paths("t", vocab_size, tau):
-    np.testing.assert_allclose(t, expected, atol=1e-3)
+    # The table's four digits round by 5e-5 at most; float32 in the graph adds < 4e-5.
+    np.testing.assert_allclose(t, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("vocab_size", sorted(T_TO_TAU))
 def test_reference_t_to_tau(vocab_size):
   t, expected = zip(*T_TO_TAU[vocab_size].items())
   for tau in _both_paths("tau", vocab_size, t):
-    np.testing.assert_allclose(tau, expected, atol=1e-3)
+    np.testing.assert_allclose(tau, expected, atol=1e-4)
 
 
 def _tau_by_adaptive_quadrature(t, vocab_size):

@@ -61,7 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.output_cap = 30.0  # logits -> cap * tanh(logits / cap) (v2); 0: off
   # A second time input tau_t (the FMLM flow map); its embedder starts at zero.
   config.model.two_time = False
-  # Learned loss weighting: loss -> exp(-w(tau)) * loss + w(tau). Off in the paper (v2).
+  # Learned loss weighting (FLM and FMLM only): loss -> exp(-w) * loss + w, w = w(tau_s)
+  # from its own small network (the reference's), 0 at first. Off in the paper (v2).
   config.model.learned_loss_weight = False
   # Attention: "plain" (scores materialised, soft cap applied by XLA), "fused"
   # (jax.nn.dot_product_attention, XLA's implementation; needs attn_softcap=0), "splash"

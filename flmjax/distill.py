@@ -30,6 +30,11 @@ With train.condition, each example's given positions (flmjax/conditioning.py) ar
 in x_s for teacher and student alike, stay clean in the self-targets' intermediate states
 (X_{s,u}, X_{s,t}; the Eulerian tangent is zero there) and are left out of both losses.
 
+With model.learned_loss_weight (off in the paper's recipe), each row's loss becomes
+exp(-w) * loss + w for w = w(tau_s) of the student's weighting network, which starts afresh
+(w = 0) rather than from the teacher's, as in the reference; the shares' metrics are then
+the weighted ones.
+
 The student's self-targets are computed in training mode, with dropout (each call its own
 mask), as the reference computes them; `distill.target_dropout=False` computes them
 without. Everything the network reads is in latent form: x_s @ E, and
@@ -194,11 +199,20 @@ def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teach
         target(student, rows, rng_target if target_dropout else None))
     dropout = rng_dropout if train else None
     cap = student.output_cap
-    # Each share's loss: the mean over its positions that are not given.
+    # Each share's loss: the mean over its positions that are not given; with the learned
+    # loss weighting, of exp(-w) * loss + w for w = w(tau_s) of the row.
     free = jnp.ones(tokens.shape) if given is None else (~given).astype(jnp.float32)
+    w = (jnp.zeros(tokens.shape[:1]) if student.loss_weighting is None
+         else student.loss_weighting(tau[0]))[:, None]
+
+    def share(rows):
+      return free[rows] / jnp.maximum(free[rows].sum(), 1.0)
 
     def weights(rows):
-      return free[rows] / jnp.maximum(free[rows].sum(), 1.0)
+      return share(rows) * jnp.exp(-w[rows])
+
+    def offset(rows):
+      return jnp.sum(share(rows) * w[rows])
     if fused:
       features = student.features(h_s, tau[0], tau[2], given=given, dropout_rng=dropout)
 
@@ -217,6 +231,7 @@ def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teach
       diagonal = jnp.sum(weights(diag) * flow.soft_cross_entropy(
           logits[diag], teacher_probs[:n_diag], cap))
       off_loss = jnp.sum(weights(off) * off_diagonal(logits[off], target_probs, cap))
+    diagonal, off_loss = diagonal + offset(diag), off_loss + offset(off)
     loss = (n_diag * diagonal + (tokens.shape[0] - n_diag) * off_loss) / tokens.shape[0]
     return loss, {"loss": loss, "diagonal_loss": diagonal, "offdiagonal_loss": off_loss}
   return objective

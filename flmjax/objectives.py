@@ -83,7 +83,7 @@ def denoising(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
     return flow.flm_loss(denoiser, model.vocab_embed[...], batch["tokens"], rng, schedule,
                          given=given, latent=config.noise == "latent",
                          cap=model.output_cap, head=head,
-                         loss_weight=model.loss_weight if model.loss_weight_mlp else None)
+                         loss_weight=model.loss_weighting)
   return objective
 
 

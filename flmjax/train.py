@@ -159,8 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   return fit(config, path, prepared, Task(
       objective.kind, build, objective.build(config, vocab_size, teacher.graphdef),
       validation, samplers, frozen=teacher.params, record=teacher.record,
-      initial_params=lambda layout: dict(train_state.random_params(layout, build),
-                                         **teacher.params)))
+      initial_params=lambda layout: dict(train_state.random_params(layout, build), **{
+          k: v for k, v in teacher.params.items() if k != "loss_weighting"})))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -143,6 +143,18 @@ def _model(model: ml_collections.ConfigDict) -> None:
                      "model.attention=plain or auto.")
 
 
+def _loss_weight(config: ml_collections.ConfigDict, mode: str) -> None:
+  """model.learned_loss_weight weights the FLM and FMLM losses only."""
+  if not config.model.learned_loss_weight:
+    return
+  if config.family != "flm":
+    raise UsageError("model.learned_loss_weight=True weights the FLM and FMLM losses only, "
+                     f"not family={config.family}'s: set it False.")
+  if mode == "compare":
+    raise UsageError("model.learned_loss_weight=True weights the FLM and FMLM losses only; "
+                     "--mode=compare also trains the baselines: set it False.")
+
+
 def _condition(config: ml_collections.ConfigDict, mode: str) -> None:
   """train.condition: known kinds, for the FLM teacher; eval.prompted: not with the
   baselines of --mode=compare."""
@@ -218,6 +230,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   _model(config.model)
   _attention(config, mode)
   _condition(config, mode)
+  _loss_weight(config, mode)
   if mode == "compare" and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode=compare trains every family itself; "
                      "leave family at flm.")

@@ -264,18 +264,24 @@ def _distillation_loss(objective, head="auto", dtype="float32", noise="latent", 
   return jax.jit(jax.value_and_grad(loss, has_aux=True) if grad else loss)(sp)
 
 
-def test_semigroup_objective_equals_its_v_space_definition():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_semigroup_objective_equals_its_v_space_definition(weighted):
   """The whole semigroup loss (V-space noise, no dropout) from the definitions, on the
   objective's own draws of times and noise: x_s = (1 - s) eps + s onehot at s = t(tau_s);
   diagonal rows against the teacher's D_s(x_s) at tau_s, the others (2 boundary rows
   here) against lambda delta_{s,u} + (1 - lambda) delta_{u,t}(X_{s,u}); soft cross
-  entropies of the student's capped log-softmax, each share's mean over its positions,
-  the loss their mean weighted by rows."""
+  entropies of the student's capped log-softmax (`weighted`: exp(-w) CE + w, w = w(tau_s)
+  of the student's learned weighting, through the fused head), each share's mean over its
+  positions, the loss their mean weighted by rows."""
   (tg, tp), _ = _teacher_and_student()
-  teacher, student = nnx.merge(tg, tp), nnx.merge(*_different_student())
+  teacher = nnx.merge(tg, tp)
+  student = (randomize(dit.DiT(V, D, 1, 4, 16, two_time=True, learned_loss_weight=True,
+                               rngs=nnx.Rngs(1), dtype=jnp.float32), 5) if weighted
+             else nnx.merge(*_different_student()))
   config = train_config()
   config.noise = "vocab"
-  config.model.output_head = "plain"
+  # The plain head, and the fused one (2 chunks per share) with the weighting
+  config.model.update(output_head="fused" if weighted else "plain", output_chunk=48)
   config.distill.boundary_fraction = 0.125
   fn = registry.OBJECTIVES["semigroup"].build(config, V, tg, train=False)
   tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
@@ -294,8 +300,13 @@ def test_semigroup_objective_equals_its_v_space_definition():
   lam = _col((1 - t) * (u - s) / ((1 - u) * (t - s)))
   target = lam * d_su + (1 - lam) * _probs(student, x_su, tau[1], tau[2])
   log_delta = jax.nn.log_softmax(student(student.embed(x_s), tau[0], tau[2]), axis=-1)
-  diagonal = -np.mean(np.sum(_probs(teacher, x_s, tau[0])[:8] * log_delta[:8], -1))
-  off = -np.mean(np.sum(target[8:] * log_delta[8:], -1))
+  targets = np.where(np.arange(B)[:, None, None] < 8, _probs(teacher, x_s, tau[0]), target)
+  losses = -np.sum(targets * log_delta, -1)
+  if weighted:
+    w = np.asarray(student.loss_weighting(tau[0]))[:, None]
+    assert np.abs(w).max() > 0.1
+    losses = np.exp(-w) * losses + w
+  diagonal, off = losses[:8].mean(), losses[8:].mean()
   np.testing.assert_allclose(metrics["diagonal_loss"], diagonal, rtol=1e-5)
   np.testing.assert_allclose(metrics["offdiagonal_loss"], off, rtol=1e-5)
   np.testing.assert_allclose(loss, (8 * diagonal + 8 * off) / 16, rtol=1e-5)

@@ -59,6 +59,29 @@ def test_linear_layers_start_as_the_references_or_at_zero():
     assert not np.asarray(layer.kernel[...]).any() and not np.asarray(layer.bias[...]).any()
 
 
+def test_learned_loss_weight_is_the_references_network():
+  """w(tau) = Linear(GELU(Linear(temb(tau)))) with its own embedder temb (Linear(256, cond)
+  -> SiLU -> Linear(cond, cond) of [cos, sin] features), the exact (erf) GELU and a hidden
+  width of 128, computed here in NumPy; 0 at init, its last layer zero."""
+  model = _model(learned_loss_weight=True)
+  tau = np.array([0.0, 0.3, 1.0], np.float32)
+  np.testing.assert_array_equal(model.loss_weighting(jnp.asarray(tau)), 0.0)
+  net = _perturb(model).loss_weighting
+  assert net.fc1.kernel.shape == (32, 128) and net.fc2.kernel.shape == (128, 1)
+
+  def linear(layer, x):
+    return x @ np.asarray(layer.kernel[...], np.float64) + np.asarray(layer.bias[...])
+  freqs = np.exp(-math.log(10000) * np.arange(128) / 128)
+  features = np.concatenate([np.cos(tau[:, None] * freqs), np.sin(tau[:, None] * freqs)], -1)
+  hidden = linear(net.embedder.fc1, features)
+  temb = linear(net.embedder.fc2, hidden / (1 + np.exp(-hidden)))
+  hidden = linear(net.fc1, temb)
+  gelu = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / math.sqrt(2)))
+  expected = linear(net.fc2, gelu)[:, 0]
+  assert np.abs(expected).max() > 0.1
+  np.testing.assert_allclose(net(jnp.asarray(tau)), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_output_cap_is_30_tanh_of_the_raw_logits():
   h, tau = _inputs()
   capped = _perturb(_model(), scale=3.0)

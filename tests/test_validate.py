@@ -107,6 +107,15 @@ def test_modes_name_what_they_need():
   assert "model.two_time=True is the distilled student" in _refused(config, "train")
 
 
+def test_learned_loss_weight_is_refused_where_no_loss_takes_it():
+  config = train_config()
+  config.model.learned_loss_weight = True
+  config.family = "sedd"
+  assert "not family=sedd's: set it False" in _refused(config, "train")
+  config.family = "flm"
+  assert "--mode=compare also trains the baselines" in _refused(config, "compare")
+
+
 def test_conditional_training_names_its_kinds_and_family():
   config = train_config()
   config.train.condition = "prefix,middle"

@@ -233,6 +233,20 @@ class TimeEmbedder(nnx.Module):
     return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(tau))))
 
 
+class LossWeighting(nnx.Module):
+  """The optional learned loss weighting: w(tau) [B] from its own time embedder, then
+  Linear(cond, 128) -> GELU -> Linear(128, 1), the last zero (w = 0 at first), as the
+  reference's. A loss becomes exp(-w) * loss + w per row."""
+
+  def __init__(self, cond: int, *, rngs: nnx.Rngs, hidden: int = 128):
+    self.embedder = TimeEmbedder(cond, rngs=rngs)
+    self.fc1 = _linear(cond, hidden, ("cond", None), rngs=rngs)
+    self.fc2 = _linear(hidden, 1, (None, None), rngs=rngs, zero=True)
+
+  def __call__(self, tau):
+    return self.fc2(jax.nn.gelu(self.fc1(self.embedder(tau)), approximate=False))[:, 0]
+
+
 class Block(nnx.Module):
   """Pre-LN transformer block with adaLN-Zero modulation from the conditioning c, or,
   without `adaln` (the causal baseline), plain residual branches."""
@@ -336,8 +350,7 @@ class DiT(nnx.Module):
                                      eager_sharding=False) if condition_embedding else None
     self.sigma_map = None if causal else TimeEmbedder(cond, rngs=rngs)
     self.sigma_map_prime = TimeEmbedder(cond, rngs=rngs, zero_last=True) if two_time else None
-    self.loss_weight_mlp = _linear(cond, 1, ("cond", None), rngs=rngs, zero=True) \
-        if learned_loss_weight else None
+    self.loss_weighting = LossWeighting(cond, rngs=rngs) if learned_loss_weight else None
     self.blocks = nnx.List([Block(dim, heads, cond, mlp_ratio, dtype=dtype, rngs=rngs,
                                   adaln=not causal) for _ in range(depth)])
     self.norm_final = LayerNorm(dim, rngs=rngs)
@@ -370,10 +383,6 @@ class DiT(nnx.Module):
     elif tau_t is not None:
       raise ValueError("this model has one time input; tau_t needs two_time=True")
     return jax.nn.silu(temb)
-
-  def loss_weight(self, tau):
-    """The learned log loss weight w(tau) [B] (learned_loss_weight=True only)."""
-    return self.loss_weight_mlp(jax.nn.silu(self.sigma_map(tau)))[:, 0]
 
   def __call__(self, h, tau_s, tau_t=None, *, given=None, dropout_rng=None,
                capped: bool = True):

@@ -259,8 +259,7 @@ def tokens(graphdef, params, rng, rows, *, kind: str, batch_size: int, seq_len: 
       probs, unmask = step_fn(model, x, row, mask_id)
       calls, kept = calls + 1, carry[1]
     key_unmask, key_token = jax.random.split(key)
-    drawn = jax.random.categorical(
-        key_token, jnp.log(sampling.nucleus(probs, temperature, top_p)), axis=-1)
+    drawn = sampling.categorical(key_token, sampling.nucleus(probs, temperature, top_p))
     reveal = (x == mask_id) & (jax.random.uniform(key_unmask, x.shape) < unmask)
     new = jnp.where(reveal, drawn, x)
     return (new, kept, jnp.any(new != x), calls), None

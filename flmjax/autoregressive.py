@@ -53,8 +53,7 @@ def tokens(graphdef, params, rng, *, batch_size: int, seq_len: int, bos_id: int,
     position, key = inputs
     logits, cache = model.decode(model.embed_ids(token[:, None]), cache, position)
     probs = jax.nn.softmax(logits[:, 0].at[:, suppressed].set(SUPPRESSED), axis=-1)
-    token = jax.random.categorical(
-        key, jnp.log(sampling.nucleus(probs, temperature, top_p)), axis=-1).astype(jnp.int32)
+    token = sampling.categorical(key, sampling.nucleus(probs, temperature, top_p))
     return (token, cache), token
 
   first = jnp.full((batch_size,), bos_id, jnp.int32)

@@ -133,7 +133,7 @@ def tokens(graphdef, params, rng, rows, *, batch_size: int, seq_len: int,
                            axis=-1)
     step = sampling.nucleus(posterior(probs, x, row["alpha_t"], row["alpha_s"]),
                             temperature, top_p)
-    new = jax.random.categorical(key, jnp.log(step), axis=-1)
+    new = sampling.categorical(key, step)
     if greedy:
       new = jnp.where(row["last"], jnp.argmax(probs, axis=-1), new)
     return new, None

@@ -193,3 +193,34 @@ def test_a_model_trained_on_one_sequence_samples_it_back():
     samples = sampling.sampler(sampling.EULER)(steps, 8, L, sampling.Options())(
         graphdef, params, jax.random.key(99))[0]
     assert np.mean(np.asarray(samples) == np.asarray(sequence)) >= 62 / 64, samples
+
+
+def test_the_exponential_race_draws_each_token_at_its_weight():
+  """argmax_v p_v / E_v over unnormalised weights p: v with probability p_v / sum(p), never
+  a zero weight."""
+  weights = np.array([5.0, 2.5, 1.5, 1.0, 0.0])
+  n = 200_000
+  drawn = sampling.categorical(jax.random.key(0), jnp.broadcast_to(weights, (n, 5)))
+  assert drawn.dtype == jnp.int32
+  frequency = np.bincount(np.asarray(drawn), minlength=5) / n
+  expected = weights / weights.sum()
+  np.testing.assert_allclose(frequency, expected,
+                             atol=5 * np.sqrt(expected * (1 - expected) / n).max())
+  assert frequency[4] == 0
+
+
+def test_race_exponentials_keep_their_precision_where_they_win():
+  """E = -log(1 - u) from 48 bits against float64: to float32's precision for the small E
+  that win races, down to u ~ 2^-48 (tokens ~30 nats below the likeliest)."""
+  rng = np.random.default_rng(0)
+  bits = rng.integers(0, 2**32, size=(2, 4000), dtype=np.uint64)
+  bits[0, :2000] = rng.integers(0, 2**8, 2000)  # the high word's top 24 bits zero: u < 2^-24
+  bits[0, :10], bits[1, :10] = 0, np.arange(10) << 8  # the smallest u of all
+  high, low = (bits >> 8).astype(np.float64)
+  u = (high + (low + 0.5) / 2**24) / 2**24
+  expected = -np.log1p(-u)
+  got = np.asarray(sampling.exponential(jnp.asarray(bits, jnp.uint32)), np.float64)
+  small = expected < 0.5
+  assert small.sum() > 2500 and expected.min() < 2.0**-48
+  np.testing.assert_allclose(got[small], expected[small], rtol=1e-6)
+  np.testing.assert_allclose(got, expected, rtol=1e-3)

@@ -15,7 +15,7 @@ from scipy import integrate, special
 
 from conftest import randomize, small_dit, train_config
 from configs import owt_dcd
-from flmjax import absorbing, checkpoint, distill, sharding, train, uniform, validate
+from flmjax import absorbing, checkpoint, distill, sampling, sharding, train, uniform, validate
 from flmjax.errors import UsageError
 from flmjax.models import dit
 
@@ -208,7 +208,7 @@ def test_the_sampler_and_the_objective_feed_the_network_sigma_t():
     a_t, a_s = 1 - (1 - 1e-3) * times[i], 1 - (1 - 1e-3) * times[i + 1]
     step = np.stack([[_sampler_rule(np.asarray(p, np.float64), j, a_t, a_s)
                       for p, j in zip(row, ids)] for row, ids in zip(probs, np.asarray(x))])
-    x = jax.random.categorical(key, jnp.log(jnp.asarray(step, jnp.float32)), axis=-1)
+    x = sampling.categorical(key, jnp.asarray(step, jnp.float32))
   np.testing.assert_array_equal(got, x)
 
   tokens = jax.random.randint(jax.random.key(5), (4, 6), 0, V)

@@ -220,30 +220,48 @@ def test_sampler_grid_ends_with_the_noise_removal_step():
   np.testing.assert_allclose(grid["masked"], (1 - 1e-3) * t[1:], atol=1e-16)
 
 
-def test_the_d3pm_sampler_feeds_the_network_sigma_t():
-  """With a network that depends on its time input, the compiled D3PM sampler equals its
-  steps taken one by one here with the same draws: the network at sigma_t = -log(1 -
-  (1 - 1e-3) t) on t = linspace(1, 1e-5, k + 1), the mask revealed with u = g / (g + 1 -
-  alpha_s), g = (alpha_s - alpha_t) (1 - p(m)), u = 1 at the last call, the token drawn
-  from p over the real ids."""
+@pytest.mark.parametrize("kind", ["mdlm", "sedd", "d3pm"])
+def test_each_sampler_feeds_the_network_its_time(kind):
+  """With a network that depends on its time input, the compiled sampler equals its steps
+  taken one by one here with the same draws, on t = linspace(1, 1e-5, k + 1), sigma_t =
+  -log alpha_t, alpha_t = 1 - (1 - 1e-3) t, s the next time (alpha_s = 1 at the last call,
+  where every mask is revealed), f the network's logits:
+  - MDLM: the network at time 0, mask revealed with u = (alpha_s - alpha_t) / (1 - alpha_t);
+  - SEDD: at sigma_t, u = (e^(sigma_t - sigma_s) - 1) sum_{v != m} s_v with the score
+    s_v = e^f_v / ((e^sigma_t - 1)(V - 1)), clipped to 1;
+  - D3PM: at sigma_t, u = g / (g + 1 - alpha_s), g = (alpha_s - alpha_t) (1 - p(m)),
+    p = softmax(f) over all V;
+  the token drawn from softmax(f) over the real ids."""
   graphdef, params = small_dit(V)
   params = nnx.to_pure_dict(params)
   model = nnx.merge(graphdef, params)
   steps, rng = 3, jax.random.key(4)
-  got, calls = absorbing.tokens(graphdef, params, rng, absorbing.grid(steps), kind="d3pm",
+  got, calls = absorbing.tokens(graphdef, params, rng, absorbing.grid(steps), kind=kind,
                                 batch_size=4, seq_len=6, mask_id=M)
   x = jnp.full((4, 6), M, jnp.int32)
   alphas = np.append(1 - (1 - 1e-3) * np.linspace(1.0, 1e-5, steps + 1), 1.0)
   for i, key in enumerate(jax.random.split(rng, steps + 1)):
-    p = jax.nn.softmax(model(model.embed_ids(x), jnp.full((4,), -np.log(alphas[i]),
-                                                          jnp.float32)))
-    gain = (alphas[i + 1] - alphas[i]) * (1 - p[..., M])
-    u = 1.0 if i == steps else gain / (gain + 1 - alphas[i + 1])
+    a_t, a_s = alphas[i], alphas[i + 1]
+    logits = model(model.embed_ids(x), jnp.full((4,), 0.0 if kind == "mdlm" else
+                                                -np.log(a_t), jnp.float32))
+    p = jax.nn.softmax(logits)
+    if i == steps:
+      u = 1.0
+    elif kind == "mdlm":
+      u = (a_s - a_t) / (1 - a_t)
+    elif kind == "sedd":
+      score = jnp.exp(logits) / (np.expm1(-np.log(a_t)) * (V - 1))
+      u = jnp.minimum(np.expm1(np.log(a_s) - np.log(a_t)) * (score.sum(-1) - score[..., M]),
+                      1.0)
+    else:
+      gain = (a_s - a_t) * (1 - p[..., M])
+      u = gain / (gain + 1 - a_s)
     key_unmask, key_token = jax.random.split(key)
     real = p.at[..., M].set(0.0)
     drawn = sampling.categorical(key_token, real / real.sum(-1, keepdims=True))
     x = jnp.where((x == M) & (jax.random.uniform(key_unmask, x.shape) < u), drawn, x)
   assert int(calls) == steps + 1 and not np.any(np.asarray(x) == M)
+  assert 0 < np.mean(np.asarray(got) == np.asarray(drawn)) < 1  # some revealed before the end
   np.testing.assert_array_equal(got, x)
 
 

@@ -171,6 +171,24 @@ def test_d3pm_loss_is_t_times_the_kl_to_the_models_posterior(k):
   assert float(clean[0, 0]) == 0 and abs(float(sure[0, 0])) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["mdlm", "sedd"])
+def test_mdlm_and_sedd_objectives_feed_the_network_their_time(kind):
+  """On the objective's own draws of t and x_t, the network at time 0 (MDLM, which ignores
+  time) or at sigma_t = -log(1 - (1 - 1e-3) t) (SEDD); the loss the mean token loss."""
+  model = randomize(_constant_model(np.zeros(V)))
+  tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, M)
+  objective = {"mdlm": absorbing.mdlm_objective, "sedd": absorbing.sedd_objective}[kind]
+  loss, _ = objective(_config(), V, train=False)(model, {"tokens": tokens},
+                                                 jax.random.key(3), None)
+  rng_t, rng_noise, _ = jax.random.split(jax.random.key(3), 3)
+  t = absorbing.training_times(rng_t, 4)
+  xt = absorbing.mask_tokens(rng_noise, tokens, t, M)
+  time = np.zeros(4) if kind == "mdlm" else -np.log(1 - 0.999 * np.asarray(t, np.float64))
+  logits = model(model.embed_ids(xt), jnp.asarray(time, jnp.float32))
+  token_loss = {"mdlm": absorbing.mdlm_token_loss, "sedd": absorbing.sedd_token_loss}[kind]
+  np.testing.assert_allclose(loss, token_loss(logits, xt, tokens, t, M).mean(), rtol=1e-5)
+
+
 def test_d3pm_objective_adds_the_clean_sequences_reconstruction_at_snapped_times():
   """The network on the masked ids at sigma of the snapped time, and on the clean ids at
   sigma = 0 for -log p_theta(x0 | x0) at every position."""

@@ -6,11 +6,13 @@ checkpoint's EMA weights) or an export. The run record saved with them says whic
 the model is, and the family its samplers (flmjax/registry.py): Euler for an FLM teacher,
 the flow map (with churn `sample.gamma`) for an FMLM student, and the baselines' own;
 `sample.sampler` picks one by name. Every row reports the network calls per sample; the
-baselines' rows also report their validation NLL (a bound for MDLM and SEDD, exact for AR)
+baselines' rows also report their validation NLL (a bound for the diffusion families,
+exact for AR)
 and its exponential, the validation perplexity, on eval.valid_batches batches.
 
 Evaluation (the paper's protocol, section 7): samples (seed `seed`) are decoded to text,
-re-encoded with the evaluator's tokenizer, cut to L tokens and padded with its EOS, and
+re-encoded with the evaluator's tokenizer, cut to L tokens and padded with its EOS to the
+longest of a row's samples (as the reference pads each batch of samples it draws), and
 judged by the metrics of flmjax/metrics.py: gen PPL, unigram entropy and FD, the Frechet
 distance between Gaussians fitted to the evaluator's features of the samples and of
 `eval.reference_samples` other held-out examples (a text's feature is the mean of the
@@ -116,7 +118,7 @@ def read_texts(evaluator, texts: list[str], seq_len: int,
     batch_logprobs, batch_features = evaluator.logprobs_and_features(ids[rows], lengths[rows])
     logprobs.append(batch_logprobs)
     features.append(np.asarray(batch_features, np.float64))
-  mask = metrics.scored_targets(ids, evaluator.eos_id)
+  mask = metrics.scored_targets(ids, evaluator.eos_id, lengths.max(initial=0))
   result = {"gen_ppl": metrics.generative_perplexity(np.concatenate(logprobs), mask),
             "tokens": int(mask.sum()), "empty_samples": int((lengths == 0).sum())}
   return result, np.concatenate(features)
@@ -131,16 +133,20 @@ def judge(evaluator, texts: list[str], reference: np.ndarray, seq_len: int,
 
 def _prompted_ids(evaluator, prefixes: list[str], continuations: list[str],
                   seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(ids [N, L], lengths [N], starts [N]): each prefix then its continuation in evaluator
-  tokens, the prefix cut from the left when both do not fit L, padded with EOS; `starts`
-  is where each continuation begins."""
+  """(ids [N, L], lengths [N], starts [N]): each text prefix + continuation encoded whole
+  in evaluator tokens (a word the halves split is one word again), the prefix cut from the
+  left when it does not fit L, padded with EOS; `starts` is where each continuation
+  begins: after the tokens the whole text shares with its prefix encoded alone."""
   ids = np.full((len(prefixes), seq_len), evaluator.eos_id, np.int32)
   lengths, starts = np.zeros(len(prefixes), np.int32), np.zeros(len(prefixes), np.int32)
-  for i, (prefix, continuation) in enumerate(zip(evaluator.encode(prefixes),
-                                                  evaluator.encode(continuations))):
-    prefix = prefix[max(0, len(prefix) + len(continuation) - seq_len):]
-    row = (prefix + continuation)[:seq_len]
-    ids[i, :len(row)], lengths[i], starts[i] = row, len(row), len(prefix)
+  texts = [prefix + continuation for prefix, continuation in zip(prefixes, continuations)]
+  for i, (prefix, whole) in enumerate(zip(evaluator.encode(prefixes),
+                                          evaluator.encode(texts))):
+    shared = next((j for j, (a, b) in enumerate(zip(prefix, whole)) if a != b),
+                  min(len(prefix), len(whole)))
+    cut = min(shared, max(0, len(whole) - seq_len))
+    row = whole[cut:cut + seq_len]
+    ids[i, :len(row)], lengths[i], starts[i] = row, len(row), shared - cut
   return ids, lengths, starts
 
 
@@ -154,7 +160,7 @@ def judge_continuations(evaluator, prefixes: list[str], texts: list[str],
       evaluator.logprobs_and_features(ids[i:i + batch_size], lengths[i:i + batch_size])[0]
       for i in range(0, len(texts), batch_size)])
   targets = np.arange(1, seq_len)[None] >= starts[:, None]  # target j is ids[:, j]
-  mask = metrics.scored_targets(ids, evaluator.eos_id) & targets
+  mask = metrics.scored_targets(ids, evaluator.eos_id, lengths.max(initial=0)) & targets
   features = read_texts(evaluator, texts, seq_len, batch_size)[1]
   return {"gen_ppl": metrics.generative_perplexity(logprobs, mask), "tokens": int(mask.sum()),
           "fd": metrics.frechet_distance(features, reference)}
@@ -162,13 +168,20 @@ def judge_continuations(evaluator, prefixes: list[str], texts: list[str],
 
 def halves(tokenizer, tokens: np.ndarray) -> tuple[list[str], list[str]]:
   """(prefix texts, continuation texts) of examples [N, L]: positions 1 to L/2 - 1 after
-  BOS, and L/2 on, cut at the first EOS there."""
+  BOS, and L/2 on, cut at the first EOS there. A continuation's text is its part of the
+  whole example's text (with the space that starts it, which decoding it alone would
+  drop), so that prefix + continuation is the example's text."""
   half = tokens.shape[1] // 2
   continuations = []
   for row in tokens[:, half:]:
     ends = np.flatnonzero(row == tokenizer.eos_id)
     continuations.append(row[:ends[0]] if len(ends) else row)
-  return tokenizer.decode_batch(tokens[:, 1:half]), tokenizer.decode_batch(continuations)
+  prefixes = tokenizer.decode_batch(tokens[:, 1:half])
+  wholes = tokenizer.decode_batch([np.concatenate([prefix, continuation]) for prefix,
+                                   continuation in zip(tokens[:, 1:half], continuations)])
+  alone = tokenizer.decode_batch(continuations)
+  return prefixes, [whole[len(prefix):] if whole.startswith(prefix) else text
+                    for prefix, whole, text in zip(prefixes, wholes, alone)]
 
 
 def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, int, float]:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from conftest import randomize, small_dit, train_config
 from flmjax import absorbing, autoregressive, evaluate, generate, registry, sampling, train
+from flmjax.data import pipeline
 from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.validate import validate
@@ -492,6 +493,15 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
   else:  # the cache: 1 + the steps that changed a token
     assert 1 < calls[0] <= 2 and 1 < calls[1] <= 5
   assert all(r["valid_ppl"] == pytest.approx(np.exp(r["valid_nll"])) for r in model_rows)
+  if family == "ar":  # exact: the mean next-token NLL of the first 2 validation batches
+    model = nnx.merge(graphdef, params)
+    nll = []
+    for batch, _ in zip(pipeline.eval_batches(prepared, "valid", config.batch_size), range(2)):
+      x = jnp.asarray(batch["tokens"])
+      log_p = jax.nn.log_softmax(model(model.embed_ids(x[:, :-1]), None).at[
+          ..., tokenizer.mask_id].set(-1e6))
+      nll.append(-np.mean(np.take_along_axis(np.asarray(log_p), np.asarray(x[:, 1:, None]), -1)))
+    assert model_rows[0]["valid_nll"] == pytest.approx(np.mean(nll), rel=1e-5)
   assert all(len(r["samples"]) == 4 for r in model_rows)
   # A checkpoint of this family is neither resumed as another family nor distilled.
   config.family = "sedd" if family == "mdlm" else "mdlm"

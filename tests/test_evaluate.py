@@ -1,7 +1,9 @@
 """Evaluation: gen PPL's targets and the features of texts under a toy evaluator, FD under
 SmolLM2, the sweep's outputs and --mode=score."""
 
+from collections import Counter
 import json
+import math
 
 import numpy as np
 import pytest
@@ -35,13 +37,18 @@ def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
   toy = CharEvaluator()
   texts = ["abc", "zz", ""]
   result = evaluate.read_texts(toy, texts, seq_len=5, batch_size=2)[0]
-  # Targets are positions 1..4: "abc" -> b, c, EOS (the row's first), [EOS skipped];
-  # "zz" -> z, EOS, [EOS, EOS skipped]; "" -> its first EOS is position 0, which is not a
-  # target, so nothing of that row counts.
-  scored = [2, 3, 0, 26, 0]
+  # The rows are padded with EOS to the longest, "abc" (the reference's padding=True), so
+  # targets are positions 1..2: "abc" -> b, c; "zz" -> z, EOS (the row's first); "" -> its
+  # first EOS is position 0, which is not a target, so nothing of that row counts.
+  scored = [2, 3, 26, 0]
   expected = np.exp(-np.mean([toy.logp[i] for i in scored]))
   np.testing.assert_allclose(result["gen_ppl"], expected, rtol=1e-12)
-  assert result["tokens"] == 5 and result["empty_samples"] == 1
+  assert result["tokens"] == 4 and result["empty_samples"] == 1
+  # With a row as long as L = 3 ("zzzz" cut), "abc" is padded too: its first EOS counts.
+  result = evaluate.read_texts(toy, ["ab", "zzzz"], seq_len=3, batch_size=2)[0]
+  scored = [2, 0, 26, 26]
+  np.testing.assert_allclose(result["gen_ppl"], np.exp(-np.mean([toy.logp[i] for i in scored])),
+                             rtol=1e-12)
   nothing = evaluate.read_texts(toy, ["", "1"], seq_len=5, batch_size=2)[0]
   assert np.isnan(nothing["gen_ppl"]) and nothing["tokens"] == 0
 
@@ -90,8 +97,14 @@ def _scores(rows):  # all but the sampling time
 def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
     tmp_path, monkeypatch, prepared, teacher):
   config, models = _trained_teacher(prepared, teacher, monkeypatch)
+  drawn, timed = [], evaluate._timed_samples
+  monkeypatch.setattr(evaluate, "_timed_samples", lambda *a: drawn.append(timed(*a)) or drawn[-1])
   rows = evaluate.evaluate(config, str(tmp_path), models)
   assert [(r["model"], r["steps"]) for r in rows] == [("FLM", 1), ("FLM", 2), ("dataset", 0)]
+  for row, (tokens, _, _) in zip(rows, drawn):  # each sample's unigram entropy, averaged
+    entropies = [-sum(c / len(t) * math.log(c / len(t)) for c in Counter(t.tolist()).values())
+                 for t in tokens]
+    assert row["entropy"] == pytest.approx(np.mean(entropies), rel=1e-9)
   saved = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert saved["evaluator"] == "toy" and len(saved["rows"]) == 3
   assert all(len(r["samples"]) == 4 and r["gen_ppl"] > 1 and r["fd"] > 0
@@ -146,6 +159,22 @@ def test_continuation_perplexity_scores_only_the_continuation():
   assert result["tokens"] == 5 and result["fd"] > 0
 
 
+def test_a_continuation_is_read_in_its_whole_text():
+  """A word-level evaluator: prefix and continuation are encoded as one text, so a word
+  the halves split ("reac" + "tion") is one word again and scored as the continuation's,
+  with every token after the ones the prefix encodes alone."""
+  class Words:
+    eos_id = 0
+    vocabulary = {"the": 1, "reaction": 2, "is": 3, "reac": 4, "fast": 5}
+
+    def encode(self, texts):
+      return [[self.vocabulary.get(word, 9) for word in text.split()] for text in texts]
+  ids, lengths, starts = evaluate._prompted_ids(
+      Words(), ["the reac", "the", "is"], ["tion is", " fast", " the reaction is"], 3)
+  np.testing.assert_array_equal(ids, [[1, 2, 3], [1, 5, 0], [1, 2, 3]])
+  assert list(lengths) == [3, 2, 3] and list(starts) == [1, 1, 0]
+
+
 def test_halves_are_the_prefix_after_bos_and_the_continuation_up_to_eos():
   class Ids:
     eos_id = 2
@@ -153,7 +182,8 @@ def test_halves_are_the_prefix_after_bos_and_the_continuation_up_to_eos():
     def decode_batch(self, rows):
       return [" ".join(str(i) for i in row) for row in rows]
   tokens = np.array([[1, 5, 6, 7, 8, 9, 2, 0], [1, 5, 6, 7, 2, 0, 0, 0]])
-  assert evaluate.halves(Ids(), tokens) == (["5 6 7", "5 6 7"], ["8 9", ""])
+  # The continuation keeps the space that joins it to its prefix in the whole text.
+  assert evaluate.halves(Ids(), tokens) == (["5 6 7", "5 6 7"], [" 8 9", ""])
 
 
 @pytest.mark.slow

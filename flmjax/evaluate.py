@@ -7,8 +7,8 @@ the model is, and the family its samplers (flmjax/registry.py): Euler for an FLM
 the flow map (with churn `sample.gamma`) for an FMLM student, and the baselines' own;
 `sample.sampler` picks one by name. Every row reports the network calls per sample; the
 baselines' rows also report their validation NLL (a bound for the diffusion families,
-exact for AR)
-and its exponential, the validation perplexity, on eval.valid_batches batches.
+exact for AR) and its exponential, the validation perplexity, on eval.valid_batches
+batches.
 
 Evaluation (the paper's protocol, section 7): samples (seed `seed`) are decoded to text,
 re-encoded with the evaluator's tokenizer, cut to L tokens and padded with its EOS to the

@@ -331,8 +331,8 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
              head: Callable | None = None) -> tuple[jax.Array, dict]:
   """The FLM objective: cross entropy of the denoiser at x_t, token-weighted mean.
 
-  tau ~ U[0, 1] stratified over the (global) batch, t = t(tau), the network conditioned on
-  tau. The denoiser may return raw logits and leave their cap to `cap` (see
+  tau ~ U[0, 1] stratified over the batch it is given (the global batch, or each part of
+  it with train.grad_accum), t = t(tau), the network conditioned on tau. The denoiser may return raw logits and leave their cap to `cap` (see
   token_cross_entropy), or, with `head`, the output layer's input features [B, L, D] and
   leave the output layer to head(features, tokens, weights) -> (weighted sum, CE)
   (head_cross_entropy). `mask` [B, L] marks valid tokens (all by default). `given` [B, L]

@@ -1,4 +1,4 @@
-"""A CPU-sized run on the embedded Wikipedia corpus: the whole pipeline in about 11
+"""A CPU-sized run on the embedded Wikipedia corpus: the whole pipeline in about 10
 minutes on two cores (D 256, 4 blocks, L 64, batch 32, V 4096)."""
 
 from configs import base

@@ -44,7 +44,7 @@ def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
   expected = np.exp(-np.mean([toy.logp[i] for i in scored]))
   np.testing.assert_allclose(result["gen_ppl"], expected, rtol=1e-12)
   assert result["tokens"] == 4 and result["empty_samples"] == 1
-  # With a row as long as L = 3 ("zzzz" cut), "abc" is padded too: its first EOS counts.
+  # With a row as long as L = 3 ("zzzz" cut), "ab" is padded too: its first EOS counts.
   result = evaluate.read_texts(toy, ["ab", "zzzz"], seq_len=3, batch_size=2)[0]
   scored = [2, 0, 26, 26]
   np.testing.assert_allclose(result["gen_ppl"], np.exp(-np.mean([toy.logp[i] for i in scored])),

@@ -56,23 +56,26 @@ def run_record(config: ml_collections.ConfigDict, tokenizer, kind: str) -> dict:
 
 
 def check_compatible(saved: dict, *, kind: str, vocab_size: int | None, model: dict,
-                     where: str, advice: str) -> None:
-  """Refuses weights whose run kind, vocabulary (unless `vocab_size` is None) or
-  architecture (the `model` settings but NOT_ARCHITECTURE) differ from what is expected;
-  the message names each difference."""
+                     where: str, advice: str, tokenizer: str | None = None) -> None:
+  """Refuses weights whose run kind, vocabulary (unless `vocab_size` is None), tokenizer
+  (its fingerprint, unless `tokenizer` is None: same V, other ids) or architecture (the
+  `model` settings but NOT_ARCHITECTURE) differ from what is expected; the message names
+  each difference."""
   diffs = []
   if saved.get("kind") != kind:
     diffs.append(f"kind {saved.get('kind')!r} != {kind!r}")
   if vocab_size is not None and saved.get("vocab_size") != vocab_size:
     diffs.append(f"vocab_size {saved.get('vocab_size')} != {vocab_size}")
+  if tokenizer is not None and saved["tokenizer"]["fingerprint"] != tokenizer:
+    diffs.append(f"tokenizer {saved['tokenizer']['fingerprint'][:12]} != {tokenizer[:12]}")
   old = dict(ADDED, **saved["config"]["model"])
   model = dict(ADDED, **model)
   diffs += [f"model.{k} {old.get(k)!r} != {model.get(k)!r}"
             for k in sorted(set(old) | set(model))
             if k not in NOT_ARCHITECTURE and old.get(k) != model.get(k)]
   if diffs:
-    raise UsageError(f"{where} holds weights of another kind, vocabulary or architecture "
-                     f"({'; '.join(diffs)}; saved != expected): {advice}.")
+    raise UsageError(f"{where} holds weights of another kind, vocabulary, tokenizer or "
+                     f"architecture ({'; '.join(diffs)}; saved != expected): {advice}.")
 
 
 def absolute(path: epath.Path) -> epath.Path:

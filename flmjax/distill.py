@@ -324,15 +324,21 @@ def check_teacher(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 
 def load_teacher(config: ml_collections.ConfigDict, step: int | None, record: dict,
-                 vocab_size: int, mesh) -> Teacher:
+                 tokenizer, mesh) -> Teacher:
   """The EMA weights of config.teacher_checkpoint at `step` (whose run record is
-  `record`), placed on `mesh`."""
-  if record["vocab_size"] != vocab_size:
+  `record`), placed on `mesh`; refused unless the teacher was trained with `tokenizer`,
+  the student's."""
+  if record["vocab_size"] != tokenizer.vocab_size:
     raise UsageError(f"teacher_checkpoint={config.teacher_checkpoint} has V = "
-                     f"{record['vocab_size']}, this config's tokenizer V = {vocab_size}; "
-                     "use the teacher's data and tokenizer settings.")
-  graphdef, abstract = state.param_layout(dit.builder(teacher_model(config), vocab_size),
-                                          mesh)
+                     f"{record['vocab_size']}, this config's tokenizer V = "
+                     f"{tokenizer.vocab_size}; use the teacher's data and tokenizer settings.")
+  if record["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+    raise UsageError(f"teacher_checkpoint={config.teacher_checkpoint} was trained with "
+                     "another tokenizer than this config's (same V, other ids: e.g. a "
+                     "SentencePiece model trained on other data.max_documents); use the "
+                     "teacher's data and tokenizer settings.")
+  graphdef, abstract = state.param_layout(
+      dit.builder(teacher_model(config), tokenizer.vocab_size), mesh)
   params = checkpoint.load_ema(config.teacher_checkpoint, abstract, step)
   return Teacher(graphdef, params, teacher_source(config, step))
 

@@ -53,7 +53,8 @@ def _start(config, path: epath.Path, prepared, task: Task):
     checkpoint.check_compatible(
         saved, kind=record["kind"], vocab_size=record["vocab_size"],
         model=record["config"]["model"], where=str(path / "checkpoints"),
-        advice="use a new --workdir, or run with the checkpoint's config")
+        advice="use a new --workdir, or run with the checkpoint's config",
+        tokenizer=record["tokenizer"]["fingerprint"])
 
   restored = checkpoints.restore_latest(layout.abstract_state, batches, check)
   if restored is None:
@@ -147,13 +148,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
         config, vocab_size), validation, samplers))
   if objective.self_teacher:  # loaded only to start from, not when resuming
     def initial(layout):
-      return fmlm.load_teacher(config, teacher_step, teacher_record, vocab_size,
+      return fmlm.load_teacher(config, teacher_step, teacher_record, prepared.tokenizer,
                                layout.mesh).params
     return fit(config, path, prepared, Task(
         objective.kind, build, objective.build(config, vocab_size), validation, samplers,
         initial_params=initial, record=fmlm.teacher_source(config, teacher_step),
         teacher_every=config.distill.dcd.round_steps))
-  teacher = fmlm.load_teacher(config, teacher_step, teacher_record, vocab_size,
+  teacher = fmlm.load_teacher(config, teacher_step, teacher_record, prepared.tokenizer,
                               sharding.make_mesh(config.mesh))
   validation["distill_"] = objective.build(config, vocab_size, teacher.graphdef, train=False)
   return fit(config, path, prepared, Task(

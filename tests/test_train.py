@@ -146,6 +146,10 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
   config.model.width = 48
   with pytest.raises(UsageError, match="model.width 32 != 48"):
     train.train(config, str(tmp_path))
+  # Same V, other ids: the SentencePiece model of another corpus (fewer documents).
+  config.model.width, config.data.max_documents = 32, 300
+  with pytest.raises(UsageError, match="another kind, vocabulary, tokenizer .*tokenizer "):
+    train.train(config, str(tmp_path))
   assert not (tmp_path / "unreadable_checkpoints").exists()
 
 

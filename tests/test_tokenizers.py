@@ -53,6 +53,13 @@ def test_wordpiece_on_a_small_vocab(tmp_path):
   assert tok.vocab_size == len(words)
 
 
+def test_wordpiece_ids_are_line_numbers(tmp_path):
+  """A token holding a character that str.splitlines splits at (U+2028) keeps its line."""
+  words = ["[PAD]", "[UNK]", "a\u2028b", "[CLS]", "hello"]
+  tok = tokenizers.BertTokenizer(_write_vocab(tmp_path, words))
+  assert tok.bos_id == 3 and tok.encode_batch(["hello"])[0] == [4]
+
+
 def test_wordpiece_vocab_without_cls_is_refused(tmp_path):
   with pytest.raises(UsageError, match=r"\[CLS\]"):
     tokenizers.BertTokenizer(_write_vocab(tmp_path, ["[PAD]", "[UNK]", "hello"]))

@@ -122,9 +122,10 @@ class BertTokenizer(_HuggingFaceTokenizer):
   kind = "bert"
 
   def __init__(self, vocab_txt: pathlib.Path):
-    vocab = {}
-    for line in vocab_txt.read_text(encoding="utf-8").splitlines():
-      vocab.setdefault(line.rstrip("\r\n"), len(vocab))
+    # A token's id is its line's index, as Hugging Face's load_vocab reads the file (lines
+    # end at newlines only: str.splitlines would also split at U+2028 and the like).
+    with open(vocab_txt, encoding="utf-8") as lines:
+      vocab = {line.rstrip("\n"): index for index, line in enumerate(lines)}
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     missing = [s for s in specials[:3] if s not in vocab]
     if missing:

@@ -260,18 +260,24 @@ def test_heads_come_from_config_json_without_the_rotary_buffer():
 
 
 def test_lightning_checkpoint_takes_the_backbone_and_its_ema():
-  tensors = reference_tensors(97, 64, 1, 2, 32, two_time=False)
-  names = [k for k in tensors if k != "rotary_emb.inv_freq"]
-  state = {"backbone._orig_mod." + k: v for k, v in tensors.items()}
-  state["noise.unused"] = np.zeros(2)
-  shadow = [tensors[k] + 1 for k in names]
+  """In PyTorch's order (named_parameters, with the rotary buffer between the time embedder
+  and the blocks in the state_dict), a compiled backbone's prefixes and a teacher's keys:
+  every EMA tensor lands on its own name."""
+  tensors = reference_tensors(97, 64, 1, 2, 32, two_time=True)
+  inv = "rotary_emb.inv_freq"
+  sigma = [k for k in tensors if k.startswith("sigma_map")]
+  rest = [k for k in tensors if k not in sigma and k not in (inv, "vocab_embed.embedding")]
+  order = ["vocab_embed.embedding", *sigma, inv, *rest]
+  state = {"backbone._orig_mod." + k: tensors[k] for k in order}
+  state.update({"noise.unused": np.zeros(2), "teacher.vocab_embed.embedding": np.zeros(3)})
+  shadow = [tensors[k] + 1 for k in order if k != inv]
   ckpt = {"state_dict": state, "ema": {"shadow_params": shadow}}
   raw = convert.from_lightning(ckpt, ema=False)
-  assert set(raw) == set(tensors) and np.array_equal(raw["blocks.0.mlp.0.bias"],
-                                                     tensors["blocks.0.mlp.0.bias"])
+  assert set(raw) == set(tensors) and all(np.array_equal(raw[k], tensors[k]) for k in tensors)
   ema = convert.from_lightning(ckpt, ema=True)
-  assert np.array_equal(ema["blocks.0.mlp.0.bias"], tensors["blocks.0.mlp.0.bias"] + 1)
-  assert np.array_equal(ema["rotary_emb.inv_freq"], tensors["rotary_emb.inv_freq"])
+  assert set(ema) == set(tensors)
+  assert all(np.array_equal(ema[k], tensors[k] + 1) for k in tensors if k != inv)
+  assert np.array_equal(ema[inv], tensors[inv])
   with pytest.raises(UsageError, match="holds 5 tensors"):
     convert.from_lightning({"state_dict": state, "ema": {"shadow_params": shadow[:5]}})
   with pytest.raises(UsageError, match="--weights=raw"):

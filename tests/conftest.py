@@ -43,16 +43,21 @@ from flmjax.models import dit  # pylint: disable=wrong-import-position
 
 @pytest.fixture(autouse=True)
 def optimised(request):
-  """Compiles with XLA's optimisations within tests marked `learning`."""
+  """Compiles with XLA's optimisations within tests marked `learning`. The flag is not part
+  of jit's in-memory cache key, so the caches are cleared at each switch: a sampler
+  compiled without optimisations by an earlier test of the worker would otherwise be
+  reused (the persistent cache's key has the flag)."""
   if request.node.get_closest_marker("learning") is None:
     yield
     return
   before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)
+  jax.clear_caches()
   try:
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+    jax.clear_caches()
 
 
 def randomize(model, seed: int = 7, scale: float = 0.3):

@@ -44,7 +44,7 @@ from flmjax.models import dit  # pylint: disable=wrong-import-position
 @pytest.fixture(autouse=True)
 def optimised(request):
   """Compiles with XLA's optimisations within tests marked `learning`. The flag is not part
-  of jit's in-memory cache key, so the caches are cleared at each switch: a sampler
+  of jit's in-memory cache key, so the caches are cleared at each switch: an executable
   compiled without optimisations by an earlier test of the worker would otherwise be
   reused (the persistent cache's key has the flag)."""
   if request.node.get_closest_marker("learning") is None:

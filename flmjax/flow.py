@@ -332,13 +332,14 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   """The FLM objective: cross entropy of the denoiser at x_t, token-weighted mean.
 
   tau ~ U[0, 1] stratified over the batch it is given (the global batch, or each part of
-  it with train.grad_accum), t = t(tau), the network conditioned on tau. The denoiser may return raw logits and leave their cap to `cap` (see
-  token_cross_entropy), or, with `head`, the output layer's input features [B, L, D] and
-  leave the output layer to head(features, tokens, weights) -> (weighted sum, CE)
-  (head_cross_entropy). `mask` [B, L] marks valid tokens (all by default). `given` [B, L]
-  marks the given positions of a condition (flmjax/conditioning.py): the denoiser gets
-  them clean, E[token] (the caller passes `given` to the model itself, for its condition
-  embedding), and the loss leaves them out.
+  it with train.grad_accum), t = t(tau), the network conditioned on tau. The denoiser may
+  return raw logits and leave their cap to `cap` (see token_cross_entropy), or, with
+  `head`, the output layer's input features [B, L, D] and leave the output layer to
+  head(features, tokens, weights) -> (weighted sum, CE) (head_cross_entropy). `mask`
+  [B, L] marks valid tokens (all by default). `given` [B, L] marks the given positions of
+  a condition (flmjax/conditioning.py): the denoiser gets them clean, E[token] (the caller
+  passes `given` to the model itself, for its condition embedding), and the loss leaves
+  them out.
   `loss_weight(tau) -> w [B]` turns each token's loss into exp(-w) * loss + w.
   """
   rng_tau, rng_noise, rng_dropout = jax.random.split(rng, 3)

@@ -10,7 +10,9 @@ list of token ids: a prefix after BOS. So "The cat sat" continues a prompt, "{{}
 they lived happily ever after." writes what leads to an ending, "The {{3}} sat on the
 {{}} every day." fills two gaps.
 
-Each prompt's text segments are encoded separately, with the model's own tokenizer.
+Each prompt's text segments are encoded separately, with the model's own tokenizer,
+without their trailing spaces: a written token brings its own ("The history of {{}}" is
+"The history of" and a word that starts with a space, as GPT-2's BPE writes it).
 Sampling is the model's: Euler steps for an FLM, the flow map for an FMLM student (one
 step by default), each evaluation reading the given positions as their tokens, with
 classifier-free guidance `sample.guidance` for a model trained with `train.condition`
@@ -61,6 +63,8 @@ def _parts(prompt: str) -> list:
     parts += [prompt[start:match.start()], int(match.group(1)) if match.group(1) else None]
     start = match.end()
   parts.append(prompt[start:])
+  # a written token brings its own leading space (GPT-2's BPE would make a lone ' ' of it)
+  parts = [p.rstrip(" ") if isinstance(p, str) else p for p in parts]
   stray = [p for p in parts if isinstance(p, str) and ("{{" in p or "}}" in p)]
   if stray or parts.count(None) > 1 or any(p == 0 for p in parts if isinstance(p, int)):
     raise UsageError(f"prompt {prompt!r}: a placeholder is {{{{N}}}} (N > 0 tokens to "
@@ -79,6 +83,11 @@ def layout(prompt: str | Sequence[int], tokenizer, seq_len: int) -> Layout:
     parts = [next(encoded) if isinstance(p, str) else p for p in parts]
   else:
     parts = [[int(i) for i in prompt]]
+    wrong = [i for i in parts[0] if not 0 <= i < tokenizer.vocab_size]
+    if wrong:
+      raise UsageError(f"prompt {str(prompt)[:80]!r}: token id {wrong[0]} is not an id of "
+                       f"the model's tokenizer (0 to {tokenizer.vocab_size - 1}); give ids "
+                       "from its encoding, or the text.")
   split = parts.index(None) if None in parts else len(parts)
   head, tail = [[tokenizer.bos_id]] + parts[:split], parts[split + 1:] + [[tokenizer.eos_id]]
 
@@ -152,19 +161,25 @@ class Generator:
       tokens = np.asarray(jax.device_get(tokens))
       seconds = (time.perf_counter() - began) / self.batch_size
       for i, item in enumerate(batch):
-        results.append({"prompt": prompts[start + i], "text": self._text(tokens[i], item),
+        results.append({"prompt": prompts[start + i],
+                        "text": text_of(tokens[i], item, self.tokenizer),
                         "steps": self.steps, "seconds": seconds})
     return results
 
-  def _text(self, ids: np.ndarray, item: Layout) -> str:
-    """The decoded sequence without BOS and EOS, a continuation cut at its first EOS."""
-    ids = ids[1:]
-    if item.continuation is not None:
-      written = ids[item.continuation - 1:]
-      ends = np.flatnonzero(written == self.tokenizer.eos_id)
-      ids = ids[:item.continuation - 1 + (ends[0] if len(ends) else len(written))]
-    special = (self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
-    return self.tokenizer.decode([int(i) for i in ids if i not in special])
+
+
+def text_of(ids: np.ndarray, item: Layout, tokenizer) -> str:
+  """The decoded sequence [L] of a prompt laid out as `item`, without BOS, EOS and pad;
+  a continuation is cut at the first EOS written after the template. An EOS written
+  elsewhere (in a {{N}} or a {{}}) is dropped, not cut at: the given text after it
+  stays."""
+  ids = ids[1:]
+  if item.continuation is not None:
+    written = ids[item.continuation - 1:]
+    ends = np.flatnonzero(written == tokenizer.eos_id)
+    ids = ids[:item.continuation - 1 + (ends[0] if len(ends) else len(written))]
+  special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+  return tokenizer.decode([int(i) for i in ids if i not in special])
 
 
 def read_prompts(config: ml_collections.ConfigDict) -> list[str]:

@@ -126,6 +126,34 @@ def test_samplers_clamp_given_positions_and_return_them(rule, two_time, latent):
   assert np.abs(probs[0] - probs[1])[~np.asarray(given)].max() > 1e-3
 
 
+@pytest.mark.parametrize("rule, two_time", [
+    (sampling.EULER, False), pytest.param(sampling.FLOW_MAP, True, marks=pytest.mark.slow)])
+def test_every_evaluation_reads_the_given_positions_as_their_tokens(rule, two_time):
+  """Over several steps, the latent and V-space samplers' last probabilities are those of
+  a loop written here in V-space that resets the given positions to their one-hot tokens
+  before each evaluation (the reference's reset after every step, BASELINES §8)."""
+  model = _model(two_time)
+  graphdef, params = nnx.split(model)
+  n = 4
+  given = jnp.asarray(np.random.default_rng(1).random((n, L)) < 0.5)
+  prompt = jnp.asarray(np.random.default_rng(2).integers(0, V, (n, L)))
+  grid = rule.grid(V, 4, 0.0)
+  z = jax.random.normal(jax.random.key(5), (n, L, V))
+  state, one_hot = z, jax.nn.one_hot(prompt, V)
+  for i, tau in enumerate(grid["tau"]):
+    times = [jnp.full((n,), tau)] + ([jnp.full((n,), grid["tau_next"][i])]
+                                     if "tau_next" in grid else [])
+    inputs = jnp.where(given[..., None], one_hot, state)
+    probs = jax.nn.softmax(model(model.embed(inputs), *times, given=given), axis=-1)
+    if i < len(grid["keep"]):
+      state = grid["keep"][i] * state + grid["move"][i] * probs
+  for latent in (True, False):
+    np.testing.assert_allclose(
+        sampling.probabilities(graphdef, params, z, grid, jax.random.key(6), rule=rule,
+                               latent=latent, condition=sampling.Condition(given, prompt)),
+        probs, atol=2e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("markov_models")  # trained once per process
 @pytest.mark.learning

@@ -7,12 +7,13 @@ import pytest
 
 from conftest import train_config
 from flmjax import generate, train
+from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 
 
 class Chars:
-  """Characters as ids (their code points), BOS 1, EOS 2, pad 0."""
-  bos_id, eos_id, pad_id = 1, 2, 0
+  """Characters as ids (their code points, ASCII), BOS 1, EOS 2, pad 0."""
+  bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 128
 
   def encode_batch(self, texts):
     return [[ord(c) for c in text] for text in texts]
@@ -38,6 +39,37 @@ def test_templates_lay_prompts_out_like_training_examples():
   assert _show(generate.layout("a{{2}}bcd", chars, 7)) == "^a__bcd"  # fills L exactly
   assert _show(generate.layout([7, 8], chars, 5)).startswith("^") and \
       list(generate.layout([7, 8], chars, 5).tokens[1:3]) == [7, 8]
+  # a segment's trailing spaces are dropped, its other spaces kept
+  assert _show(generate.layout(" a {{2}} b  \n {{}} c ", chars, 16)) == "^ a__ b  \n___ c$"
+
+
+def test_a_written_word_after_a_gpt2_segment_brings_its_own_space():
+  """GPT-2's BPE puts a word's space in front of it: 'The history of ' alone ends in the
+  lone-space token 220, which a written ' war' would follow ('The history of  war')."""
+  gpt2 = tokenizers.GPT2Tokenizer(*tokenizers.gpt2_files(""))
+  item = generate.layout("The history of {{}}", gpt2, 8)
+  given = [int(t) for g, t in zip(item.given, item.tokens) if g]
+  assert given == [gpt2.bos_id] + gpt2.encode_batch(["The history of"])[0] + [gpt2.eos_id]
+  assert gpt2.decode(given[1:-1] + gpt2.encode_batch([" war"])[0]) == "The history of war"
+
+
+def test_a_result_is_cut_at_the_first_eos_written_after_a_continuation_template():
+  chars, eos = Chars(), Chars.eos_id
+
+  def show(prompt, seq_len, written):
+    """The text of `written` (characters, '$' an EOS) in the written positions."""
+    item = generate.layout(prompt, chars, seq_len)
+    ids, fill = item.tokens.copy(), iter(written)
+    for i in range(seq_len):
+      if not item.given[i]:
+        c = next(fill)
+        ids[i] = eos if c == "$" else ord(c)
+    return generate.text_of(ids, item, chars)
+  assert show("ab", 8, "xy$z$") == "abxy"
+  assert show("ab", 8, "$xyzw") == "ab"
+  assert show("a{{2}}b", 8, "p$xy$") == "apbxy"  # an EOS in {{2}} is dropped
+  assert show("a{{2}}b", 8, "pqx$y") == "apqbx"
+  assert show("{{}}xy", 8, "p$rs") == "prsxy"  # and in a gap
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -49,6 +81,8 @@ def test_templates_lay_prompts_out_like_training_examples():
     ("a{{}}b{{}}", "at most once"),
     ("a{{0}}", "N > 0"),
     ("a {{ b", "other uses of {{ and }}"),
+    ([7, 128], "token id 128 is not an id of the model's tokenizer [(]0 to 127[)]"),
+    ([-1, 7], "token id -1 is not"),
 ])
 def test_a_prompt_that_does_not_fit_or_parse_is_named(prompt, message):
   with pytest.raises(UsageError, match=message.replace("{", r"\{").replace("}", r"\}")) as error:

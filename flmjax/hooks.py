@@ -34,8 +34,9 @@ class StepEnd:
 
 
 class FiniteGuard:
-  """Keeps the first step whose loss was not finite on the device (no host sync per step);
-  `check`, at log steps and before saving, stops the run naming it."""
+  """Keeps the first step whose loss or gradient norm was not finite on the device (no
+  host sync per step); `check`, at log steps and before saving, stops the run naming it
+  (a finite loss with an infinite gradient would make the weights NaN)."""
 
   def __init__(self):
     self.first_bad = None
@@ -50,7 +51,8 @@ class FiniteGuard:
       kept = (f"the last good checkpoint is step {self.last_saved} in {directory}"
               if self.last_saved is not None else "no checkpoint was written")
       raise FloatingPointError(
-          f"the loss became NaN or inf at step {int(self.first_bad)}; stopping, {kept}.")
+          f"the loss or the gradient became NaN or inf at step {int(self.first_bad)}; "
+          f"stopping, {kept}.")
 
 
 class Progress:

@@ -187,10 +187,11 @@ def train_step(state: dict, batch: dict, frozen, *, graphdef, tx, objective: Obj
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay(state["step"] + 1, cfg.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                 lr=learning_rate(cfg)(state["step"]),
-                 # the step number if this step's loss is not finite, else 0
-                 nonfinite_step=jnp.where(jnp.isfinite(metrics["loss"]), 0, state["step"] + 1))
+  grad_norm = optax.tree.norm(grads)
+  metrics = dict(metrics, grad_norm=grad_norm, lr=learning_rate(cfg)(state["step"]),
+                 # the step number if this step's loss or gradient is not finite, else 0
+                 nonfinite_step=jnp.where(jnp.isfinite(metrics["loss"]) &
+                                          jnp.isfinite(grad_norm), 0, state["step"] + 1))
   return dict(state, step=state["step"] + 1, params=params, ema=ema,
               opt_state=opt_state), metrics
 

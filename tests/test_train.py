@@ -119,8 +119,21 @@ def test_killed_run_resumes_exactly(tmp_path):
       np.testing.assert_array_equal(a, b)
 
 
+@jax.custom_vjp
+def _infinite_gradient(x, poisoned):
+  """x, with an infinite gradient where `poisoned`."""
+  return x
+
+
+_infinite_gradient.defvjp(lambda x, poisoned: (x, poisoned),
+                          lambda poisoned, g: (g * jnp.where(poisoned, jnp.inf, 1.0), None))
+
+
 @pytest.mark.slow
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("poisoned", ["loss", "gradient"])
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poisoned):
+  """A NaN loss, or a finite loss with an infinite gradient (whose update makes the
+  weights NaN), at step 3 stops the run before it saves anything after step 2."""
   config = train_config(steps=8, checkpoint_every=2)
   prepared = pipeline.prepare(config, str(tmp_path))
   vocab = prepared.tokenizer.vocab_size
@@ -128,6 +141,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
   def objective(model, batch, rng, frozen):
     loss, metrics = good(model, batch, rng, frozen)
+    if poisoned == "gradient":
+      loss = _infinite_gradient(loss, frozen["step"] == 2)
+      return loss, dict(metrics, loss=loss)
     # The first update has learning rate 0 (warmup), the second moves the bias: NaN at 3.
     poison = jnp.where(model.output.bias[...][0] != 0, jnp.nan, 1.0)
     return loss * poison, dict(metrics, loss=loss * poison)

@@ -6,6 +6,7 @@ prepared or compiled; a usage error is printed as one line with exit status 2.
 """
 
 import copy
+import functools
 import os
 import sys
 
@@ -142,8 +143,10 @@ def main(argv):
   config, mode = _CONFIG.value, _MODE.value
   try:
     sharding.initialize_distributed(config)
-    validate(config, mode, lambda: len(
-        aot.target_devices(config.topology) if mode == "compile" else jax.devices()))
+    devices = functools.cache(lambda: (aot.target_devices(config.topology)
+                                       if mode == "compile" else jax.devices()))
+    validate(config, mode, lambda: len(devices()),
+             lambda: len({device.process_index for device in devices()}))
     if mode == "compile" and config.topology:
       # An executable compiled without its devices cannot be loaded back from the
       # persistent cache (JAX warns and compiles again): none is written.

@@ -199,11 +199,19 @@ def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
                      "model.attention=auto (plain for it) or distill.objective=semigroup.")
 
 
-def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) -> None:
-  """The mesh fits the devices, and it divides every batch that `mode` runs."""
+def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int,
+             process_count: int) -> None:
+  """The mesh fits the devices, each process holds its own rows of a batch (the data
+  pipeline loads a different 1 / process_count of it in each), and the mesh divides every
+  batch that `mode` runs."""
   sizes = sharding.mesh_shape(config.mesh, device_count)
   parallel = math.prod(size for axis, size in zip(sharding.AXES, sizes)
                        if axis in sharding.BATCH_AXES)
+  if parallel % process_count:
+    raise UsageError(f"the data-parallel size {parallel} (mesh data x fsdp) must be a "
+                     f"multiple of the {process_count} processes, each of which loads its own "
+                     "rows of the batch: make mesh.tensor divide each process's "
+                     f"{device_count // process_count} devices.")
   student = distill.student_config(config)
   batches = {"train": [config], "distill": [student], "pipeline": [config, student],
              "compile": [config, student], "compare": [config, student]}.get(mode, [])
@@ -220,10 +228,11 @@ def _batches(config: ml_collections.ConfigDict, mode: str, device_count: int) ->
 
 
 def validate(config: ml_collections.ConfigDict, mode: str,
-             device_count: Callable[[], int]) -> None:
+             device_count: Callable[[], int],
+             process_count: Callable[[], int] = lambda: 1) -> None:
   """Raises a UsageError naming the first field of `config` that `mode` cannot run with,
-  on a mesh of `device_count()` devices (asked only once the fields are valid, so that a
-  bad field is reported before any device is started)."""
+  on a mesh of `device_count()` devices in `process_count()` processes (asked only once
+  the fields are valid, so that a bad field is reported before any device is started)."""
   _fields(config)
   _dcd(config, mode)
   _duo(config, mode)
@@ -259,4 +268,4 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   if mode in NEEDS and not _get(config, NEEDS[mode][0]):
     field, what = NEEDS[mode]
     raise UsageError(f"--mode={mode} needs --config.{field}=DIR, {what}.")
-  _batches(config, mode, device_count())
+  _batches(config, mode, device_count(), process_count())

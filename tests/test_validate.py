@@ -84,6 +84,14 @@ def test_the_mesh_must_fit_the_devices_and_divide_the_batches():
   config = train_config()
   config.train.grad_accum = 2
   assert "times train.grad_accum=2" in _refused(config)
+  # 8 devices in 4 processes, tensor over 4 of them: a tensor group spans two processes,
+  # which would load different rows for it
+  config = train_config()
+  config.mesh.update(data=-1, fsdp=1, tensor=4)
+  validate(config, "train", lambda: 8, lambda: 2)
+  with pytest.raises(UsageError, match="data-parallel size 2 .* must be a multiple of the 4 "
+                                       "processes.* divide each process's 2 devices"):
+    validate(config, "train", lambda: 8, lambda: 4)
   config = train_config()
   config.distill.batch_size, config.teacher_checkpoint = 4, "teacher"
   validate(config, "train", lambda: 8)  # the teacher's batch is 8

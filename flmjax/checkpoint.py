@@ -78,6 +78,27 @@ def check_compatible(saved: dict, *, kind: str, vocab_size: int | None, model: d
                      f"architecture ({'; '.join(diffs)}; saved != expected): {advice}.")
 
 
+# The fields that define a run's data order: a resumed run reads on from the saved
+# position of the same order.
+DATA_ORDER = ("batch_size", "seed", "data.corpus", "data.path", "data.text_field",
+              "data.valid_fraction", "data.max_documents", "data.seq_len")
+
+
+def check_same_data_order(saved: dict, config: dict, where: str) -> None:
+  """Refuses to resume a run whose DATA_ORDER fields (in its resolved config `saved`)
+  differ from `config`'s: the saved data position would index another order."""
+  def get(tree, field):
+    for key in field.split("."):
+      tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+  diffs = [f"{field} {get(saved, field)!r} != {get(config, field)!r}" for field in DATA_ORDER
+           if get(saved, field) != get(config, field)]
+  if diffs:
+    raise UsageError(f"{where} holds a run with another data order ({'; '.join(diffs)}; "
+                     "saved != now): resuming reads on from its saved position in that "
+                     "order; set these fields back, or use a new --workdir.")
+
+
 def absolute(path: epath.Path) -> epath.Path:
   """Orbax needs absolute paths; a cloud path (gs://...) is one already."""
   return path if "://" in str(path) else path.absolute()

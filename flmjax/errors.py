@@ -11,5 +11,10 @@ class UsageError(ValueError):
 class Stopped(Exception):
   """A run stopped on request (SIGTERM) after saving a checkpoint; rerunning resumes it.
 
-  It ends the command (and a pipeline's later stages); `python -m flmjax.main` exits 0.
+  It ends the command (and a pipeline's later stages); `python -m flmjax.main` exits with
+  STOPPED_STATUS, 128 + SIGTERM as for a process the signal ended, so that a scheduler or
+  a `&&` chain sees an unfinished run.
   """
+
+
+STOPPED_STATUS = 143

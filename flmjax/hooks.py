@@ -174,24 +174,26 @@ class Checkpointing:
 
 
 class StopRequest:
-  """Turns SIGTERM into a stop after the current step. The signal reaches processes at
-  different times, so with several processes they agree at log steps, and all of them
-  save and stop at the same step."""
+  """Turns SIGTERM into a stop after the current step. In one process its own handler
+  catches the signal; with several (jax.distributed), JAX's preemption service does, in
+  whichever process it reaches, and every process stops after the same step, the first
+  that all of them reach after it (asked at every step, without a device sync)."""
 
-  def __init__(self, every: int):
-    self.every, self.requested = every, False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+  def __init__(self):
+    self.requested, self.several = False, jax.process_count() > 1
+    if not self.several:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def agreed(self, step: int, last: bool) -> bool:
-    """Whether to stop after `step` (`last`: the run's last step, where all agree too)."""
-    if jax.process_count() == 1:
-      return self.requested
-    return (last or bool(self.every and step % self.every == 0)) and bool(
-        multihost_utils.process_allgather(np.asarray(self.requested)).any())
+  def agreed(self, step: int) -> bool:
+    """Whether to stop after `step`."""
+    if self.several:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self.several:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from flmjax import aot, evaluate, generate, sharding, state, train
 from flmjax.data import pipeline
-from flmjax.errors import Stopped, UsageError
+from flmjax.errors import STOPPED_STATUS, Stopped, UsageError
 from flmjax.modes import MODES
 from flmjax.validate import step_counts, validate
 
@@ -157,7 +157,7 @@ def main(argv):
   except UsageError as e:
     _fail(str(e))
   except Stopped:  # saved on SIGTERM; the same command resumes
-    sys.exit(0)
+    sys.exit(STOPPED_STATUS)
   except FloatingPointError as e:
     print(f"flmjax: {e}", file=sys.stderr)
     sys.exit(1)

@@ -55,6 +55,8 @@ def _start(config, path: epath.Path, prepared, task: Task):
         model=record["config"]["model"], where=str(path / "checkpoints"),
         advice="use a new --workdir, or run with the checkpoint's config",
         tokenizer=record["tokenizer"]["fingerprint"])
+    checkpoint.check_same_data_order(saved["config"], record["config"],
+                                     str(path / "checkpoints"))
 
   restored = checkpoints.restore_latest(layout.abstract_state, batches, check)
   if restored is None:
@@ -94,7 +96,7 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   after = [progress, hooks.Validation(validation, log, cfg.eval_every),
            hooks.Samples(path / "samples", task.samplers, layout.graphdef,
                          prepared.tokenizer, config.seed, cfg.sample_every), saving]
-  stop = hooks.StopRequest(cfg.log_every)
+  stop = hooks.StopRequest()
   batch_sharding = sharding.batch_sharding(layout.mesh)
   try:
     while step < cfg.steps:
@@ -104,13 +106,17 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
       step += 1
       guard.update(metrics.pop("nonfinite_step"))
       last = step == cfg.steps
-      end = hooks.StepEnd(step, state, metrics, last, stop.agreed(step, last))
+      end = hooks.StepEnd(step, state, metrics, last, stop.agreed(step))
       for hook in after:
         hook.after_step(end)
       if end.stopping:
         outputs.say(f"SIGTERM: saved step {step} to {path / 'checkpoints'}; stopping")
         raise Stopped(step)
   except KeyboardInterrupt:
+    # Several processes may each be at another step; only SIGTERM makes them agree.
+    if jax.process_count() > 1:
+      outputs.say(f"interrupted; the last checkpoint is step {guard.last_saved}")
+      raise
     try:
       saving.save(step, state)
       outputs.say(f"interrupted: saved step {step} to {path / 'checkpoints'}")

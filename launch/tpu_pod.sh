@@ -31,7 +31,11 @@ parse_args "$@"
 
 archive="/tmp/flmjax-$name.tar.gz"
 tpu=(gcloud compute tpus tpu-vm)
-main=(python3 -m flmjax.main "--config=$config" "--workdir=$workdir" "--mode=$mode"
+# Each worker gets a virtual environment with Python 3.11 (the images' own Python may be
+# older), made by uv, which pip installs for the user and which fetches that Python.
+venv=flmjax-venv
+setup="PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user uv && python3 -m uv venv -q --python 3.11 --allow-existing $venv && python3 -m uv pip install -q --python $venv/bin/python -e 'flmjax[tpu,hf]'"
+main=("../$venv/bin/python" -m flmjax.main "--config=$config" "--workdir=$workdir" "--mode=$mode"
       --config.distributed=True --config.data.dir=/tmp/flmjax-data "${extra[@]}")
 printf -v main_line ' %q' "${main[@]}"
 
@@ -43,6 +47,6 @@ fi
 echo "# install this checkout on every worker:"
 run git -C "$repo" archive --format=tar.gz --prefix=flmjax/ -o "$archive" HEAD
 run "${tpu[@]}" scp "$archive" "$name:flmjax.tar.gz" --zone="$zone" --worker=all
-run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="rm -rf flmjax && tar xzf flmjax.tar.gz && python3 -m pip install -q -e 'flmjax[tpu]'"
+run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="rm -rf flmjax && tar xzf flmjax.tar.gz && $setup"
 echo "# run on all workers (logs of every worker stream here):"
 run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="cd flmjax &&$main_line"

@@ -34,10 +34,12 @@ def test_tpu_pod_dry_run_creates_installs_and_runs_on_every_worker():
   assert archive[:2] == ["git", "-C"] and archive[3:5] == ["archive", "--format=tar.gz"]
   assert scp[4:6] == ["scp", archive[-2]] and "--worker=all" in scp
   assert install[4:6] == ["ssh", "flm-owt"] and "--worker=all" in install
-  assert "pip install -q -e 'flmjax[tpu]'" in install[-1]
+  assert install[-1].endswith("uv venv -q --python 3.11 --allow-existing flmjax-venv && "
+                              "python3 -m uv pip install -q --python flmjax-venv/bin/python "
+                              "-e 'flmjax[tpu,hf]'")
   assert main[4:6] == ["ssh", "flm-owt"] and "--worker=all" in main
   remote = shlex.split(main[-1].removeprefix("--command="))
-  assert remote == ["cd", "flmjax", "&&", "python3", "-m", "flmjax.main",
+  assert remote == ["cd", "flmjax", "&&", "../flmjax-venv/bin/python", "-m", "flmjax.main",
                     "--config=configs/owt.py", "--workdir=gs://bucket/owt", "--mode=train",
                     "--config.distributed=True", "--config.data.dir=/tmp/flmjax-data",
                     "--config.mesh.fsdp=8"]

@@ -156,7 +156,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poiso
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
   train.train(train_config(steps=2), str(tmp_path))
   config = train_config(steps=4)
   config.model.width = 48
@@ -166,7 +166,13 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
   config.model.width, config.data.max_documents = 32, 300
   with pytest.raises(UsageError, match="another kind, vocabulary, tokenizer .*tokenizer "):
     train.train(config, str(tmp_path))
+  # The same model on another data order: the saved position would index it.
+  config = train_config(steps=4)
+  config.batch_size, config.seed = 16, 5
+  with pytest.raises(UsageError, match="another data order [(]batch_size 8 != 16; seed 1 != 5;"):
+    train.train(config, str(tmp_path))
   assert not (tmp_path / "unreadable_checkpoints").exists()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
 def test_unwritable_workdir(tmp_path):

@@ -14,7 +14,6 @@ from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
 
 from flmjax import checkpoint, outputs, sharding
 from flmjax.data import pipeline

@@ -22,5 +22,9 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                            num_processes=num_processes, process_id=process_id)
 
 from flmjax import train  # pylint: disable=wrong-import-position
+from flmjax.errors import STOPPED_STATUS, Stopped  # pylint: disable=wrong-import-position
 
-train.train(mesh_config(steps, data_dir), workdir)
+try:
+  train.train(mesh_config(steps, data_dir), workdir)
+except Stopped:  # saved on SIGTERM, as python -m flmjax.main ends
+  sys.exit(STOPPED_STATUS)

@@ -48,12 +48,15 @@ def write_json(path: epath.Path, value) -> None:
 
 class MetricsLog:
   """WORKDIR/metrics.jsonl, one JSON object per line, and TensorBoard scalars when
-  tensorboardX is installed; written by process 0 only."""
+  tensorboardX is installed; written by process 0 only. A run resumed at step `start`
+  keeps the lines of the steps up to it (those logged after it, by a run killed before
+  it saved again, are logged anew)."""
 
-  def __init__(self, workdir: epath.Path):
+  def __init__(self, workdir: epath.Path, start: int = 0):
     self.main = jax.process_index() == 0
     self.path = workdir / "metrics.jsonl"
-    self.lines = self.path.read_text() if self.main and self.path.exists() else ""
+    old = self.path.read_text().splitlines(True) if self.main and self.path.exists() else []
+    self.lines = "".join(line for line in old if json.loads(line)["step"] <= start)
     self.tensorboard = None
     if self.main:
       try:

@@ -85,7 +85,7 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   step = int(state["step"])
   step_fn = (train_state.compile_step(layout, task.objective, config, task.frozen)
              if step < cfg.steps else None)
-  log, guard = outputs.MetricsLog(path), hooks.FiniteGuard()
+  log, guard = outputs.MetricsLog(path, step), hooks.FiniteGuard()
   saving = hooks.Checkpointing(checkpoints, batches, record, guard, cfg.checkpoint_every,
                                checkpoints.latest_step())
   validation = {prefix: hooks.validation_loss(fn, layout.graphdef, prepared, config,

@@ -1,9 +1,11 @@
 """Wrapping, prepared shards and the Grain pipeline: framing, order, resume, sharding."""
 
+import concurrent.futures
 import json
 import shutil
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
@@ -154,8 +156,8 @@ def test_empty_corpus_is_refused_and_leaves_no_cache(tmp_path):
   (tmp_path / "corpus" / "tiny.jsonl").unlink()
   with pytest.raises(UsageError, match="no training documents"):
     pipeline.prepare(config, str(tmp_path / "work"))
-  leftovers = [p.name for p in (tmp_path / "work" / "data").iterdir()]
-  assert leftovers == [prepared.path.name]  # nothing partial left behind
+  leftovers = sorted(p.name for p in (tmp_path / "work" / "data").iterdir())
+  assert leftovers == [".lock", prepared.path.name]  # nothing partial left behind
   shutil.rmtree(tmp_path / "work")
 
 
@@ -163,4 +165,27 @@ def test_data_directory_must_be_local(tmp_path):
   config = small_config()
   config.data.dir = "gs://bucket/data"
   with pytest.raises(UsageError, match="gs://bucket/data is not local; set --config.data.dir"):
+    pipeline.prepare(config, str(tmp_path))
+
+
+def test_processes_sharing_a_directory_prepare_it_once(tmp_path, monkeypatch):
+  """Two threads (as two processes of one host) prepare one directory: one builds it,
+  the other waits and reuses it."""
+  written, write = [], pipeline._write_split
+  monkeypatch.setattr(pipeline, "_write_split",
+                      lambda corpus, split, *rest: written.append(split) or write(corpus, split,
+                                                                                  *rest))
+  config = small_config(max_documents=100)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    paths = list(pool.map(lambda _: pipeline.prepare(config, str(tmp_path)).path, range(2)))
+  assert paths[0] == paths[1] and sorted(written) == sorted(pipeline.SPLITS)
+
+
+def test_processes_that_prepared_different_data_are_refused(tmp_path, monkeypatch):
+  config = small_config(max_documents=100)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
+  pipeline.prepare(config, str(tmp_path))  # the same in both
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x + 1]))
+  with pytest.raises(UsageError, match="the processes prepared different data"):
     pipeline.prepare(config, str(tmp_path))

@@ -11,7 +11,9 @@ last, partial chunk of each split is dropped (its size is reported as
 `dropped_tail_tokens`).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -26,6 +28,7 @@ from absl import logging
 from array_record.python import array_record_module
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -141,10 +144,49 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   The folder name is a hash of the corpus, tokenizer and L, so changing any of them builds
   a new folder next to the old one instead of mixing the two. It is written under a
   temporary name and renamed when complete, so an interrupted run leaves nothing that
-  looks finished.
+  looks finished. Processes that share the directory build it once (_exclusive); with
+  several processes, every one must have prepared the same data.
   """
   root = data_dir(config, workdir)
   corpus = load_corpus(config.data)
+  with _exclusive(root):
+    prepared = _prepare(config, root, corpus)
+  _check_same_on_every_process(prepared)
+  return prepared
+
+
+@contextlib.contextmanager
+def _exclusive(root: pathlib.Path):
+  """One process at a time in `root` (its .lock): the first builds the tokenizer and the
+  shards, the processes sharing its host wait and reuse them. A directory this process
+  cannot write is not locked (it can only read it)."""
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    lock = open(root / ".lock", "w", encoding="utf-8")
+  except OSError:
+    yield
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def _check_same_on_every_process(prepared: Prepared) -> None:
+  """Refuses prepared data that differ between processes (each host prepares its own:
+  a tokenizer trained on each, say, that came out different)."""
+  if jax.process_count() == 1:
+    return
+  text = json.dumps(prepared.meta, sort_keys=True).encode()
+  digest = np.frombuffer(hashlib.sha256(text).digest()[:16], np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(digest))
+  if (every != every[0]).any():
+    raise UsageError(f"the processes prepared different data ({prepared.path} here): each "
+                     "host prepares its own data.dir, and their corpus or tokenizer came out "
+                     "different; prepare once and copy data.dir to every host, or give "
+                     "tokenizer.path.")
+
+
+def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> Prepared:
   tokenizer = build_tokenizer(config.tokenizer, root, corpus)
   seq_len = config.data.seq_len
   key = hashlib.sha256(json.dumps(

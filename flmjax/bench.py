@@ -4,7 +4,9 @@ On random tokens, with the config's model, batch, L and mesh, it measures and pr
 JSON:
 - the real training step (`state.train_step`: loss, gradients, clipping, AdamW, EMA):
   compile seconds, seconds per step, tokens/s, model FLOPs per token and model FLOPs
-  utilisation against the matmul peak measured in the same run on the same devices;
+  utilisation against the matmul peak measured in the same run on the same devices
+  (`mfu`; on a chip of aot.CHIPS also `mfu_of_published_peak`, against its spec sheet's
+  dense peak, the usual definition);
 - the Euler sampler: seconds per sample at each of --sample_steps (--sample_batch samples
   per call);
 - memory: XLA's plan for each compiled computation (arguments + outputs + temporaries)
@@ -137,7 +139,11 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
     config.noise = noise
     timing, (graphdef, params) = _time_train(
         config, vocab_size, repeats, profile and os.path.join(profile, noise))
-    timing["mfu"] = flops_per_token * timing["tokens_per_second"] / peak
+    model_flops = flops_per_token * timing["tokens_per_second"]
+    timing["mfu"] = model_flops / peak
+    if result["device"] in aot.CHIPS:  # and against the chip's published dense peak
+      timing["mfu_of_published_peak"] = model_flops / (
+          aot.CHIPS[result["device"]][1] * jax.device_count())
     entry = {"train": timing}
     for steps in sample_steps:
       entry[f"sample_{steps}_steps"] = _time_sampler(
@@ -152,6 +158,9 @@ def main(argv):
   del argv
   config = _CONFIG.value
   try:  # the config's training step, checked as --mode=train checks it
+    if config.family != "flm":
+      raise UsageError(f"family={config.family}: the bench times the FLM's training step "
+                       "and Euler sampler; leave family at flm.")
     validate(config, "train", jax.device_count)
   except UsageError as e:
     print(f"flmjax.bench: error: {e}", file=sys.stderr)

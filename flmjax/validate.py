@@ -181,7 +181,7 @@ def _condition(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
   """The kernels' limits: L a multiple of their block, no forward-mode derivative, and
-  flash attention is not causal."""
+  flash attention is not causal and takes power-of-two head sizes."""
   impl = config.model.attention
   block = {"splash": dit.SPLASH_BLOCK, "flash": flash.BLOCK}.get(impl)
   if block is None:
@@ -192,6 +192,11 @@ def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
   if impl == "flash" and config.family == "ar":
     raise UsageError("model.attention=flash is not causal, which family=ar needs; use "
                      "model.attention=auto.")
+  head = config.model.width // config.model.heads
+  if impl == "flash" and (head < 16 or head & (head - 1)):
+    raise UsageError(f"model.attention=flash needs a head size (model.width / model.heads = "
+                     f"{head}) that is a power of two, at least 16, as Triton's blocks do on "
+                     "a GPU; use model.attention=auto, or other heads.")
   if (mode in ("distill", "pipeline", "compile", "compare")
       and registry.OBJECTIVES[config.distill.objective].jvp):
     raise UsageError(f"model.attention={impl} has no forward-mode derivative, which "

@@ -3,7 +3,7 @@
 # (plain output head, plain attention) and after (the fused head, the Pallas flash attention
 # with the soft cap inside), one JSON line each.
 #
-#   launch/gpu_bench.sh [--size=gpu|tiny] [--dry-run] [-- --config.FIELD=VALUE ...]
+#   launch/gpu_bench.sh [--size=gpu|tiny] [--timeout=150] [--dry-run] [-- --config.FIELD=VALUE ...]
 #
 # gpu (the default): DiT small (D 768, 12 blocks, 12 heads, bfloat16 blocks)
 #   - at L 128, V 8192, batch 128 (the shape of the H200 entry in docs/results.md);
@@ -13,15 +13,18 @@
 #   Four bench runs, each compiling its step (not yet timed on a GPU).
 # tiny: the same four runs at a toy size, on any machine (a check of the script on a CPU).
 # Each line is the bench's JSON with "shape", "code" (before or after) and "commit" added;
-# a run that fails gives a line with "error" instead, the others still run, and the script
-# then exits 1.
+# a run that fails, or runs past --timeout seconds, gives a line with "error" instead, the
+# others still run, and the script then exits 1 (four runs of 150 s at most fit a GPU
+# session of 10 minutes). XLA_PYTHON_CLIENT_MEM_FRACTION is 0.9 unless set (JAX's
+# default preallocation, 0.75, leaves little room for the OWT shape's plain step).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-size=gpu dry_run=0 extra=()
+size=gpu limit=150 dry_run=0 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --size=*) size="${1#*=}" ;;
+    --timeout=*) limit="${1#*=}" ;;
     --dry-run) dry_run=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; extra=("$@"); break ;;
@@ -45,7 +48,9 @@ case "$size" in
     owt=(--vocab_size=1024 --config.data.seq_len=128 --config.batch_size=2 --sample_batch=4) ;;
   *) echo "gpu_bench.sh: --size=$size: gpu or tiny" >&2; exit 2 ;;
 esac
+[[ "$limit" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_bench.sh: --timeout=$limit: seconds, a positive integer" >&2; exit 2; }
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
 before=(--config.model.output_head=plain --config.model.attention=plain)
 after=(--config.model.output_head=auto --config.model.attention=flash)
@@ -53,18 +58,21 @@ failed=0
 for shape in small owt; do
   for code in before after; do
     declare -n sizes="$shape" variant="$code"
-    command=(python -m flmjax.bench "${common[@]}" "${model[@]}" "${sizes[@]}"
+    command=(python3 -m flmjax.bench "${common[@]}" "${model[@]}" "${sizes[@]}"
              "${variant[@]}" "${extra[@]}")
     if [[ $dry_run -eq 1 ]]; then
       printf '+'; printf ' %q' "${command[@]}"; printf '\n'
       continue
     fi
-    if report="$("${command[@]}")" && line="$(python -c "import json, sys; \
+    if report="$(timeout "$limit" "${command[@]}")" && line="$(python3 -c "import json, sys; \
 d = json.load(sys.stdin); d.update(shape='$shape', code='$code', commit='$commit'); \
 print(json.dumps(d))" <<< "$report")"; then
       echo "$line"
     else
-      echo "{\"shape\": \"$shape\", \"code\": \"$code\", \"commit\": \"$commit\", \"error\": \"exit $?\"}"
+      status=$?
+      error="exit $status"
+      [[ $status -eq 124 ]] && error="timed out after $limit s"
+      echo "{\"shape\": \"$shape\", \"code\": \"$code\", \"commit\": \"$commit\", \"error\": \"$error\"}"
       failed=1
     fi
   done

@@ -109,19 +109,22 @@ def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
   for command, (vocab, head, attention) in zip(commands, [
       (8192, "plain", "plain"), (8192, "auto", "flash"), (50258, "plain", "plain"),
       (50258, "auto", "flash")]):
-    assert command[:3] == ["python", "-m", "flmjax.bench"]
+    assert command[:3] == ["python3", "-m", "flmjax.bench"]
     assert f"--vocab_size={vocab}" in command and f"--config.model.output_head={head}" in command
     assert f"--config.model.attention={attention}" in command
     assert command[-1] == "--config.model.dtype=bfloat16"
   assert "--config.data.seq_len=1024" in commands[2] and "--sample_batch=64" in commands[2]
   run, _ = _launch("gpu_bench.sh", "--size=huge")
   assert run.returncode == 2 and "--size=huge: gpu or tiny" in run.stderr
+  run, _ = _launch("gpu_bench.sh", "--timeout=0")
+  assert run.returncode == 2 and "--timeout=0: seconds, a positive integer" in run.stderr
 
 
 @pytest.mark.slow
 def test_gpu_bench_reports_a_failed_run_and_goes_on_to_the_next():
-  """The GPU's time is scarce: a run that fails (here all four, on a bad attention) is a
-  JSON line with its error, the others still run, and the script exits 1."""
+  """The GPU's time is scarce: a run that fails (here all four, on a bad attention, or
+  past the time limit) is a JSON line with its error, the others still run, and the
+  script exits 1."""
   run, _ = _launch("gpu_bench.sh", "--size=tiny", "--", "--config.model.attention=bogus")
   assert run.returncode == 1
   lines = [json.loads(line) for line in run.stdout.splitlines()]
@@ -129,3 +132,7 @@ def test_gpu_bench_reports_a_failed_run_and_goes_on_to_the_next():
       ("small", "before"), ("small", "after"), ("owt", "before"), ("owt", "after")]
   assert all(d["error"] == "exit 2" for d in lines)
   assert run.stderr.count("flmjax.bench: error: model.attention='bogus' is not one of") == 4
+  run, _ = _launch("gpu_bench.sh", "--size=tiny", "--timeout=1")
+  assert run.returncode == 1
+  assert [json.loads(line)["error"] for line in run.stdout.splitlines()] == [
+      "timed out after 1 s"] * 4

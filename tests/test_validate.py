@@ -69,6 +69,13 @@ def test_attention_kernels_need_l_a_multiple_of_their_block_and_no_jvp():
   validate(config, "train", lambda: 8)
   config.family = "ar"
   assert "model.attention=flash is not causal, which family=ar needs" in _refused(config)
+  config.family = "flm"
+  config.model.update(width=96, heads=2)
+  assert "head size (model.width / model.heads = 48) that is a power of two" in _refused(
+      config)
+  config.model.heads = 12  # 8
+  assert "head size (model.width / model.heads = 8) that is a power of two, at least 16" in \
+      _refused(config)
 
 
 def test_the_mesh_must_fit_the_devices_and_divide_the_batches():

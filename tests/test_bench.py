@@ -32,3 +32,11 @@ def test_bench_reports_throughput_utilisation_sampling_memory_and_profile(tmp_pa
     sampler = result["latent"][f"sample_{steps}_steps"]
     assert sampler["seconds_per_sample"] > 0 and sampler["planned_bytes"] > 0
   assert result["process_peak_rss_bytes"] > train["planned_bytes"]
+
+
+def test_bench_refuses_a_baseline_family_and_a_bad_field():
+  for field, message in (("--config.family=mdlm", "family=mdlm: the bench times the FLM's"),
+                         ("--config.batch_size=7", "batch_size 7 must be a multiple")):
+    run = subprocess.run([sys.executable, "-m", "flmjax.bench", "--config=configs/tiny.py",
+                          field], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]

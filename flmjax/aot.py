@@ -14,8 +14,11 @@ the FLOPs and the bytes of memory accessed per chip from XLA's cost analysis, an
 roofline step time max(FLOPs / peak, bytes / HBM bandwidth) with the chip's published
 bf16 peak and bandwidth (a lower bound: no chip reaches either; and XLA's cost analysis
 counts a loop's body once and nothing inside a Pallas kernel, so the fused output head and
-the splash attention are undercounted; compiled for a GPU without one, XLA gives no cost
-analysis, and only the memory is reported); the same goes to WORKDIR/compile.json. Nothing is
+the splash attention are undercounted, which `cost_undercounted` and a * mark; compiled for
+a GPU without one, XLA gives no cost analysis, and only the memory is reported). For the
+train step it also gives the model's FLOPs per chip (dit.training_flops_per_token, one
+forward and backward pass, counted in full) and their time at the chip's peak. The same
+goes to WORKDIR/compile.json. Nothing is
 allocated and no data is read: V comes from the tokenizer's files where the config
 names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-uncased's
 30522 (BERT without tokenizer.path).
@@ -140,7 +143,15 @@ def planned_bytes(compiled) -> int:
              + memory.generated_code_size_in_bytes)
 
 
-def _report(entry: dict, compiled, devices) -> dict:
+# What XLA's cost analysis undercounts: a loop (its body is counted once) and a Pallas
+# TPU kernel (not counted).
+UNDERCOUNTED = re.compile(r"\swhile\(|custom_call_target=\"tpu_custom_call\"")
+
+
+def _report(entry: dict, compiled, devices, model_flops: float | None = None) -> dict:
+  """The entry with the computation's memory plan and XLA's cost per chip, the roofline
+  of the chip (when CHIPS knows it) and, for a step whose `model_flops` per chip are known,
+  those and their time at the chip's peak."""
   if compiled is None:
     return entry
   memory = compiled.memory_analysis()
@@ -149,12 +160,17 @@ def _report(entry: dict, compiled, devices) -> dict:
   entry = dict(entry, bytes_per_chip=planned_bytes(compiled),
                argument_bytes=int(memory.argument_size_in_bytes),
                temp_bytes=int(memory.temp_size_in_bytes))
+  if model_flops:
+    entry.update(model_flops_per_chip=model_flops)
   if cost:
     entry.update(flops_per_chip=float(cost.get("flops", 0.0)),
-                 bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)))
+                 bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
+                 cost_undercounted=bool(UNDERCOUNTED.search(compiled.as_text())))
   if devices[0].device_kind in CHIPS:
     hbm, peak, bandwidth = CHIPS[devices[0].device_kind]
     entry.update(hbm_fraction=entry["bytes_per_chip"] / hbm)
+    if model_flops:
+      entry.update(model_compute_seconds=model_flops / peak)
     if cost:
       compute, memory_time = entry["flops_per_chip"] / peak, \
           entry["bytes_accessed_per_chip"] / bandwidth
@@ -179,7 +195,8 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
             "attention": dit.attention_path(config.model.attention, config.model.attn_softcap,
                                             config.data.seq_len)}
 
-  def step(name, cfg, objective, frozen=None, teacher_graphdef=None, teacher_every=0):
+  def step(name, cfg, objective, frozen=None, teacher_graphdef=None, teacher_every=0,
+           model_flops=None):
     cfg = registry.with_family(cfg, objective)
     if registry.FAMILIES[objective.kind].masked:
       cfg.model.mask_id = vocab - 1  # any id: compiling needs the shapes only
@@ -187,10 +204,15 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
     layout = state.plan(cfg, build, mesh, teacher_every=teacher_every)
     loss = objective.build(cfg, vocab, teacher_graphdef)
     report["computations"].append(_report(*_compiled(
-        name, cfg.batch_size, lambda: state.compile_step(layout, loss, cfg, frozen)), devices))
+        name, cfg.batch_size, lambda: state.compile_step(layout, loss, cfg, frozen)), devices,
+        model_flops))
     return layout
 
-  step("train step", config, registry.OBJECTIVES[config.family])
+  # the model FLOPs of the train step (one forward and backward pass per token), per chip
+  tokens = config.batch_size * config.data.seq_len / len(devices)
+  step("train step", config, registry.OBJECTIVES[config.family],
+       model_flops=dit.training_flops_per_token(config.model, vocab,
+                                                config.data.seq_len) * tokens)
   objective = registry.OBJECTIVES[config.distill.objective]
   student = distill.student_config(config)
   if objective.teacher != config.family:  # no distillation of this family's teacher
@@ -224,20 +246,30 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
            f"mesh {mesh}, V {report['vocab_size']}, L {report['seq_len']}, attention "
            f"{report['attention']}",
            "| computation | batch | memory per chip | of HBM | GFLOPs per chip | "
-           "GB accessed per chip | roofline step |", "|---|---|---|---|---|---|---|"]
+           "GB accessed per chip | roofline step | model GFLOPs per chip | at peak |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for c in report["computations"]:
     if "error" in c:
       lines.append(f"| {c['computation']} | {c['batch']} | does not fit: {c['error']} "
-                   "| | | | |")
+                   "| | | | | | |")
       continue
     fraction = f"{c['hbm_fraction']:.0%}" if "hbm_fraction" in c else "-"
-    seconds = (f"{c['roofline_seconds'] * 1e3:,.1f} ms ({c['bound']})"
+    mark = "*" if c.get("cost_undercounted") else ""
+    seconds = (f"{c['roofline_seconds'] * 1e3:,.1f} ms ({c['bound']}){mark}"
                if "roofline_seconds" in c else "-")
-    flops, accessed = ((f"{c['flops_per_chip'] / 1e9:,.0f}",
-                        f"{c['bytes_accessed_per_chip'] / 1e9:,.1f}")
+    flops, accessed = ((f"{c['flops_per_chip'] / 1e9:,.0f}{mark}",
+                        f"{c['bytes_accessed_per_chip'] / 1e9:,.1f}{mark}")
                        if "flops_per_chip" in c else ("-", "-"))
+    model = (f"{c['model_flops_per_chip'] / 1e9:,.0f}" if "model_flops_per_chip" in c
+             else "-")
+    at_peak = (f"{c['model_compute_seconds'] * 1e3:,.1f} ms" if "model_compute_seconds" in c
+               else "-")
     lines.append(f"| {c['computation']} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB "
-                 f"| {fraction} | {flops} | {accessed} | {seconds} |")
+                 f"| {fraction} | {flops} | {accessed} | {seconds} | {model} | "
+                 f"{at_peak} |")
+  if any(c.get("cost_undercounted") for c in report["computations"]):
+    lines.append("* XLA counts a loop's body once and nothing inside a Pallas kernel: "
+                 "a lower bound. The model's FLOPs (train step) are counted in full.")
   outputs.say("\n".join(lines))
   if jax.process_index() == 0:
     outputs.write_json(path / "compile.json", report)

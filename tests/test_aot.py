@@ -53,7 +53,11 @@ def test_compiles_for_a_v5e_slice_and_reports_memory_flops_and_what_does_not_fit
   # XLA's count against the model's matmuls (3 x forward), shared by 4 chips; XLA also
   # counts the noise draw, norms and softmaxes, so it is somewhat larger.
   model = dit.training_flops_per_token(config.model, 512, 64) * 16 * 64 / 4
+  assert step["model_flops_per_chip"] == pytest.approx(model)
+  assert step["model_compute_seconds"] == pytest.approx(model / 197e12)
   assert 1.0 <= step["flops_per_chip"] / model <= 1.6
+  # the fused output head is a loop over chunks: XLA counts one
+  assert step["cost_undercounted"] and "model_flops_per_chip" not in report["computations"][1]
   # At least the parameters, EMA and Adam moments are read once (their bytes on a chip).
   assert step["bytes_accessed_per_chip"] > step["argument_bytes"] / 2
   assert step["roofline_seconds"] == pytest.approx(max(

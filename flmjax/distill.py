@@ -311,7 +311,8 @@ def check_teacher(config: ml_collections.ConfigDict, workdir: epath.Path,
   against the student's architecture (config.model, with the student's family settings;
   its vocabulary is checked when it is loaded). A resumed student keeps the step it
   started from, even if the teacher trained on."""
-  own = checkpoint.Checkpoints(workdir / "checkpoints").newest_record()
+  own = (checkpoint.Checkpoints(workdir / "checkpoints").newest_record()
+         if (workdir / "checkpoints").exists() else None)
   step = (own["teacher_step"] if own is not None
           else checkpoint.latest_step(config.teacher_checkpoint))
   record = checkpoint.read_record(config.teacher_checkpoint, step)

@@ -8,6 +8,7 @@ prepared or compiled; a usage error is printed as one line with exit status 2.
 import copy
 import functools
 import os
+import re
 import sys
 
 from absl import app
@@ -123,7 +124,11 @@ def parse_flags(argv):
   except SystemExit as e:  # absl exits 1 after printing --help; help is not an error
     sys.exit(0 if HELP & set(argv[1:]) else e.code)
   except (AttributeError, KeyError) as e:  # ml_collections names the field
-    _fail(f"unknown config field {e}; configs/base.py lists every field.")
+    # its KeyError's text may be the repr of a nested one: the names, on one line
+    hint = re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', str(e))
+    message = (f"{hint[2]!r} (did you mean {hint[1]!r}?)" if hint
+               else " ".join(str(e).split()))
+    _fail(f"unknown config field {message}; configs/base.py lists every field.")
   except flags.Error as e:
     _fail(f"{e}; see --help.")
   try:

@@ -135,10 +135,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   steps (student), validation of the data's loss (FLM's denoising loss for FLM and FMLM,
   the baseline's own NLL or bound) and, with a frozen teacher, of the objective itself.
   A student of its own teacher (Duo's DCD) starts as the teacher's EMA weights."""
-  path = outputs.create_workdir(workdir)
+  # the teacher is checked before anything is written
   teacher_step, teacher_record = (
-      fmlm.check_teacher(registry.with_family(config, objective), path, objective.teacher)
+      fmlm.check_teacher(registry.with_family(config, objective),
+                         epath.Path(workdir).expanduser(), objective.teacher)
       if objective.teacher else (None, None))
+  path = outputs.create_workdir(workdir)
   prepared = pipeline.prepare(config, workdir)
   config = registry.with_family(config, objective, prepared.tokenizer)
   vocab_size = prepared.tokenizer.vocab_size

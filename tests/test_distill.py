@@ -499,6 +499,7 @@ def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path, teacher):
   config.model.width = 48
   with pytest.raises(UsageError, match="model.width 32 != 48"):
     train.distill(config, str(tmp_path / "s"))
+  assert not (tmp_path / "s").exists()  # refused before anything was written
   config.model.width, config.data.max_documents = 32, 300  # same V, another tokenizer
   with pytest.raises(UsageError, match="was trained with another tokenizer"):
     train.distill(config, str(tmp_path / "s"))

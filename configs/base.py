@@ -13,8 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Global batch size: examples per step summed over all processes and devices.
   config.batch_size = 512
   # What --mode=train trains: "flm" (the FLM teacher; --mode=distill makes its FMLM
-  # student), or a discrete baseline on the same DiT, data and loop (BASELINES.md, and
-  # docs/baselines.md): "mdlm" (masked diffusion), "sedd" (score entropy, absorbing), "d3pm"
+  # student), or a discrete baseline on the same DiT, data and loop (docs/baselines.md):
+  # "mdlm" (masked diffusion), "sedd" (score entropy, absorbing), "d3pm"
   # (absorbing, 1000 discrete steps), "duo" (uniform-state diffusion; its Gaussian curriculum
   # in `duo` below) or "ar" (autoregressive, causal).
   config.family = "flm"

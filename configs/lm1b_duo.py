@@ -1,6 +1,7 @@
-"""Duo on LM1B, the recipe of Duo's LM1B script (BASELINES.md sections 1.6 and 6.3):
-configs/lm1b.py with family=duo, Duo's Gaussian curriculum (tau = 1e-3, g in [-3.5,
--1.75]) for the first 500k of 1M steps, then the bound on discrete states. The data are
+"""Duo on LM1B, the recipe of Duo's LM1B script (scripts/train_lm1b_duo.sh in the
+reference; docs/baselines.md, "Duo's Gaussian curriculum"): configs/lm1b.py with
+family=duo, Duo's Gaussian curriculum (tau = 1e-3, g in [-3.5, -1.75]) for the first 500k
+of 1M steps, then the bound on discrete states. The data are
 configs/lm1b.py's, packed into full 128-token sequences like the script's
 `sentencepacking` variant; the script itself pads single sentences to 128.
 

@@ -1,5 +1,6 @@
 """Duo's discrete consistency distillation (DCD) on OpenWebText, the recipe of Duo's OWT
-distillation script (BASELINES.md section 7): a Duo student of a Duo run of configs/owt.py
+distillation script (scripts/distil_owt.sh in the reference; docs/baselines.md, "Duo's
+consistency distillation (DCD)"): a Duo student of a Duo run of configs/owt.py
 (--config.family=duo), AdamW 6e-5 (0.9, 0.999), 500 warmup steps, batch 128, EMA 0.999,
 50k steps in five rounds of 10k (dt = 1/512 ... 1/32), g in [-4, -1], KL(student ||
 teacher); validation every 1000 steps on 8 batches.

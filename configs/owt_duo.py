@@ -1,6 +1,7 @@
-"""Duo on OpenWebText, the recipe of Duo's OWT script (BASELINES.md sections 1.6 and 6.3):
-configs/owt.py with family=duo, Duo's Gaussian curriculum (tau = 1e-3, g in [-3.55,
--1.85]) for the first 500k of 1M steps, then the bound on discrete states.
+"""Duo on OpenWebText, the recipe of Duo's OWT script (scripts/train_owt_duo.sh in the
+reference; docs/baselines.md, "Duo's Gaussian curriculum"): configs/owt.py with
+family=duo, Duo's Gaussian curriculum (tau = 1e-3, g in [-3.55, -1.85]) for the first
+500k of 1M steps, then the bound on discrete states.
 
   python -m flmjax.main --config=configs/owt_duo.py --workdir=DIR --mode=train
 """

@@ -1,5 +1,5 @@
-"""The absorbing-state discrete diffusion baselines: MDLM, SEDD and D3PM (BASELINES.md
-sections 1, 3, 4 and 5).
+"""The absorbing-state discrete diffusion baselines: MDLM (Sahoo et al., 2024), SEDD (Lou
+et al., 2024) and D3PM (Austin et al., 2021), as the reference has them (docs/baselines.md).
 
 Time runs the other way from FLM's: t = 1 is pure noise, t = 0 data. Each token is
 independently replaced by the mask id m with probability 1 - alpha_t, with the log-linear
@@ -126,8 +126,8 @@ def d3pm_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
   || p_theta(x_s | x_t)) for the step s -> t that raises the masking probability
   u = 1 - alpha_t (at most 1 - 1e-4) by h = 1 / T, with p_theta(x_s | x_t) proportional
   to q(x_t | x_s) sum_v p(v) q(x_s | x0 = v), p = softmax(f) over all V (its mask entry
-  q_m included); with a_t = 1 - u, a_s = 1 - (u - h) (the reference writes u - h, a slip,
-  BASELINES.md 11.3):
+  q_m included); with a_t = 1 - u, a_s = 1 - (u - h) (the reference writes u - h: a bug
+  of the reference, docs/baselines.md):
 
     (h / u) [log(1 + a_t q_m / u) - log p(x0)]
       + (1 - h / u) [log(1 + a_t q_m / u) - log(1 + a_s q_m / (u - h))]."""

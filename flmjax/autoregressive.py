@@ -1,4 +1,4 @@
-"""The autoregressive baseline (BASELINES.md section 2): the causal DiT (no time input, no
+"""The autoregressive baseline (docs/baselines.md): the causal DiT (no time input, no
 adaLN, no attention soft cap) trained on next-token cross entropy.
 
 The input is x0[:, :-1], the targets x0[:, 1:]; the mask id's logit is suppressed (-1e6)

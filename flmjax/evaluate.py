@@ -10,7 +10,7 @@ baselines' rows also report their validation NLL (a bound for the diffusion fami
 exact for AR) and its exponential, the validation perplexity, on eval.valid_batches
 batches.
 
-Evaluation (the paper's protocol, section 7): samples (seed `seed`) are decoded to text,
+Evaluation (the paper's protocol): samples (seed `seed`) are decoded to text,
 re-encoded with the evaluator's tokenizer, cut to L tokens and padded with its EOS to the
 longest of a row's samples (as the reference pads each batch of samples it draws), and
 judged by the metrics of flmjax/metrics.py: gen PPL, unigram entropy and FD, the Frechet

@@ -1,5 +1,5 @@
 """Pure metrics of samples (numpy, no model): unigram entropy, generative perplexity and
-the Frechet distance (the paper's evaluation protocol, section 7, and FD, flmjax's
+the Frechet distance (the paper's evaluation protocol, and FD, flmjax's
 addition to it; flmjax/evaluate.py applies them)."""
 
 import numpy as np

@@ -9,9 +9,9 @@ one compiled function per (rule, B, L, N).
 Both samplers of the continuous flow step linearly in the state z:
 z <- keep z + move D + noise eps, with D the denoiser's probabilities at the row's times.
 
-- EULER (FLM, section 4): tau_i = linspace(0, 1, N + 1), t_i = t(tau_i);
+- EULER (FLM): tau_i = linspace(0, 1, N + 1), t_i = t(tau_i);
   D = softmax(net(z, tau_i)), keep = 1 - a_i, move = a_i, a_i = (t_{i+1} - t_i) / (1 - t_i).
-- FLOW_MAP (FMLM, section 5, churn gamma in [0, 1]): sigma = 1 - t_{i+1},
+- FLOW_MAP (FMLM, churn gamma in [0, 1]): sigma = 1 - t_{i+1},
   sigma~ = sigma sqrt(1 - gamma^2), t~ = 1 - sigma~, D = delta(z; tau_i, tau(t~)),
   keep = (1 - t~) / (1 - t_i), move = (t~ - t_i) / (1 - t_i) + sigma~ - sigma,
   noise = gamma sigma. One step is delta_{0,1}(z); gamma = 0 is the deterministic flow map.

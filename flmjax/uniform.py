@@ -1,6 +1,6 @@
-"""Duo's uniform-state discrete diffusion (BASELINES.md sections 1 and 6): the `duo_base`
-model, trained on discrete states after Duo's Gaussian curriculum (section 6.3, `objective`
-and the section below), and Duo's discrete consistency distillation (DCD, section 7).
+"""Duo's uniform-state discrete diffusion (Duo, Sahoo et al., 2025; docs/baselines.md): the
+`duo_base` model, trained on discrete states after Duo's Gaussian curriculum (`objective`
+and the section below), and Duo's discrete consistency distillation (DCD, the last section).
 
 Time, schedule and training times are flmjax/absorbing.py's (t = 1 noise, alpha_t =
 1 - (1 - 1e-3) t, the network's time input sigma_t = -log alpha_t). Forward process: each
@@ -8,8 +8,8 @@ token is kept with probability alpha_t, else replaced by an id drawn uniformly f
 (x0 again possible); the prior is uniform over V. The network reads token ids and gives
 x_theta = softmax(f) over all V.
 
-Loss per position (the continuous-time bound; BASELINES.md 6.1 writes it with
-xb_theta = V A x_theta + 1 - A): with A = alpha_t, j = x_t, rho = V A / (1 - A),
+Loss per position (the continuous-time bound; Duo's DUO_BASE in the reference's algo.py
+writes it with xb_theta = V A x_theta + 1 - A): with A = alpha_t, j = x_t, rho = V A / (1 - A),
 l(v) = log(1 + rho x_theta(v)) and u(v) = log(c + (1 - c) x_theta(v)), c = 1 / (1 + rho),
 
   T1 = (rho / A) (1[x0 = j] c + 1[x0 != j] - e^{-l(j)}),
@@ -18,7 +18,7 @@ l(v) = log(1 + rho x_theta(v)) and u(v) = log(c + (1 - c) x_theta(v)), c = 1 / (
   loss = (alpha'_t / (V A)) (T1 - T2),  alpha'_t = -(1 - 1e-3) (log-linear; `bound`
   takes any schedule's A, 1 - A and alpha'_t).
 
-This is section 6.1's expression rearranged so that its terms of size rho log rho (about
+This is that expression rearranged so that its terms of size rho log rho (about
 1e9 at t = 1e-3 and V = 50258) cancel in closed form rather than in float32; it is the
 limit of KL(q(x_s | x_t, x0) || q(x_s | x_t, x0 = x_theta)) / (t - s) as s -> t, 0 when
 x_theta is x0's one-hot. It is also the validation bound on the NLL per token (no prior
@@ -32,7 +32,8 @@ replaced by x_theta(x_t, sigma_t):
 
 then one noise-removal call at t = 1e-5: `ancestral` takes the same step to a_s = 1,
 `greedy` the argmax of x_theta; k + 1 network calls. Temperature and nucleus (top-p) apply
-to q (sampling.nucleus; the reference's Duo top-p is broken, BASELINES.md 11.6).
+to q (sampling.nucleus; the reference's Duo top-p hands log-probabilities to the sampler, a
+bug of the reference, docs/baselines.md).
 """
 
 import functools
@@ -161,7 +162,7 @@ def sampler(greedy: bool = False):
   return make
 
 
-# --- Duo's Gaussian view (BASELINES.md 6.3 and 7) -----------------------------------------
+# --- Duo's Gaussian view (its curriculum and DCD, docs/baselines.md) ----------------------
 #
 # z = a(g) onehot(x0) + b(g) eps, eps ~ N(0, I_V), a(g) = sqrt(sigmoid(-g)), b(g) =
 # sqrt(sigmoid(g)) (g is -log SNR); x = argmax z is a uniform-process state with alpha(g) =
@@ -186,7 +187,7 @@ def gaussian_alpha(g, vocab_size: int, ids: int | None = None) -> np.ndarray:
   """alpha(g) = (V P(g) - 1) / (V - 1) of the argmax state, in float64 on the host, with
   P(g) = E_{y ~ N(mu, 1)} Phi(y)^(ids - 1), mu = e^{-g/2}, the probability that the clean
   id is the argmax over `ids` ids (default V, the argmax that flmjax draws; Duo's GPT-2
-  table takes 50257 for V = 50258, BASELINES.md 11.11), by 200-node Gauss-Hermite
+  table takes 50257 for V = 50258), by 200-node Gauss-Hermite
   quadrature of exp((ids - 1) log Phi)."""
   probability = _clean_wins(g, vocab_size, ids, np.ones_like)
   return (vocab_size * probability - 1) / (vocab_size - 1)
@@ -195,7 +196,7 @@ def gaussian_alpha(g, vocab_size: int, ids: int | None = None) -> np.ndarray:
 def gaussian_slope(g, vocab_size: int) -> np.ndarray:
   """d alpha / d g = V / (V - 1) dP/dg, dP/dg = -(mu / 2) E[(y - mu) Phi(y)^(V - 1)] (d mu /
   d g = -mu / 2, and d/d mu E_{N(mu, 1)} f = E[(y - mu) f]), by the same quadrature: the
-  analytic form of the reference's forward difference (BASELINES.md 6.3)."""
+  analytic form of the reference's forward difference (docs/baselines.md)."""
   mu = np.exp(-np.asarray(g, np.float64) / 2)
   return vocab_size / (vocab_size - 1) * -mu / 2 * _clean_wins(g, vocab_size, None,
                                                              lambda offset: offset)
@@ -327,7 +328,7 @@ def trajectory(rng: jax.Array, x0: jax.Array, gammas, vocab_size: int) -> list[j
   return [jnp.where(top - clean < jnp.exp(-g / 2)[:, None], x0, other) for g in gammas]
 
 
-# --- Duo's Gaussian curriculum (BASELINES.md 6.3) ------------------------------------------
+# --- Duo's Gaussian curriculum (docs/baselines.md) -----------------------------------------
 
 
 def inverse_tau(step: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -346,7 +347,8 @@ def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
   schedule), after Duo's Gaussian curriculum for the first duo.curriculum_end steps
   (0: none; validation is always on discrete states). In the curriculum, at g =
   gamma_min + t (gamma_max - gamma_min), the network reads softmax(z / tau) @ E
-  (relaxed_input; the original Duo's softmax, BASELINES.md 11.4) at sigma = -log alpha(g),
+  (relaxed_input; the original Duo's softmax, which the reference drops: a bug of the
+  reference, docs/baselines.md) at sigma = -log alpha(g),
   and the bound is taken at x_t = argmax z with alpha(g) and alpha'_t = (gamma_max -
   gamma_min) d alpha / d g. The curriculum's last step is curriculum_end - 1 (the
   reference also runs it at curriculum_end). The step, frozen["step"] (state.train_step),
@@ -392,7 +394,7 @@ def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
   return loss_fn
 
 
-# --- Discrete consistency distillation (DCD, BASELINES.md section 7) ---------------------
+# --- Discrete consistency distillation (DCD, docs/baselines.md) --------------------------
 #
 # The student at (argmax z_t, g_t) is trained toward a frozen teacher at (argmax z_s, g_s)
 # on the same eps, a step dt = 2^k / T closer to the data, k the round

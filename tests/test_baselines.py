@@ -47,7 +47,7 @@ def _iid_tokens(p, shape, seed=0):
 
 
 def test_log_linear_schedule_values():
-  # BASELINES.md section 1.3: t = 0.5 -> alpha 0.5005, sigma 0.69215; alpha_1 = 1e-3.
+  # alpha_t = 1 - (1 - 1e-3) t: t = 0.5 -> alpha 0.5005, sigma 0.69215; alpha_1 = 1e-3.
   np.testing.assert_allclose(absorbing.alpha(0.5), 0.5005)
   np.testing.assert_allclose(absorbing.sigma(jnp.float32(0.5)), 0.69215, atol=1e-5)
   np.testing.assert_allclose(absorbing.alpha(1.0), 1e-3)
@@ -143,7 +143,7 @@ def _absorbing_kernel(keep):
 def test_d3pm_loss_is_t_times_the_kl_to_the_models_posterior(k):
   """At a masked position and grid step k: T KL(q(x_s | x_t, x0) || p_theta(x_s | x_t)),
   both posteriors by Bayes' rule over the forward kernels in float64, the model's with
-  x0's one-hot replaced by softmax(f) over all V (BASELINES.md section 5, with the next
+  x0's one-hot replaced by softmax(f) over all V (docs/baselines.md, "D3PM", with the next
   level 1 - (u - h)); 0 at a clean position and for a certain model."""
   t = k / 1000
   u = 1 - absorbing.alpha(t)

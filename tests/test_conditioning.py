@@ -131,7 +131,8 @@ def test_samplers_clamp_given_positions_and_return_them(rule, two_time, latent):
 def test_every_evaluation_reads_the_given_positions_as_their_tokens(rule, two_time):
   """Over several steps, the latent and V-space samplers' last probabilities are those of
   a loop written here in V-space that resets the given positions to their one-hot tokens
-  before each evaluation (the reference's reset after every step, BASELINES §8)."""
+  before each evaluation (clamping, as a sampler that resets them to their tokens after
+  every step does)."""
   model = _model(two_time)
   graphdef, params = nnx.split(model)
   n = 4

@@ -1,5 +1,6 @@
 """Reference-layout weights: import/export round trips, and logits against a numpy forward
-pass of the reference DiT written here from REFERENCE.md section 3 (no flmjax code)."""
+pass of the reference's DiT (its models/dit.py; names in docs/interop.md), written here
+without flmjax code."""
 
 import json
 import math
@@ -24,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=0.3,
                       causal=False):
   """Random weights with the reference's names and PyTorch shapes ((out, in) Linears);
-  `causal`: the AR backbone, without time embedder and adaLN (BASELINES.md section 9)."""
+  `causal`: the AR backbone, without time embedder and adaLN (docs/interop.md, "Baselines")."""
   rng = np.random.default_rng(seed)
   shapes = {"vocab_embed.embedding": (vocab, width)}
   for embedder in ("sigma_map", "sigma_map_prime")[:0 if causal else 1 + two_time]:
@@ -54,7 +55,7 @@ def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=
 
 def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
   """The reference DiT in float64 numpy: x [B, L, V] noisy one-hot -> logits [B, L, V].
-  Weights without `sigma_map` are the causal AR backbone (BASELINES.md section 1.2):
+  Weights without `sigma_map` are the causal AR backbone (docs/baselines.md):
   causal attention, no soft cap, no adaLN, no time input; output_cap=0: raw logits."""
   causal = "sigma_map.mlp.0.weight" not in w
   w = {k: v.astype(np.float64) for k, v in w.items()}
@@ -162,7 +163,7 @@ def test_imported_weights_give_the_reference_logits(two_time):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["mdlm", "sedd", "ar"])
 def test_imported_baseline_weights_give_the_reference_logits(family):
-  """The baselines' DiT (BASELINES.md sections 1.2 and 9): token ids in, no output cap, the
+  """The baselines' DiT (docs/baselines.md, docs/interop.md): token ids in, no output cap, the
   noise level sigma as time input (0 for MDLM), and for AR the causal backbone."""
   vocab, width, depth, heads, length = 41, 32, 2, 2, 8
   causal = family == "ar"

@@ -1,6 +1,7 @@
 """Duo's uniform-state diffusion (flmjax/uniform.py): its forward process, loss and
-sampler, and its consistency distillation (DCD), each against BASELINES.md sections 6 and 7
-computed here in float64, a closed form or a brute-force draw."""
+sampler, and its consistency distillation (DCD), each against Duo's formulas (classes
+DUO_BASE, DUO and Distillation in the reference's algo.py; docs/baselines.md) computed here
+in float64, a closed form or a brute-force draw."""
 
 import importlib
 import json
@@ -23,8 +24,8 @@ V = 7
 
 
 def _usdm_loss(x_theta, x0, j, a, vocab, dalpha=-(1 - absorbing.EPS)):
-  """BASELINES.md 6.1 as written there, in float64 (alpha'_t of the log-linear schedule
-  unless given)."""
+  """Duo's loss as the reference writes it (DUO_BASE.nll_per_token in its algo.py), in
+  float64 (alpha'_t of the log-linear schedule unless given)."""
   xb_theta = vocab * a * x_theta + 1 - a
   xb = vocab * a * (np.arange(vocab) == x0) + 1 - a
   c = (1 - a) / (vocab * a + 1 - a)
@@ -74,8 +75,8 @@ def test_corruption_keeps_a_token_or_draws_any_id_uniformly():
 
 @pytest.mark.parametrize("vocab", [V, 50258])
 @pytest.mark.parametrize("t", [1e-3, 0.3, 0.9])
-def test_the_loss_is_section_6_1s_expression(vocab, t):
-  """The rearranged float32 form against the expression as BASELINES.md writes it, in
+def test_the_loss_is_duos_expression_as_the_reference_writes_it(vocab, t):
+  """The rearranged float32 form against the expression as the reference writes it, in
   float64, for a kept and a changed token, at a spread and a peaked x_theta; at t = 1e-3
   and V = 50258 the written form's terms are about 1e9."""
   rng = np.random.default_rng(0)
@@ -92,7 +93,7 @@ def test_the_loss_is_section_6_1s_expression(vocab, t):
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_the_loss_is_the_rate_of_kl_between_the_true_and_the_modelled_reverse_step(t):
   """The continuous-time bound: KL(q(x_s | x_t, x0) || q(x_s | x_t, x0 = x_theta)) / (t - s)
-  as s -> t, the step's posteriors by Bayes' rule (x0 known) and by 6.2's rule (x0 ~
+  as s -> t, the step's posteriors by Bayes' rule (x0 known) and by Duo's sampler rule (x0 ~
   x_theta), both in float64."""
   rng = np.random.default_rng(1)
   logits = rng.normal(size=V)
@@ -107,7 +108,8 @@ def test_the_loss_is_the_rate_of_kl_between_the_true_and_the_modelled_reverse_st
 
 
 def _sampler_rule(x_theta, j, a_t, a_s, temperature=1.0):
-  """BASELINES.md 6.2's step in float64, its weights at `temperature` (p^(1/T))."""
+  """Duo's sampler step (DUO_BASE._compute_posterior in the reference's algo.py) in
+  float64, its weights at `temperature` (p^(1/T))."""
   r = a_t / a_s
   weights = ((r * (np.arange(len(x_theta)) == j) + (1 - r) / len(x_theta)) *
              (a_s * x_theta + (1 - a_s) / len(x_theta))) ** (1 / temperature)
@@ -115,7 +117,7 @@ def _sampler_rule(x_theta, j, a_t, a_s, temperature=1.0):
 
 
 def test_the_sampler_step_is_the_posterior_of_the_forward_process():
-  """uniform.posterior at a one-hot x0 is Bayes' rule; at a distribution, 6.2's rule."""
+  """uniform.posterior at a one-hot x0 is Bayes' rule; at a distribution, Duo's sampler rule."""
   a_t, a_s = 0.3, 0.55
   for x0, j in ((1, 1), (1, 3)):
     got = uniform.posterior(jax.nn.one_hot(jnp.array([x0]), V), jnp.array([j]), a_t, a_s)
@@ -157,7 +159,7 @@ def test_a_certain_model_is_sampled_exactly_in_k_plus_one_calls(greedy):
 
 
 def test_one_step_draws_from_the_posterior_then_removes_the_noise():
-  """A 1-step sample of a constant model draws every position from 6.2's rule from t = 1
+  """A 1-step sample of a constant model draws every position from Duo's sampler rule from t = 1
   to 1e-5, then removes the noise: `ancestral` by the same rule to a_s = 1, `greedy` by the
   argmax of x_theta. The one-step marginal over uniform starting ids is computed here in
   closed form, at temperature 1 and 0.5; top_p keeps the nucleus of each draw."""
@@ -236,7 +238,7 @@ def test_the_loss_has_finite_gradients_for_confident_models():
     assert np.isfinite(np.asarray(grad)).all()
 
 
-# --- Duo's Gaussian curriculum (BASELINES.md 6.3) ---------------------------------------
+# --- Duo's Gaussian curriculum (docs/baselines.md) --------------------------------------
 
 
 def _dense_relaxed(rng, x0, g, inv_tau, embed):
@@ -332,7 +334,7 @@ def test_tau_holds_then_moves_linearly_in_log10_over_the_window():
 
 def test_the_curriculum_is_the_bound_at_argmax_z_with_gaussian_alpha_then_duo_base():
   """Before duo.curriculum_end: the network at the relaxed input and sigma = -log alpha(g),
-  the loss BASELINES.md 6.1 as written at x_t = argmax z with alpha(g) by quadrature and
+  Duo's loss as the reference writes it at x_t = argmax z with alpha(g) by quadrature and
   alpha'_t = (gamma_max - gamma_min) d alpha / d g by central differences, all in float64
   here; from curriculum_end on, and in validation, the discrete-state objective."""
   graphdef, params = small_dit(V)
@@ -460,7 +462,7 @@ def test_the_duo_configs_are_duos_scripts(name, gammas):
               "duo", 1_000_000, 512, 500_000, 0, -3.0, -3.0, gammas)
 
 
-# --- Discrete consistency distillation (BASELINES.md section 7) -------------------------
+# --- Discrete consistency distillation (DCD, docs/baselines.md) -------------------------
 
 
 @pytest.mark.parametrize("ids, vocab, table", [
@@ -469,7 +471,7 @@ def test_the_duo_configs_are_duos_scripts(name, gammas):
     (50257, 50258, {-3.55: 0.94547, -3.0: 0.59624, -2.5: 0.23797, -1.85: 0.04932})])
 def test_gaussian_alpha_matches_duos_integral_tables_and_adaptive_quadrature(ids, vocab,
                                                                              table):
-  """alpha(g) against BASELINES.md 6.3's values of Duo's bert and gpt2 tables (5 digits,
+  """alpha(g) against values read from Duo's bert and gpt2 integral tables (5 digits,
   read at the nearest of 10^5 points: up to 2e-5 off), and against P(g) integrated here
   by adaptive quadrature."""
   g = np.array(list(table))
@@ -547,7 +549,7 @@ def _dcd_config(**dcd):
 @pytest.mark.parametrize("divergence",
                          [pytest.param("kl-bwd", marks=pytest.mark.slow), "kl-fwd"])
 def test_the_dcd_loss_is_the_kl_from_the_student_at_t_to_the_teacher_at_s(divergence):
-  """The objective at step 25 (round 2: dt = 4 / 16) equals section 7's loss computed here
+  """The objective at step 25 (round 2: dt = 4 / 16) equals DCD's loss computed here
   in float64 from two different networks: the student at (x_t, -log alpha(g_t)), the
   teacher (the frozen params) at (x_s, -log alpha(g_s)), t = min(t + dt, 1), s = t - dt,
   g = -4 + 3 t; and its gradient reaches the student only."""

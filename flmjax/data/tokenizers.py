@@ -2,7 +2,7 @@
 
 `vocab_size` is V, the size of the model's vocabulary: every id a tokenizer can emit,
 the pad id included. `mask_id` is the id the absorbing baselines use as their mask
-(BASELINES.md section 1.1): BERT's [MASK]; for GPT-2 and SentencePiece the pad id, which
+(docs/baselines.md, "The mask id"): BERT's [MASK]; for GPT-2 and SentencePiece the pad id, which
 is reserved (the prepared data are packed and never hold it), as the reference's GPT-2
 mask is its added pad row. `fingerprint` identifies the files that define the tokenizer, so a
 prepared cache built with another tokenizer is never reused.

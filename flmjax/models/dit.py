@@ -5,7 +5,7 @@ The network never sees a V-dimensional input: callers pass `h = x @ E` ([B, L, D
 discrete baselines), and it returns V logits per position. Time conditioning is
 `c = silu(temb(tau_s))`, or `c = silu(temb(tau_s) + temb2(tau_t))` for the two-time flow
 map, whose second embedder starts at zero so the student starts equal to the teacher. The
-baselines feed their noise level sigma to the same embedder (BASELINES.md section 1.2).
+baselines feed their noise level sigma to the same embedder (docs/baselines.md).
 
 `causal=True` is the autoregressive baseline: causal attention, no time embedder and no
 adaLN (block = x + attn(rope(LN(x))), then x + MLP(LN(x))); `decode` runs it one token

@@ -1,4 +1,4 @@
-"""Install flmjax: pip install -e ".[test]"."""
+"""Install flmjax: pip install -e . (the tests: pip install -e ".[test,tpu]", README.md)."""
 
 import setuptools
 

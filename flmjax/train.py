@@ -135,6 +135,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   steps (student), validation of the data's loss (FLM's denoising loss for FLM and FMLM,
   the baseline's own NLL or bound) and, with a frozen teacher, of the objective itself.
   A student of its own teacher (Duo's DCD) starts as the teacher's EMA weights."""
+  outputs.say(f"{'distill' if objective.teacher else 'train'} {objective.kind}"
+              f"{f' ({objective.name})' if objective.name != objective.kind else ''} in "
+              f"{workdir}")
   # the teacher is checked before anything is written
   teacher_step, teacher_record = (
       fmlm.check_teacher(registry.with_family(config, objective),

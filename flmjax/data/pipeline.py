@@ -164,6 +164,8 @@ def _exclusive(root: pathlib.Path):
     root.mkdir(parents=True, exist_ok=True)
     lock = open(root / ".lock", "w", encoding="utf-8")
   except OSError:
+    lock = None
+  if lock is None:
     yield
     return
   with lock:

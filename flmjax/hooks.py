@@ -29,6 +29,10 @@ class StepEnd:
   stopping: bool  # a stop was requested; the loop ends after this step
 
   def due(self, every: int) -> bool:
+    """Whether a hook run every `every` steps and at the end runs now; not at a stop,
+    which saves and ends at once (a scheduler's notice gives little time)."""
+    if self.stopping and not self.last:
+      return False
     return self.last or bool(every and self.step % every == 0)
 
 

@@ -44,10 +44,9 @@ def _train_in_two_processes(data_dir, workdir, steps: int, stop_after: int) -> l
       cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
       for i, log in enumerate(logs)]
   metrics, deadline = pathlib.Path(workdir) / "metrics.jsonl", time.time() + 300
-  resumed = len(metrics.read_text().splitlines())  # the lines of the run it resumes
   while time.time() < deadline and workers[1].poll() is None:
-    if any(json.loads(line)["step"] >= stop_after
-           for line in metrics.read_text().splitlines()[resumed:]):
+    if metrics.exists() and any(json.loads(line)["step"] >= stop_after
+                                for line in metrics.read_text().splitlines()):
       workers[1].send_signal(signal.SIGTERM)
       break
     time.sleep(0.05)
@@ -73,6 +72,7 @@ def test_checkpoints_move_between_one_and_two_processes_and_training_matches(tmp
   shutil.copytree(tmp_path / "single", tmp_path / "mixed")
   for step in range(4, 13, 2):
     shutil.rmtree(tmp_path / "mixed" / "checkpoints" / str(step))
+  (tmp_path / "mixed" / "metrics.jsonl").unlink()  # the two processes log from step 3 on
   # Two processes resume its step-2 checkpoint; one of them gets SIGTERM after step 3.
   assert _train_in_two_processes(data_dir, tmp_path / "mixed", 12, 3) == [STOPPED_STATUS] * 2
   stopped = max(int(p.name) for p in (tmp_path / "mixed" / "checkpoints").iterdir())

@@ -30,9 +30,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_in_two_processes(data_dir, workdir, steps: int, stop_after: int) -> list[int]:
+def _train_in_two_processes(data_dir, workdir, steps: int,
+                            stop_after: int | None = None) -> list[int]:
   """The exit statuses of two processes training to `steps`; once process 0 has logged
-  step `stop_after`, process 1 (only) gets SIGTERM."""
+  step `stop_after` (if given), process 1 (only) gets SIGTERM."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
   # Their logs go to files: a pipe that fills would stop a worker, and its collectives
@@ -44,7 +45,7 @@ def _train_in_two_processes(data_dir, workdir, steps: int, stop_after: int) -> l
       cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
       for i, log in enumerate(logs)]
   metrics, deadline = pathlib.Path(workdir) / "metrics.jsonl", time.time() + 300
-  while time.time() < deadline and workers[1].poll() is None:
+  while stop_after and time.time() < deadline and workers[1].poll() is None:
     if metrics.exists() and any(json.loads(line)["step"] >= stop_after
                                 for line in metrics.read_text().splitlines()):
       workers[1].send_signal(signal.SIGTERM)
@@ -63,7 +64,8 @@ def _train_in_two_processes(data_dir, workdir, steps: int, stop_after: int) -> l
 @pytest.mark.slow
 def test_checkpoints_move_between_one_and_two_processes_and_training_matches(tmp_path, prepared):
   """Two processes resume a one-process run; SIGTERM to one of them stops both after the
-  same step, saved; one process resumes that to the end, equal to the straight run."""
+  same step, saved; two processes resume that to the end, equal to the straight run (read
+  back by one process)."""
   data_dir = prepared.path.parent
   # One process, 12 steps straight (checkpoints every 2, all kept): the reference.
   config = mesh_config(12, data_dir)
@@ -79,7 +81,8 @@ def test_checkpoints_move_between_one_and_two_processes_and_training_matches(tmp
   assert 3 <= stopped < 12
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
       os.listdir(tmp_path / "mixed" / "checkpoints" / str(stopped) / "data"))
-  mixed = train.train(mesh_config(12, data_dir), str(tmp_path / "mixed"))
+  assert _train_in_two_processes(data_dir, tmp_path / "mixed", 12) == [0, 0]
+  mixed = train.train(mesh_config(12, data_dir), str(tmp_path / "mixed"))  # restores 12
   for name in ("params", "ema"):
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(mixed[name]),
                                  jax.tree.leaves(single[name])):

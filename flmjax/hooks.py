@@ -7,6 +7,7 @@ non-finite loss and `StopRequest` turns SIGTERM into a step at which every proce
 """
 
 import dataclasses
+import itertools
 import signal
 import time
 
@@ -176,14 +177,23 @@ class Checkpointing:
       self.guard.last_saved = step
 
 
+# The sync points every process passes, one per training step, numbered over the whole
+# process (a resumed run's or a pipeline's later stage's steps would not match the point
+# that a notice before them sets, one past the last passed).
+_SYNC_POINTS = itertools.count(1)
+
+
 class StopRequest:
   """Turns SIGTERM into a stop after the current step. In one process its own handler
   catches the signal; with several (jax.distributed), JAX's preemption service does, in
   whichever process it reaches, and every process stops after the same step, the first
-  that all of them reach after it (asked at every step, without a device sync)."""
+  that all of them reach after it (asked at every step, without a device sync). Without
+  that service (jax_enable_preemption_service off), SIGTERM ends the processes as it ends
+  any program, and the last checkpoint stays."""
 
   def __init__(self):
     self.requested, self.several = False, jax.process_count() > 1
+    self.service = self.several and jax.config.jax_enable_preemption_service
     if not self.several:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -191,10 +201,10 @@ class StopRequest:
     del signum, frame
     self.requested = True
 
-  def agreed(self, step: int) -> bool:
-    """Whether to stop after `step`."""
-    if self.several:
-      return multihost_utils.reached_preemption_sync_point(step)
+  def agreed(self) -> bool:
+    """Whether to stop after the step just taken."""
+    if self.service:
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_POINTS))
     return self.requested
 
   def restore(self) -> None:

@@ -106,7 +106,7 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
       step += 1
       guard.update(metrics.pop("nonfinite_step"))
       last = step == cfg.steps
-      end = hooks.StepEnd(step, state, metrics, last, stop.agreed(step))
+      end = hooks.StepEnd(step, state, metrics, last, stop.agreed())
       for hook in after:
         hook.after_step(end)
       if end.stopping:

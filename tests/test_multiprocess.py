@@ -3,7 +3,6 @@ a localhost coordinator) between runs of this process's 8 devices, on the same d
 mesh and global batches, with checkpoints restored across the two process counts and a
 stop on SIGTERM that both processes agree on."""
 
-import json
 import os
 import pathlib
 import shutil
@@ -30,10 +29,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_in_two_processes(data_dir, workdir, steps: int,
-                            stop_after: int | None = None) -> list[int]:
-  """The exit statuses of two processes training to `steps`; once process 0 has logged
-  step `stop_after` (if given), process 1 (only) gets SIGTERM."""
+def _train_in_two_processes(data_dir, workdir, steps: int, stop: bool = False) -> list[int]:
+  """The exit statuses of two processes training to `steps`; with `stop`, process 1
+  (only) gets SIGTERM once process 0 has said which run it starts, before the first step
+  (while the data are prepared and the step compiled)."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
   # Their logs go to files: a pipe that fills would stop a worker, and its collectives
@@ -44,10 +43,9 @@ def _train_in_two_processes(data_dir, workdir, steps: int,
        str(port), "4", str(data_dir), str(workdir), str(steps)],
       cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
       for i, log in enumerate(logs)]
-  metrics, deadline = pathlib.Path(workdir) / "metrics.jsonl", time.time() + 300
-  while stop_after and time.time() < deadline and workers[1].poll() is None:
-    if metrics.exists() and any(json.loads(line)["step"] >= stop_after
-                                for line in metrics.read_text().splitlines()):
+  deadline = time.time() + 300
+  while stop and time.time() < deadline and workers[1].poll() is None:
+    if "train flm in" in logs[0].read_text():
       workers[1].send_signal(signal.SIGTERM)
       break
     time.sleep(0.05)
@@ -63,9 +61,9 @@ def _train_in_two_processes(data_dir, workdir, steps: int,
 
 @pytest.mark.slow
 def test_checkpoints_move_between_one_and_two_processes_and_training_matches(tmp_path, prepared):
-  """Two processes resume a one-process run; SIGTERM to one of them stops both after the
-  same step, saved; two processes resume that to the end, equal to the straight run (read
-  back by one process)."""
+  """Two processes resume a one-process run; SIGTERM to one of them before their first
+  step stops both after it, saved; two processes resume that to the end, equal to the
+  straight run (read back by one process)."""
   data_dir = prepared.path.parent
   # One process, 12 steps straight (checkpoints every 2, all kept): the reference.
   config = mesh_config(12, data_dir)
@@ -74,13 +72,12 @@ def test_checkpoints_move_between_one_and_two_processes_and_training_matches(tmp
   shutil.copytree(tmp_path / "single", tmp_path / "mixed")
   for step in range(4, 13, 2):
     shutil.rmtree(tmp_path / "mixed" / "checkpoints" / str(step))
-  (tmp_path / "mixed" / "metrics.jsonl").unlink()  # the two processes log from step 3 on
-  # Two processes resume its step-2 checkpoint; one of them gets SIGTERM after step 3.
-  assert _train_in_two_processes(data_dir, tmp_path / "mixed", 12, 3) == [STOPPED_STATUS] * 2
-  stopped = max(int(p.name) for p in (tmp_path / "mixed" / "checkpoints").iterdir())
-  assert 3 <= stopped < 12
+  # Two processes resume its step-2 checkpoint; one of them gets SIGTERM before step 3.
+  assert _train_in_two_processes(data_dir, tmp_path / "mixed", 12, stop=True) == [
+      STOPPED_STATUS] * 2
+  assert sorted(int(p.name) for p in (tmp_path / "mixed" / "checkpoints").iterdir()) == [2, 3]
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
-      os.listdir(tmp_path / "mixed" / "checkpoints" / str(stopped) / "data"))
+      os.listdir(tmp_path / "mixed" / "checkpoints" / "3" / "data"))
   assert _train_in_two_processes(data_dir, tmp_path / "mixed", 12) == [0, 0]
   mixed = train.train(mesh_config(12, data_dir), str(tmp_path / "mixed"))  # restores 12
   for name in ("params", "ema"):

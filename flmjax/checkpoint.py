@@ -45,14 +45,16 @@ def git_hash() -> str | None:
     return None
 
 
-def run_record(config: ml_collections.ConfigDict, tokenizer, kind: str) -> dict:
+def run_record(config: ml_collections.ConfigDict, tokenizer, kind: str,
+               data: str | None = None) -> dict:
   """What a checkpoint says about the run that wrote it: its kind ("flm" teacher or
-  "fmlm" student), resolved config, V, tokenizer (to decode samples later) and commit."""
+  "fmlm" student), resolved config, V, tokenizer (to decode samples later), the name of
+  the prepared data it trained on (None for imported weights) and commit."""
   return {"kind": kind, "config": json.loads(config.to_json_best_effort()),
           "vocab_size": tokenizer.vocab_size,
           "tokenizer": {"kind": tokenizer.kind, "source": tokenizer.source,
                         "fingerprint": tokenizer.fingerprint},
-          "git": git_hash()}
+          "data": data, "git": git_hash()}
 
 
 def check_compatible(saved: dict, *, kind: str, vocab_size: int | None, model: dict,
@@ -78,25 +80,20 @@ def check_compatible(saved: dict, *, kind: str, vocab_size: int | None, model: d
                      f"architecture ({'; '.join(diffs)}; saved != expected): {advice}.")
 
 
-# The fields that define a run's data order: a resumed run reads on from the saved
-# position of the same order.
-DATA_ORDER = ("batch_size", "seed", "data.corpus", "data.path", "data.text_field",
-              "data.valid_fraction", "data.max_documents", "data.seq_len")
-
-
-def check_same_data_order(saved: dict, config: dict, where: str) -> None:
-  """Refuses to resume a run whose DATA_ORDER fields (in its resolved config `saved`)
-  differ from `config`'s: the saved data position would index another order."""
-  def get(tree, field):
-    for key in field.split("."):
-      tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-  diffs = [f"{field} {get(saved, field)!r} != {get(config, field)!r}" for field in DATA_ORDER
-           if get(saved, field) != get(config, field)]
+def check_same_data_order(saved: dict, record: dict, where: str) -> None:
+  """Refuses to resume a run (whose run record is `saved`) with another data order than
+  `record`'s: the saved position would index another sequence of batches. The order is
+  the prepared data (their folder's name, a hash of the corpus, the tokenizer and L),
+  batch_size and seed."""
+  diffs = [f"{field} {saved['config'][field]!r} != {record['config'][field]!r}"
+           for field in ("batch_size", "seed")
+           if saved["config"][field] != record["config"][field]]
+  if saved.get("data", record["data"]) != record["data"]:  # older records have no "data"
+    diffs.append(f"prepared data {saved['data']} != {record['data']}")
   if diffs:
     raise UsageError(f"{where} holds a run with another data order ({'; '.join(diffs)}; "
                      "saved != now): resuming reads on from its saved position in that "
-                     "order; set these fields back, or use a new --workdir.")
+                     "order; use the run's data, batch_size and seed, or a new --workdir.")
 
 
 def absolute(path: epath.Path) -> epath.Path:

@@ -44,7 +44,8 @@ def _start(config, path: epath.Path, prepared, task: Task):
   cfg = config.train
   layout = train_state.plan(config, task.build, sharding.make_mesh(config.mesh),
                             teacher_every=task.teacher_every)
-  record = dict(checkpoint.run_record(config, prepared.tokenizer, task.kind), **task.record)
+  record = dict(checkpoint.run_record(config, prepared.tokenizer, task.kind,
+                                      prepared.path.name), **task.record)
   checkpoints = checkpoint.Checkpoints(path / "checkpoints", cfg.keep_checkpoints,
                                        cfg.keep_period)
   batches = iter(pipeline.train_batches(prepared, config.batch_size, config.seed))
@@ -55,8 +56,7 @@ def _start(config, path: epath.Path, prepared, task: Task):
         model=record["config"]["model"], where=str(path / "checkpoints"),
         advice="use a new --workdir, or run with the checkpoint's config",
         tokenizer=record["tokenizer"]["fingerprint"])
-    checkpoint.check_same_data_order(saved["config"], record["config"],
-                                     str(path / "checkpoints"))
+    checkpoint.check_same_data_order(saved, record, str(path / "checkpoints"))
 
   restored = checkpoints.restore_latest(layout.abstract_state, batches, check)
   if restored is None:

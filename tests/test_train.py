@@ -172,6 +172,10 @@ def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
   config.batch_size, config.seed = 16, 5
   with pytest.raises(UsageError, match="another data order [(]batch_size 8 != 16; seed 1 != 5;"):
     train.train(config, str(tmp_path))
+  config = train_config(steps=4)
+  config.data.seq_len = 16  # other prepared data, the same tokenizer and model
+  with pytest.raises(UsageError, match="another data order [(]prepared data prepared-"):
+    train.train(config, str(tmp_path))
   assert not (tmp_path / "unreadable_checkpoints").exists()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 

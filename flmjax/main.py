@@ -124,10 +124,19 @@ def parse_flags(argv):
   except SystemExit as e:  # absl exits 1 after printing --help; help is not an error
     sys.exit(0 if HELP & set(argv[1:]) else e.code)
   except (AttributeError, KeyError) as e:  # ml_collections names the field
-    # its KeyError's text may be the repr of a nested one: the names, on one line
-    hint = re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', str(e))
-    message = (f"{hint[2]!r} (did you mean {hint[1]!r}?)" if hint
-               else " ".join(str(e).split()))
+    # its KeyError's text may be the repr of a nested one: the names, on one line, the
+    # override's whole name where one ends in the unknown one
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    hint = re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', text)
+    if hint:
+      names = [a.split("=")[0].removeprefix("--config.") for a in argv[1:]
+               if a.startswith("--config.")]
+      field = next((n for n in names if hint[2] in n.split(".")), hint[2])
+      message = f"{field!r} (did you mean {hint[1]!r}?)"
+    else:
+      message = " ".join(text.split())
+      if re.fullmatch(r"[\"']*[\w.]+[\"']*", message):  # a bare (quoted) name
+        message = repr(message.strip("\"'"))
     _fail(f"unknown config field {message}; configs/base.py lists every field.")
   except flags.Error as e:
     _fail(f"{e}; see --help.")

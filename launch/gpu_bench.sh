@@ -3,7 +3,7 @@
 # (plain output head, plain attention) and after (the fused head, the Pallas flash attention
 # with the soft cap inside), one JSON line each.
 #
-#   launch/gpu_bench.sh [--size=gpu|tiny] [--timeout=150] [--dry-run] [-- --config.FIELD=VALUE ...]
+#   launch/gpu_bench.sh [--size=gpu|tiny] [--timeout=140] [--dry-run] [-- --config.FIELD=VALUE ...]
 #
 # gpu (the default): DiT small (D 768, 12 blocks, 12 heads, bfloat16 blocks)
 #   - at L 128, V 8192, batch 128 (the shape of the H200 entry in docs/results.md);
@@ -14,13 +14,13 @@
 # tiny: the same four runs at a toy size, on any machine (a check of the script on a CPU).
 # Each line is the bench's JSON with "shape", "code" (before or after) and "commit" added;
 # a run that fails, or runs past --timeout seconds, gives a line with "error" instead, the
-# others still run, and the script then exits 1 (four runs of 150 s at most fit a GPU
-# session of 10 minutes). XLA_PYTHON_CLIENT_MEM_FRACTION is 0.9 unless set (JAX's
+# others still run, and the script then exits 1 (four runs of 140 s at most fit a call
+# of 10 minutes). XLA_PYTHON_CLIENT_MEM_FRACTION is 0.9 unless set (JAX's
 # default preallocation, 0.75, leaves little room for the OWT shape's plain step).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-size=gpu limit=150 dry_run=0 extra=()
+size=gpu limit=140 dry_run=0 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --size=*) size="${1#*=}" ;;

@@ -77,7 +77,7 @@ def test_sigterm_ends_the_pipeline_which_then_resumes_to_its_end_and_reruns_noth
   process = subprocess.Popen(
       [sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
        f"--workdir={tmp_path}", "--mode=pipeline", "--config.train.steps=100000",
-       "--config.train.checkpoint_every=0", *TRAIN, *REST],
+       "--config.train.checkpoint_every=0", *TRAIN, *REST, "--config.train.eval_every=1"],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   teacher = tmp_path / "teacher"
   metrics = teacher / "metrics.jsonl"
@@ -88,8 +88,10 @@ def test_sigterm_ends_the_pipeline_which_then_resumes_to_its_end_and_reruns_noth
   _, err = process.communicate(timeout=120)
   assert process.returncode == 143, err  # unfinished: 128 + SIGTERM
   step = max(int(p.name) for p in (teacher / "checkpoints").iterdir())  # saved on SIGTERM
-  logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
-  assert step >= 3 and logged[-1] == step  # the step it stopped at, logged and saved
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert step >= 3 and lines[-1]["step"] == step  # the step it stopped at, logged and saved
+  # validated at every step before it, not at the stop (which saves at once)
+  assert {l["step"] for l in lines if "valid_loss" in l} == set(range(1, step))
   assert not (tmp_path / "student").exists()  # the pipeline stopped with the teacher
   assert json.loads((teacher / "config.json").read_text())["config"]["train"]["steps"] == 100000
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import train_config
-from flmjax import hooks, objectives, outputs, train
+from flmjax import objectives, outputs, train
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -185,12 +185,3 @@ def test_unwritable_workdir(tmp_path):
   with pytest.raises(UsageError, match="is not writable"):
     train.train(train_config(), str(tmp_path / "file" / "run"))
 
-
-def test_hooks_at_a_stop_only_log_and_save():
-  """At a SIGTERM stop the step is logged and saved at once; validation and samples wait
-  for their next step (after the resume), unless it is the run's last."""
-  def end(step, last=False, stopping=False):
-    return hooks.StepEnd(step, {}, {}, last, stopping)
-  assert end(10).due(5) and not end(11).due(5) and end(11, last=True).due(5)
-  assert not end(10, stopping=True).due(5) and end(10, last=True, stopping=True).due(5)
-  assert not end(3).due(0) and end(3, last=True).due(0)

@@ -51,6 +51,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from flmjax import checkpoint, conditioning, flow, state
 from flmjax.errors import UsageError
@@ -61,15 +62,23 @@ from flmjax.schedule import Schedule, get_schedule
 
 def split_counts(batch_size: int, diagonal_fraction: float,
                  boundary_fraction: float) -> tuple[int, int, int]:
-  """(diagonal, boundary, off-diagonal) rows of a batch: floors of the fractions, the
-  off-diagonal share taking the rest."""
+  """(diagonal, boundary, off-diagonal) rows of a batch, by floors of the cumulative
+  fractions as the reference's `Distillation._get_split_indices` counts them (33 rows at
+  0.5 and 1/64 take 16, 1 and 16), the off-diagonal share taking the rest."""
   diagonal = int(batch_size * diagonal_fraction)
-  boundary = int(batch_size * boundary_fraction)
+  boundary = int(batch_size * (diagonal_fraction + boundary_fraction)) - diagonal
   return diagonal, boundary, batch_size - diagonal - boundary
 
 
+# The largest float32 below 1: an off-diagonal tau_t = tau_s + d rounds to 1 about once in
+# two million rows (the reference's float32 draw too), where the Eulerian target's
+# (t - s) / (1 - t) would be about 1e8; tau_t stays at most this (t(tau) < 0.91 there).
+_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
 def draw_times(rng: jax.Array, counts: tuple[int, int, int]):
-  """(tau_s, tau_u, tau_t), each [sum(counts)], rows ordered diagonal, boundary, off."""
+  """(tau_s, tau_u, tau_t), each [sum(counts)], rows ordered diagonal, boundary, off; the
+  off-diagonal tau_t below 1 (`_BELOW_ONE`)."""
   diagonal, boundary, off = counts
   rng_diag, rng_gap, rng_start = jax.random.split(rng, 3)
 
@@ -80,7 +89,7 @@ def draw_times(rng: jax.Array, counts: tuple[int, int, int]):
   gap = uniform(rng_gap, off)
   start = uniform(rng_start, off) * (1 - gap)
   tau_s = jnp.concatenate([tau_diag, jnp.zeros(boundary), start])
-  tau_t = jnp.concatenate([tau_diag, jnp.ones(boundary), start + gap])
+  tau_t = jnp.concatenate([tau_diag, jnp.ones(boundary), jnp.minimum(start + gap, _BELOW_ONE)])
   return tau_s, (tau_s + tau_t) / 2, tau_t
 
 

@@ -33,8 +33,9 @@ def _student(seed=7):
 
 
 @pytest.mark.parametrize("batch, counts", [(512, (256, 8, 248)), (128, (64, 2, 62)),
-                                           (8, (4, 0, 4))])
+                                           (8, (4, 0, 4)), (33, (16, 1, 16))])
 def test_split_counts_follow_the_fractions(batch, counts):
+  """Floors of the cumulative fractions (33 rows: 16.5 -> 16, 17.02 -> 17)."""
   assert distill.split_counts(batch, 0.5, 0.5 / 32) == counts
 
 
@@ -66,6 +67,19 @@ def test_times_of_each_share():
   gap = off_t - off_s  # stratified: one gap in each 1/64 stratum
   np.testing.assert_array_equal(np.sort(np.floor(gap * 64)), np.arange(64))
   np.testing.assert_allclose(tau_u, (tau_s + tau_t) / 2)
+
+
+def test_off_diagonal_times_stay_below_one(monkeypatch):
+  """Strata draws of 1 - 2^-24 give d = 1 - 2^-24 and tau_s = 2^-24 d, whose float32 sum
+  is 1: the off-diagonal tau_t stays below 1 (and t(tau_t) well below), where the Eulerian
+  target divides by 1 - t; boundary rows keep tau_t = 1."""
+  top = np.float32(1 - 2.0**-24)
+  monkeypatch.setattr(flow, "stratified_uniform", lambda key, n: jnp.full((n,), top))
+  assert np.float32(top * 2.0**-24) + top == 1  # the rounding this guards against
+  _, _, tau_t = distill.draw_times(jax.random.key(0), (0, 2, 4))
+  np.testing.assert_array_equal(tau_t[:2], 1.0)
+  np.testing.assert_array_equal(tau_t[2:], top)
+  assert (get_schedule(V).t(tau_t[2:]) < 0.95).all()
 
 
 def test_semigroup_weight_closed_form():

@@ -326,6 +326,50 @@ def test_semigroup_objective_equals_its_v_space_definition(weighted):
   np.testing.assert_allclose(loss, (8 * diagonal + 8 * off) / 16, rtol=1e-5)
 
 
+@pytest.mark.parametrize("objective, head", [("eulerian", "plain"), ("lagrangian", "plain"),
+                                             ("lagrangian", "fused")])
+def test_jvp_objectives_equal_their_v_space_definitions(objective, head):
+  """The Eulerian and Lagrangian losses (V-space noise, no dropout) on the objective's own
+  draws: no boundary rows (8 diagonal, 8 off-diagonal); diagonal rows against the
+  teacher's D_s(x_s) by soft cross entropy; off-diagonal rows against the target (its
+  formula is checked by finite differences above; the Eulerian one reads the teacher's D_s
+  of its own rows) by the squared error of the student's probabilities summed over V
+  (Eulerian) or by soft cross entropy (Lagrangian); each share's mean over its positions,
+  the loss their mean weighted by rows."""
+  (tg, tp), _ = _teacher_and_student()
+  teacher, student = nnx.merge(tg, tp), nnx.merge(*_different_student())
+  config = train_config()
+  config.noise = "vocab"
+  config.model.update(output_head=head, output_chunk=48)
+  config.distill.boundary_fraction = 0.125  # asked for, and not taken
+  fn = registry.OBJECTIVES[objective].build(config, V, tg, train=False)
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
+  rng = jax.random.key(1)
+  loss, metrics = jax.jit(lambda: fn(student, {"tokens": tokens}, rng, tp))()
+
+  rng_times, rng_noise, _, _ = jax.random.split(rng, 4)
+  tau = distill.draw_times(rng_times, (8, 0, 8))
+  schedule = get_schedule(V)
+  s, u, t = (schedule.t(x) for x in tau)
+  x_s = _col(1 - s) * jax.random.normal(rng_noise, (B, L, V)) + _col(s) * jax.nn.one_hot(
+      tokens, V)
+  d_s = _probs(teacher, x_s, tau[0])
+  off = slice(8, None)
+  rows = distill.Rows(student.embed(x_s[off]), student.vocab_embed[...],
+                      tuple(x[off] for x in tau), (s[off], u[off], t[off]), schedule,
+                      d_s[off])
+  target = jax.jit(lambda: getattr(distill, f"{objective}_target")(student, rows))()
+  log_delta = jax.nn.log_softmax(student(student.embed(x_s), tau[0], tau[2]), axis=-1)
+  diagonal = -np.sum(d_s[:8] * log_delta[:8], -1).mean()
+  if objective == "eulerian":
+    off_loss = np.sum((np.exp(log_delta[8:]) - target) ** 2, -1).mean()
+  else:
+    off_loss = -np.sum(target * log_delta[8:], -1).mean()
+  np.testing.assert_allclose(metrics["diagonal_loss"], diagonal, rtol=1e-5)
+  np.testing.assert_allclose(metrics["offdiagonal_loss"], off_loss, rtol=1e-5)
+  np.testing.assert_allclose(loss, (diagonal + off_loss) / 2, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", FLOW_MAP)
 def test_objectives_with_v_space_noise_give_finite_losses_and_gradients(objective):

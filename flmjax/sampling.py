@@ -47,7 +47,10 @@ def _times(vocab_size: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def euler_grid(vocab_size: int, steps: int, gamma: float = 0.0) -> dict[str, np.ndarray]:
-  """{tau [N], keep, move, noise [N - 1]} of the Euler sampler (it has no churn)."""
+  """{tau [N], keep, move, noise [N - 1]} of the Euler sampler (it has no churn): z <- z +
+  (t_{i+1} - t_i) (D - z) / (1 - t_i), as the paper writes it; the reference adds 1e-5 to
+  1 - t_i, which changes a step by a relative 1e-5 / (1 - t_i), under 1e-4 on these
+  grids."""
   del gamma
   tau, t = _times(vocab_size, steps)
   a = (t[1:steps] - t[:steps - 1]) / (1 - t[:steps - 1])

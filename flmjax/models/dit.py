@@ -67,7 +67,8 @@ def _linear(d_in, d_out, names, *, rngs, use_bias=True, zero=False, dtype=None):
 
 
 def timestep_embedding(tau: jax.Array, dim: int = FREQ_DIM, max_period: float = 1e4):
-  """[cos, sin] features of tau [B] (used raw, in [0, 1]) -> [B, dim]."""
+  """[cos, sin] features of the time input [B], used raw (FLM's tau in [0, 1]; the
+  baselines' sigma_t, up to about 7) -> [B, dim]."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = tau.astype(jnp.float32)[:, None] * freqs[None]
@@ -373,8 +374,9 @@ class DiT(nnx.Module):
 
   @jax.named_scope("norms_modulation")
   def conditioning(self, tau_s, tau_t=None):
-    """c [B, cond] from tau_s [B] (and tau_t [B] for the two-time flow map); None for the
-    causal model, which has no time input."""
+    """c [B, cond] from tau_s [B] (and tau_t [B] for the two-time flow map: without it,
+    a two-time model reads tau_t = tau_s, delta_{s,s}); None for the causal model, which
+    has no time input."""
     if self.causal:
       return None
     temb = self.sigma_map(tau_s)

@@ -257,12 +257,11 @@ def categorical(rng: jax.Array, probs: jax.Array) -> jax.Array:
 
 
 def nucleus(probs: jax.Array, temperature: float = 1.0, top_p: float = 1.0) -> jax.Array:
-  """probs [..., V] at `temperature` (p^(1/T), renormalised), then restricted to its
-  nucleus: the smallest set of most probable tokens whose mass reaches top_p (a token is
-  kept when the mass of the tokens ranked above it is below top_p, so the top one always
-  is), renormalised. The identity at T = 1, top_p = 1."""
-  if temperature != 1.0:
-    probs = jax.nn.softmax(jnp.log(probs) / temperature, axis=-1)
+  """probs [..., V] (normalised) restricted to its nucleus: the smallest set of most
+  probable tokens whose mass reaches top_p (a token is kept when the mass of the tokens ranked above it is
+  below top_p, so the top one always is), then at `temperature` (p^(1/T)), renormalised:
+  the reference's order for Duo (top-p of q, then the temperature of its categorical
+  draw). The identity at T = 1, top_p = 1."""
   if top_p < 1.0:
     order = jnp.argsort(-probs, axis=-1)
     ranked = jnp.take_along_axis(probs, order, axis=-1)
@@ -270,6 +269,8 @@ def nucleus(probs: jax.Array, temperature: float = 1.0, top_p: float = 1.0) -> j
     keep = jnp.take_along_axis(keep, jnp.argsort(order, axis=-1), axis=-1)
     probs = jnp.where(keep, probs, 0.0)
     probs = probs / probs.sum(axis=-1, keepdims=True)
+  if temperature != 1.0:
+    probs = jax.nn.softmax(jnp.log(probs) / temperature, axis=-1)
   return probs
 
 

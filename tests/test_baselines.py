@@ -327,14 +327,33 @@ def test_nucleus_and_temperature_closed_forms():
   np.testing.assert_allclose(sampling.nucleus(p, temperature=0.5), squared / squared.sum(),
                              rtol=1e-5)
   np.testing.assert_array_equal(sampling.nucleus(p), p)
+  # The nucleus of p first ([0.6, 0.3] / 0.9), then the temperature: [0.8, 0.2, 0]
+  np.testing.assert_allclose(sampling.nucleus(jnp.array([0.6, 0.3, 0.1]), 0.5, 0.65),
+                             [0.8, 0.2, 0], atol=1e-6)
 
 
-def test_temperature_and_top_p_reach_the_mdlm_draws():
+@pytest.mark.parametrize("family", ["mdlm", "sedd", "d3pm", "ar"])
+def test_temperature_and_top_p_reach_every_discrete_sampler(family):
+  """From config.sample through registry.sampler: the tokens of a model whose every
+  position predicts p = (1, ..., 11) / 66 are distributed as p's nucleus at top_p 0.9
+  (ids 3 to 10: the mass ranked above id 2, p = 3/66, is 60/66) at temperature 0.5
+  (p^2, renormalised)."""
   p = _data_distribution()
-  model = _constant_model(np.append(np.log(p), 0.0))
-  tokens, _ = _samples(model, "mdlm", 2, top_p=0.3)
-  kept = np.asarray(sampling.nucleus(jnp.asarray(p, jnp.float32), top_p=0.3)) > 0
-  assert set(np.unique(tokens)) == set(np.flatnonzero(kept))
+  expected = np.where(np.arange(M) >= 3, p**2, 0.0)
+  expected /= expected.sum()
+  logits = np.log(p) + (np.log(V - 1) if family == "sedd" else 0.0)  # SEDD: a score
+  model = _constant_model(np.append(logits, 5.0 if family == "ar" else 0.0),
+                          causal=family == "ar")
+  config = train_config()
+  config.sample.update(temperature=0.5, top_p=0.9)
+  _, sample = registry.sampler(family, config, 2, 2048, seq_len=8, mask_id=M, bos_id=0)
+  graphdef, params = nnx.split(model)
+  tokens = np.asarray(sample(graphdef, nnx.to_pure_dict(params), jax.random.key(0))[0])
+  tokens = tokens[:, 1:] if family == "ar" else tokens  # after BOS
+  frequency = np.bincount(tokens.ravel(), minlength=V) / tokens.size
+  np.testing.assert_array_equal(frequency[:3], 0)
+  np.testing.assert_allclose(frequency[:M], expected, atol=0.012)
+  assert frequency[M] == 0
 
 
 @pytest.mark.slow

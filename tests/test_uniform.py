@@ -604,11 +604,16 @@ def test_dcd_distils_a_duo_run_with_a_teacher_refreshed_every_round(tmp_path, pr
   model with Duo's validation bound."""
   config = train_config(steps=2)
   config.family, config.data.dir = "duo", str(prepared.path.parent)
-  train.train(config, str(tmp_path / "duo"))
+  duo = jax.tree.map(np.asarray, train.train(config, str(tmp_path / "duo"))["ema"])
   config.teacher_checkpoint = str(tmp_path / "duo")
-  config.distill.update(objective="dcd", steps=4, batch_size=0)
+  config.distill.update(objective="dcd", steps=2, batch_size=0)
   config.distill.dcd.update(round_steps=2, grid=8)
-  first = train.distill(config, str(tmp_path / "dcd"))
+  started = train.distill(config, str(tmp_path / "dcd"))
+  # In the first round the state's teacher is the student's start: the Duo run's EMA.
+  for a, b in zip(jax.tree.leaves(duo), jax.tree.leaves(started.state["teacher"])):
+    np.testing.assert_array_equal(a, b)
+  config.distill.steps = 4
+  first = train.distill(config, str(tmp_path / "dcd"))  # resumes at step 2
   at_four = jax.tree.map(np.asarray, first.state["params"])
   assert not all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(at_four), jax.tree.leaves(first.state["teacher"])))

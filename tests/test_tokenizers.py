@@ -53,6 +53,25 @@ def test_wordpiece_on_a_small_vocab(tmp_path):
   assert tok.vocab_size == len(words)
 
 
+def test_wordpiece_normalises_and_decodes_as_transformers_bert(tmp_path):
+  """Uncased BERT strips accents and splits CJK characters ("Café東京 NAÏVE" -> cafe 東 京
+  naive); decoding cleans up tokenization spaces over the whole text, apostrophes
+  included. The expected strings are transformers' BertTokenizer's (4.57, the reference's
+  decoder) on this vocabulary."""
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "i", "do", "not", "know", ".", ",",
+           "'", "s", "t", "it", "don", "the", "##s", "cat", "n", "?", "!", "we", "re", "ve",
+           "m", "cafe", "東", "京", "naive"]
+  tok = tokenizers.BertTokenizer(_write_vocab(tmp_path, words))
+  assert tok.encode_batch(["Café東京 NAÏVE"])[0] == [26, 27, 28, 29]
+  for ids, text in [
+      ([2, 14, 11, 12, 16, 18, 17, 9, 2], "[CLS] it's the cats. [CLS]"),
+      ([2, 15, 11, 13, 6, 7, 10, 5, 20, 2, 0, 0], "[CLS] don't do not, i? [CLS] [PAD] [PAD]"),
+      ([2, 22, 11, 23, 11, 24, 5, 11, 25, 21, 3], "[CLS] we're've i'm! [SEP]"),
+      ([12, 24, 13, 1, 8, 16, 15, 12, 25, 9, 15, 11, 18, 6, 16, 4, 9, 4, 24, 3],
+       "s ve t [UNK] know the don s m. don'cat do the [MASK]. [MASK] ve [SEP]")]:
+    assert tok.decode(ids) == text
+
+
 def test_wordpiece_ids_are_line_numbers(tmp_path):
   """A token holding a character that str.splitlines splits at (U+2028) keeps its line."""
   words = ["[PAD]", "[UNK]", "a\u2028b", "[CLS]", "hello"]

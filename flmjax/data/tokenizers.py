@@ -134,7 +134,7 @@ class BertTokenizer(_HuggingFaceTokenizer):
     tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)  # the clean-up: decode()
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True)
                             for s in specials if s in vocab])
     super().__init__(tok)
@@ -143,6 +143,22 @@ class BertTokenizer(_HuggingFaceTokenizer):
     self.pad_id = vocab["[PAD]"]
     self.mask_id = vocab.get("[MASK]")
     self.fingerprint = _digest(b"bert", vocab_txt.read_bytes())
+
+  def decode(self, ids):
+    """The WordPiece text, then transformers' clean-up of tokenization spaces over the
+    whole of it ("it ' s" -> "it's", " ." -> "."), as the reference's BertTokenizer
+    decodes; the `tokenizers` decoder's own clean-up sees one token at a time, so it never
+    joins an apostrophe."""
+    text = super().decode(ids)
+    for spaced, joined in _BERT_CLEAN_UP:
+      text = text.replace(spaced, joined)
+    return text
+
+
+# transformers' clean_up_tokenization, in its order
+_BERT_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                  (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                  (" 're", "'re"))
 
 
 def gpt2_files(path: str) -> tuple[pathlib.Path, pathlib.Path]:

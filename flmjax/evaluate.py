@@ -12,7 +12,8 @@ batches.
 
 Evaluation (the paper's protocol): samples (seed `seed`) are decoded to text,
 re-encoded with the evaluator's tokenizer, cut to L tokens and padded with its EOS to the
-longest of a row's samples (as the reference pads each batch of samples it draws), and
+longest sample of each batch of eval.batch_size (as the reference pads each batch of
+samples it draws, of its loader.eval_batch_size), and
 judged by the metrics of flmjax/metrics.py: gen PPL, unigram entropy and FD, the Frechet
 distance between Gaussians fitted to the evaluator's features of the samples and of
 `eval.reference_samples` other held-out examples (a text's feature is the mean of the
@@ -105,6 +106,15 @@ def _evaluator_ids(evaluator, texts: list[str], seq_len: int) -> tuple[np.ndarra
   return ids, lengths
 
 
+def _padded_widths(lengths: np.ndarray, batch_size: int) -> np.ndarray:
+  """Each row's width once padded [N]: the longest of its batch of `batch_size` rows. The
+  reference re-encodes each batch of samples it draws with padding=True (its
+  loader.eval_batch_size, 16 in its scripts; eval.batch_size here), so a row's first EOS
+  is scored only where a longer row shares its batch."""
+  return np.concatenate([np.full(len(rows), rows.max(initial=0)) for rows in
+                         np.split(lengths, np.arange(batch_size, len(lengths), batch_size))])
+
+
 def read_texts(evaluator, texts: list[str], seq_len: int,
                batch_size: int) -> tuple[dict, np.ndarray]:
   """({gen_ppl, tokens, empty_samples}, features [N, D] float64) of `texts` under
@@ -118,7 +128,7 @@ def read_texts(evaluator, texts: list[str], seq_len: int,
     batch_logprobs, batch_features = evaluator.logprobs_and_features(ids[rows], lengths[rows])
     logprobs.append(batch_logprobs)
     features.append(np.asarray(batch_features, np.float64))
-  mask = metrics.scored_targets(ids, evaluator.eos_id, lengths.max(initial=0))
+  mask = metrics.scored_targets(ids, evaluator.eos_id, _padded_widths(lengths, batch_size))
   result = {"gen_ppl": metrics.generative_perplexity(np.concatenate(logprobs), mask),
             "tokens": int(mask.sum()), "empty_samples": int((lengths == 0).sum())}
   return result, np.concatenate(features)
@@ -160,7 +170,8 @@ def judge_continuations(evaluator, prefixes: list[str], texts: list[str],
       evaluator.logprobs_and_features(ids[i:i + batch_size], lengths[i:i + batch_size])[0]
       for i in range(0, len(texts), batch_size)])
   targets = np.arange(1, seq_len)[None] >= starts[:, None]  # target j is ids[:, j]
-  mask = metrics.scored_targets(ids, evaluator.eos_id, lengths.max(initial=0)) & targets
+  mask = metrics.scored_targets(ids, evaluator.eos_id,
+                                _padded_widths(lengths, batch_size)) & targets
   features = read_texts(evaluator, texts, seq_len, batch_size)[1]
   return {"gen_ppl": metrics.generative_perplexity(logprobs, mask), "tokens": int(mask.sum()),
           "fd": metrics.frechet_distance(features, reference)}

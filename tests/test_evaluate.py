@@ -49,6 +49,13 @@ def test_generative_perplexity_counts_non_eos_tokens_and_the_first_eos():
   scored = [2, 0, 26, 26]
   np.testing.assert_allclose(result["gen_ppl"], np.exp(-np.mean([toy.logp[i] for i in scored])),
                              rtol=1e-12)
+  # Each batch is padded to its own longest: "ab" shares a batch with "q" only, so its
+  # first EOS (position 2) is not scored, where padding to "abc" of the other would add it.
+  result = evaluate.read_texts(toy, ["abc", "zz", "ab", "q"], seq_len=5, batch_size=2)[0]
+  scored = [2, 3, 26, 0, 2, 0]  # abc: b c; zz: z EOS; ab: b; q: EOS
+  np.testing.assert_allclose(result["gen_ppl"], np.exp(-np.mean([toy.logp[i] for i in scored])),
+                             rtol=1e-12)
+  assert result["tokens"] == 6
   nothing = evaluate.read_texts(toy, ["", "1"], seq_len=5, batch_size=2)[0]
   assert np.isnan(nothing["gen_ppl"]) and nothing["tokens"] == 0
 
@@ -150,13 +157,18 @@ def test_continuation_perplexity_scores_only_the_continuation():
   assert list(lengths) == [4, 5, 1] and list(starts) == [2, 4, 0]
   reference = np.eye(27)[[1, 2, 3, 5]]
   result = evaluate.judge_continuations(toy, ["ab", "vwxyz", ""], ["cd", "q", "k"], reference,
-                                        seq_len=5, batch_size=2)
+                                        seq_len=5, batch_size=3)
   # "ab|cd": c, d and the first EOS; "wxyz|q" (v cut): q; "|k": k is position 0, no
   # context, so only its EOS.
   scored = [3, 4, 0, 17, 0]
   np.testing.assert_allclose(result["gen_ppl"], np.exp(-np.mean([toy.logp[i] for i in scored])),
                              rtol=1e-12)
   assert result["tokens"] == 5 and result["fd"] > 0
+  # In batches of 2, "|k" is padded to its own length, 1: its EOS is not scored.
+  result = evaluate.judge_continuations(toy, ["ab", "vwxyz", ""], ["cd", "q", "k"], reference,
+                                        seq_len=5, batch_size=2)
+  np.testing.assert_allclose(result["gen_ppl"],
+                             np.exp(-np.mean([toy.logp[i] for i in scored[:4]])), rtol=1e-12)
 
 
 def test_a_continuation_is_read_in_its_whole_text():

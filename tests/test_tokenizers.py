@@ -112,7 +112,8 @@ def test_vocab_size_the_corpus_cannot_support(tmp_path):
 
 
 _TRAIN_SAMPLED = """
-import hashlib, random
+import hashlib, os, random
+os.cpu_count = lambda: int(os.environ["CPUS"])
 from flmjax.data import tokenizers
 rng = random.Random(0)
 words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(3000)]
@@ -127,10 +128,12 @@ print(hashlib.sha256(tokenizers.train_sentencepiece(Corpus(), 300, max_lines=500
 
 
 def test_sentencepiece_trained_on_a_sample_is_the_same_in_every_process():
-  """20,000 lines, 5,000 used: two processes (two hosts) must train the same model."""
+  """20,000 lines, 5,000 used: two processes (two hosts, one with 1 core and one with 8)
+  must train the same model."""
   env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
-  digests = {subprocess.run([sys.executable, "-c", _TRAIN_SAMPLED], env=env, check=True,
-                            capture_output=True, text=True).stdout for _ in range(2)}
+  digests = {subprocess.run([sys.executable, "-c", _TRAIN_SAMPLED], env=dict(env, CPUS=cpus),
+                            check=True, capture_output=True, text=True).stdout
+             for cpus in ("1", "8")}
   assert len(digests) == 1
 
 

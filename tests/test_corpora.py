@@ -36,6 +36,19 @@ def test_text_and_jsonl_directory(tmp_path):
   assert valid and train
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+  """JSON allows U+2028, U+2029 and U+0085 raw in strings (json.dumps writes them so with
+  ensure_ascii=False): lines end at "\n" only, and a bad byte is counted per line."""
+  texts = ["one\u2028two", "three\u2029four\x85five", "six"]
+  lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts]
+  lines[2] = lines[2].replace(b"six", b"s\xffx")
+  (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),
+                                            valid_fraction=0.0).data)
+  assert list(corpus.documents("train")) == texts[:2] + ["s\ufffdx"]
+  assert corpus.stats.undecodable_bytes == 1
+
+
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
   (tmp_path / "a.txt").write_bytes(b"caf\xe9 and na\xefve \xff text")
   corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),

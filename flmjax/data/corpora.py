@@ -135,6 +135,26 @@ def _text_files(cfg) -> list[pathlib.Path]:
   return files
 
 
+def _json_document(cfg, stats: ReadStats, path: pathlib.Path, name: str, lineno: int,
+                   raw: bytes) -> tuple[str, str] | None:
+  """(key, text) of line `lineno` of a .jsonl file; None for a blank line."""
+  line = stats.decode(raw, f"{path}:{lineno}")
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                     "each .jsonl line must be one JSON object.") from None
+  if not isinstance(record, dict) or cfg.text_field not in record:
+    fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise UsageError(f"{path}:{lineno}: no field {cfg.text_field!r} "
+                     f"(data.text_field); the line has {fields}.")
+  if not isinstance(record[cfg.text_field], str):
+    raise UsageError(f"{path}:{lineno}: field {cfg.text_field!r} is not a string.")
+  return f"{name}:{lineno}", record[cfg.text_field]
+
+
 def _directory(cfg) -> Corpus:
   root = pathlib.Path(cfg.path).expanduser()
   files = _text_files(cfg)
@@ -143,25 +163,13 @@ def _directory(cfg) -> Corpus:
 
   def documents_of(path: pathlib.Path) -> Iterator[tuple[str, str]]:
     name = str(path.relative_to(base))
-    text = stats.decode(path.read_bytes(), str(path))
     if path.suffix == ".txt":
-      yield name, text
+      yield name, stats.decode(path.read_bytes(), str(path))
       return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
-                         "each .jsonl line must be one JSON object.") from None
-      if not isinstance(record, dict) or cfg.text_field not in record:
-        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise UsageError(f"{path}:{lineno}: no field {cfg.text_field!r} "
-                         f"(data.text_field); the line has {fields}.")
-      if not isinstance(record[cfg.text_field], str):
-        raise UsageError(f"{path}:{lineno}: field {cfg.text_field!r} is not a string.")
-      yield f"{name}:{lineno}", record[cfg.text_field]
+    with path.open("rb") as lines:  # a line at a time, ended by "\n" only: JSON strings
+      for lineno, raw in enumerate(lines, start=1):  # may hold U+2028 and the like
+        if (document := _json_document(cfg, stats, path, name, lineno, raw)) is not None:
+          yield document
 
   def keyed():
     docs = itertools.chain.from_iterable(documents_of(p) for p in files)

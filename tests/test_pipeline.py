@@ -2,7 +2,9 @@
 
 import concurrent.futures
 import json
+import pathlib
 import shutil
+import socket
 
 import jax
 from jax.experimental import multihost_utils
@@ -145,6 +147,25 @@ def test_cache_from_another_setup_is_refused(tmp_path):
     pipeline.prepare(config, str(tmp_path))
 
 
+def test_damaged_or_unfinished_folders(tmp_path):
+  """A prepared folder whose meta.json or shards are damaged is refused with what to do; a
+  partial folder that a killed prepare of this host left is removed by the next one."""
+  config = small_config(max_documents=100)
+  prepared = pipeline.prepare(config, str(tmp_path))
+  shard = pathlib.Path(prepared.files("train")[0])
+  shard.rename(shard.with_suffix(".moved"))
+  with pytest.raises(UsageError, match=r"lacks 1 of its shards .* move .* away to rebuild"):
+    pipeline.prepare(config, str(tmp_path))
+  (prepared.path / "meta.json").write_text('{"format_version": ')
+  with pytest.raises(UsageError, match=r"meta.json is damaged; move .* away to rebuild"):
+    pipeline.prepare(config, str(tmp_path))
+  shutil.rmtree(prepared.path)
+  stale = prepared.path.parent / f".{prepared.path.name}.partial-{socket.gethostname()}-0-1"
+  (stale / "sub").mkdir(parents=True)
+  again = pipeline.prepare(config, str(tmp_path))
+  assert not stale.exists() and again.meta == prepared.meta
+
+
 def test_empty_corpus_is_refused_and_leaves_no_cache(tmp_path):
   (tmp_path / "corpus").mkdir()
   (tmp_path / "corpus" / "empty.txt").write_text("  \n")
@@ -159,6 +180,9 @@ def test_empty_corpus_is_refused_and_leaves_no_cache(tmp_path):
   leftovers = sorted(p.name for p in (tmp_path / "work" / "data").iterdir())
   assert leftovers == [".lock", prepared.path.name]  # nothing partial left behind
   shutil.rmtree(tmp_path / "work")
+  config.tokenizer.kind = "sentencepiece"  # said before a tokenizer is trained on nothing
+  with pytest.raises(UsageError, match="no training documents"):
+    pipeline.prepare(config, str(tmp_path / "work"))
 
 
 def test_data_directory_must_be_local(tmp_path):

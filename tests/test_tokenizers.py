@@ -103,6 +103,22 @@ def test_sentencepiece_is_trained_once_and_cached(tmp_path, monkeypatch):
   assert again.fingerprint == first.fingerprint
 
 
+@pytest.mark.parametrize("kind, files, message", [
+    ("sentencepiece", {"x.model": b"\xff\x00 not a model"}, "is not a SentencePiece model"),
+    ("bert", {"vocab.txt": b"\xff\xfe\x00binary"}, "is not a text vocab.txt"),
+    ("gpt2", {"encoder.json": b"not json", "vocab.bpe": b""},
+     "does not hold GPT-2's encoder.json and vocab.bpe"),
+])
+def test_tokenizer_files_of_the_wrong_kind_are_refused(tmp_path, kind, files, message):
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+  config = small_config()
+  path = tmp_path if kind == "gpt2" else tmp_path / next(iter(files))  # gpt2: the folder
+  config.tokenizer.update(kind=kind, path=str(path))
+  with pytest.raises(UsageError, match=f"{message} \\(tokenizer.path\\)"):
+    tokenizers.build_tokenizer(config.tokenizer, tmp_path, None)
+
+
 def test_vocab_size_the_corpus_cannot_support(tmp_path):
   config = small_config(max_documents=20)
   config.tokenizer.vocab_size = 50000

@@ -198,9 +198,9 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
               "tokenizer_fingerprint": tokenizer.fingerprint, "seq_len": seq_len,
               "vocab_size": tokenizer.vocab_size}
   if not (path / "meta.json").is_file():
+    _remove_stale_partials(root, path.name)
     partial = root / (f".{path.name}.partial-{socket.gethostname()}-{jax.process_index()}-"
                       f"{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     dtype = _token_dtype(tokenizer.vocab_size)
     splits = {split: _write_split(corpus, split, tokenizer, seq_len, partial, dtype)
@@ -218,12 +218,27 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
       partial.rename(path)
     except OSError:  # another process finished the same folder first
       shutil.rmtree(partial)
-  meta = json.loads((path / "meta.json").read_text())
+  try:
+    meta = json.loads((path / "meta.json").read_text())
+  except json.JSONDecodeError:
+    raise UsageError(f"{path}/meta.json is damaged; move {path} away to rebuild it.") from None
   mismatched = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
   if mismatched:
     raise UsageError(f"{path} was prepared for another setup {mismatched} (found, expected); "
                      "it will not be mixed with this one. Move it away to rebuild it.")
-  return Prepared(path, meta, tokenizer)
+  prepared = Prepared(path, meta, tokenizer)
+  missing = [f for split in SPLITS for f in prepared.files(split) if not os.path.isfile(f)]
+  if missing:
+    raise UsageError(f"{path} lacks {len(missing)} of its shards ({missing[0]}, ...); move "
+                     f"{path} away to rebuild it.")
+  return prepared
+
+
+def _remove_stale_partials(root: pathlib.Path, name: str) -> None:
+  """Removes the partial folders of `name` that a prepare on this host left behind when it
+  was killed: the caller holds root's lock, so no process of this host is writing one."""
+  for partial in root.glob(f".{name}.partial-{socket.gethostname()}-*"):
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def _decode_record(record: bytes, dtype: str) -> np.ndarray:

@@ -64,7 +64,11 @@ class SentencePieceTokenizer(Tokenizer):
   kind = "sentencepiece"
 
   def __init__(self, model: bytes, source: str):
-    self._sp = spm.SentencePieceProcessor(model_proto=model)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model)
+    except RuntimeError:
+      raise UsageError(f"{source} is not a SentencePiece model (tokenizer.path); give a "
+                       ".model file, or leave tokenizer.path empty to train one.") from None
     self.source = source
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
@@ -104,8 +108,12 @@ class GPT2Tokenizer(_HuggingFaceTokenizer):
   kind = "gpt2"
 
   def __init__(self, encoder_json: pathlib.Path, vocab_bpe: pathlib.Path):
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(encoder_json),
-                                                               str(vocab_bpe)))
+    try:
+      tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(encoder_json),
+                                                                 str(vocab_bpe)))
+    except Exception as e:  # pylint: disable=broad-except  # tokenizers raises Exception
+      raise UsageError(f"{encoder_json.parent} does not hold GPT-2's encoder.json and "
+                       f"vocab.bpe (tokenizer.path): {e}.") from None
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     tok.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True),
@@ -124,8 +132,12 @@ class BertTokenizer(_HuggingFaceTokenizer):
   def __init__(self, vocab_txt: pathlib.Path):
     # A token's id is its line's index, as Hugging Face's load_vocab reads the file (lines
     # end at newlines only: str.splitlines would also split at U+2028 and the like).
-    with open(vocab_txt, encoding="utf-8") as lines:
-      vocab = {line.rstrip("\n"): index for index, line in enumerate(lines)}
+    try:
+      with open(vocab_txt, encoding="utf-8") as lines:
+        vocab = {line.rstrip("\n"): index for index, line in enumerate(lines)}
+    except UnicodeDecodeError:
+      raise UsageError(f"{vocab_txt} is not a text vocab.txt (tokenizer.path); "
+                       "tokenizer.kind=bert needs a BERT vocab.txt.") from None
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     missing = [s for s in specials[:3] if s not in vocab]
     if missing:
@@ -211,10 +223,14 @@ def train_sentencepiece(corpus: Corpus, vocab_size: int, max_lines: int = 2_000_
 
   Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>.
   """
+  lines = sample_lines(_lines(corpus.documents("train")), max_lines)
+  if not lines:
+    raise UsageError(f"corpus {corpus.name} has no training documents; check data.corpus, "
+                     "data.path and data.max_documents.")
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sample_lines(_lines(corpus.documents("train")), max_lines)),
+        sentence_iterator=iter(lines),
         model_writer=model, vocab_size=vocab_size, model_type="unigram",
         byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2,
         pad_id=3, input_sentence_size=max_lines, shuffle_input_sentence=True,

@@ -259,20 +259,20 @@ def _tokenizer(config: ml_collections.ConfigDict):
   return tokenizers.build_tokenizer(config.tokenizer, pathlib.Path("."), None)
 
 
-def _new_directory(directory: str, *names: str) -> pathlib.Path:
-  path = outputs.create_workdir(directory)
-  taken = [n for n in names if (path / n).exists()]
+def _check_new(directory: str, *names: str) -> None:
+  """Refuses a --to that holds any of `names`; it is created only once the input has been
+  checked, so a refused command leaves nothing behind."""
+  taken = [n for n in names if (pathlib.Path(directory).expanduser() / n).exists()]
   if taken:
     raise UsageError(f"--to={directory} already holds {', '.join(taken)}; choose a new "
                      "directory (nothing was overwritten).")
-  return path
 
 
 def import_weights(source: str, directory: str, config: ml_collections.ConfigDict,
                    ema: bool = True, family: str = "auto") -> dict:
   """Writes the export DIRECTORY/{params, record.json} of the reference weights in
   `source` (a model of `family`, see family_of); returns its run record."""
-  path = _new_directory(directory, "params", "record.json")
+  _check_new(directory, "params", "record.json")
   tensors, meta = read_reference(source, ema)
   vocab, fields = infer_architecture(tensors, meta, config.model)
   kind = family_of(fields, family)
@@ -291,7 +291,7 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
   record = checkpoint.run_record(config, tokenizer, kind)
   record["imported_from"] = str(source)
   params = jax.tree.map(jnp.asarray, from_reference(tensors, config.model))
-  checkpoint.export(path, params, record)
+  checkpoint.export(outputs.create_workdir(directory), params, record)
   return record
 
 
@@ -312,21 +312,21 @@ def write_reference(directory: pathlib.Path, tensors: dict[str, np.ndarray],
 def export_weights(source: str, directory: str) -> dict:
   """Writes DIRECTORY/{model.safetensors, config.json} from the EMA weights of `source`
   (a workdir or an export); returns its run record."""
-  path = _new_directory(directory, "model.safetensors", "config.json")
+  _check_new(directory, "model.safetensors", "config.json")
   record = checkpoint.read_record(source)
   model = ml_collections.ConfigDict(record["config"]["model"])
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}),
                             jax.devices()[:1])
   _, abstract = state.param_layout(dit.builder(model, record["vocab_size"]), mesh)
   params = checkpoint.load_ema(source, abstract)
-  write_reference(path, to_reference(params, model), model, record["vocab_size"],
-                  record["kind"])
+  write_reference(outputs.create_workdir(directory), to_reference(params, model), model,
+                  record["vocab_size"], record["kind"])
   return record
 
 
 def random_weights(directory: str, config: ml_collections.ConfigDict) -> None:
   """Writes weights of the config's shape (V from its tokenizer) in the reference layout."""
-  path = _new_directory(directory, "model.safetensors", "config.json")
+  _check_new(directory, "model.safetensors", "config.json")
   vocab = _tokenizer(config).vocab_size
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(dit.builder(config.model, vocab)),
                                        nnx.Param))
@@ -334,8 +334,8 @@ def random_weights(directory: str, config: ml_collections.ConfigDict) -> None:
   params = jax.tree.map_with_path(
       lambda p, x: np.ones(x.shape, np.float32) if "scale" in jax.tree_util.keystr(p)
       else rng.normal(0, 0.02, x.shape).astype(np.float32), abstract)
-  write_reference(path, to_reference(params, config.model), config.model, vocab,
-                  "fmlm" if config.model.two_time else "flm")
+  write_reference(outputs.create_workdir(directory), to_reference(params, config.model),
+                  config.model, vocab, "fmlm" if config.model.two_time else "flm")
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A flmjax config (tokenizer, L).")

@@ -416,11 +416,11 @@ def rescore(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   `pipeline`, typically with eval.evaluator=none) with eval.evaluator (gen PPL and FD
   against the saved reference texts), and rewrites results.json, results.md and
   gen_ppl.png with them; the samples stay as they were."""
-  path = outputs.create_workdir(workdir) / "eval"
-  results = path / "results.json"
+  results = epath.Path(workdir).expanduser() / "eval" / "results.json"
   if not results.is_file():
     raise UsageError(f"{results} does not exist; run --mode=eval or --mode=pipeline with "
                      "this --workdir first.")
+  path = outputs.create_workdir(workdir) / "eval"  # proves it writable
   if config.eval.evaluator == "none":
     raise UsageError("--mode=score needs an evaluator: set eval.evaluator=smollm2 or gpt2.")
   saved = json.loads(results.read_text())

@@ -308,6 +308,7 @@ def test_gpt2_sized_import_samples_one_step(tmp_path, prepared):
     convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "again"), other)
   with pytest.raises(UsageError, match="needs the tokenizer it was trained with"):
     convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "again"), small_config())
+  assert not (tmp_path / "again").exists()  # refused imports create nothing
 
 
 @pytest.mark.slow

@@ -127,6 +127,7 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   later = str(tmp_path / "later")
   with pytest.raises(UsageError, match="results.json does not exist"):
     evaluate.rescore(config, later)
+  assert not (tmp_path / "later").exists()  # nothing created by a refused command
   config.eval.evaluator = "none"
   assert not any("gen_ppl" in r for r in evaluate.evaluate(config, later, models))
   with pytest.raises(UsageError, match="needs an evaluator"):

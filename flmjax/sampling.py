@@ -258,10 +258,10 @@ def categorical(rng: jax.Array, probs: jax.Array) -> jax.Array:
 
 def nucleus(probs: jax.Array, temperature: float = 1.0, top_p: float = 1.0) -> jax.Array:
   """probs [..., V] (normalised) restricted to its nucleus: the smallest set of most
-  probable tokens whose mass reaches top_p (a token is kept when the mass of the tokens ranked above it is
-  below top_p, so the top one always is), then at `temperature` (p^(1/T)), renormalised:
-  the reference's order for Duo (top-p of q, then the temperature of its categorical
-  draw). The identity at T = 1, top_p = 1."""
+  probable tokens whose mass reaches top_p (a token is kept when the mass of the tokens
+  ranked above it is below top_p, so the top one always is), then at `temperature`
+  (p^(1/T)), renormalised: the reference's order for Duo (top-p of q, then the
+  temperature of its categorical draw). The identity at T = 1, top_p = 1."""
   if top_p < 1.0:
     order = jnp.argsort(-probs, axis=-1)
     ranked = jnp.take_along_axis(probs, order, axis=-1)

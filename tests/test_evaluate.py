@@ -144,6 +144,13 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   with pytest.raises(UsageError, match="have L = 32, this config data.seq_len=8"):
     evaluate.evaluate(config, later, models)
   config.data.seq_len = 32
+  config.tokenizer.kind = "gpt2"  # refused before any data are prepared with it
+  with monkeypatch.context() as patch:
+    patch.setattr(evaluate.pipeline, "prepare", lambda *a: pytest.fail("prepared"))
+    with pytest.raises(UsageError, match="trained with a sentencepiece tokenizer .*"
+                                         "tokenizer.kind=gpt2"):
+      evaluate.evaluate(config, later, models)
+  config.tokenizer.kind = "sentencepiece"
   config.eval.reference_samples = 10**6
   with pytest.raises(UsageError, match=r"need eval.num_samples \+ eval.reference_samples"):
     evaluate.evaluate(config, later, models)

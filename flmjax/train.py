@@ -91,6 +91,12 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   validation = {prefix: hooks.validation_loss(fn, layout.graphdef, prepared, config,
                                               layout.mesh, task.frozen)
                 for prefix, fn in task.validation.items()}
+  held_out = prepared.meta["splits"]["valid"]["examples"]
+  if cfg.eval_every and held_out < config.batch_size:
+    outputs.say(f"no validation: the validation split of {prepared.path} has {held_out} "
+                f"examples, fewer than one batch ({config.batch_size}); hold out more text "
+                "(data.valid_fraction, or more files: a dir corpus splits by file and "
+                ".jsonl line) or set train.eval_every=0 to say so.")
   progress = hooks.Progress(log, guard, path / "checkpoints", cfg.log_every, cfg.steps,
                             config.batch_size * config.data.seq_len)
   after = [progress, hooks.Validation(validation, log, cfg.eval_every),

@@ -49,6 +49,17 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, prepared):
   assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5]
 
 
+def test_a_validation_split_under_one_batch_is_said(tmp_path, capsys, prepared):
+  """The suite's data hold 64 validation examples: batches of 128 give no validation,
+  which the run says at its start rather than logging nothing."""
+  config = train_config(steps=1, eval_every=1)
+  config.batch_size, config.data.dir = 128, str(prepared.path.parent)
+  train.train(config, str(tmp_path))
+  assert "has 64 examples, fewer than one batch (128)" in capsys.readouterr().out
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines and not any("valid_loss" in l for l in lines)
+
+
 def _truncate_largest_file(directory: pathlib.Path) -> None:
   largest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   os.truncate(largest, largest.stat().st_size // 3)

@@ -24,7 +24,6 @@ import socket
 import time
 from typing import Iterable, Iterator, Sequence
 
-from absl import logging
 from array_record.python import array_record_module
 import grain
 import jax
@@ -32,6 +31,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from flmjax import outputs
 from flmjax.data.corpora import SPLITS, load_corpus
 from flmjax.data.tokenizers import Tokenizer, build_tokenizer
 from flmjax.errors import UsageError
@@ -39,7 +39,7 @@ from flmjax.errors import UsageError
 FORMAT_VERSION = 1
 EXAMPLES_PER_SHARD = 1 << 16
 TOKENIZE_BATCH = 1024  # documents per tokenizer call
-PROGRESS_SECONDS = 5.0
+PROGRESS_SECONDS = 30.0
 
 
 class Wrapper:
@@ -103,9 +103,9 @@ def _write_split(corpus, split: str, tokenizer: Tokenizer, seq_len: int, folder:
     now = time.monotonic()
     if now - last_report > PROGRESS_SECONDS:
       last_report = now
-      logging.info("prepare %s: %s documents, %s tokens, %.0f documents/s", split,
-                   f"{stats['documents']:,}", f"{stats['tokens']:,}",
-                   stats["documents"] / (now - start))
+      outputs.say(f"prepare {split}: {stats['documents']:,} documents, "
+                  f"{stats['tokens']:,} tokens, "
+                  f"{stats['documents'] / (now - start):.0f} documents/s")
   if writer is not None:
     writer.close()
   stats["dropped_tail_tokens"] = int(wrapper.pending.size)

@@ -2,9 +2,9 @@
 
 `vocab_size` is V, the size of the model's vocabulary: every id a tokenizer can emit,
 the pad id included. `mask_id` is the id the absorbing baselines use as their mask
-(docs/baselines.md, "The mask id"): BERT's [MASK]; for GPT-2 and SentencePiece the pad id, which
-is reserved (the prepared data are packed and never hold it), as the reference's GPT-2
-mask is its added pad row. `fingerprint` identifies the files that define the tokenizer, so a
+(docs/baselines.md, "The mask id"): BERT's [MASK]; for GPT-2 and SentencePiece the pad id
+(the prepared data are packed, without padding), as the reference's GPT-2 mask is its added
+pad row; text that spells [PAD] or [MASK] encodes to it, as in the reference. `fingerprint` identifies the files that define the tokenizer, so a
 prepared cache built with another tokenizer is never reused.
 """
 
@@ -21,6 +21,7 @@ import ml_collections
 import sentencepiece as spm
 import tokenizers
 
+from flmjax import outputs
 from flmjax.data.corpora import Corpus
 from flmjax.errors import UsageError
 
@@ -270,6 +271,8 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, data_dir: pathlib.Path,
     return SentencePieceTokenizer(model_file.read_bytes(), str(model_file))
   cached = data_dir / "tokenizer" / f"sentencepiece-{cfg.vocab_size}-{corpus.fingerprint}.model"
   if not cached.is_file():
+    outputs.say(f"training a SentencePiece tokenizer (V = {cfg.vocab_size:,}) on the "
+                f"training split of {corpus.name}")
     model = train_sentencepiece(corpus, cfg.vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".tmp{os.getpid()}")

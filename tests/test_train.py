@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import train_config
-from flmjax import objectives, outputs, train
+from flmjax import checkpoint, objectives, outputs, train
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -58,6 +58,17 @@ def test_a_validation_split_under_one_batch_is_said(tmp_path, capsys, prepared):
   assert "has 64 examples, fewer than one batch (128)" in capsys.readouterr().out
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert lines and not any("valid_loss" in l for l in lines)
+
+
+def test_a_folder_without_weights_says_where_they_may_be(tmp_path):
+  (tmp_path / "teacher").mkdir()
+  (tmp_path / "student").mkdir()
+  with pytest.raises(UsageError, match=r"a pipeline's workdir: use \S+/teacher or \S+/student"):
+    checkpoint.read_record(tmp_path)
+  (tmp_path / "reference").mkdir()
+  (tmp_path / "reference" / "model.safetensors").write_bytes(b"")
+  with pytest.raises(UsageError, match="reference-layout weights: import them"):
+    checkpoint.read_record(tmp_path / "reference")
 
 
 def _truncate_largest_file(directory: pathlib.Path) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import types
 
 import pytest
 
@@ -92,6 +93,31 @@ def test_directory_without_text_files(tmp_path):
   (tmp_path / "notes.md").write_text("# not a corpus file")
   with pytest.raises(UsageError, match="no .txt or .jsonl files"):
     corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path)).data)
+
+
+def test_hugging_face_corpora_load_as_the_reference_and_say_why_they_cannot(monkeypatch):
+  """With a stand-in for `datasets`: LM1B's test split is its validation split, detokenized;
+  before datasets 4 loading scripts are allowed, as the reference allows them; a failure
+  is one line with what to do."""
+  calls = []
+
+  def load_dataset(name, split, **options):
+    calls.append((name, split, options))
+    return [{"text": "Hello , world ."}]
+  fake = types.SimpleNamespace(__version__="3.6.0", load_dataset=load_dataset)
+  monkeypatch.setitem(sys.modules, "datasets", fake)
+  corpus = corpora.load_corpus(small_config(corpus="lm1b").data)
+  assert list(corpus.documents("valid")) == ["Hello, world."]
+  fake.__version__ = "4.0.0"
+  assert list(corpus.documents("train")) == ["Hello, world."]
+  assert calls == [("lm1b", "test", {"trust_remote_code": True}), ("lm1b", "train", {})]
+
+  def no_scripts(*args, **kwargs):
+    raise RuntimeError("Dataset scripts are no longer supported, but found lm1b.py")
+  fake.load_dataset = no_scripts
+  with pytest.raises(UsageError, match=r"datasets 4.0.0 could not load 'lm1b' \(RuntimeError: "
+                                       r"Dataset scripts.*data.corpus=dir"):
+    list(corpus.documents("train"))
 
 
 def test_lm1b_detokenizer():

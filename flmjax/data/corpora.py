@@ -218,7 +218,16 @@ def _hugging_face(cfg) -> Corpus:
     except ImportError:
       raise UsageError(f"data.corpus={cfg.corpus} needs Hugging Face datasets and internet "
                        "access: pip install -e '.[hf]'.") from None
-    rows = datasets.load_dataset(dataset_name, split=splits[split])
+    # As the reference: loading scripts allowed (datasets 4 has neither them nor the flag).
+    script = {"trust_remote_code": True} if int(datasets.__version__.split(".")[0]) < 4 else {}
+    try:
+      rows = datasets.load_dataset(dataset_name, split=splits[split], **script)
+    except Exception as e:  # pylint: disable=broad-except  # network, hub and format errors
+      raise UsageError(f"data.corpus={cfg.corpus}: datasets {datasets.__version__} could not "
+                       f"load {dataset_name!r} ({type(e).__name__}: {e}). It needs internet "
+                       "access to the hub (or its cache); datasets 4 reads no loading "
+                       "scripts (then try datasets<4); or write the text as .jsonl files "
+                       "and use data.corpus=dir.") from None
     for row in itertools.islice(rows, cfg.max_documents or None):
       yield clean(row["text"])
 

@@ -145,8 +145,8 @@ def planned_bytes(compiled) -> int:
 
 # What XLA's cost analysis undercounts: a loop (its body is counted once) and a Pallas
 # kernel, TPU or GPU (not counted).
-UNDERCOUNTED = re.compile(r"\swhile\(|custom_call_target=\"(tpu_custom_call|__gpu\$xla\.gpu\.triton|"
-                          r"mosaic_gpu)")
+UNDERCOUNTED = re.compile(r"\swhile\(|custom_call_target=\"("
+                          r"tpu_custom_call|__gpu\$xla\.gpu\.triton|mosaic_gpu)")
 
 
 def _report(entry: dict, compiled, devices, model_flops: float | None = None) -> dict:

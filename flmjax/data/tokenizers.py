@@ -1,11 +1,12 @@
 """Tokenizers behind one small interface: SentencePiece, GPT-2 BPE and BERT WordPiece.
 
-`vocab_size` is V, the size of the model's vocabulary: every id a tokenizer can emit,
-the pad id included. `mask_id` is the id the absorbing baselines use as their mask
+`vocab_size` is V, the size of the model's vocabulary: every id a tokenizer can emit, the
+pad id included. `mask_id` is the id the absorbing baselines use as their mask
 (docs/baselines.md, "The mask id"): BERT's [MASK]; for GPT-2 and SentencePiece the pad id
-(the prepared data are packed, without padding), as the reference's GPT-2 mask is its added
-pad row; text that spells [PAD] or [MASK] encodes to it, as in the reference. `fingerprint` identifies the files that define the tokenizer, so a
-prepared cache built with another tokenizer is never reused.
+(the prepared data are packed, without padding), as the reference's GPT-2 mask is its
+added pad row; text that spells [PAD] or [MASK] encodes to it, as in the reference.
+`fingerprint` identifies the files that define the tokenizer, so a prepared cache built
+with another tokenizer is never reused.
 """
 
 import abc
@@ -126,6 +127,12 @@ class GPT2Tokenizer(_HuggingFaceTokenizer):
     self.fingerprint = _digest(b"gpt2", encoder_json.read_bytes(), vocab_bpe.read_bytes())
 
 
+# transformers' clean_up_tokenization, in its order
+_BERT_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                  (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                  (" 're", "'re"))
+
+
 class BertTokenizer(_HuggingFaceTokenizer):
   """Uncased BERT WordPiece. As in the reference's LM1B path, BOS = EOS = [CLS]."""
   kind = "bert"
@@ -167,11 +174,6 @@ class BertTokenizer(_HuggingFaceTokenizer):
       text = text.replace(spaced, joined)
     return text
 
-
-# transformers' clean_up_tokenization, in its order
-_BERT_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                  (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
-                  (" 're", "'re"))
 
 
 def gpt2_files(path: str) -> tuple[pathlib.Path, pathlib.Path]:

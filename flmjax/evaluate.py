@@ -10,18 +10,18 @@ baselines' rows also report their validation NLL (a bound for the diffusion fami
 exact for AR) and its exponential, the validation perplexity, on eval.valid_batches
 batches.
 
-Evaluation (the paper's protocol): samples (seed `seed`) are decoded to text,
-re-encoded with the evaluator's tokenizer, cut to L tokens and padded with its EOS to the
-longest sample of each batch of eval.batch_size (as the reference pads each batch of
-samples it draws, of its loader.eval_batch_size), and
-judged by the metrics of flmjax/metrics.py: gen PPL, unigram entropy and FD, the Frechet
-distance between Gaussians fitted to the evaluator's features of the samples and of
-`eval.reference_samples` other held-out examples (a text's feature is the mean of the
-evaluator's final hidden states over its tokens). Gen PPL rewards low-entropy text, which
-a teacher's one Euler step is; FD is low only for samples both like real text and as
-varied as it, as FID is for images. Its estimate depends on the sample count, so compare
-FD only between rows of one run (same `eval.num_samples` and reference); the "dataset"
-row, held-out real examples judged the same way, gives its level for real text.
+Evaluation (the paper's protocol): samples (seed `seed`) are decoded to text, re-encoded
+with the evaluator's tokenizer, cut to L tokens and padded with its EOS to the longest
+sample of each batch of eval.batch_size (as the reference pads each batch of samples it
+draws, of its loader.eval_batch_size), and judged by the metrics of flmjax/metrics.py: gen
+PPL, unigram entropy and FD, the Frechet distance between Gaussians fitted to the
+evaluator's features of the samples and of `eval.reference_samples` other held-out
+examples (a text's feature is the mean of the evaluator's final hidden states over its
+tokens). Gen PPL rewards low-entropy text, which a teacher's one Euler step is; FD is low
+only for samples both like real text and as varied as it, as FID is for images. Its
+estimate depends on the sample count, so compare FD only between rows of one run (same
+`eval.num_samples` and reference); the "dataset" row, held-out real examples judged the
+same way, gives its level for real text.
 
 With `eval.prompted` (FLM and FMLM), each of the dataset row's held-out examples gives its
 first half (L/2 positions, BOS included) and the model writes the second, by clamping

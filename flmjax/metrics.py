@@ -15,7 +15,8 @@ def unigram_entropy(tokens: np.ndarray) -> float:
   return float(np.mean(entropies))
 
 
-def scored_targets(ids: np.ndarray, eos_id: int, width=None) -> np.ndarray:
+def scored_targets(ids: np.ndarray, eos_id: int,
+                   width: int | np.ndarray | None = None) -> np.ndarray:
   """Which next-token targets (positions 1..L-1 of ids [N, L]) gen PPL counts: every
   non-EOS token and each row's first EOS, found over the whole row (position 0 has no
   context and is not a target, so a row whose first EOS is there counts none), within the

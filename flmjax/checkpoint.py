@@ -239,11 +239,14 @@ def _locate(directory: epath.Path) -> tuple[str, epath.Path, int | None]:
     step = Checkpoints(directory / "checkpoints").latest_step()
     if step is not None:
       return "checkpoint", directory / "checkpoints", step
-  inside = [name for name in ("teacher", "student") if (directory / name).is_dir()]
-  hint = (f" (a pipeline's workdir: use {' or '.join(str(directory / n) for n in inside)})"
-          if inside else "")
+  inside = [str(directory / name) for name in ("teacher", "student")
+            if (directory / name).is_dir()]
   if (directory / "model.safetensors").is_file():
     hint = " (it holds reference-layout weights: import them with python -m flmjax.convert)"
+  elif inside:
+    hint = f" (a pipeline's workdir: use {' or '.join(inside)})"
+  else:
+    hint = ""
   raise UsageError(f"{directory} holds no flmjax checkpoint (checkpoints/STEP) or export "
                    "(params + record.json); point it at a training or distillation "
                    f"workdir{hint}.")

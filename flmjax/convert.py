@@ -33,6 +33,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -262,7 +263,7 @@ def _tokenizer(config: ml_collections.ConfigDict):
 def _check_new(directory: str, *names: str) -> None:
   """Refuses a --to that holds any of `names`; it is created only once the input has been
   checked, so a refused command leaves nothing behind."""
-  taken = [n for n in names if (pathlib.Path(directory).expanduser() / n).exists()]
+  taken = [n for n in names if (epath.Path(directory).expanduser() / n).exists()]
   if taken:
     raise UsageError(f"--to={directory} already holds {', '.join(taken)}; choose a new "
                      "directory (nothing was overwritten).")

@@ -322,10 +322,10 @@ def _dataset_texts(config, workdir, records: dict[str, dict]):
                        f"{config.data.seq_len}; the dataset row and the scores need the "
                        "model's L: set data.seq_len to it.")
     if record["tokenizer"]["kind"] != config.tokenizer.kind:
-      raise UsageError(f"the weights in {directory} were trained with a "
-                       f"{record['tokenizer']['kind']} tokenizer ({record['tokenizer']['source']})"
-                       f", this config has tokenizer.kind={config.tokenizer.kind}; use the "
-                       "model's data and tokenizer settings.")
+      trained = record["tokenizer"]
+      raise UsageError(f"the weights in {directory} were trained with a {trained['kind']} "
+                       f"tokenizer ({trained['source']}), this config has tokenizer.kind="
+                       f"{config.tokenizer.kind}; use the model's data and tokenizer settings.")
   prepared = pipeline.prepare(config, workdir)
   for directory, record in records.items():
     if record["tokenizer"]["fingerprint"] != prepared.tokenizer.fingerprint:

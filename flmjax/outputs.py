@@ -15,9 +15,12 @@ import jax
 from flmjax.errors import UsageError
 
 
-def say(message: str) -> None:
-  """A line for the person running the job (process 0 only)."""
-  if jax.process_index() == 0:
+def say(message: str, every_process: bool = False) -> None:
+  """A line for the person running the job: from process 0, or with `every_process` from
+  whichever process does the work (prefixed with its index when there are several)."""
+  if every_process and jax.process_count() > 1:
+    print(f"process {jax.process_index()}: {message}", flush=True)
+  elif jax.process_index() == 0:
     print(message, flush=True)
 
 

@@ -156,14 +156,33 @@ def test_damaged_or_unfinished_folders(tmp_path):
   shard.rename(shard.with_suffix(".moved"))
   with pytest.raises(UsageError, match=r"lacks 1 of its shards .* move .* away to rebuild"):
     pipeline.prepare(config, str(tmp_path))
-  (prepared.path / "meta.json").write_text('{"format_version": ')
-  with pytest.raises(UsageError, match=r"meta.json is damaged; move .* away to rebuild"):
+  for damaged in (b'{"format_version": ', b'{"\xff": 1}'):  # not JSON; not UTF-8
+    (prepared.path / "meta.json").write_bytes(damaged)
+    with pytest.raises(UsageError, match=r"meta.json is damaged; move .* away to rebuild"):
+      pipeline.prepare(config, str(tmp_path))
+  (prepared.path / "meta.json").unlink()  # refused at once, not rebuilt beside it
+  with pytest.raises(UsageError, match=r"has no meta.json \(damaged\); move it away"):
     pipeline.prepare(config, str(tmp_path))
   shutil.rmtree(prepared.path)
   stale = prepared.path.parent / f".{prepared.path.name}.partial-{socket.gethostname()}-0-1"
   (stale / "sub").mkdir(parents=True)
   again = pipeline.prepare(config, str(tmp_path))
   assert not stale.exists() and again.meta == prepared.meta
+
+
+def test_prepare_says_what_it_does_from_the_process_that_does_it(tmp_path, capsys,
+                                                                   monkeypatch):
+  """Progress lines (here after every tokenizer batch) and the tokenizer's training come
+  from the process that builds the data, named when there are several (process 1 of 2)."""
+  monkeypatch.setattr(pipeline, "PROGRESS_SECONDS", -1.0)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(pipeline, "_check_same_on_every_process", lambda prepared: None)
+  pipeline.prepare(small_config(max_documents=100), str(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  assert "process 1: training a SentencePiece tokenizer (V = 512)" in lines[0]
+  assert any(line.startswith("process 1: prepare train: ") for line in lines)
+  assert any(line.startswith("process 1: prepare valid: ") for line in lines)
 
 
 def test_empty_corpus_is_refused_and_leaves_no_cache(tmp_path):

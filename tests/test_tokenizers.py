@@ -115,8 +115,9 @@ def test_tokenizer_files_of_the_wrong_kind_are_refused(tmp_path, kind, files, me
   config = small_config()
   path = tmp_path if kind == "gpt2" else tmp_path / next(iter(files))  # gpt2: the folder
   config.tokenizer.update(kind=kind, path=str(path))
-  with pytest.raises(UsageError, match=f"{message} \\(tokenizer.path\\)"):
+  with pytest.raises(UsageError, match=message) as error:
     tokenizers.build_tokenizer(config.tokenizer, tmp_path, None)
+  assert "tokenizer.path" in str(error.value)
 
 
 def test_vocab_size_the_corpus_cannot_support(tmp_path):

@@ -69,6 +69,13 @@ class Corpus:
     self.stats.empty[split] = empty  # a whole pass over the split
 
 
+def require_training_documents(corpus: Corpus) -> None:
+  """Refuses a corpus whose training split holds no document (read up to its first)."""
+  if next(corpus.documents("train"), None) is None:
+    raise UsageError(f"corpus {corpus.name} has no training documents; check data.corpus, "
+                     "data.path and data.max_documents.")
+
+
 def in_valid_split(key: str, valid_fraction: float) -> bool:
   """A stable pseudo-random split: the same key always lands in the same split."""
   digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()

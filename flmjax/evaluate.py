@@ -305,8 +305,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   rows.append({"model": "dataset", "kind": "data", "sampler": "validation split", "steps": 0,
                "entropy": metrics.unigram_entropy(dataset), "samples": dataset_texts,
                **judged(dataset_texts)})
-  _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len, reference,
-         prefixes)
+  _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len,
+         cfg.batch_size, reference, prefixes)
   return rows
 
 
@@ -348,12 +348,13 @@ def _dataset_texts(config, workdir, records: dict[str, dict]):
           tokens[len(dataset):])
 
 
-def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int,
+def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int, batch_size: int,
            reference: list[str], prefixes: list[str] | None = None) -> None:
   if jax.process_index():
     return
   path.mkdir(parents=True, exist_ok=True)
-  saved = {"evaluator": evaluator, "seq_len": seq_len, "rows": rows, "reference": reference}
+  saved = {"evaluator": evaluator, "seq_len": seq_len, "batch_size": batch_size, "rows": rows,
+           "reference": reference}
   if prefixes is not None:  # prompted: the samples continue these
     saved["prefixes"] = prefixes
   outputs.write_json(path / "results.json", saved)
@@ -419,7 +420,8 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 def rescore(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """`--mode=score`: judges every row of WORKDIR/eval/results.json (written by `eval` or
   `pipeline`, typically with eval.evaluator=none) with eval.evaluator (gen PPL and FD
-  against the saved reference texts), and rewrites results.json, results.md and
+  against the saved reference texts) in the eval.batch_size it was written with (gen PPL
+  pads each batch to its longest sample), and rewrites results.json, results.md and
   gen_ppl.png with them; the samples stay as they were."""
   results = epath.Path(workdir).expanduser() / "eval" / "results.json"
   if not results.is_file():
@@ -433,7 +435,8 @@ def rescore(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     raise UsageError(f"{results} has no FD reference texts; write it with --mode=eval or "
                      "--mode=pipeline.")
   evaluator = load_evaluator(config.eval.evaluator, config.eval.evaluator_path)
-  seq_len, batch_size = saved["seq_len"], config.eval.batch_size
+  # gen PPL pads each batch to its longest: the batches the samples were written with
+  seq_len, batch_size = saved["seq_len"], saved.get("batch_size", config.eval.batch_size)
   reference = read_texts(evaluator, saved["reference"], seq_len, batch_size)[1]
   prefixes = saved.get("prefixes")
   for row in saved["rows"]:
@@ -442,5 +445,6 @@ def rescore(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                    evaluator, prefixes, row["samples"], reference, seq_len, batch_size))
     outputs.say(f"score {row['model']} {row['sampler']}: gen_ppl {row['gen_ppl']:.4g}, "
                 f"fd {row['fd']:.4g}")
-  _write(path, saved["rows"], evaluator.name, seq_len, saved["reference"], prefixes)
+  _write(path, saved["rows"], evaluator.name, seq_len, batch_size, saved["reference"],
+         prefixes)
   return saved["rows"]

@@ -133,6 +133,7 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   with pytest.raises(UsageError, match="needs an evaluator"):
     evaluate.rescore(config, later)
   config.eval.evaluator = "smollm2"  # the toy evaluator, patched in above
+  config.eval.batch_size = 3  # the batches of results.json's samples are kept (16)
   assert _scores(evaluate.rescore(config, later)) == _scores(saved["rows"])
   rescored = json.loads((tmp_path / "later" / "eval" / "results.json").read_text())
   assert rescored["evaluator"] == "toy" and _scores(rescored["rows"]) == _scores(saved["rows"])

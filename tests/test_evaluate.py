@@ -133,7 +133,6 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   with pytest.raises(UsageError, match="needs an evaluator"):
     evaluate.rescore(config, later)
   config.eval.evaluator = "smollm2"  # the toy evaluator, patched in above
-  config.eval.batch_size = 3  # the batches of results.json's samples are kept (16)
   assert _scores(evaluate.rescore(config, later)) == _scores(saved["rows"])
   rescored = json.loads((tmp_path / "later" / "eval" / "results.json").read_text())
   assert rescored["evaluator"] == "toy" and _scores(rescored["rows"]) == _scores(saved["rows"])
@@ -155,6 +154,24 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   config.eval.reference_samples = 10**6
   with pytest.raises(UsageError, match=r"need eval.num_samples \+ eval.reference_samples"):
     evaluate.evaluate(config, later, models)
+
+
+def test_scoring_later_pads_the_batches_the_samples_were_written_with(tmp_path, monkeypatch):
+  """results.json keeps eval.batch_size: scored later with another, gen PPL is the same
+  (in batches of 2, "ab" is padded to itself; in one batch of 4 its first EOS would count)."""
+  monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
+  texts = ["abc", "zz", "ab", "q"]
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "results.json").write_text(json.dumps({
+      "evaluator": "none", "seq_len": 5, "batch_size": 2, "reference": ["abc", "de", "f"],
+      "rows": [{"model": "FLM", "kind": "flm", "sampler": "euler_1", "steps": 1,
+                "entropy": 1.0, "seconds_per_sample": 0.1, "samples": texts}]}))
+  config = train_config()
+  config.eval.batch_size = 4
+  row = evaluate.rescore(config, str(tmp_path))[0]
+  in_pairs, whole = (evaluate.read_texts(CharEvaluator(), texts, 5, n)[0] for n in (2, 4))
+  assert in_pairs["gen_ppl"] != whole["gen_ppl"]
+  assert row["gen_ppl"] == in_pairs["gen_ppl"] and row["tokens"] == in_pairs["tokens"]
 
 
 def test_continuation_perplexity_scores_only_the_continuation():

@@ -109,8 +109,8 @@ def _evaluator_ids(evaluator, texts: list[str], seq_len: int) -> tuple[np.ndarra
 def _padded_widths(lengths: np.ndarray, batch_size: int) -> np.ndarray:
   """Each row's width once padded [N]: the longest of its batch of `batch_size` rows. The
   reference re-encodes each batch of samples it draws with padding=True (its
-  loader.eval_batch_size, 16 in its scripts; eval.batch_size here), so a row's first EOS
-  is scored only where a longer row shares its batch."""
+  loader.eval_batch_size, eval.batch_size here), so a row's first EOS is scored only where
+  a longer row shares its batch."""
   return np.concatenate([np.full(len(rows), rows.max(initial=0)) for rows in
                          np.split(lengths, np.arange(batch_size, len(lengths), batch_size))])
 

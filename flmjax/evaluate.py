@@ -181,7 +181,9 @@ def halves(tokenizer, tokens: np.ndarray) -> tuple[list[str], list[str]]:
   """(prefix texts, continuation texts) of examples [N, L]: positions 1 to L/2 - 1 after
   BOS, and L/2 on, cut at the first EOS there. A continuation's text is its part of the
   whole example's text (with the space that starts it, which decoding it alone would
-  drop), so that prefix + continuation is the example's text."""
+  drop), so that prefix + continuation is the example's text; where the whole text does
+  not start with the prefix's (a decoder's clean-up joining across the cut, as BERT's
+  joins "it ' s"), the continuation decoded alone."""
   half = tokens.shape[1] // 2
   continuations = []
   for row in tokens[:, half:]:

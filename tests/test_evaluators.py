@@ -295,6 +295,14 @@ def test_smollm2_prefers_fluent_text(smollm2):
   fluent_ppl, shuffled_ppl = np.exp(-smollm2.token_logprobs(ids).mean(axis=1))
   assert 5 < fluent_ppl < 60
   assert shuffled_ppl > 3 * fluent_ppl
+  # transformers 4.57 (PyTorch, float32) reading the same GGUF file: the whole text is 60
+  # tokens, of perplexity 15.7752, and its first five log-probabilities these.
+  whole = np.array([[smollm2.eos_id] + fluent_ids], np.int32)
+  assert smollm2.eos_id == 0 and len(fluent_ids) == 60
+  logprobs = smollm2.token_logprobs(whole)[0]
+  np.testing.assert_allclose(np.exp(-logprobs.mean()), 15.7752, rtol=2e-5)
+  np.testing.assert_allclose(logprobs[:5], [-5.1128, -6.1103, -7.4582, -5.8141, -2.3941],
+                             atol=1e-4)
 
 
 # Errors --------------------------------------------------------------------------------

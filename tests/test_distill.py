@@ -66,6 +66,8 @@ def test_times_of_each_share():
   assert (off_s >= 0).all() and (off_t <= 1).all() and (off_s <= off_t).all()
   gap = off_t - off_s  # stratified: one gap in each 1/64 stratum
   np.testing.assert_array_equal(np.sort(np.floor(gap * 64)), np.arange(64))
+  # tau_s = U (1 - d), U stratified too: tau_s / (1 - d) has one value in each stratum
+  np.testing.assert_array_equal(np.sort(np.floor(off_s / (1 - gap) * 64)), np.arange(64))
   np.testing.assert_allclose(tau_u, (tau_s + tau_t) / 2)
 
 

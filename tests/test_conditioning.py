@@ -128,11 +128,14 @@ def test_samplers_clamp_given_positions_and_return_them(rule, two_time, latent):
 
 @pytest.mark.parametrize("rule, two_time", [
     (sampling.EULER, False), pytest.param(sampling.FLOW_MAP, True, marks=pytest.mark.slow)])
-def test_every_evaluation_reads_the_given_positions_as_their_tokens(rule, two_time):
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_every_evaluation_reads_the_given_positions_as_their_tokens(rule, two_time, guidance):
   """Over several steps, the latent and V-space samplers' last probabilities are those of
   a loop written here in V-space that resets the given positions to their one-hot tokens
   before each evaluation (clamping, as a sampler that resets them to their tokens after
-  every step does)."""
+  every step does). With guidance w, each evaluation is (1 + w) c - w u, u the logits of
+  the state itself without the condition embedding, and the state moves at the given
+  positions by u alone (the unconditional flow that u reads next)."""
   model = _model(two_time)
   graphdef, params = nnx.split(model)
   n = 4
@@ -145,14 +148,47 @@ def test_every_evaluation_reads_the_given_positions_as_their_tokens(rule, two_ti
     times = [jnp.full((n,), tau)] + ([jnp.full((n,), grid["tau_next"][i])]
                                      if "tau_next" in grid else [])
     inputs = jnp.where(given[..., None], one_hot, state)
-    probs = jax.nn.softmax(model(model.embed(inputs), *times, given=given), axis=-1)
+    logits = model(model.embed(inputs), *times, given=given)
+    moving = logits
+    if guidance:
+      unconditional = model(model.embed(state), *times)
+      logits = (1 + guidance) * logits - guidance * unconditional
+      moving = jnp.where(given[..., None], unconditional, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
     if i < len(grid["keep"]):
-      state = grid["keep"][i] * state + grid["move"][i] * probs
+      state = grid["keep"][i] * state + grid["move"][i] * jax.nn.softmax(moving, axis=-1)
   for latent in (True, False):
     np.testing.assert_allclose(
         sampling.probabilities(graphdef, params, z, grid, jax.random.key(6), rule=rule,
-                               latent=latent, condition=sampling.Condition(given, prompt)),
+                               latent=latent, condition=sampling.Condition(given, prompt),
+                               guidance=guidance),
         probs, atol=2e-6)
+
+
+@pytest.mark.parametrize("rule, two_time", [(sampling.EULER, False),
+                                            (sampling.FLOW_MAP, True)])
+def test_tokens_are_the_argmax_of_the_samplers_last_probabilities(rule, two_time):
+  """sampling.tokens, which eval and generate call, makes its last evaluation apart from
+  sampling.probabilities, which the tests above check step by step: from the same noise
+  and keys its tokens are the argmax of those probabilities at every position not given,
+  unconditional, clamped and guided (churn included for the flow map)."""
+  graphdef, params = nnx.split(_model(two_time))
+  n = 4
+  given = jnp.asarray(np.random.default_rng(1).random((n, L)) < 0.5)
+  prompt = jnp.asarray(np.random.default_rng(2).integers(0, V, (n, L)))
+  grid = rule.grid(V, 3, 0.5 if rule.churn else 0.0)
+  rng = jax.random.key(4)
+  rng_init, rng_steps = jax.random.split(rng) if rule.churn else (rng, rng)
+  z = jax.random.normal(rng_init, (n, L, V), jnp.float32)  # initial_state's V-space draw
+  for condition, guidance in [(None, 0.0), (sampling.Condition(given, prompt), 0.0),
+                              (sampling.Condition(given, prompt), 1.5)]:
+    options = dict(rule=rule, latent=False, churn=rule.churn, condition=condition,
+                   guidance=guidance)
+    got = sampling.tokens(graphdef, params, rng, grid, batch_size=n, seq_len=L, **options)
+    expected = np.argmax(sampling.probabilities(graphdef, params, z, grid, rng_steps,
+                                                **options), axis=-1)
+    free = np.ones((n, L), bool) if condition is None else ~np.asarray(given)
+    np.testing.assert_array_equal(np.asarray(got)[free], expected[free])
 
 
 @pytest.mark.slow

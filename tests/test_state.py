@@ -129,6 +129,27 @@ def test_gradient_accumulation_equals_the_whole_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_each_step_draws_from_its_own_key():
+  """The objective's key at step n is fold_in(the state's key, n): tau, the noise and the
+  dropout are new draws at every step, and the same on a resumed run."""
+  config = train_config()
+  layout, state = _setup(config, jax.devices()[:1])
+
+  def objective(model, batch, rng, frozen):
+    del batch, frozen
+    loss = jnp.sum(model.output.bias[...]) * 0.0
+    return loss, {"loss": loss, "draw": jax.random.uniform(rng)}
+  step = _step_fn(layout, config, objective)
+  tokens = jnp.zeros((B, L), jnp.int32)
+  draws = []
+  for n in range(2):
+    expected = jax.random.uniform(jax.random.fold_in(state["rng"], n))
+    state, metrics = step(state, {"tokens": tokens}, None)
+    draws.append(float(metrics["draw"]))
+    assert draws[-1] == float(expected)
+  assert draws[0] != draws[1]
+
+
 @pytest.mark.slow
 def test_ema_of_the_train_state_follows_the_parameters():
   config = train_config(ema_decay=0.5)

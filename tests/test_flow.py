@@ -46,6 +46,24 @@ def test_flm_loss_equals_a_hand_computed_cross_entropy():
                               jnp.asarray(tokens), jax.random.key(0), get_schedule(5),
                               mask=jnp.asarray(mask), loss_weight=lambda tau: 0 * tau + 0.5)
   np.testing.assert_allclose(weighted, np.exp(-0.5) * np.mean(expected) + 0.5, rtol=1e-6)
+  # A weight that differs by row, w = 3 tau, on rows of 3 and 1 tokens: the token mean of
+  # exp(-w_b) CE + w_b, each row's w counted once per token (not once per row).
+  seen = {}
+
+  def by_row(tau):
+    seen["w"] = 3 * np.asarray(tau)
+    return 3 * tau
+  uneven = np.array([[1, 1, 1], [1, 0, 0]], np.float32)
+  weighted, _ = flow.flm_loss(lambda h, tau, key: jnp.asarray(logits), embed,
+                              jnp.asarray(tokens), jax.random.key(0), get_schedule(5),
+                              mask=jnp.asarray(uneven), loss_weight=by_row)
+  assert abs(seen["w"][0] - seen["w"][1]) > 0.1
+  terms = []
+  for b, l in zip(*np.nonzero(uneven)):
+    z = logits[b, l].astype(np.float64)
+    ce = np.log(np.exp(z).sum()) - z[tokens[b, l]]
+    terms.append(np.exp(-seen["w"][b]) * ce + seen["w"][b])
+  np.testing.assert_allclose(weighted, np.mean(terms), rtol=1e-6)
   raw = 40 * logits  # the denoiser's raw logits, capped by the loss at 30 tanh(raw / 30)
   capped = []
   for b, l in zip(*np.nonzero(mask)):

@@ -114,6 +114,26 @@ def test_churn_keeps_the_noise_level_of_the_schedule(gamma):
   np.testing.assert_allclose(get_schedule(V).t_host(grid["tau_next"]), t_tilde, atol=1e-6)
 
 
+@pytest.mark.parametrize("latent", [True, False])
+def test_a_churn_steps_noise_is_the_v_space_noise_seen_through_the_embedding(latent):
+  """A flow-map step with churn adds noise eps sigma, eps ~ N(0, I) in V space; the latent
+  sampler carries it as eps @ E, of covariance E^T E. With keep 1 and move 0, the step's
+  increments over 4,096 positions have that covariance (I_V in V space)."""
+  graphdef, params = _random_model(two_time=True)
+  model = nnx.merge(graphdef, params)
+  embed = np.asarray(model.vocab_embed[...], np.float64)
+  width = D if latent else V
+  state = jnp.zeros((64, 64, width))
+  row = {"tau": jnp.float32(0.3), "tau_next": jnp.float32(0.6), "keep": jnp.float32(1.0),
+         "move": jnp.float32(0.0), "noise": jnp.float32(0.5)}
+  factor = flow.noise_factor(model.vocab_embed[...]) if latent else None
+  step = sampling.flow_step(model, state, row, jax.random.key(1), latent, factor)
+  increments = np.asarray(step, np.float64).reshape(-1, width) / 0.5
+  covariance = increments.T @ increments / len(increments)
+  expected = embed.T @ embed if latent else np.eye(V)
+  assert np.abs(covariance - expected).max() < 0.1 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("gamma", [pytest.param(0.5, marks=pytest.mark.slow), 1.0])
 def test_churn_sampler_steps_by_hand(gamma):
   """Section 5's churn sampler written out in V space, with the sampler's noise draws."""

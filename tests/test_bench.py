@@ -34,6 +34,40 @@ def test_bench_reports_throughput_utilisation_sampling_memory_and_profile(tmp_pa
   assert result["process_peak_rss_bytes"] > train["planned_bytes"]
 
 
+_UTILISATION = """
+import json
+import jax
+from configs import tiny
+from flmjax import aot, bench
+bench._timed = lambda fn, args, repeats: 0.5
+aot.CHIPS[jax.devices()[0].device_kind] = (1 << 30, 1e12, 1e11)
+config = tiny.get_config()
+config.model.update(width=32, depth=1, heads=2, cond_width=16, dtype="float32")
+config.data.seq_len, config.batch_size = 32, 8
+print(json.dumps(bench.run(config, 61, [], ["latent"], repeats=1)))
+"""
+
+
+def test_utilisation_is_model_flops_over_the_measured_and_published_peaks():
+  """With every timed run taking 0.5 s: the matmul peak is 2 n^3 FLOPs on each of the 8
+  devices per 0.5 s (n = 2048 on a CPU), tokens/s is B L / 0.5, the MFU their model FLOPs
+  over the better peak, and on a chip of aot.CHIPS (here the CPU, listed at 1 TFLOP/s)
+  also over its published peak times the devices. (A subprocess: the bench's command-line
+  flags would clash with those of the other entry points imported here.)"""
+  run = subprocess.run([sys.executable, "-c", _UTILISATION], cwd=ROOT, capture_output=True,
+                       text=True, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.splitlines()[-1])
+  assert result["device_count"] == 8
+  peak = 2 * 2048**3 * 8 / 0.5
+  assert result["matmul_peak_flops"] == {"float32": peak, "bfloat16": peak}
+  train = result["latent"]["train"]
+  assert train["tokens_per_second"] == 8 * 32 / 0.5
+  model_flops = result["model_flops_per_token"] * 8 * 32 / 0.5
+  assert train["mfu"] == pytest.approx(model_flops / peak)
+  assert train["mfu_of_published_peak"] == pytest.approx(model_flops / (1e12 * 8))
+
+
 def test_bench_refuses_a_baseline_family_and_a_bad_field():
   for field, message in (("--config.family=mdlm", "family=mdlm: the bench times the FLM's"),
                          ("--config.batch_size=7", "batch_size 7 must be a multiple")):

@@ -19,6 +19,28 @@ def test_judges_score_the_sources_and_reject_mixtures():
   np.testing.assert_allclose(toys.score("markov", uniform).mean(), 2 / toys.K, atol=0.01)
 
 
+@pytest.mark.parametrize("kind", ["prefix", "suffix"])
+def test_the_prompted_rate_judges_the_first_written_token(kind, monkeypatch):
+  """With a stand-in sampler: one that writes the true walks scores 1; one that repeats
+  the given token next to the first written one (a step of 0, never allowed) scores 0,
+  though every given token, and so the edge of the given part, is a valid walk."""
+  def sampler(fill):
+    def samples(family, model, source, steps, n, seed, condition, guidance):
+      given, walks = np.asarray(condition.given), np.asarray(condition.tokens)
+      return (walks if not fill else np.where(given, walks, fill(given, walks)[:, None])), 1
+    return samples
+
+  def repeat_neighbour(given, walks):
+    rows = np.arange(len(walks))
+    last = given.shape[1] - 1 - given[:, ::-1].argmax(1)  # the prefix's last
+    first = given.argmax(1)  # the suffix's first
+    return walks[rows, last] if kind == "prefix" else walks[rows, first]
+  monkeypatch.setattr(toys, "samples", sampler(None))
+  assert toys.prompted_rate("flm", None, kind, 1, 256, seed=0) == 1.0
+  monkeypatch.setattr(toys, "samples", sampler(repeat_neighbour))
+  assert toys.prompted_rate("flm", None, kind, 1, 256, seed=0) == 0.0
+
+
 @pytest.mark.slow
 @pytest.mark.learning
 def test_one_step_discrete_diffusion_mixes_phrases_and_one_step_fmlm_does_not():

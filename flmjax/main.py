@@ -132,7 +132,8 @@ def parse_flags(argv):
       names = [a.split("=")[0].removeprefix("--config.") for a in argv[1:]
                if a.startswith("--config.")]
       field = next((n for n in names if hint[2] in n.split(".")), hint[2])
-      message = f"{field!r} (did you mean {hint[1]!r}?)"
+      suggestion = ".".join(field.split(".")[:field.split(".").index(hint[2])] + [hint[1]])
+      message = f"{field!r} (did you mean {suggestion!r}?)"
     else:
       message = " ".join(text.split())
       if re.fullmatch(r"[\"']*[\w.]+[\"']*", message):  # a bare (quoted) name

@@ -27,6 +27,8 @@ def say(message: str, every_process: bool = False) -> None:
 def create_workdir(workdir: str) -> epath.Path:
   """Creates the workdir and proves it writable, before anything is compiled."""
   path = epath.Path(workdir).expanduser()
+  if path.is_file():
+    raise UsageError(f"--workdir={workdir} is a file; give a directory.")
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write-test-{os.getpid()}"

@@ -206,4 +206,6 @@ def test_unwritable_workdir(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(UsageError, match="is not writable"):
     train.train(train_config(), str(tmp_path / "file" / "run"))
+  with pytest.raises(UsageError, match="is a file; give a directory"):
+    train.train(train_config(), str(tmp_path / "file"))
 

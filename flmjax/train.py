@@ -17,7 +17,7 @@ import ml_collections
 from flmjax import checkpoint, distill as fmlm, hooks, outputs, registry, sharding
 from flmjax import state as train_state
 from flmjax.data import pipeline
-from flmjax.errors import Stopped
+from flmjax.errors import Stopped, UsageError
 from flmjax.models import dit
 from flmjax.objectives import Objective
 
@@ -135,6 +135,23 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   return Result(layout, state, record)
 
 
+def _check_same_data(config: ml_collections.ConfigDict, folder: epath.Path) -> None:
+  """Refuses, before anything is prepared, to resume the run in `folder` with another L,
+  corpus or tokenizer kind, each of which makes other prepared data (hours of tokenizing
+  for OpenWebText); checkpoint.check_same_data_order checks the prepared data themselves
+  once they are there."""
+  saved = checkpoint.Checkpoints(folder).newest_record() if folder.exists() else None
+  if saved is None:
+    return
+  diffs = [f"{section}.{field} {saved['config'][section][field]!r} != "
+           f"{config[section][field]!r}"
+           for section, field in (("data", "seq_len"), ("data", "corpus"), ("tokenizer", "kind"))
+           if saved["config"][section][field] != config[section][field]]
+  if diffs:
+    raise UsageError(f"{folder} holds a run with other data ({'; '.join(diffs)}; saved != "
+                     "now); use the run's data settings, or a new --workdir.")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -> Result:
   """Prepares the data and trains `objective`'s model in WORKDIR (from a teacher when the
   objective takes one): samples at train.sample_steps (teacher, baselines) or 1, 2 and 4
@@ -149,6 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
       fmlm.check_teacher(registry.with_family(config, objective),
                          epath.Path(workdir).expanduser(), objective.teacher)
       if objective.teacher else (None, None))
+  _check_same_data(config, epath.Path(workdir).expanduser() / "checkpoints")
   path = outputs.create_workdir(workdir)
   prepared = pipeline.prepare(config, workdir)
   config = registry.with_family(config, objective, prepared.tokenizer)

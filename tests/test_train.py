@@ -181,6 +181,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poiso
 @pytest.mark.slow
 def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
   train.train(train_config(steps=2), str(tmp_path))
+  (tokenizer_file,) = (tmp_path / "data" / "tokenizer").glob("*.model")
   config = train_config(steps=4)
   config.model.width = 48
   with pytest.raises(UsageError, match="model.width 32 != 48"):
@@ -195,7 +196,15 @@ def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
   with pytest.raises(UsageError, match="another data order [(]batch_size 8 != 16; seed 1 != 5;"):
     train.train(config, str(tmp_path))
   config = train_config(steps=4)
-  config.data.seq_len = 16  # other prepared data, the same tokenizer and model
+  config.data.seq_len = 16  # refused before other data are prepared
+  prepared = sorted((tmp_path / "data").glob("prepared-*"))
+  with pytest.raises(UsageError, match="holds a run with other data [(]data.seq_len 32 != 16;"):
+    train.train(config, str(tmp_path))
+  assert sorted((tmp_path / "data").glob("prepared-*")) == prepared
+  # Other prepared data (fewer documents) with the same tokenizer file and model
+  config = train_config(steps=4)
+  config.data.max_documents = 300
+  config.tokenizer.path = str(tokenizer_file)
   with pytest.raises(UsageError, match="another data order [(]prepared data prepared-"):
     train.train(config, str(tmp_path))
   assert not (tmp_path / "unreadable_checkpoints").exists()

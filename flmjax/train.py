@@ -189,6 +189,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
         objective.kind, build, objective.build(config, vocab_size), validation, samplers,
         initial_params=initial, record=fmlm.teacher_source(config, teacher_step),
         teacher_every=config.distill.dcd.round_steps))
+  cfg = config.distill
+  counts = fmlm.split_counts(config.batch_size, cfg.diagonal_fraction,
+                             cfg.boundary_fraction if objective.boundary_rows else 0.0)
+  outputs.say(f"each batch of {config.batch_size}: {counts[0]} diagonal, {counts[1]} "
+              f"boundary and {counts[2]} off-diagonal rows")
   teacher = fmlm.load_teacher(config, teacher_step, teacher_record, prepared.tokenizer,
                               sharding.make_mesh(config.mesh))
   validation["distill_"] = objective.build(config, vocab_size, teacher.graphdef, train=False)

@@ -529,13 +529,16 @@ def test_one_step_student_follows_a_markov_chain(markov_models):
 
 
 @pytest.mark.slow
-def test_distill_mode_exports_weights_that_sample_identically(tmp_path, prepared, teacher):
+def test_distill_mode_exports_weights_that_sample_identically(tmp_path, prepared, teacher,
+                                                             capsys):
   student_dir = str(tmp_path / "student")
   config = train_config()
   config.data.dir = str(prepared.path.parent)
   config.teacher_checkpoint = teacher
   config.distill.steps = 3
   result = train.distill(config, student_dir)
+  assert "each batch of 8: 4 diagonal, 1 boundary and 3 off-diagonal rows" in (
+      capsys.readouterr().out)  # configs/tiny.py's fractions 0.5 and 0.125
   record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "student"))
   assert record["kind"] == "fmlm" and record["config"]["model"]["two_time"]
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result.state["ema"])):

@@ -89,8 +89,8 @@ class Progress:
     self.log.write(end.step, summary)
     eta = (self.total_steps - end.step) * summary["step_seconds"]
     outputs.say(
-        f"step {end.step}/{self.total_steps} | loss {summary['loss']:.4f} | grad "
-        f"{summary['grad_norm']:.3f} | lr {summary['lr']:.2e} | "
+        f"step {end.step}/{self.total_steps} | loss {summary['loss']:.5g} | grad "
+        f"{summary['grad_norm']:.3g} | lr {summary['lr']:.2e} | "
         f"{summary['tokens_per_second']:,.0f} tokens/s | {summary['step_seconds']:.3f} "
         f"s/step | ETA {int(eta // 3600)}:{time.strftime('%M:%S', time.gmtime(eta))}")
     self.window, self.steps, self.start = None, 0, None

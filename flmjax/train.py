@@ -7,7 +7,9 @@ samples, checkpoints, stop requests). What is trained comes from an objective of
 registry (flmjax/registry.py); the loop does not branch on it.
 """
 
+import copy
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple
 
 from etils import epath
@@ -152,6 +154,25 @@ def _check_same_data(config: ml_collections.ConfigDict, folder: epath.Path) -> N
                      "now); use the run's data settings, or a new --workdir.")
 
 
+def _with_data_dir(config: ml_collections.ConfigDict, workdir: str,
+                   teacher_record: dict | None) -> ml_collections.ConfigDict:
+  """A copy of `config` whose data.dir is the absolute path of the prepared data, so that
+  the run records name them wherever a later command runs (eval and sample of an export
+  read them there): data.dir if given; for a student without one, its teacher's prepared
+  data where this host has them (the teacher run's data.dir, else TEACHER/data), not
+  tokenized again; else WORKDIR/data."""
+  config = copy.deepcopy(config)
+  if not config.data.dir and teacher_record is not None:
+    for folder in (teacher_record["config"]["data"]["dir"],
+                   os.path.join(config.teacher_checkpoint, "data")):
+      if folder and "://" not in folder and os.path.isdir(os.path.expanduser(folder)):
+        outputs.say(f"reading the teacher's prepared data in {folder}")
+        config.data.dir = folder
+        break
+  config.data.dir = str(pipeline.data_dir(config, workdir).absolute())
+  return config
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -> Result:
   """Prepares the data and trains `objective`'s model in WORKDIR (from a teacher when the
   objective takes one): samples at train.sample_steps (teacher, baselines) or 1, 2 and 4
@@ -167,6 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
                          epath.Path(workdir).expanduser(), objective.teacher)
       if objective.teacher else (None, None))
   _check_same_data(config, epath.Path(workdir).expanduser() / "checkpoints")
+  config = _with_data_dir(config, workdir, teacher_record)
   path = outputs.create_workdir(workdir)
   prepared = pipeline.prepare(config, workdir)
   config = registry.with_family(config, objective, prepared.tokenizer)

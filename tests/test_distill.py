@@ -3,6 +3,8 @@ objectives, the student's init, the distill mode, and learning checks."""
 
 import functools
 import json
+import os
+import shutil
 
 from flax import nnx
 import jax
@@ -12,7 +14,7 @@ import optax
 import pytest
 
 from conftest import randomize, train_config
-from flmjax import distill, evaluate, flow, objectives, registry, sampling, toys, train
+from flmjax import checkpoint, distill, evaluate, flow, objectives, registry, sampling, toys, train
 from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.schedule import get_schedule
@@ -557,20 +559,32 @@ def test_distill_mode_exports_weights_that_sample_identically(tmp_path, prepared
 
 
 @pytest.mark.slow
-def test_the_student_starts_from_the_teachers_ema_with_a_zero_second_time(tmp_path, prepared):
+def test_the_student_starts_from_the_teachers_ema_and_reads_its_data(tmp_path, prepared,
+                                                                     monkeypatch, capsys):
   """--mode=distill's state before its first update (warmup: that update's learning rate is
   0), from a teacher with a learned loss weight: every other teacher weight is the
   teacher's EMA, not its raw weights; the second time embedder's last layer is zero; the
-  loss weight starts afresh."""
+  loss weight starts afresh. Without data.dir the student reads the teacher's prepared data,
+  found in TEACHER/data after the teacher's workdir moved, and names them by absolute path
+  (relative workdirs here)."""
+  monkeypatch.chdir(tmp_path)
+  shutil.copytree(prepared.path.parent, "moved/data")
   config = train_config(steps=2)
-  config.data.dir = str(prepared.path.parent)
+  config.data.dir = "moved/data"
   config.model.learned_loss_weight = True
-  trained = train.train(config, str(tmp_path / "teacher"))
+  trained = train.train(config, "moved")
   ema, raw = (nnx.traversals.flatten_mapping(jax.tree.map(np.asarray, trained[k]))
               for k in ("ema", "params"))
-  config.teacher_checkpoint = str(tmp_path / "teacher")
+  os.rename("moved", "teacher")
+  config.teacher_checkpoint, config.data.dir = "teacher", ""
   config.distill.steps = 1
-  result = train.distill(config, str(tmp_path / "student"))
+  capsys.readouterr()
+  result = train.distill(config, "student")
+  assert "reading the teacher's prepared data in teacher/data" in capsys.readouterr().out
+  assert not (tmp_path / "student/data").exists()
+  record = checkpoint.read_record(tmp_path / "student/export")
+  assert record["config"]["data"]["dir"] == str(tmp_path / "teacher/data")
+  assert record["tokenizer"]["source"].startswith(str(tmp_path / "teacher/data/tokenizer"))
   first = json.loads((tmp_path / "student/metrics.jsonl").read_text().splitlines()[0])
   assert first["step"] == 1 and first["lr"] == 0.0
   start = nnx.traversals.flatten_mapping(jax.tree.map(np.asarray, result.state["params"]))

@@ -32,7 +32,8 @@ GPT2_PAD = "[PAD]"  # the reference adds one pad token after <|endoftext|>: V = 
 
 
 class Tokenizer(abc.ABC):
-  """Text <-> token ids. `source` is the file or folder it was loaded from."""
+  """Text <-> token ids. `source` is the absolute path of the file or folder it was loaded
+  from (run records name it, for later commands run from anywhere)."""
   kind: str
   source: str
   vocab_size: int
@@ -72,7 +73,7 @@ class SentencePieceTokenizer(Tokenizer):
       raise UsageError(f"{source} is not a SentencePiece model: give a .model file as "
                        "tokenizer.path (a damaged model that flmjax trained and cached can be "
                        "deleted: it is trained again).") from None
-    self.source = source
+    self.source = os.path.abspath(source)
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
       raise UsageError(f"SentencePiece model {source} has no BOS or EOS piece; train it "
@@ -122,7 +123,7 @@ class GPT2Tokenizer(_HuggingFaceTokenizer):
     tok.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True),
                             tokenizers.AddedToken(GPT2_PAD, special=True)])
     super().__init__(tok)
-    self.source = str(encoder_json.parent)
+    self.source = os.path.abspath(encoder_json.parent)
     self.bos_id = self.eos_id = tok.token_to_id("<|endoftext|>")
     self.pad_id = self.mask_id = tok.token_to_id(GPT2_PAD)
     self.fingerprint = _digest(b"gpt2", encoder_json.read_bytes(), vocab_bpe.read_bytes())
@@ -159,7 +160,7 @@ class BertTokenizer(_HuggingFaceTokenizer):
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True)
                             for s in specials if s in vocab])
     super().__init__(tok)
-    self.source = str(vocab_txt)
+    self.source = os.path.abspath(vocab_txt)
     self.bos_id = self.eos_id = vocab["[CLS]"]
     self.pad_id = vocab["[PAD]"]
     self.mask_id = vocab.get("[MASK]")

@@ -386,11 +386,36 @@ def test_objectives_with_v_space_noise_give_finite_losses_and_gradients(objectiv
   _assert_finite(value, metrics, grads)
 
 
+class _Disturbed:
+  """A student whose output features at the `at` positions (given or free) are moved by
+  a function of both times, so that its outputs there, their time derivatives and anything
+  built from them change."""
+
+  def __init__(self, model, at: str):
+    self.model, self.at = model, at
+    self.direction = jax.random.normal(jax.random.key(9), (model.output.kernel.shape[0],))
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def features(self, h, tau_s, tau_t=None, *, given=None, dropout_rng=None):
+    x = self.model.features(h, tau_s, tau_t, given=given, dropout_rng=dropout_rng)
+    where = given if self.at == "given" else ~given
+    wave = jnp.sin(7 * (tau_s if tau_t is None else tau_t) + 11 * tau_s)[:, None, None]
+    return x + 3 * where[..., None] * wave * self.direction
+
+  def __call__(self, h, tau_s, tau_t=None, *, given=None, dropout_rng=None, capped=True):
+    x = self.features(h, tau_s, tau_t, given=given, dropout_rng=dropout_rng)
+    return self.model.output_logits(x) if capped else self.model.output(x)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", FLOW_MAP)
 def test_conditional_objectives_leave_given_positions_out(objective):
-  """With train.condition, the three objectives give finite losses whose gradients reach
-  the condition embedding."""
+  """With train.condition, the student's outputs at the given positions reach neither loss
+  nor the self-targets' intermediate states (clamped there): moving them, as functions of
+  both times, leaves the loss as it was, while moving the free positions' changes it. The
+  gradients reach the condition embedding."""
   config = train_config()
   config.train.update(condition="prefix", condition_dropout=0.0)
   config.model.update(condition_embedding=True)
@@ -405,12 +430,18 @@ def test_conditional_objectives_leave_given_positions_out(objective):
   fn = registry.OBJECTIVES[objective].build(config, V, teacher_graphdef)
   tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
 
-  def loss(params):
-    return fn(nnx.merge(student_graphdef, params), {"tokens": tokens}, jax.random.key(1),
-              teacher_params)[0]
+  def loss(params, disturbed=None):
+    student = nnx.merge(student_graphdef, params)
+    if disturbed:
+      student = _Disturbed(student, disturbed)
+    return fn(student, {"tokens": tokens}, jax.random.key(1), teacher_params)[0]
   value, grads = jax.jit(jax.value_and_grad(loss))(student_params)
   assert np.isfinite(value)
   assert np.abs(np.asarray(grads["condition_embed"])).max() > 0
+  at_given, at_free = (float(jax.jit(loss, static_argnums=1)(student_params, at))
+                       for at in ("given", "free"))
+  np.testing.assert_allclose(at_given, value, rtol=1e-6)
+  assert abs(at_free - value) > 1e-3 * abs(value)
 
 
 @pytest.mark.slow

@@ -234,6 +234,35 @@ def test_flm_loss_is_the_same_with_the_fused_head():
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max() + 1e-7)
 
 
+def test_the_flm_objective_equals_its_v_space_definition():
+  """objectives.denoising (config.noise "vocab", plain head, no dropout) on its own draws
+  of tau and noise: x_t = (1 - t) eps + t onehot with eps ~ N(0, I_V) and t = t(tau), the
+  network at x_t @ E and tau, and the mean over tokens of -log softmax(30 tanh(logits /
+  30))[token]."""
+  config = base.get_config()
+  config.model.update(width=D, depth=1, heads=4, cond_width=16, dtype="float32",
+                      output_head="plain")
+  config.noise = "vocab"
+  model = randomize(dit.builder(config.model, V)(), scale=0.5)
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V)
+  rng = jax.random.key(2)
+  loss, _ = jax.jit(lambda: objectives.denoising(config, V, train=False)(
+      model, {"tokens": tokens}, rng, None))()
+
+  rng_tau, rng_noise, _ = jax.random.split(rng, 3)
+  tau = flow.stratified_uniform(rng_tau, B)
+  t = np.asarray(get_schedule(V).t(tau), np.float64)[:, None, None]
+  x_t = (1 - t) * np.asarray(jax.random.normal(rng_noise, (B, L, V)), np.float64) + (
+      t * np.eye(V)[np.asarray(tokens)])
+  logits = np.asarray(model(jnp.asarray(x_t @ np.asarray(model.vocab_embed[...], np.float64),
+                                        jnp.float32), tau, capped=False), np.float64)
+  capped = 30 * np.tanh(logits / 30)
+  assert np.abs(logits).max() > 30  # the cap matters here
+  log_probs = capped - np.log(np.exp(capped).sum(-1, keepdims=True))
+  expected = -np.take_along_axis(log_probs, np.asarray(tokens)[..., None], -1).mean()
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
 def test_flm_loss_conditions_on_tau_and_corrupts_at_t_of_tau():
   embed = jax.random.normal(jax.random.key(1), (V, D))
   tokens = jax.random.randint(jax.random.key(2), (B, L), 0, V)

@@ -141,6 +141,9 @@ def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys, pre
     return tokenizer.decode(tokenizer.encode_batch([text])[0])
   assert results[0]["text"].startswith(round_trip("the"))
   assert results[1]["text"].endswith(round_trip(" end."))
+  assert results[2]["text"].startswith(round_trip("a")) and round_trip(" b") in results[2][
+      "text"][len(round_trip("a")):]
+  assert results[3]["text"].startswith(round_trip("x"))
   assert results[4]["text"].startswith(round_trip("one two"))
   from_ids = generator.generate([tokenizer.encode_batch(["x"])[0]])
   assert from_ids[0]["text"].startswith(round_trip("x"))

@@ -191,13 +191,13 @@ class Checkpoints:
     try:
       record = self.record(step)
     except Exception as e:  # pylint: disable=broad-except  # TensorStore, Orbax, OS, JSON
-      reason = str(e).strip().split("\n")[0][:200]
+      reason = _why(e)
     else:
       check(record)
       try:
         state = self.restore(step, abstract_state, iterator)
       except Exception as e:  # pylint: disable=broad-except
-        reason = str(e).strip().split("\n")[0][:200]
+        reason = _why(e)
     if jax.process_count() > 1:  # every process takes part, failed or not
       failed = multihost_utils.process_allgather(np.asarray(reason is not None))
       if failed.any() and reason is None:
@@ -219,6 +219,15 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _why(error: BaseException) -> str:
+  """The first line of the innermost cause of `error`, at most 300 characters: the storage
+  layer's own words (TensorStore's "OUT_OF_RANGE: Error reading ... in OCDBT database at
+  local file ...", say) rather than Orbax's wrapper, which quotes the array's whole spec."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return str(error).strip().split("\n")[0][:300]
 
 
 def export(directory: epath.Path, params, record: dict) -> None:

@@ -94,6 +94,8 @@ def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resum
   assert (tmp_path / "run/checkpoints/6").is_dir()  # saved again by the resumed run
   reported = [l for l in capsys.readouterr().out.splitlines() if "cannot be read" in l]
   assert len(reported) == 1 and str(tmp_path / "run/checkpoints/6") in reported[0]
+  # the storage's own words (the file and byte range), not Orbax's wrapper and array spec
+  assert "OCDBT database at local file" in reported[0] and "TensorStore({" not in reported[0]
   for step in (4, 6):  # two unreadable in a row: refused; one moved aside, nothing deleted
     _truncate_largest_file(tmp_path / f"run/checkpoints/{step}/state")
   with pytest.raises(UsageError, match="checkpoints/4 cannot be read either"):

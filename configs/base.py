@@ -122,7 +122,8 @@ def get_config() -> ml_collections.ConfigDict:
   # eval_batches batches of the validation split (0: all of it).
   config.train.eval_every = 5000
   config.train.eval_batches = 16
-  # Steps between decoded samples (EMA weights, Euler sampler) in WORKDIR/samples/.
+  # Steps between decoded samples (EMA weights, the family's sampler at sample_steps; a
+  # student's flow map at 1, 2 and 4 steps) in WORKDIR/samples/.
   config.train.sample_every = 5000
   config.train.sample_steps = 8
   config.train.num_samples = 4
@@ -196,7 +197,8 @@ def get_config() -> ml_collections.ConfigDict:
   # DCD's optimizer (Duo's OWT recipe), in place of distill.learning_rate and distill.b2.
   config.distill.dcd.learning_rate = 6e-5
   config.distill.dcd.b2 = 0.999
-  # The teacher for --mode=distill: a --mode=train workdir (its latest EMA weights).
+  # The teacher for --mode=distill: a --mode=train workdir (its latest EMA weights) or an
+  # export.
   config.teacher_checkpoint = ""
 
   config.sample = ml_collections.ConfigDict()

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flmjax import sampling, sharding
+from flmjax import flow, sampling, sharding
 
 EPS = 1e-3  # the schedule's alpha_1 and the smallest training time (both 1e-3)
 LAST_TIME = 1e-5  # where the samplers' grid ends
@@ -66,10 +66,9 @@ def sigma(t):
 
 
 def training_times(rng: jax.Array, n: int) -> jax.Array:
-  """t_i = eps + (1 - eps) (r_i + i) / n [n], r_i ~ U[0, 1) independent, permuted."""
-  rng_r, rng_perm = jax.random.split(rng)
-  u = (jax.random.uniform(rng_r, (n,)) + jnp.arange(n)) / n
-  return EPS + (1 - EPS) * jax.random.permutation(rng_perm, u)
+  """t_i = eps + (1 - eps) u_i [n] for FLM's stratified, permuted u (flow.stratified_uniform:
+  u_i = (r_i + i) / n, r_i ~ U[0, 1) independent)."""
+  return EPS + (1 - EPS) * flow.stratified_uniform(rng, n)
 
 
 def mask_tokens(rng: jax.Array, x0: jax.Array, t: jax.Array, mask_id: int) -> jax.Array:
@@ -142,16 +141,16 @@ def d3pm_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
   return jnp.where(xt == mask_id, D3PM_STEPS * kl, 0.0)
 
 
-def objective(noise, token_loss, time_input, times=lambda t: t, reconstruction=False):
-  """The training objective (objectives.Objective.build) of a discrete diffusion family:
-  x_t = noise(rng, x0, t, mask_id, V) at times t = times(stratified times), the network on
+def objective(token_loss, time_input, times=lambda t: t, reconstruction=False):
+  """The training objective (objectives.Objective.build) of an absorbing family: x_t =
+  mask_tokens(x0) at times t = times(stratified times), the network on
   E[x_t] at time_input(t), the token-weighted mean of token_loss(logits, x_t, x0, t,
   mask_id) (plus, with `reconstruction`, -log p_theta(x0 | x0) of a second pass on the
   clean sequence at sigma = 0, at every position), with dropout only when training; it
   also reports the share of noised tokens."""
   def build(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,
             train: bool = True):
-    del teacher_graphdef
+    del teacher_graphdef, vocab_size
     mask_id = config.model.mask_id
 
     def loss_fn(model, batch, rng, frozen):
@@ -159,7 +158,7 @@ def objective(noise, token_loss, time_input, times=lambda t: t, reconstruction=F
       x0 = batch["tokens"]
       rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
       t = times(training_times(rng_t, x0.shape[0]))
-      xt = noise(rng_noise, x0, t, mask_id, vocab_size)
+      xt = mask_tokens(rng_noise, x0, t, mask_id)
       logits = model(model.embed_ids(xt), time_input(t),
                      dropout_rng=rng_dropout if train else None)
       per_token = token_loss(logits, xt, x0, t, mask_id)
@@ -174,15 +173,9 @@ def objective(noise, token_loss, time_input, times=lambda t: t, reconstruction=F
   return build
 
 
-def _mask_noise(rng, x0, t, mask_id, vocab_size):
-  del vocab_size
-  return mask_tokens(rng, x0, t, mask_id)
-
-
-mdlm_objective = objective(_mask_noise, mdlm_token_loss, jnp.zeros_like)  # no time input
-sedd_objective = objective(_mask_noise, sedd_token_loss, sigma)
-d3pm_objective = objective(_mask_noise, d3pm_token_loss, sigma, times=d3pm_time,
-                           reconstruction=True)
+mdlm_objective = objective(mdlm_token_loss, jnp.zeros_like)  # no time input
+sedd_objective = objective(sedd_token_loss, sigma)
+d3pm_objective = objective(d3pm_token_loss, sigma, times=d3pm_time, reconstruction=True)
 
 
 # --- Samplers ---------------------------------------------------------------------------

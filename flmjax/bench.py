@@ -32,7 +32,7 @@ from ml_collections import config_flags
 from flmjax import aot, objectives, profiling, sampling, sharding, state
 from flmjax.errors import UsageError
 from flmjax.models import dit
-from flmjax.validate import validate
+from flmjax.validate import step_counts, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -162,12 +162,13 @@ def main(argv):
       raise UsageError(f"family={config.family}: the bench times the FLM's training step "
                        "and Euler sampler; leave family at flm.")
     validate(config, "train", jax.device_count)
+    sample_steps = step_counts(",".join(_STEPS.value), "--sample_steps")
   except UsageError as e:
     print(f"flmjax.bench: error: {e}", file=sys.stderr)
     sys.exit(2)
   vocab_size = _VOCAB.value or config.tokenizer.vocab_size
-  print(json.dumps(run(config, vocab_size, [int(s) for s in _STEPS.value], _NOISE.value,
-                       _REPEATS.value, _PROFILE.value, _SAMPLE_BATCH.value), indent=1))
+  print(json.dumps(run(config, vocab_size, sample_steps, _NOISE.value, _REPEATS.value,
+                       _PROFILE.value, _SAMPLE_BATCH.value), indent=1))
 
 
 if __name__ == "__main__":

@@ -346,7 +346,7 @@ _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"],
                              "Which weights of a Lightning .ckpt to import.")
 _FAMILY = flags.DEFINE_enum("family", "auto", ["auto", *registry.FAMILIES],
                             "import: the family of the weights (auto: flm, fmlm or ar from "
-                            "the tensors; MDLM and SEDD need naming).")
+                            "the tensors; MDLM, SEDD, D3PM and Duo need naming).")
 COMMANDS = ("import", "export", "random")
 
 

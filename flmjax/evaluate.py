@@ -412,8 +412,9 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """`--mode=eval`: evaluates config.checkpoint at every eval.steps count."""
   record = checkpoint.read_record(config.checkpoint)
   registry.check_sample_options(record["kind"], config.sample, config.checkpoint, churn=False)
-  # The dataset row reads the model's own prepared data unless told otherwise.
-  config.data.dir = config.data.dir or record["config"]["data"]["dir"] or str(
+  # The dataset row reads the model's own prepared data unless told otherwise (else they
+  # are prepared in CHECKPOINT/data, for the next evaluation of these weights).
+  config.data.dir = pipeline.run_data_dir(config, record, config.checkpoint) or str(
       epath.Path(config.checkpoint) / "data")
   return evaluate(config, workdir, {record["kind"].upper(): (config.checkpoint,
                                                              step_counts(config.eval.steps))})

@@ -1,8 +1,10 @@
 """One compiled sampler driver; the samplers are step rules with host-computed time grids.
 
 A sampler runs N network evaluations: a `lax.scan` over the first N - 1 rows of its grid
-(each row one step of its rule), then the last evaluation, whose denoiser probabilities
-[B, L, V] are returned; tokens are their argmax (taken on the logits). Grids are computed
+(each row one step of its rule), then the last evaluation, whose argmax are the tokens
+(`tokens`: taken from the output layer's input in chunks, never building [B, L, V];
+`probabilities` returns that evaluation's probabilities from a given noise, for tests and
+analysis). Grids are computed
 on the host in float64 and passed in; the step count is their static length, so there is
 one compiled function per (rule, B, L, N).
 
@@ -197,7 +199,8 @@ def initial_state(model, rng, shape: tuple[int, int], latent: bool) -> jax.Array
 def probabilities(graphdef, params, z, grid, rng, *, rule: Rule, latent: bool = True,
                   churn: bool = False, condition: Condition | None = None,
                   guidance: float = 0.0) -> jax.Array:
-  """The sampler's last probabilities [B, L, V] from a given V-space noise z [B, L, V]."""
+  """The sampler's last probabilities [B, L, V] from a given V-space noise z [B, L, V]:
+  what `tokens` takes the argmax of, for tests and analysis (not used by the modes)."""
   model = nnx.merge(graphdef, params)
   state, last = _integrate(model, model.embed(z) if latent else z, grid, rng, rule, latent,
                            churn, condition, guidance)
@@ -278,7 +281,8 @@ def nucleus(probs: jax.Array, temperature: float = 1.0, top_p: float = 1.0) -> j
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How a sampler factory (steps, num_samples, seq_len, options) -> function samples,
-  beside its step count: from config.sample and the weights (`of`)."""
+  beside its step count: from config.sample, config.noise and the tokenizer's ids
+  (registry.sampler)."""
   gamma: float = 0.0  # churn of the flow-map sampler
   latent: bool = True  # the continuous state as z @ E (config.noise == "latent")
   temperature: float = 1.0  # discrete baselines only

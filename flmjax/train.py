@@ -9,7 +9,6 @@ registry (flmjax/registry.py); the loop does not branch on it.
 
 import copy
 import dataclasses
-import os
 from typing import Any, Callable, NamedTuple
 
 from etils import epath
@@ -163,12 +162,9 @@ def _with_data_dir(config: ml_collections.ConfigDict, workdir: str,
   tokenized again; else WORKDIR/data."""
   config = copy.deepcopy(config)
   if not config.data.dir and teacher_record is not None:
-    for folder in (teacher_record["config"]["data"]["dir"],
-                   os.path.join(config.teacher_checkpoint, "data")):
-      if folder and "://" not in folder and os.path.isdir(os.path.expanduser(folder)):
-        outputs.say(f"reading the teacher's prepared data in {folder}")
-        config.data.dir = folder
-        break
+    config.data.dir = pipeline.run_data_dir(config, teacher_record, config.teacher_checkpoint)
+    if config.data.dir:
+      outputs.say(f"reading the teacher's prepared data in {config.data.dir}")
   config.data.dir = str(pipeline.data_dir(config, workdir).absolute())
   return config
 

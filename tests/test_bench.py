@@ -70,7 +70,8 @@ def test_utilisation_is_model_flops_over_the_measured_and_published_peaks():
 
 def test_bench_refuses_a_baseline_family_and_a_bad_field():
   for field, message in (("--config.family=mdlm", "family=mdlm: the bench times the FLM's"),
-                         ("--config.batch_size=7", "batch_size 7 must be a multiple")):
+                         ("--config.batch_size=7", "batch_size 7 must be a multiple"),
+                         ("--sample_steps=1,0", "--sample_steps='1,0' must be positive step")):
     run = subprocess.run([sys.executable, "-m", "flmjax.bench", "--config=configs/tiny.py",
                           field], cwd=ROOT, capture_output=True, text=True, check=False)
     assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]

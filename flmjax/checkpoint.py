@@ -48,8 +48,9 @@ def git_hash() -> str | None:
 def run_record(config: ml_collections.ConfigDict, tokenizer, kind: str,
                data: str | None = None) -> dict:
   """What a checkpoint says about the run that wrote it: its kind (its family, e.g. "flm",
-  or "fmlm" for an FMLM student), resolved config, V, tokenizer (to decode samples later), the name of
-  the prepared data it trained on (None for imported weights) and commit."""
+  or "fmlm" for an FMLM student), resolved config, V, tokenizer (to decode samples
+  later), the name of the prepared data it trained on (None for imported weights) and
+  commit."""
   return {"kind": kind, "config": json.loads(config.to_json_best_effort()),
           "vocab_size": tokenizer.vocab_size,
           "tokenizer": {"kind": tokenizer.kind, "source": tokenizer.source,

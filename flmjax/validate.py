@@ -3,9 +3,9 @@
 `validate(config, mode, device_count, process_count)` checks every field that does not
 need a file or the data to judge: choices, positive sizes and ranges, the mesh and the
 batches it must divide (the teacher's, the student's and each gradient-accumulation part),
-step lists, and what each mode needs. A bad value raises a UsageError naming the field and what to do, which
-the command line prints as one line with exit status 2. Files (corpus paths, tokenizer
-files, checkpoints) are checked where they are read.
+step lists, and what each mode needs. A bad value raises a UsageError naming the field and
+what to do, which the command line prints as one line with exit status 2. Files (corpus
+paths, tokenizer files, checkpoints) are checked where they are read.
 """
 
 import functools

@@ -207,8 +207,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.steps = 1
   config.sample.num_samples = 16
   # "auto" (the family's default: euler, flowmap, ancestral_cache for mdlm, analytic for
-  # sedd, ancestral for d3pm and duo, ar) or one of the family's samplers by name (mdlm also has
-  # "ancestral", duo "greedy": the argmax at the noise-removal call).
+  # sedd, ancestral for d3pm and duo, ar) or one of the family's samplers by name (mdlm
+  # also has "ancestral", duo "greedy": the argmax at the noise-removal call).
   config.sample.sampler = "auto"
   # The discrete baselines only: temperature of their token draws and nucleus (top-p)
   # mass, both 1 = exact sampling of the model.

@@ -2,11 +2,11 @@
 
 A sampler runs N network evaluations: a `lax.scan` over the first N - 1 rows of its grid
 (each row one step of its rule), then the last evaluation, whose argmax are the tokens
-(`tokens`: taken from the output layer's input in chunks, never building [B, L, V];
-`probabilities` returns that evaluation's probabilities from a given noise, for tests and
-analysis). Grids are computed
-on the host in float64 and passed in; the step count is their static length, so there is
-one compiled function per (rule, B, L, N).
+(`tokens`; without guidance they are taken from the output layer's input in chunks,
+never building the [B, L, V] logits; `probabilities` returns that evaluation's
+probabilities from a given noise, for tests and analysis). Grids are computed on the host
+in float64 and passed in; the step count is their static length, so there is one compiled
+function per (rule, B, L, N).
 
 Both samplers of the continuous flow step linearly in the state z:
 z <- keep z + move D + noise eps, with D the denoiser's probabilities at the row's times.

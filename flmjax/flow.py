@@ -26,7 +26,6 @@ from flmjax import conditioning
 from flmjax.sharding import row_shards
 
 HIGHEST = jax.lax.Precision.HIGHEST
-VELOCITY_EPS = 1e-5  # the reference's guard on 1 - t in the velocity
 DENOMINATOR_EPS = 1e-8  # the reference's guard in the flow map and semigroup coefficients
 
 
@@ -56,8 +55,8 @@ def interpolate(noise, data, t):
   return (1 - t) * noise + t * data
 
 
-def velocity(x, denoised, t, eps: float = VELOCITY_EPS):
-  """b_t(x) = (D_t(x) - x) / (1 - t + eps), t [B]."""
+def velocity(x, denoised, t, eps: float):
+  """b_t(x) = (D_t(x) - x) / (1 - t + eps), t [B]; eps guards t = 1."""
   return (denoised - x) / (1 - per_row(t, x.ndim) + eps)
 
 
@@ -326,8 +325,8 @@ head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd,
 
 
 def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.Array,
-             schedule, *, mask: jax.Array | None = None, given: jax.Array | None = None,
-             latent: bool = True, loss_weight: Callable | None = None, cap: float = 0.0,
+             schedule, *, given: jax.Array | None = None, latent: bool = True,
+             loss_weight: Callable | None = None, cap: float = 0.0,
              head: Callable | None = None) -> tuple[jax.Array, dict]:
   """The FLM objective: cross entropy of the denoiser at x_t, token-weighted mean.
 
@@ -335,11 +334,10 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   it with train.grad_accum), t = t(tau), the network conditioned on tau. The denoiser may
   return raw logits and leave their cap to `cap` (see token_cross_entropy), or, with
   `head`, the output layer's input features [B, L, D] and leave the output layer to
-  head(features, tokens, weights) -> (weighted sum, CE) (head_cross_entropy). `mask`
-  [B, L] marks valid tokens (all by default). `given` [B, L] marks the given positions of
-  a condition (flmjax/conditioning.py): the denoiser gets them clean, E[token] (the caller
-  passes `given` to the model itself, for its condition embedding), and the loss leaves
-  them out.
+  head(features, tokens, weights) -> (weighted sum, CE) (head_cross_entropy). `given`
+  [B, L] marks the given positions of a condition (flmjax/conditioning.py): the denoiser
+  gets them clean, E[token] (the caller passes `given` to the model itself, for its
+  condition embedding), and the loss leaves them out; without it every token counts.
   `loss_weight(tau) -> w [B]` turns each token's loss into exp(-w) * loss + w.
   """
   rng_tau, rng_noise, rng_dropout = jax.random.split(rng, 3)
@@ -348,9 +346,9 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   h = noisy_latent(rng_noise, embed, tokens, t, latent)
   if given is not None:
     h = conditioning.clamp(h, given, embed[tokens])
-    mask = ~given if mask is None else mask & ~given
   out = denoiser(h, tau, rng_dropout)
-  mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  mask = (jnp.ones(tokens.shape, jnp.float32) if given is None
+          else (~given).astype(jnp.float32))
   count = jnp.maximum(mask.sum(), 1.0)
   weights, offset = mask / count, 0.0
   if loss_weight is not None:

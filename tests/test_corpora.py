@@ -111,7 +111,7 @@ def test_hugging_face_corpora_load_as_the_reference_and_say_why_they_cannot(monk
   fake.__version__ = "4.0.0"
   assert list(corpus.documents("train")) == ["Hello, world."]
   assert calls == [("lm1b", "test", {"trust_remote_code": True}), ("lm1b", "train", {})]
-  # OpenWebText holds out its last 100k documents (REFERENCE section 6), not detokenized.
+  # OpenWebText holds out its last 100k documents (the reference's split), not detokenized.
   owt = corpora.load_corpus(small_config(corpus="openwebtext").data)
   assert list(owt.documents("train")) == list(owt.documents("valid")) == ["Hello , world ."]
   assert calls[2:] == [("openwebtext", "train[:-100000]", {}),

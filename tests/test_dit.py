@@ -257,9 +257,9 @@ def _dot_dtypes(jaxpr) -> list:
 @pytest.mark.slow
 def test_bfloat16_blocks_stay_close_to_float32():
   """With dtype bfloat16 the blocks' matmuls (QKV, scores, values, out, the MLP's two) and
-  the output layer run in bfloat16, the time embedding and the modulations in float32
-  (REFERENCE section 3): the logits move by bfloat16 rounding, not by nothing and not by
-  more than 1% of their range (0.2% seen)."""
+  the output layer run in bfloat16, the time MLP and the modulations in float32 (the
+  precision policy of flmjax/models/dit.py): the logits move by bfloat16 rounding, not by
+  nothing and not by more than 1% of their range (0.2% seen)."""
   h, tau = _inputs()
   exact = _perturb(_model(), scale=0.1)
   fast = _perturb(_model(dtype=jnp.bfloat16), scale=0.1)

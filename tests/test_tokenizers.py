@@ -22,7 +22,8 @@ def test_gpt2_ids_match_the_published_vocabulary(gpt2):
   assert gpt2.encode_batch(["Hello world"]) == [[15496, 995]]
   assert gpt2.eos_id == gpt2.bos_id == 50256
   assert gpt2.encode_batch(["<|endoftext|>"]) == [[50256]]
-  assert gpt2.vocab_size == 50258 and gpt2.pad_id == gpt2.mask_id == 50257  # BASELINES 1.1
+  # the baselines' mask is the added pad token, as in the reference (MDLM's GPT-2 setup)
+  assert gpt2.vocab_size == 50258 and gpt2.pad_id == gpt2.mask_id == 50257
 
 
 def test_gpt2_round_trip_keeps_special_tokens(gpt2):
@@ -50,7 +51,7 @@ def test_wordpiece_on_a_small_vocab(tmp_path):
   assert ids == [5, 8, 6, 7, 9, 1]  # hello , world ##s . [UNK]
   assert tok.decode(ids[:5]) == "hello, worlds."
   assert tok.bos_id == tok.eos_id == 2 and tok.pad_id == 0
-  assert tok.mask_id == 4  # the [MASK] line: 103 in bert-base-uncased (BASELINES 1.1)
+  assert tok.mask_id == 4  # the [MASK] line: 103 in bert-base-uncased, the reference's mask
   assert tok.vocab_size == len(words)
 
 

@@ -23,7 +23,8 @@ def test_the_test_config_is_valid():
     validate(train_config(), mode, lambda: 8)
 
 
-# REFERENCE.md sections 3, 5 and 6, restated here rather than read from configs/base.py.
+# The paper's recipe (its appendix and the reference's scripts), restated here rather than
+# read from configs/base.py.
 TEACHER = {"model.width": 768, "model.depth": 12, "model.heads": 12, "model.cond_width": 128,
            "model.mlp_ratio": 4, "model.dropout": 0.1, "model.attn_softcap": 50.0,
            "model.output_cap": 30.0, "model.dtype": "bfloat16", "model.two_time": False,

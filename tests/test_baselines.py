@@ -551,6 +551,7 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
     evaluate.evaluate(config, str(tmp_path / "eval"), {"X": (config.checkpoint, [1])})
 
 
+@pytest.mark.slow
 def test_compare_distils_duos_dcd_student_from_its_duo_run(tmp_path):
   """--mode=compare's stages: after the baselines, Duo's DCD student from WORKDIR/duo,
   evaluated as DUO+DCD. (In a subprocess: flmjax.main and flmjax.convert, which other

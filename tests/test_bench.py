@@ -48,6 +48,7 @@ print(json.dumps(bench.run(config, 61, [], ["latent"], repeats=1)))
 """
 
 
+@pytest.mark.slow
 def test_utilisation_is_model_flops_over_the_measured_and_published_peaks():
   """With every timed run taking 0.5 s: the matmul peak is 2 n^3 FLOPs on each of the 8
   devices per 0.5 s (n = 2048 on a CPU), tokens/s is B L / 0.5, the MFU their model FLOPs
@@ -68,10 +69,12 @@ def test_utilisation_is_model_flops_over_the_measured_and_published_peaks():
   assert train["mfu_of_published_peak"] == pytest.approx(model_flops / (1e12 * 8))
 
 
-def test_bench_refuses_a_baseline_family_and_a_bad_field():
-  for field, message in (("--config.family=mdlm", "family=mdlm: the bench times the FLM's"),
-                         ("--config.batch_size=7", "batch_size 7 must be a multiple"),
-                         ("--sample_steps=1,0", "--sample_steps='1,0' must be positive step")):
-    run = subprocess.run([sys.executable, "-m", "flmjax.bench", "--config=configs/tiny.py",
-                          field], cwd=ROOT, capture_output=True, text=True, check=False)
-    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+@pytest.mark.slow
+@pytest.mark.parametrize("field, message", [
+    ("--config.family=mdlm", "family=mdlm: the bench times the FLM's"),
+    ("--config.batch_size=7", "batch_size 7 must be a multiple"),
+    ("--sample_steps=1,0", "--sample_steps='1,0' must be positive step")])
+def test_bench_refuses_a_baseline_family_and_a_bad_field(field, message):
+  run = subprocess.run([sys.executable, "-m", "flmjax.bench", "--config=configs/tiny.py",
+                        field], cwd=ROOT, capture_output=True, text=True, check=False)
+  assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]

@@ -165,8 +165,8 @@ def test_every_evaluation_reads_the_given_positions_as_their_tokens(rule, two_ti
         probs, atol=2e-6)
 
 
-@pytest.mark.parametrize("rule, two_time", [(sampling.EULER, False),
-                                            (sampling.FLOW_MAP, True)])
+@pytest.mark.parametrize("rule, two_time", [
+    (sampling.EULER, False), pytest.param(sampling.FLOW_MAP, True, marks=pytest.mark.slow)])
 def test_tokens_are_the_argmax_of_the_samplers_last_probabilities(rule, two_time):
   """sampling.tokens, which eval and generate call, makes its last evaluation apart from
   sampling.probabilities, which the tests above check step by step: from the same noise

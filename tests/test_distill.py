@@ -202,13 +202,19 @@ def test_eulerian_target_is_a_finite_difference_along_the_teachers_flow():
   teacher's velocity (D_s - x_s) / (1 - s) and the time entering as tau(s) (the spline,
   not its derivative dtau/dt that the target's JVP uses)."""
   student, teacher, x_s, tau, (s, u, t), schedule = _v_space_rows()
-  d_s = _probs(teacher, x_s, tau[0])
-  velocity = (d_s - x_s) / _col(1 - s)
-  derivative = _central_difference(
-      lambda e: _probs(student, x_s + e * velocity, schedule.tau(s + e), tau[2]))
-  correction = _col((1 - s) * (t - s) / (1 - t)) * derivative
-  got = distill.eulerian_target(student, distill.Rows(
-      student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), schedule, d_s))
+
+  @nnx.jit  # one compilation, not op by op
+  def sides(student, teacher):
+    d_s = _probs(teacher, x_s, tau[0])
+    velocity = (d_s - x_s) / _col(1 - s)
+    derivative = _central_difference(
+        lambda e: _probs(student, x_s + e * velocity, schedule.tau(s + e), tau[2]))
+    correction = _col((1 - s) * (t - s) / (1 - t)) * derivative
+    got = distill.eulerian_target(student, distill.Rows(
+        student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), schedule, d_s))
+    return got, d_s, correction
+
+  got, d_s, correction = sides(student, teacher)
   assert np.abs(correction).max() > 0.02
   np.testing.assert_allclose(got, d_s + correction, atol=0.02 * np.abs(correction).max())
 
@@ -286,7 +292,7 @@ def _distillation_loss(objective, head="auto", dtype="float32", noise="latent", 
   return jax.jit(jax.value_and_grad(loss, has_aux=True) if grad else loss)(sp)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_semigroup_objective_equals_its_v_space_definition(weighted):
   """The whole semigroup loss (V-space noise, no dropout) from the definitions, on the
   objective's own draws of times and noise: x_s = (1 - s) eps + s onehot at s = t(tau_s);

@@ -381,7 +381,7 @@ def test_joint_noise_has_the_joint_covariance():
   np.testing.assert_allclose(same, again, rtol=1e-4, atol=1e-4)  # one eps, one projection
 
 
-@pytest.mark.parametrize("latent", [True, False])
+@pytest.mark.parametrize("latent", [True, pytest.param(False, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("offset", [0.0, 0.3])
 def test_joint_noise_gradient_is_the_v_space_gradient(latent, offset):
   """For n_S = eps @ E_S, n_T = eps @ E_T: E[(n_S a)(n_T b) + (n_S c)^2] =

@@ -27,6 +27,7 @@ def _error_line(run) -> str:
   return lines[0]
 
 
+@pytest.mark.slow
 def test_prepare_writes_the_shards_and_their_statistics(tmp_path):
   run = _main(tmp_path, "--mode=prepare", *SMALL)
   assert run.returncode == 0, run.stderr

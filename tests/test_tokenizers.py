@@ -146,6 +146,7 @@ print(hashlib.sha256(tokenizers.train_sentencepiece(Corpus(), 300, max_lines=500
 """
 
 
+@pytest.mark.slow
 def test_sentencepiece_trained_on_a_sample_is_the_same_in_every_process():
   """20,000 lines, 5,000 used: two processes (two hosts, one with 1 core and one with 8)
   must train the same model."""

@@ -33,6 +33,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 from flax import nnx  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
+from jax._src import core as jax_core  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
@@ -58,6 +59,23 @@ def optimised(request):
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
     jax.clear_caches()
+
+
+_EAGER_CALL = dit.DiT.__call__
+_COMPILED_CALL = nnx.jit(_EAGER_CALL, static_argnames=("capped",))
+
+
+@pytest.fixture(autouse=True)
+def compiled_models(monkeypatch):
+  """A DiT called outside any transform runs compiled whole (nnx.jit), as the library
+  always runs it: one compilation per model and shapes, not one per operation (eagerly,
+  a small DiT's forward pass costs seconds of compiling). Inside a trace it is traced as
+  it is."""
+  def call(self, *args, **kwargs):
+    if jax_core.trace_state_clean():
+      return _COMPILED_CALL(self, *args, **kwargs)
+    return _EAGER_CALL(self, *args, **kwargs)
+  monkeypatch.setattr(dit.DiT, "__call__", call)
 
 
 def randomize(model, seed: int = 7, scale: float = 0.3):

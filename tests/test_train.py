@@ -108,7 +108,7 @@ def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resum
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_exactly(tmp_path):
+def test_killed_run_resumes_exactly(tmp_path, prepared):
   """SIGKILL during training (no chance to save), then the same run again (in this
   process): it resumes, and its parameters equal an uninterrupted run's."""
   args = ["--config.data.max_documents=400", "--config.tokenizer.vocab_size=512",
@@ -117,7 +117,7 @@ def test_killed_run_resumes_exactly(tmp_path):
           "--config.model.dtype=float32", "--config.train.warmup_steps=2",
           "--config.train.log_every=1", "--config.train.eval_every=0",
           "--config.train.sample_every=0", "--config.train.checkpoint_every=2",
-          "--config.train.steps=8", f"--config.data.dir={tmp_path / 'data'}"]
+          "--config.train.steps=8", f"--config.data.dir={prepared.path.parent}"]
   process = subprocess.Popen(
       [sys.executable, "-m", "flmjax.main", "--config=configs/tiny.py",
        f"--workdir={tmp_path / 'run'}", "--mode=train", *args],
@@ -134,7 +134,7 @@ def test_killed_run_resumes_exactly(tmp_path):
   assert process.returncode == -signal.SIGKILL
   config = train_config(steps=8)  # what the command line above builds
   config.model.dtype = "float32"
-  config.data.dir = str(tmp_path / "data")
+  config.data.dir = str(prepared.path.parent)
   resumed = train.train(config, str(tmp_path / "run"))
   steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()
            if "loss" in json.loads(l)]

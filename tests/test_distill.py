@@ -340,8 +340,9 @@ def test_semigroup_objective_equals_its_v_space_definition(weighted):
   np.testing.assert_allclose(loss, (8 * diagonal + 8 * off) / 16, rtol=1e-5)
 
 
-@pytest.mark.parametrize("objective, head", [("eulerian", "plain"), ("lagrangian", "plain"),
-                                             ("lagrangian", "fused")])
+@pytest.mark.parametrize("objective, head", [
+    ("eulerian", "plain"), ("lagrangian", "plain"),
+    pytest.param("lagrangian", "fused", marks=pytest.mark.slow)])
 def test_jvp_objectives_equal_their_v_space_definitions(objective, head):
   """The Eulerian and Lagrangian losses (V-space noise, no dropout) on the objective's own
   draws: no boundary rows (8 diagonal, 8 off-diagonal); diagonal rows against the

@@ -257,7 +257,7 @@ def _dense_relaxed(rng, x0, g, inv_tau, embed):
   return weights @ np.asarray(embed, np.float64), z.argmax(-1), weights
 
 
-@pytest.mark.parametrize("inv_tau", [1.0, 1000.0])
+@pytest.mark.parametrize("inv_tau", [1.0, pytest.param(1000.0, marks=pytest.mark.slow)])
 def test_the_relaxed_input_is_softmax_z_over_tau_times_e_in_any_chunking(inv_tau):
   """h and argmax z against the float64 construction with eps built, for chunks of 1, 2
   and 3 blocks of ids (V = 300: 3 chunks, the last partial; 2, the last with a block of

@@ -224,16 +224,22 @@ def test_lagrangian_target_is_a_finite_difference_in_t():
   d/dt by finite differences through tau(t); a student sharp enough that the vector
   before the projection has negative entries."""
   student, _, x_s, tau, (s, u, t), schedule = _v_space_rows(scale=0.6)
-  delta = _probs(student, x_s, tau[0], tau[2])
-  x_st = _col((1 - t) / (1 - s)) * x_s + _col((t - s) / (1 - s)) * delta
-  derivative = _central_difference(
-      lambda e: _probs(student, x_s, tau[0], schedule.tau(t + e)))
-  correction = _col((t - s) * (1 - t) / (1 - s)) * derivative
-  projected = _probs(student, x_st, tau[2], tau[2]) - correction
+
+  @nnx.jit  # one compilation, not op by op
+  def sides(student):
+    delta = _probs(student, x_s, tau[0], tau[2])
+    x_st = _col((1 - t) / (1 - s)) * x_s + _col((t - s) / (1 - s)) * delta
+    derivative = _central_difference(
+        lambda e: _probs(student, x_s, tau[0], schedule.tau(t + e)))
+    correction = _col((t - s) * (1 - t) / (1 - s)) * derivative
+    projected = _probs(student, x_st, tau[2], tau[2]) - correction
+    got = distill.lagrangian_target(student, distill.Rows(
+        student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), schedule))
+    return got, projected, correction
+
+  got, projected, correction = sides(student)
   assert np.min(projected) < -0.02
   expected = flow.sparsemax(projected)
-  got = distill.lagrangian_target(student, distill.Rows(
-      student.embed(x_s), student.vocab_embed[...], tau, (s, u, t), schedule))
   assert np.abs(correction).max() > 0.02
   np.testing.assert_allclose(got, expected, atol=0.02 * np.abs(correction).max())
 
@@ -316,22 +322,29 @@ def test_semigroup_objective_equals_its_v_space_definition(weighted):
   rng = jax.random.key(1)
   loss, metrics = jax.jit(lambda: fn(student, {"tokens": tokens}, rng, tp))()
 
-  rng_times, rng_noise, _, _ = jax.random.split(rng, 4)
   counts = distill.split_counts(B, 0.5, 0.125)
   assert counts == (8, 2, 6)
-  tau = distill.draw_times(rng_times, counts)
-  s, u, t = (get_schedule(V).t(x) for x in tau)
-  x_s = _col(1 - s) * jax.random.normal(rng_noise, (B, L, V)) + _col(s) * jax.nn.one_hot(
-      tokens, V)
-  d_su = _probs(student, x_s, tau[0], tau[1])
-  x_su = _col((1 - u) / (1 - s)) * x_s + _col((u - s) / (1 - s)) * d_su
-  lam = _col((1 - t) * (u - s) / ((1 - u) * (t - s)))
-  target = lam * d_su + (1 - lam) * _probs(student, x_su, tau[1], tau[2])
-  log_delta = jax.nn.log_softmax(student(student.embed(x_s), tau[0], tau[2]), axis=-1)
-  targets = np.where(np.arange(B)[:, None, None] < 8, _probs(teacher, x_s, tau[0]), target)
-  losses = -np.sum(targets * log_delta, -1)
+
+  @nnx.jit  # one compilation, not op by op
+  def definition(student, teacher):
+    rng_times, rng_noise, _, _ = jax.random.split(rng, 4)
+    tau = distill.draw_times(rng_times, counts)
+    s, u, t = (get_schedule(V).t(x) for x in tau)
+    x_s = _col(1 - s) * jax.random.normal(rng_noise, (B, L, V)) + _col(s) * jax.nn.one_hot(
+        tokens, V)
+    d_su = _probs(student, x_s, tau[0], tau[1])
+    x_su = _col((1 - u) / (1 - s)) * x_s + _col((u - s) / (1 - s)) * d_su
+    lam = _col((1 - t) * (u - s) / ((1 - u) * (t - s)))
+    target = lam * d_su + (1 - lam) * _probs(student, x_su, tau[1], tau[2])
+    log_delta = jax.nn.log_softmax(student(student.embed(x_s), tau[0], tau[2]), axis=-1)
+    targets = jnp.where(jnp.arange(B)[:, None, None] < 8, _probs(teacher, x_s, tau[0]), target)
+    return -jnp.sum(targets * log_delta, -1), (student.loss_weighting(tau[0]) if weighted
+                                               else None)
+
+  losses, w = definition(student, teacher)
+  losses = np.asarray(losses)
   if weighted:
-    w = np.asarray(student.loss_weighting(tau[0]))[:, None]
+    w = np.asarray(w)[:, None]
     assert np.abs(w).max() > 0.1
     losses = np.exp(-w) * losses + w
   diagonal, off = losses[:8].mean(), losses[8:].mean()

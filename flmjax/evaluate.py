@@ -264,12 +264,26 @@ def _sample_rows(config, label: str, directory: str, steps: list[int], judged,
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             models: dict[str, tuple[str, list[int]]]) -> list[dict]:
+             models: dict[str, tuple[str, list[int]]], resume: bool = False) -> list[dict]:
   """Samples each model {label: (weights directory, step counts)} with a fixed seed,
   judges every step count and the dataset row, and writes WORKDIR/eval/results.json,
-  results.md and gen_ppl.png. Returns the rows."""
+  results.md and gen_ppl.png. Returns the rows.
+
+  `resume` (the last stage of a pipeline or a comparison): when results.json already holds
+  the evaluation of this config and of these weights (each directory at its latest
+  checkpoint step), it is kept as it is, scores added by --mode=score included, and its rows
+  returned; delete it to evaluate again."""
   cfg = config.eval
   path = outputs.create_workdir(workdir) / "eval"
+  inputs = {"config": json.loads(config.to_json_best_effort()),
+            "models": {label: [directory, checkpoint.latest_step(directory), list(steps)]
+                       for label, (directory, steps) in models.items()}}
+  if resume and (path / "results.json").is_file():
+    saved = json.loads((path / "results.json").read_text())
+    if saved.get("inputs") == json.loads(json.dumps(inputs)):
+      outputs.say(f"{path / 'results.json'} already holds this evaluation: kept (delete it "
+                  "to evaluate again)")
+      return saved["rows"]
   # The dataset row's data first, so that a config that cannot give them fails before any
   # sampling.
   records = {directory: checkpoint.read_record(directory) for directory, _ in models.values()}
@@ -308,7 +322,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                "entropy": metrics.unigram_entropy(dataset), "samples": dataset_texts,
                **judged(dataset_texts)})
   _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len,
-         cfg.batch_size, reference, prefixes)
+         cfg.batch_size, reference, prefixes, inputs)
   return rows
 
 
@@ -351,7 +365,9 @@ def _dataset_texts(config, workdir, records: dict[str, dict]):
 
 
 def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int, batch_size: int,
-           reference: list[str], prefixes: list[str] | None = None) -> None:
+           reference: list[str], prefixes: list[str] | None, inputs: dict | None) -> None:
+  """results.json (with `inputs`, what evaluate's `resume` compares), results.md and the
+  plot."""
   if jax.process_index():
     return
   path.mkdir(parents=True, exist_ok=True)
@@ -359,6 +375,8 @@ def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int, bat
            "reference": reference}
   if prefixes is not None:  # prompted: the samples continue these
     saved["prefixes"] = prefixes
+  if inputs is not None:
+    saved["inputs"] = inputs
   outputs.write_json(path / "results.json", saved)
   ppl = "continuation PPL" if prefixes is not None else "gen PPL"
   lines = [f"| model | sampler | steps | calls | {ppl} ({evaluator}) | FD | entropy | "
@@ -449,5 +467,5 @@ def rescore(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     outputs.say(f"score {row['model']} {row['sampler']}: gen_ppl {row['gen_ppl']:.4g}, "
                 f"fd {row['fd']:.4g}")
   _write(path, saved["rows"], evaluator.name, seq_len, batch_size, saved["reference"],
-         prefixes)
+         prefixes, saved.get("inputs"))
   return saved["rows"]

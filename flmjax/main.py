@@ -64,11 +64,12 @@ def _teacher_and_student(config, workdir: str) -> tuple[str, str]:
 
 def run_pipeline(config, workdir: str) -> None:
   """prepare -> train (WORKDIR/teacher) -> distill (WORKDIR/student) -> eval (WORKDIR/eval);
-  rerunning resumes each stage where it stopped."""
+  rerunning resumes each stage where it stopped (a finished evaluation is kept)."""
   teacher, student = _teacher_and_student(config, workdir)
   evaluate.evaluate(config, workdir, {
       "FLM": (teacher, step_counts(config.eval.teacher_steps, "eval.teacher_steps")),
-      "FMLM": (student, step_counts(config.eval.student_steps, "eval.student_steps"))})
+      "FMLM": (student, step_counts(config.eval.student_steps, "eval.student_steps"))},
+      resume=True)
 
 
 BASELINES = ("mdlm", "sedd", "duo", "ar")
@@ -94,7 +95,7 @@ def run_compare(config, workdir: str) -> None:
   dcd.teacher_checkpoint = os.path.join(workdir, "duo")
   train.distill(dcd, os.path.join(workdir, "duo_dcd"))
   models["DUO+DCD"] = (os.path.join(workdir, "duo_dcd"), steps)
-  evaluate.evaluate(config, workdir, models)
+  evaluate.evaluate(config, workdir, models, resume=True)
 
 
 RUNS = {"prepare": prepare, "train": train.train, "distill": train.distill,

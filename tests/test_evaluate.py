@@ -138,8 +138,20 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   assert rescored["evaluator"] == "toy" and _scores(rescored["rows"]) == _scores(saved["rows"])
   assert (tmp_path / "later" / "eval" / "results.md").read_text().count("| FLM |") == 2
 
-  # A dataset row that cannot match the model fails before any sampling.
+  # As the last stage of a pipeline run again (resume), the evaluation of the same config
+  # and weights is kept, scores included, without sampling; of another config it is not.
   monkeypatch.setattr(evaluate, "_timed_samples", lambda *a: pytest.fail("sampled"))
+  config.eval.evaluator = "none"
+  kept = (tmp_path / "later" / "eval" / "results.json").read_text()
+  assert _scores(evaluate.evaluate(config, later, models, resume=True)) == _scores(saved["rows"])
+  assert (tmp_path / "later" / "eval" / "results.json").read_text() == kept
+  config.seed += 1
+  with pytest.raises(pytest.fail.Exception, match="sampled"):
+    evaluate.evaluate(config, later, models, resume=True)
+  config.seed -= 1
+  config.eval.evaluator = "smollm2"
+
+  # A dataset row that cannot match the model fails before any sampling.
   config.data.seq_len = 8
   with pytest.raises(UsageError, match="have L = 32, this config data.seq_len=8"):
     evaluate.evaluate(config, later, models)

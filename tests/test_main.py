@@ -113,12 +113,14 @@ def test_sigterm_ends_the_pipeline_which_then_resumes_to_its_end_and_reruns_noth
   assert (tmp_path / "student" / "export" / "record.json").is_file()
   assert (tmp_path / "eval" / "gen_ppl.png").is_file()
 
-  logged = {stage: (tmp_path / stage / "metrics.jsonl").read_text()
-            for stage in ("teacher", "student")}
+  logged = {path: (tmp_path / path).read_text() for path in (
+      "teacher/metrics.jsonl", "student/metrics.jsonl", "eval/results.json")}
   again = _main(tmp_path, *args)
   assert again.returncode == 0, again.stderr[-3000:]
-  for stage, text in logged.items():  # both stages resumed at their end: no step again
-    assert (tmp_path / stage / "metrics.jsonl").read_text() == text
+  # both stages resumed at their end (no step again), the evaluation kept
+  for path, text in logged.items():
+    assert (tmp_path / path).read_text() == text
+  assert "results.json already holds this evaluation: kept" in again.stdout
 
 
 @pytest.mark.slow

@@ -554,8 +554,8 @@ def test_each_baseline_trains_and_evaluates(tmp_path, prepared, family):
 @pytest.mark.slow
 def test_compare_distils_duos_dcd_student_from_its_duo_run(tmp_path):
   """--mode=compare's stages: after the baselines, Duo's DCD student from WORKDIR/duo,
-  evaluated as DUO+DCD. (In a subprocess: flmjax.main and flmjax.convert, which other
-  tests import, both define the --config flag.)"""
+  evaluated as DUO+DCD, keeping a finished evaluation when run again. (In a subprocess:
+  flmjax.main and flmjax.convert, which other tests import, both define the --config flag.)"""
   stages = subprocess.run([sys.executable, "-c", COMPARE_STAGES, str(tmp_path)],
                           cwd=pathlib.Path(__file__).parents[1], capture_output=True,
                           text=True, check=True).stdout.splitlines()[-1]
@@ -563,7 +563,7 @@ def test_compare_distils_duos_dcd_student_from_its_duo_run(tmp_path):
   assert json.loads(stages) == [["train", f, f"{w}/{f}"] for f in ("mdlm", "sedd", "duo", "ar")] + [
       ["distill", "duo", "dcd", f"{w}/duo", f"{w}/duo_dcd"],
       ["eval", {"FLM": "T", "FMLM": "S", "MDLM": f"{w}/mdlm", "SEDD": f"{w}/sedd",
-                "DUO": f"{w}/duo", "AR": f"{w}/ar", "DUO+DCD": f"{w}/duo_dcd"}],
+                "DUO": f"{w}/duo", "AR": f"{w}/ar", "DUO+DCD": f"{w}/duo_dcd"}, True],
       ["config", "flm", "semigroup"]]  # the caller's config untouched
 
 
@@ -577,8 +577,8 @@ main._teacher_and_student = lambda config, workdir: ("T", "S")
 train.train = lambda config, workdir: stages.append(["train", config.family, workdir])
 train.distill = lambda config, workdir: stages.append(
     ["distill", config.family, config.distill.objective, config.teacher_checkpoint, workdir])
-evaluate.evaluate = lambda config, workdir, models: stages.append(
-    ["eval", {label: path for label, (path, _) in models.items()}])
+evaluate.evaluate = lambda config, workdir, models, resume: stages.append(
+    ["eval", {label: path for label, (path, _) in models.items()}, resume])
 config = train_config()
 main.run_compare(config, sys.argv[1])
 print(json.dumps(stages + [["config", config.family, config.distill.objective]]))

@@ -9,10 +9,15 @@ mesh, so a run can resume on another device count. Directories may be local or o
 storage (gs://...): paths go through etils.epath, arrays through Orbax/TensorStore.
 """
 
+import functools
 import json
+import logging as logging_std
 import pathlib
 import subprocess
+import sys
+import traceback
 from typing import Callable
+import warnings
 
 from absl import logging
 from etils import epath
@@ -189,6 +194,7 @@ class Checkpoints:
     """(state, None), or (None, the first line of why `step` cannot be read). The
     processes agree, so that all of them fall back together."""
     state, reason = None, None
+    _drop_abandoned_reads(str(absolute(self.directory)))
     try:
       record = self.record(step)
     except Exception as e:  # pylint: disable=broad-except  # TensorStore, Orbax, OS, JSON
@@ -220,6 +226,53 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+ABANDONED_READ = "_read_array_index_and_device_put"  # Orbax's coroutine reading one array
+
+
+def _abandoned(error: BaseException) -> bool:
+  """Whether `error` was raised in a read that Orbax left behind, or by such a read ending
+  into Orbax's closed event loop."""
+  frames = {frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)}
+  return ABANDONED_READ in frames or (
+      isinstance(error, RuntimeError) and "call_soon_threadsafe" in frames
+      and str(error) == "Event loop is closed")
+
+
+class _AbandonedReads(logging_std.Filter):
+  """Drops asyncio's "exception was never retrieved" for the reads of `directory`."""
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and "exception was never retrieved" in record.getMessage()
+                and (_abandoned(error) or self.directory in str(error)))
+
+
+@functools.cache
+def _drop_abandoned_reads(directory: str) -> None:
+  """Orbax raises at the first array of a checkpoint that it cannot read, leaves the other
+  reads running and closes their event loop: as they end and are collected, Python and
+  asyncio print each one's traceback (a thousand lines for a small model, around the one
+  line that says what happened, some of them as Orbax raises). From the first restore from
+  `directory` on, those, and only those, are dropped; any other exception is printed as
+  before."""
+  warnings.filterwarnings("ignore", f"coroutine '{ABANDONED_READ}' was never awaited",
+                          RuntimeWarning)
+  logging_std.getLogger("asyncio").addFilter(_AbandonedReads(directory))
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    if unraisable.exc_value is None or not _abandoned(unraisable.exc_value):
+      previous(unraisable)
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def _why(error: BaseException) -> str:

@@ -129,7 +129,8 @@ def test_unreadable_checkpoints_are_said_without_orbaxs_tracebacks(tmp_path, pre
   train.train(config, str(tmp_path))
   for data in (tmp_path / "checkpoints").glob("*/state/ocdbt.process_*/d/*"):
     os.truncate(data, data.stat().st_size // 3)  # every data file cut short: many reads fail
-  # the command, then (as the process ends) a second for the reads to end and collections
+  # the command (its sys.argv: flmjax.main and the flags), then, as the process ends, a
+  # second for the reads to end and garbage collections
   [_, _, *args] = _command_line(tmp_path, 4, prepared.path.parent)
   run = subprocess.run(
       [sys.executable, "-c", "import atexit, gc, runpy, sys, time; atexit.register(lambda: "

@@ -116,7 +116,8 @@ def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teache
   draw = functools.partial(SOURCES[source], batch=batch)
 
   @jax.jit
-  def step(params, opt_state, key, frozen):
+  def step(params, opt_state, i, frozen):
+    key = jax.random.fold_in(jax.random.key(seed), i)
     batch = {"tokens": draw(jax.random.fold_in(key, 1))}
     grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch, key, frozen)[0])(params)
     updates, opt_state = tx.update(grads, opt_state)
@@ -126,12 +127,11 @@ def fit(family: str, source: str, steps: int, seed: int, batch: int = 64, teache
   for i in range(steps):
     if objective.self_teacher:
       if i % config.distill.dcd.round_steps == 0:
-        frozen = {"params": params, "step": jnp.int32(i)}
-      frozen = dict(frozen, step=jnp.int32(i))
+        frozen = {"params": params, "step": np.int32(i)}
+      frozen = dict(frozen, step=np.int32(i))
     elif family == CURRICULUM:
-      frozen = {"step": jnp.int32(i)}
-    params, opt_state = step(params, opt_state, jax.random.fold_in(jax.random.key(seed), i),
-                             frozen)
+      frozen = {"step": np.int32(i)}
+    params, opt_state = step(params, opt_state, np.int32(i), frozen)
   return graphdef, params
 
 

@@ -20,8 +20,8 @@ train step it also gives the model's FLOPs per chip (dit.training_flops_per_toke
 forward and backward pass, counted in full) and their time at the chip's peak. The same
 goes to WORKDIR/compile.json. Nothing is
 allocated and no data is read: V comes from the tokenizer's files where the config
-names them (GPT-2), else from tokenizer.vocab_size (SentencePiece) or bert-base-uncased's
-30522 (BERT without tokenizer.path).
+names them (GPT-2, or tokenizer.path), else from tokenizer.vocab_size (a SentencePiece
+model the run would train) or bert-base-uncased's 30522 (BERT without tokenizer.path).
 """
 
 import os
@@ -117,7 +117,7 @@ def target_devices(topology: str) -> list:
 
 def vocab_size(config: ml_collections.ConfigDict) -> int:
   cfg = config.tokenizer
-  if cfg.kind == "gpt2" or (cfg.kind == "bert" and cfg.path):
+  if cfg.kind == "gpt2" or cfg.path:  # V as a run reads it from the files
     return tokenizers.build_tokenizer(cfg, None, None).vocab_size
   return BERT_BASE_UNCASED if cfg.kind == "bert" else cfg.vocab_size
 

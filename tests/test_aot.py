@@ -117,3 +117,14 @@ def test_a_duo_run_compiles_its_dcd_step():
   config.duo.curriculum_end = 2
   names = [c["computation"] for c in aot.compile_all(config)["computations"]]
   assert names == ["train step", "distill step"]
+
+
+def test_v_is_read_from_the_tokenizer_file_a_run_would_read(prepared):
+  """A SentencePiece tokenizer.path gives the V of its file, as training reads it (here
+  the model flmjax trained for the prepared corpus), whatever tokenizer.vocab_size says;
+  without a path, the model the run would train has tokenizer.vocab_size."""
+  config = train_config()
+  config.tokenizer.vocab_size = 1000
+  assert aot.vocab_size(config) == 1000
+  config.tokenizer.path = prepared.tokenizer.source
+  assert aot.vocab_size(config) == prepared.tokenizer.vocab_size == 512

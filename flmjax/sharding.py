@@ -34,7 +34,12 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   anything touches the devices); the cluster (TPU pod, SLURM, coordinator variables) is
   discovered by JAX itself."""
   if config.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # JAX found no cluster to say where the coordinator is
+      raise UsageError(f"distributed=True, but JAX found no multi-process cluster ({e}): run "
+                       "in a TPU pod, under SLURM or Open MPI (launch/), where JAX finds it; "
+                       "in one process set distributed=False.") from None
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, device_count: int) -> tuple[int, ...]:

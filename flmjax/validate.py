@@ -77,7 +77,17 @@ def step_counts(text: str, field: str = "eval.steps") -> list[int]:
   return steps
 
 
+def _numbers(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Every number finite (a range check lets inf through; NaN fails every comparison)."""
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _numbers(value, f"{prefix}{name}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise UsageError(f"{prefix}{name}={value} must be a finite number.")
+
+
 def _fields(config: ml_collections.ConfigDict) -> None:
+  _numbers(config)
   for field, choices in CHOICES.items():
     if _get(config, field) not in choices:
       raise UsageError(f"{field}={_get(config, field)!r} is not one of {', '.join(choices)}.")
@@ -97,6 +107,13 @@ def _fields(config: ml_collections.ConfigDict) -> None:
                      "(0, 1]; 1 turns it off.")
   if not 0 <= config.sample.gamma <= 1:
     raise UsageError(f"sample.gamma={config.sample.gamma}: the churn must be in [0, 1].")
+  if not 0 <= config.seed < 2**32:
+    raise UsageError(f"seed={config.seed} must be in [0, 2**32): the data order and the "
+                     "random draws take 32-bit seeds.")
+  if config.data.path and config.data.corpus != "dir":
+    raise UsageError(f"data.path={config.data.path} is read with data.corpus=dir only, and "
+                     f"data.corpus={config.data.corpus}: set --config.data.corpus=dir to "
+                     "read your files, or leave data.path empty.")
   if config.data.seq_len < 3:
     raise UsageError(f"data.seq_len={config.data.seq_len}: an example needs BOS, EOS and at "
                      "least one token; use 3 or more.")
@@ -270,6 +287,11 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   if mode == "train" and config.model.two_time:
     raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
                      "one-time FLM teacher.")
+  if (mode in ("eval", "score", "pipeline", "compare") and config.eval.evaluator == "gpt2"
+      and not config.eval.evaluator_path):
+    raise UsageError("eval.evaluator=gpt2 needs --config.eval.evaluator_path=DIR, a local "
+                     "Hugging Face GPT-2 directory (e.g. gpt2-large, the paper's); or use "
+                     "eval.evaluator=smollm2, packaged.")
   if mode in NEEDS and not _get(config, NEEDS[mode][0]):
     field, what = NEEDS[mode]
     raise UsageError(f"--mode={mode} needs --config.{field}=DIR, {what}.")

@@ -210,11 +210,16 @@ def test_empty_corpus_is_refused_and_leaves_no_cache(tmp_path):
     pipeline.prepare(config, str(tmp_path / "work"))
 
 
-def test_data_directory_must_be_local(tmp_path):
+def test_data_directory_must_be_local_and_a_directory(tmp_path):
   config = small_config()
   config.data.dir = "gs://bucket/data"
   with pytest.raises(UsageError, match="gs://bucket/data is not local; set --config.data.dir"):
     pipeline.prepare(config, str(tmp_path))
+  config.data.dir = str(tmp_path / "a_file")
+  (tmp_path / "a_file").write_text("kept")
+  with pytest.raises(UsageError, match="a_file is a file; set --config.data.dir to a dir"):
+    pipeline.prepare(config, str(tmp_path))  # before the tokenizer is trained
+  assert (tmp_path / "a_file").read_text() == "kept"
 
 
 def test_processes_sharing_a_directory_prepare_it_once(tmp_path, monkeypatch):

@@ -79,6 +79,13 @@ def test_the_paper_configs_are_the_papers_recipe_and_valid(name, expected):
     ("eval.steps", "1,x", "eval.steps='1,x' must be positive step counts"),
     ("eval.student_steps", "0", "eval.student_steps='0' must be positive step counts"),
     ("eval.reference_samples", 1, "eval.reference_samples=1: FD .* at least 2"),
+    ("seed", -1, r"seed=-1 must be in \[0, 2\*\*32\)"),
+    ("seed", 2**32, r"seed=4294967296 must be in \[0, 2\*\*32\)"),
+    ("train.learning_rate", float("inf"), "train.learning_rate=inf must be a finite number"),
+    ("model.attn_softcap", float("nan"), "model.attn_softcap=nan must be a finite number"),
+    ("distill.dcd.gamma_max", float("-inf"), "distill.dcd.gamma_max=-inf must be a finite"),
+    ("data.path", "/my/texts", "data.path=/my/texts is read with data.corpus=dir only, and "
+     "data.corpus=embedded: set --config.data.corpus=dir"),
 ])
 def test_a_bad_field_is_named(field, value, message):
   config = train_config()
@@ -155,6 +162,12 @@ def test_modes_name_what_they_need():
   config = train_config()
   assert "--mode=distill needs --config.teacher_checkpoint=DIR" in _refused(config, "distill")
   assert "--mode=eval needs --config.checkpoint=DIR" in _refused(config, "eval")
+  config.eval.evaluator, config.checkpoint = "gpt2", "somewhere"
+  validate(config, "train", lambda: 8)  # no evaluation
+  for mode in ("eval", "score", "pipeline", "compare"):
+    assert "eval.evaluator=gpt2 needs --config.eval.evaluator_path=DIR" in _refused(config, mode)
+  config.eval.evaluator_path = "gpt2-large"
+  validate(config, "eval", lambda: 8)
   config.model.two_time = True
   assert "model.two_time=True is the distilled student" in _refused(config, "train")
 
@@ -190,6 +203,15 @@ def test_conditional_training_names_its_kinds_and_family():
   assert "sample.guidance=1.0 guides conditional generation" in _refused(config, "sample")
   config.checkpoint = "weights"
   validate(config, "generate", lambda: 8)
+
+
+def test_a_multi_process_run_without_a_cluster_is_named(monkeypatch):
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  config = train_config()
+  config.distributed = True
+  with pytest.raises(UsageError, match="distributed=True, but JAX found no multi-process "
+                     "cluster .*; in one process set distributed=False"):
+    sharding.initialize_distributed(config)
 
 
 def test_step_counts():

@@ -135,7 +135,11 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
     raise UsageError(f"the data directory {path} is not local; set --config.data.dir to a "
                      "local directory (on every host of a multi-host run), e.g. "
                      "/tmp/flmjax-data.")
-  return pathlib.Path(path).expanduser()
+  path = pathlib.Path(path).expanduser()
+  if path.exists() and not path.is_dir():
+    raise UsageError(f"the data directory {path} is a file; set --config.data.dir to a "
+                     "directory (new or holding prepared data).")
+  return path
 
 
 def run_data_dir(config: ml_collections.ConfigDict, record: dict, run_dir: str) -> str:

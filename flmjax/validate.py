@@ -292,6 +292,12 @@ def validate(config: ml_collections.ConfigDict, mode: str,
     raise UsageError("eval.evaluator=gpt2 needs --config.eval.evaluator_path=DIR, a local "
                      "Hugging Face GPT-2 directory (e.g. gpt2-large, the paper's); or use "
                      "eval.evaluator=smollm2, packaged.")
+  if (mode in ("pipeline", "compare") and config.data.corpus in ("embedded", "dir")
+      and not config.data.valid_fraction):
+    raise UsageError(f"data.valid_fraction=0 holds out no text, which --mode={mode}'s "
+                     "evaluation needs (the dataset row and the FD reference: "
+                     "eval.num_samples + eval.reference_samples examples); hold out some, "
+                     "e.g. 0.02.")
   if mode in NEEDS and not _get(config, NEEDS[mode][0]):
     field, what = NEEDS[mode]
     raise UsageError(f"--mode={mode} needs --config.{field}=DIR, {what}.")

@@ -168,6 +168,10 @@ def test_modes_name_what_they_need():
     assert "eval.evaluator=gpt2 needs --config.eval.evaluator_path=DIR" in _refused(config, mode)
   config.eval.evaluator_path = "gpt2-large"
   validate(config, "eval", lambda: 8)
+  config.data.valid_fraction = 0.0
+  validate(config, "train", lambda: 8)  # trains without validation
+  for mode in ("pipeline", "compare"):
+    assert "data.valid_fraction=0 holds out no text, which --mode=" in _refused(config, mode)
   config.model.two_time = True
   assert "model.two_time=True is the distilled student" in _refused(config, "train")
 

@@ -27,6 +27,7 @@ import ml_collections
 import optax
 
 from flmjax import sharding
+from flmjax.errors import UsageError
 
 ObjectiveFn = Callable  # (model, batch, rng, frozen) -> (loss, metrics)
 
@@ -236,7 +237,11 @@ def use_compilation_cache(directory: str) -> None:
   (JAX then uses that one)."""
   if not directory or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  directory = os.path.expanduser(directory)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise UsageError(f"compilation_cache_dir={directory} is a file; give a directory, or "
+                     "\"\" to compile without the cache.")
+  jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import train_config
 from flmjax import objectives, sharding
 from flmjax import state as train_state
+from flmjax.errors import UsageError
 from flmjax.models import dit
 
 V, L, B = 64, 16, 8
@@ -222,6 +223,11 @@ def test_compilation_cache_follows_the_config_unless_the_environment_sets_one(
     assert jax.config.jax_compilation_cache_dir == before[0]
     train_state.use_compilation_cache(str(tmp_path / "xla"))
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(UsageError, match="compilation_cache_dir=.*a_file is a file; give a "
+                       "directory"):
+      train_state.use_compilation_cache(str(tmp_path / "a_file"))
+    assert (tmp_path / "a_file").read_text() == "kept"
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

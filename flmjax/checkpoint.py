@@ -295,13 +295,16 @@ def export(directory: epath.Path, params, record: dict) -> None:
 
 
 def _locate(directory: epath.Path) -> tuple[str, epath.Path, int | None]:
-  for folder in (directory, directory / "export"):
-    if (folder / "params").is_dir() and (folder / "record.json").is_file():
-      return "export", folder, None
+  """A workdir's latest checkpoint, else an export (the folder itself, or WORKDIR/export):
+  a distillation resumed past its export (and stopped before exporting again) is read at
+  its newer steps."""
   if (directory / "checkpoints").is_dir():
     step = Checkpoints(directory / "checkpoints").latest_step()
     if step is not None:
       return "checkpoint", directory / "checkpoints", step
+  for folder in (directory, directory / "export"):
+    if (folder / "params").is_dir() and (folder / "record.json").is_file():
+      return "export", folder, None
   inside = [str(directory / name) for name in ("teacher", "student")
             if (directory / name).is_dir()]
   if (directory / "model.safetensors").is_file():

@@ -594,8 +594,12 @@ def test_distill_mode_exports_weights_that_sample_identically(tmp_path, prepared
       capsys.readouterr().out)  # configs/tiny.py's fractions 0.5 and 0.125
   record, graphdef, params, tokenizer = evaluate.load(config, str(tmp_path / "student"))
   assert record["kind"] == "fmlm" and record["config"]["model"]["two_time"]
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result.state["ema"])):
-    np.testing.assert_array_equal(a, b)
+  exported = evaluate.load(config, str(tmp_path / "student" / "export"))
+  assert exported[0] == record
+  for a, b, c in zip(*(jax.tree.leaves(p) for p in (params, exported[2],
+                                                     result.state["ema"]))):
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
   config.sample.gamma = 0.5
   name, sampler = evaluate.sampler_for(config, record, tokenizer, 2, 4)
   assert name == "flowmap_2"

@@ -4,18 +4,20 @@ checkpoint), the non-finite stop, refused checkpoints and workdirs."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import train_config
-from flmjax import checkpoint, objectives, outputs, train
+from flmjax import checkpoint, evaluate, objectives, outputs, train
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -69,6 +71,26 @@ def test_a_folder_without_weights_says_where_they_may_be(tmp_path):
   (tmp_path / "reference" / "model.safetensors").write_bytes(b"")
   with pytest.raises(UsageError, match="reference-layout weights: import them"):
     checkpoint.read_record(tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_a_workdir_is_read_at_its_latest_checkpoint_before_its_export(tmp_path, teacher):
+  """A run resumed past its export and stopped: its workdir gives the checkpoint's EMA, the
+  export folder its own weights; without checkpoints the workdir gives the export."""
+  config = train_config()
+  ema = evaluate.load(config, teacher)[2]
+  workdir = tmp_path / "run"
+  shutil.copytree(teacher, workdir)
+  stale = jax.tree.map(jnp.zeros_like, ema)
+  checkpoint.export(epath.Path(workdir) / "export", stale, checkpoint.read_record(teacher))
+  assert checkpoint.latest_step(workdir) == checkpoint.latest_step(teacher) == 2
+  for directory, expected in ((workdir, ema), (workdir / "export", stale)):
+    for got, want in zip(*(jax.tree.leaves(p) for p in (
+        evaluate.load(config, str(directory))[2], expected))):
+      np.testing.assert_array_equal(got, want)
+  shutil.rmtree(workdir / "checkpoints")
+  assert checkpoint.latest_step(workdir) is None
+  assert not any(leaf.any() for leaf in jax.tree.leaves(evaluate.load(config, str(workdir))[2]))
 
 
 def _truncate_largest_file(directory: pathlib.Path) -> None:

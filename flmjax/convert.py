@@ -273,7 +273,7 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
                    ema: bool = True, family: str = "auto") -> dict:
   """Writes the export DIRECTORY/{params, record.json} of the reference weights in
   `source` (a model of `family`, see family_of); returns its run record."""
-  _check_new(directory, "params", "record.json")
+  _check_new(directory, "params", "record.json", "checkpoints")  # a workdir's win
   tensors, meta = read_reference(source, ema)
   vocab, fields = infer_architecture(tensors, meta, config.model)
   kind = family_of(fields, family)
@@ -298,11 +298,12 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
 
 def write_reference(directory: pathlib.Path, tensors: dict[str, np.ndarray],
                     model: ml_collections.ConfigDict, vocab: int, kind: str) -> None:
-  weights = directory / "model.safetensors"
-  safetensors.numpy.save_file(tensors, str(weights))
+  weights, partial = directory / "model.safetensors", directory / f".model.tmp{os.getpid()}"
+  safetensors.numpy.save_file(tensors, str(partial))
   umask = os.umask(0)  # safetensors writes 0600; give the file the mode open() would
   os.umask(umask)
-  os.chmod(weights, 0o666 & ~umask)
+  os.chmod(partial, 0o666 & ~umask)
+  os.replace(partial, weights)  # atomic: a half-written file never takes the name
   outputs.write_json(directory / "config.json", {
       "kind": kind, "vocab_size": vocab, "hidden_size": model.width,
       "n_blocks": model.depth, "n_heads": model.heads, "cond_dim": model.cond_width,

@@ -234,6 +234,15 @@ def test_import_export_round_trip_is_bit_exact(tmp_path, prepared):
     convert.export_weights(str(tmp_path / "imported"), str(tmp_path / "exported"))
 
 
+def test_import_refuses_a_training_workdir(tmp_path):
+  """Its checkpoints would be read before the imported weights: a new directory is asked
+  for, before the input is read, and nothing is written there."""
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(UsageError, match="already holds checkpoints; choose a new directory"):
+    convert.import_weights(str(tmp_path / "nothing"), str(tmp_path / "run"), small_config())
+  assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoints"]
+
+
 def test_import_refuses_wrong_tensors_by_name(tmp_path):
   model_cfg = _model_config()
   tensors = reference_tensors(97, 64, 2, 2, 32, two_time=False)

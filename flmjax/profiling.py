@@ -36,14 +36,24 @@ def instruction_parts(hlo_text: str) -> tuple[str, dict[str, str]]:
   return module.group(1), {name: part_of(op) for name, op in _INSTRUCTION.findall(hlo_text)}
 
 
+def newest_run(paths: list[str]) -> list[str]:
+  """The files of the newest profiler run among trace files `paths`: each run writes one
+  folder (plugins/profile/TIMESTAMP, a file per host), and a reused folder keeps the
+  older runs."""
+  runs = collections.defaultdict(list)
+  for path in paths:
+    runs[os.path.dirname(path)].append(path)
+  return max(runs.values(), key=lambda files: max(os.path.getmtime(f) for f in files))
+
+
 def _durations(trace_dir: str, module: str) -> list[tuple[str, float]]:
-  """(instruction, seconds) of every execution of `module`'s instructions in the trace,
-  from the device planes when there are any (GPU, TPU), else from the host's."""
+  """(instruction, seconds) of every execution of `module`'s instructions in the newest
+  trace, from the device planes when there are any (GPU, TPU), else from the host's."""
   paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no profiler trace (*.xplane.pb) under {trace_dir}")
   by_plane = collections.defaultdict(list)
-  for path in paths:
+  for path in newest_run(paths):
     for plane in ProfileData.from_file(path).planes:
       for line in plane.lines:
         for event in line.events:
@@ -56,7 +66,7 @@ def _durations(trace_dir: str, module: str) -> list[tuple[str, float]]:
 
 def shares(trace_dir: str, hlo_text: str) -> dict[str, float]:
   """The share of the executed time of the computation with this HLO text in each part
-  (and "other"), from the trace in `trace_dir`; they sum to 1."""
+  (and "other"), from the newest trace in `trace_dir`; they sum to 1."""
   module, parts = instruction_parts(hlo_text)
   totals = collections.Counter()
   for op, seconds in _durations(trace_dir, module):

@@ -1,6 +1,8 @@
 """The profile's share of time by part: scope names read from XLA's metadata, durations
 from the profiler's trace."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -41,3 +43,19 @@ def test_shares_put_the_time_where_the_work_is(tmp_path):
   assert shares["mlp"] > 0.8 and shares["attention"] < 0.1
   with pytest.raises(FileNotFoundError, match="xplane"):
     profiling.shares(str(tmp_path / "missing"), compiled.as_text())
+
+
+def test_the_newest_run_of_a_reused_trace_folder_is_read(tmp_path):
+  """A run's files share a folder; the newest by file time wins, whatever the names."""
+  runs = {"2026_01_02_00_00_00": ("a", 100), "2026_01_01_00_00_00": ("b", 200),
+          "2026_01_01_00_00_00/x": ("c", 150)}
+  paths = {}
+  for folder, (name, mtime) in runs.items():
+    for host in ("host1", "host2"):
+      path = tmp_path / folder / f"{host}{name}.xplane.pb"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(b"")
+      os.utime(path, (mtime, mtime - (host == "host2")))
+      paths.setdefault(name, []).append(str(path))
+  found = profiling.newest_run([p for files in paths.values() for p in files])
+  assert sorted(found) == sorted(paths["b"])

@@ -403,6 +403,7 @@ def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
   scored = [r for r in rows if "gen_ppl" in r and r["kind"] != "data"]
   if not scored:
+    path.unlink(missing_ok=True)  # the plot of the results these replace
     return
   panels = {"gen_ppl": f"gen PPL ({evaluator})", "fd": f"FD ({evaluator})"}
   figure, axes = plt.subplots(len(panels), 2, figsize=(10, 4 * len(panels)), squeeze=False)
@@ -421,8 +422,10 @@ def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
     by_time.set(xscale="log", xlabel="seconds per sample", ylabel=name)
     by_calls.legend()
   figure.tight_layout()
-  with path.open("wb") as f:
+  partial = path.parent / (path.name + ".partial")  # as outputs.write_text
+  with partial.open("wb") as f:
     figure.savefig(f, format="png", dpi=100)
+  partial.replace(path)
   plt.close(figure)
 
 

@@ -137,6 +137,11 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   rescored = json.loads((tmp_path / "later" / "eval" / "results.json").read_text())
   assert rescored["evaluator"] == "toy" and _scores(rescored["rows"]) == _scores(saved["rows"])
   assert (tmp_path / "later" / "eval" / "results.md").read_text().count("| FLM |") == 2
+  # Unscored again, in the first folder: the plot of the scores replaced goes with them.
+  config.eval.evaluator = "none"
+  evaluate.evaluate(config, str(tmp_path), models)
+  assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["results.json",
+                                                                    "results.md"]
 
   # As the last stage of a pipeline run again (resume), the evaluation of the same config
   # and weights is kept, scores included, without sampling; of another config it is not.

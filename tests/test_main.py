@@ -42,6 +42,9 @@ def test_prepare_writes_the_shards_and_their_statistics(tmp_path):
     pytest.param(["--config.data.corpus=dir", "--config.data.path=/nonexistent/corpus"],
                  "data.path=/nonexistent/corpus does not exist", marks=pytest.mark.slow),
     (["--config.batch_size=0"], "batch_size=0 must be positive"),
+    # (JAX's cluster discovery needs a process whose backend has not started)
+    pytest.param(["--config.distributed=True"], "distributed=True, but JAX found no "
+                 "multi-process cluster", marks=pytest.mark.slow),
     pytest.param(["--config.train.stpes=3"], "unknown config field 'train.stpes' (did you "
                  "mean 'train.steps'?)", marks=pytest.mark.slow),
 ])

@@ -209,15 +209,6 @@ def test_conditional_training_names_its_kinds_and_family():
   validate(config, "generate", lambda: 8)
 
 
-def test_a_multi_process_run_without_a_cluster_is_named(monkeypatch):
-  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
-  config = train_config()
-  config.distributed = True
-  with pytest.raises(UsageError, match="distributed=True, but JAX found no multi-process "
-                     "cluster .*; in one process set distributed=False"):
-    sharding.initialize_distributed(config)
-
-
 def test_step_counts():
   assert step_counts("1, 8,64") == [1, 8, 64]
   with pytest.raises(UsageError, match="eval.teacher_steps=''"):

@@ -273,7 +273,7 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
                    ema: bool = True, family: str = "auto") -> dict:
   """Writes the export DIRECTORY/{params, record.json} of the reference weights in
   `source` (a model of `family`, see family_of); returns its run record."""
-  _check_new(directory, "params", "record.json", "checkpoints")  # a workdir's win
+  _check_new(directory, "params", "record.json", "checkpoints")  # (read before params)
   tensors, meta = read_reference(source, ema)
   vocab, fields = infer_architecture(tensors, meta, config.model)
   kind = family_of(fields, family)

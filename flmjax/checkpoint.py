@@ -286,12 +286,29 @@ def _why(error: BaseException) -> str:
 
 def export(directory: epath.Path, params, record: dict) -> None:
   """Weights only (params, e.g. the EMA) and the run record, in DIRECTORY/{params,
-  record.json}; what `--mode=sample` and distillation load."""
+  record.json}; what `--mode=sample` and distillation load.
+
+  An export already there is replaced only once the new weights are on disk: they are
+  written to params.partial, then the old params are renamed to params.previous, the new
+  ones to params, the record is replaced and params.previous deleted. A run killed while
+  saving leaves the previous export as it was; killed between those renames, the folder
+  holds params.previous, which `_locate` refuses with what to do."""
+  directory = absolute(epath.Path(directory))
+  partial, previous, final = (directory / name for name in (
+      "params.partial", "params.previous", "params"))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(absolute(directory / "params"), params, force=True)
+  checkpointer.save(partial, params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
+    if previous.exists():  # left by an export killed after it wrote params and the record
+      previous.rmtree()
+    if final.exists():
+      final.rename(previous)
+    partial.rename(final)
     outputs.write_json(directory / "record.json", record)
+    if previous.exists():
+      previous.rmtree()
+  multihost_utils.sync_global_devices(f"exported to {directory}")
 
 
 def _locate(directory: epath.Path) -> tuple[str, epath.Path, int | None]:
@@ -303,6 +320,12 @@ def _locate(directory: epath.Path) -> tuple[str, epath.Path, int | None]:
     if step is not None:
       return "checkpoint", directory / "checkpoints", step
   for folder in (directory, directory / "export"):
+    if (folder / "params.previous").is_dir():
+      raise UsageError(
+          f"{folder} was being replaced by a new export when its run stopped: rerun that "
+          f"run (distillation or convert), or, to keep the previous export, delete "
+          f"{folder / 'params'} if present and rename {folder / 'params.previous'} to "
+          "params (its record.json may already be the new one's).")
     if (folder / "params").is_dir() and (folder / "record.json").is_file():
       return "export", folder, None
   inside = [str(directory / name) for name in ("teacher", "student")

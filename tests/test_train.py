@@ -14,6 +14,7 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import train_config
@@ -91,6 +92,35 @@ def test_a_workdir_is_read_at_its_latest_checkpoint_before_its_export(tmp_path, 
   shutil.rmtree(workdir / "checkpoints")
   assert checkpoint.latest_step(workdir) is None
   assert not any(leaf.any() for leaf in jax.tree.leaves(evaluate.load(config, str(workdir))[2]))
+
+
+def test_an_export_is_replaced_only_once_the_new_one_is_written(tmp_path, monkeypatch):
+  """A run killed while exporting (as every distillation rerun does) leaves the previous
+  export readable; killed between the renames that swap it in, the folder is refused with
+  what to do, not read with a mismatched record."""
+  old, new = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), old)
+  checkpoint.export(tmp_path, old, {"step": 1})
+
+  def killed(self, path, *args, **kwargs):  # deletes what is there, writes part, dies
+    shutil.rmtree(path, ignore_errors=True)
+    pathlib.Path(path).mkdir()
+    (pathlib.Path(path) / "part").write_text("")
+    raise KeyboardInterrupt
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.StandardCheckpointer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+      checkpoint.export(tmp_path, new, {"step": 2})
+  assert checkpoint.read_record(tmp_path) == {"step": 1}
+  np.testing.assert_array_equal(checkpoint.load_ema(tmp_path, abstract)["w"], np.zeros(3))
+  checkpoint.export(tmp_path, new, {"step": 2})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["params", "record.json"]
+  assert checkpoint.read_record(tmp_path) == {"step": 2}
+  np.testing.assert_array_equal(checkpoint.load_ema(tmp_path, abstract)["w"], np.ones(3))
+  (tmp_path / "params").rename(tmp_path / "params.previous")
+  with pytest.raises(UsageError, match="was being replaced by a new export when its run "
+                     "stopped: rerun that run"):
+    checkpoint.read_record(tmp_path)
 
 
 def _truncate_largest_file(directory: pathlib.Path) -> None:

@@ -430,7 +430,16 @@ def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
 
 
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """`--mode=eval`: evaluates config.checkpoint at every eval.steps count."""
+  """`--mode=eval`: evaluates config.checkpoint at every eval.steps count. It replaces
+  the evaluation of one model already in WORKDIR/eval, but not a table of several (a
+  pipeline's or a comparison's, whose evaluation can take hours)."""
+  results = epath.Path(workdir).expanduser() / "eval" / "results.json"
+  if results.is_file():
+    models = json.loads(results.read_text()).get("inputs", {}).get("models", {})
+    if len(models) > 1:
+      raise UsageError(f"{results} holds the evaluation of {', '.join(models)} (a "
+                       "--mode=pipeline or --mode=compare table), which --mode=eval would "
+                       f"replace: give another --workdir, or delete {results.parent} first.")
   record = checkpoint.read_record(config.checkpoint)
   registry.check_sample_options(record["kind"], config.sample, config.checkpoint, churn=False)
   # The dataset row reads the model's own prepared data unless told otherwise (else they

@@ -173,6 +173,22 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
     evaluate.evaluate(config, later, models)
 
 
+def test_eval_mode_refuses_to_replace_a_table_of_several_models(tmp_path):
+  """A pipeline's or comparison's evaluation is refused before any work; one model's
+  evaluation is replaced (the run goes on to read the weights, which are missing here)."""
+  results = tmp_path / "eval" / "results.json"
+  results.parent.mkdir()
+  config = train_config()
+  config.checkpoint = str(tmp_path / "missing")
+  for models, refusal in (({"FLM": [], "FMLM": []}, "holds the evaluation of FLM, FMLM "
+                           r"\(a --mode=pipeline or --mode=compare table\)"),
+                          ({"FLM": []}, "holds no flmjax checkpoint")):
+    results.write_text(json.dumps({"rows": [], "inputs": {"models": models}}))
+    with pytest.raises(UsageError, match=refusal):
+      evaluate.eval_mode(config, str(tmp_path))
+    assert json.loads(results.read_text())["inputs"]["models"] == models
+
+
 def test_scoring_later_pads_the_batches_the_samples_were_written_with(tmp_path, monkeypatch):
   """results.json keeps eval.batch_size: scored later with another, gen PPL is the same
   (in batches of 2, "ab" is padded to itself; in one batch of 4 its first EOS would count)."""

@@ -128,7 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_steps = 8
   config.train.num_samples = 4
   # Steps between checkpoints; keep the last keep_checkpoints of them, plus every
-  # keep_period-th step (0: none kept apart).
+  # keep_period-th step (0: none kept apart). A resumed run refuses a keep_period that
+  # would delete the checkpoints its earlier run kept apart.
   config.train.checkpoint_every = 5000
   config.train.keep_checkpoints = 3
   config.train.keep_period = 100_000

@@ -102,6 +102,20 @@ def check_same_data_order(saved: dict, record: dict, where: str) -> None:
                      "order; use the run's data, batch_size and seed, or a new --workdir.")
 
 
+def check_kept(saved: dict, keep_period: int, steps: list[int], where: str) -> None:
+  """Refuses a train.keep_period under which the checkpoints `steps` in `where` that the
+  saved run kept for good (its keep_period) would be deleted: Orbax deletes by the
+  resumed run's policy, at its next save."""
+  before = saved["config"]["train"].get("keep_period", 0)
+  lost = [step for step in steps if before and step % before == 0
+          and not (keep_period and step % keep_period == 0)]
+  if lost:
+    raise UsageError(f"{where} holds checkpoints {lost}, which its run keeps for good "
+                     f"(train.keep_period={before}); with train.keep_period={keep_period} "
+                     f"the next save would delete them: resume with train.keep_period="
+                     f"{before}, or move them out of {where} first.")
+
+
 def absolute(path: epath.Path) -> epath.Path:
   """Orbax needs absolute paths; a cloud path (gs://...) is one already."""
   return path if "://" in str(path) else path.absolute()

@@ -58,6 +58,8 @@ def _start(config, path: epath.Path, prepared, task: Task):
         advice="use a new --workdir, or run with the checkpoint's config",
         tokenizer=record["tokenizer"]["fingerprint"])
     checkpoint.check_same_data_order(saved, record, str(path / "checkpoints"))
+    checkpoint.check_kept(saved, cfg.keep_period, checkpoints.manager.all_steps(),
+                          str(path / "checkpoints"))
 
   restored = checkpoints.restore_latest(layout.abstract_state, batches, check)
   if restored is None:

@@ -42,8 +42,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, prepared):
     config.data.dir = str(prepared.path.parent)
     return config
   straight = train.train(config(steps=5), str(tmp_path / "a"))
-  train.train(config(steps=3, checkpoint_every=3), str(tmp_path / "b"))
-  resumed = train.train(config(steps=5), str(tmp_path / "b"))
+  train.train(config(steps=3, checkpoint_every=3, keep_period=3), str(tmp_path / "b"))
+  # Orbax would delete step 3, kept for good by the run, at the resumed run's next save.
+  for period in (0, 2):
+    with pytest.raises(UsageError, match=rf"holds checkpoints \[3\], which its run keeps for "
+                       rf"good \(train.keep_period=3\); with train.keep_period={period}"):
+      train.train(config(steps=5, keep_checkpoints=1, keep_period=period), str(tmp_path / "b"))
+  resumed = train.train(config(steps=5, keep_checkpoints=1, keep_period=3), str(tmp_path / "b"))
+  assert checkpoint.Checkpoints(tmp_path / "b/checkpoints").manager.all_steps() == [3, 5]
   _assert_same_params(straight, resumed)
   data = json.loads((tmp_path / "b/checkpoints/5/data/process_0-of-1.json").read_text())
   assert data == {"next_index": 5}  # the Grain iterator position: one batch per step

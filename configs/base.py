@@ -148,7 +148,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = "~/.cache/flmjax/xla"
   # --mode=compile: the TPU slice or the GPUs to compile for without the hardware (e.g.
   # "v5e:8x8", "v5p:2x2x4", needing libtpu; "h100:8", "h200", needing JAX's CUDA plugin);
-  # "" compiles for the local devices.
+  # "" compiles for the local devices. The other modes run on the local devices and
+  # refuse a topology.
   config.topology = ""
 
   config.duo = ml_collections.ConfigDict()

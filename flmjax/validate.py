@@ -284,6 +284,10 @@ def validate(config: ml_collections.ConfigDict, mode: str,
     raise UsageError(f"sample.guidance={config.sample.guidance} guides conditional "
                      "generation (--mode=generate); unconditional sampling has nothing to "
                      "guide: set sample.guidance=0.")
+  if config.topology and mode != "compile":
+    raise UsageError(f"topology={config.topology!r} is the hardware --mode=compile compiles "
+                     f"for; --mode={mode} runs on this machine's devices: leave topology "
+                     "empty.")
   if mode == "train" and config.model.two_time:
     raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
                      "one-time FLM teacher.")

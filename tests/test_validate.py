@@ -209,6 +209,14 @@ def test_conditional_training_names_its_kinds_and_family():
   validate(config, "generate", lambda: 8)
 
 
+def test_a_topology_is_only_compiled_for():
+  config = train_config()
+  config.topology = "v5e:2x2"
+  assert "topology='v5e:2x2' is the hardware --mode=compile compiles for; --mode=train" in (
+      _refused(config, "train"))
+  validate(config, "compile", lambda: 4)
+
+
 def test_step_counts():
   assert step_counts("1, 8,64") == [1, 8, 64]
   with pytest.raises(UsageError, match="eval.teacher_steps=''"):

@@ -40,7 +40,7 @@ def prepare(config, workdir: str) -> None:
     print(f"  {split}: {stats['documents']:,} documents, {stats['tokens']:,} tokens, "
           f"{stats['examples']:,} examples, {stats['dropped_tail_tokens']:,} tail tokens "
           "dropped")
-  print(f"  undecodable bytes (read as U+FFFD): {meta['undecodable_bytes']:,}; "
+  print(f"  undecodable bytes and escapes (read as U+FFFD): {meta['undecodable_bytes']:,}; "
         f"empty documents left out: {meta['empty_documents']:,}")
   tokens = batch["tokens"]
   print(f"first training batch: int32 {list(tokens.shape)}; example 0 starts "

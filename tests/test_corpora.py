@@ -66,6 +66,39 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
   assert corpus.stats.empty_documents == 1
 
 
+def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path):
+  """JSON may escape half a surrogate pair (\\ud800 alone), which is no character and which
+  no tokenizer encodes; a pair is one character."""
+  (tmp_path / "d.jsonl").write_text('{"text": "bad \\ud800 and \\udfff"}\n'
+                                    '{"text": "pair \\ud83d\\ude00"}\n')
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),
+                                            valid_fraction=0.0).data)
+  for _ in range(2):  # counted once
+    assert list(corpus.documents("train")) == ["bad \ufffd and \ufffd", "pair \U0001f600"]
+  assert corpus.stats.undecodable_bytes == 2
+
+
+def test_linked_folders_are_read_once(tmp_path):
+  (tmp_path / "real").mkdir()
+  (tmp_path / "real" / "a.txt").write_text("linked document")
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "b.txt").write_text("own document")
+  (tmp_path / "corpus" / "link").symlink_to(tmp_path / "real")
+  (tmp_path / "real" / "loop").symlink_to(tmp_path / "corpus")
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path / "corpus"),
+                                            valid_fraction=0.0).data)
+  assert list(corpus.documents("train")) == ["own document", "linked document"]
+
+
+def test_a_corpus_all_in_the_validation_split_says_so(tmp_path):
+  (tmp_path / "one.txt").write_text("a whole book in one file")
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),
+                                            valid_fraction=1.0).data)
+  with pytest.raises(UsageError, match="every document fell in the validation split .*a "
+                     ".txt file is one document"):
+    corpora.require_training_documents(corpus)
+
+
 def test_jsonl_line_without_the_text_field(tmp_path):
   (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
   corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path)).data)

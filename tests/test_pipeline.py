@@ -162,6 +162,13 @@ def test_damaged_or_unfinished_folders(tmp_path):
   shard.rename(shard.with_suffix(".moved"))
   with pytest.raises(UsageError, match=r"lacks 1 of its shards .* move .* away to rebuild"):
     pipeline.prepare(config, str(tmp_path))
+  shard.with_suffix(".moved").rename(shard)
+  size = shard.stat().st_size
+  with shard.open("r+b") as cut:  # a copy cut short
+    cut.truncate(size - 100)
+  with pytest.raises(UsageError, match=rf"train-00000.array_record has {size - 100:,} bytes, "
+                     rf"{size:,} when it was written \(a copy cut short\?\); copy it again"):
+    pipeline.prepare(config, str(tmp_path))
   for damaged in (b'{"format_version": ', b'{"\xff": 1}'):  # not JSON; not UTF-8
     (prepared.path / "meta.json").write_bytes(damaged)
     with pytest.raises(UsageError, match=r"meta.json is damaged; move .* away to rebuild"):
@@ -170,10 +177,12 @@ def test_damaged_or_unfinished_folders(tmp_path):
   with pytest.raises(UsageError, match=r"has no meta.json \(damaged\); move it away"):
     pipeline.prepare(config, str(tmp_path))
   shutil.rmtree(prepared.path)
-  stale = prepared.path.parent / f".{prepared.path.name}.partial-{socket.gethostname()}-0-1"
-  (stale / "sub").mkdir(parents=True)
+  stale = [prepared.path.parent / f".{name}.partial-{socket.gethostname()}-0-1"
+           for name in (prepared.path.name, "prepared-0123456789abcdef")]  # any setup's
+  for folder in stale:
+    (folder / "sub").mkdir(parents=True)
   again = pipeline.prepare(config, str(tmp_path))
-  assert not stale.exists() and again.meta == prepared.meta
+  assert not any(folder.exists() for folder in stale) and again.meta == prepared.meta
 
 
 def test_prepare_says_what_it_does_from_the_process_that_does_it(tmp_path, capsys,
@@ -220,6 +229,9 @@ def test_data_directory_must_be_local_and_a_directory(tmp_path):
   with pytest.raises(UsageError, match="a_file is a file; set --config.data.dir to a dir"):
     pipeline.prepare(config, str(tmp_path))  # before the tokenizer is trained
   assert (tmp_path / "a_file").read_text() == "kept"
+  config.data.dir = ""  # WORKDIR/data, the workdir a file
+  with pytest.raises(UsageError, match=r"a_file/data is inside \S+a_file, which is a file"):
+    pipeline.prepare(config, str(tmp_path / "a_file"))
 
 
 def test_processes_sharing_a_directory_prepare_it_once(tmp_path, monkeypatch):

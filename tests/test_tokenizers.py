@@ -81,6 +81,14 @@ def test_wordpiece_ids_are_line_numbers(tmp_path):
   assert tok.bos_id == 3 and tok.encode_batch(["hello"])[0] == [4]
 
 
+def test_wordpiece_vocab_with_a_token_twice_is_refused(tmp_path):
+  """Read as Hugging Face reads it, the later line wins: V (the tokens) would be less than
+  the largest id plus one."""
+  words = ["[PAD]", "[UNK]", "[CLS]", "hello", "world", "hello", "zebra"]
+  with pytest.raises(UsageError, match=r"vocab.txt:4: 'hello' is also on line 6"):
+    tokenizers.BertTokenizer(_write_vocab(tmp_path, words))
+
+
 def test_wordpiece_vocab_without_cls_is_refused(tmp_path):
   with pytest.raises(UsageError, match=r"\[CLS\]"):
     tokenizers.BertTokenizer(_write_vocab(tmp_path, ["[PAD]", "[UNK]", "hello"]))
@@ -128,6 +136,29 @@ def test_vocab_size_the_corpus_cannot_support(tmp_path):
   corpus = corpora.load_corpus(config.data)
   with pytest.raises(UsageError, match="tokenizer.vocab_size=50000"):
     tokenizers.build_tokenizer(config.tokenizer, tmp_path, corpus)
+
+
+def test_sentencepiece_trains_on_lines_longer_than_it_takes(tmp_path):
+  """SentencePiece leaves out sentences over 2**16 bytes: documents of one 90,000-character
+  line each (scraped pages without newlines) are cut at spaces into lines it takes."""
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghij"), rng.integers(2, 8))) for _ in range(500)]
+  docs = [" ".join(rng.choice(words, 15_000)) for _ in range(8)]
+  lines = list(tokenizers._lines(iter(docs)))
+  assert "".join(lines) == "".join(docs) and len(lines) > len(docs)
+  assert all(len(line) <= tokenizers.MAX_LINE_CHARS for line in lines)
+  assert all(line.startswith(" ") for line in lines if line not in docs and
+             not any(doc.startswith(line) for doc in docs))  # cut before a space
+
+  class Corpus:
+    name = "long lines"
+
+    def documents(self, split):
+      return iter(docs)
+  tok = tokenizers.SentencePieceTokenizer(tokenizers.train_sentencepiece(Corpus(), 300),
+                                          "long-lines.model")
+  text = docs[0][:200].strip()
+  assert tok.decode(tok.encode_batch([text])[0]) == text
 
 
 _TRAIN_SAMPLED = """

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import os
 import pathlib
 import re
 from typing import Callable, Iterator
@@ -25,8 +26,9 @@ EMBEDDED_FILE = "data/summaries_en-us.json"
 
 @dataclasses.dataclass
 class ReadStats:
-  """What reading found: bytes that were not UTF-8 (read as U+FFFD) per source, and empty
-  documents per split; each counted once however often a source or a split is read."""
+  """What reading found: bytes that were not UTF-8 and lone surrogate escapes in .jsonl
+  strings (each read as U+FFFD) per source, and empty documents per split; each counted
+  once however often a source or a split is read."""
   undecodable: dict[str, int] = dataclasses.field(default_factory=dict)
   empty: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -46,6 +48,15 @@ class ReadStats:
       text = raw.decode("utf-8", "surrogateescape")  # bad bytes -> U+DC80..U+DCFF
       text, self.undecodable[source] = re.subn("[\udc80-\udcff]", "\ufffd", text)
       return text
+
+  def lone_surrogates(self, text: str, source: str) -> str:
+    """`text`, a JSON string, with each lone surrogate (an escape such as \\ud800, which
+    encodes no character and no tokenizer takes) replaced by U+FFFD and counted for
+    `source`."""
+    text, count = re.subn("[\ud800-\udfff]", "\ufffd", text)
+    if count:
+      self.undecodable[f"{source} (escapes)"] = count
+    return text
 
 
 @dataclasses.dataclass
@@ -72,6 +83,11 @@ class Corpus:
 def require_training_documents(corpus: Corpus) -> None:
   """Refuses a corpus whose training split holds no document (read up to its first)."""
   if next(corpus.documents("train"), None) is None:
+    if next(corpus.documents("valid"), None) is not None:
+      raise UsageError(f"corpus {corpus.name} has no training documents: every document "
+                       "fell in the validation split (data.valid_fraction picks each by a "
+                       "hash of its name; a .txt file is one document): give several "
+                       "files, or a .jsonl file (one document a line).")
     raise UsageError(f"corpus {corpus.name} has no training documents; check data.corpus, "
                      "data.path and data.max_documents.")
 
@@ -135,11 +151,23 @@ def _text_files(cfg) -> list[pathlib.Path]:
   if root.is_file():
     files = [root] if root.suffix in (".txt", ".jsonl") else []
   else:
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    files = sorted(p for p in _walk(root) if p.suffix in (".txt", ".jsonl") and p.is_file())
   if not files:
     raise UsageError(f"data.path={cfg.path} holds no .txt or .jsonl files "
                      "(searched recursively); point it at your text files.")
   return files
+
+
+def _walk(root: pathlib.Path) -> Iterator[pathlib.Path]:
+  """Every file under `root`, through linked folders too (each real folder once)."""
+  seen = set()
+  for folder, folders, names in os.walk(root, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:
+      folders.clear()
+      continue
+    seen.add(real)
+    yield from (pathlib.Path(folder) / name for name in names)
 
 
 def _json_document(cfg, stats: ReadStats, path: pathlib.Path, name: str, lineno: int,
@@ -159,7 +187,7 @@ def _json_document(cfg, stats: ReadStats, path: pathlib.Path, name: str, lineno:
                      f"(data.text_field); the line has {fields}.")
   if not isinstance(record[cfg.text_field], str):
     raise UsageError(f"{path}:{lineno}: field {cfg.text_field!r} is not a string.")
-  return f"{name}:{lineno}", record[cfg.text_field]
+  return f"{name}:{lineno}", stats.lone_surrogates(record[cfg.text_field], f"{path}:{lineno}")
 
 
 def _directory(cfg) -> Corpus:

@@ -108,6 +108,7 @@ def _write_split(corpus, split: str, tokenizer: Tokenizer, seq_len: int, folder:
                   f"{stats['documents'] / (now - start):.0f} documents/s", every_process=True)
   if writer is not None:
     writer.close()
+  stats["bytes"] = [os.path.getsize(folder / name) for name in stats["files"]]
   stats["dropped_tail_tokens"] = int(wrapper.pending.size)
   return stats
 
@@ -136,9 +137,11 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
                      "local directory (on every host of a multi-host run), e.g. "
                      "/tmp/flmjax-data.")
   path = pathlib.Path(path).expanduser()
-  if path.exists() and not path.is_dir():
-    raise UsageError(f"the data directory {path} is a file; set --config.data.dir to a "
-                     "directory (new or holding prepared data).")
+  existing = next(folder for folder in (path, *path.parents) if folder.exists())
+  if not existing.is_dir():
+    inside = "" if existing == path else f" is inside {existing}, which"
+    raise UsageError(f"the data directory {path}{inside} is a file; set --config.data.dir "
+                     "to a directory (new or holding prepared data), or --workdir to one.")
   return path
 
 
@@ -218,7 +221,7 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
     raise UsageError(f"{path} has no meta.json (damaged); move it away to rebuild it.")
   if not path.exists():
     require_training_documents(corpus)
-    _remove_stale_partials(root, path.name)
+    _remove_stale_partials(root)
     partial = root / (f".{path.name}.partial-{socket.gethostname()}-{jax.process_index()}-"
                       f"{os.getpid()}")
     partial.mkdir(parents=True)
@@ -247,13 +250,21 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
   if missing:
     raise UsageError(f"{path} lacks {len(missing)} of its shards (first {missing[0]}); move "
                      f"{path} away to rebuild it.")
+  for split in SPLITS:  # a copy cut short; folders prepared before sizes were kept: unchecked
+    written = meta["splits"][split].get("bytes", [])
+    for file, size in zip(prepared.files(split), written):
+      if os.path.getsize(file) != size:
+        raise UsageError(f"{file} has {os.path.getsize(file):,} bytes, {size:,} when it was "
+                         f"written (a copy cut short?); copy it again, or move {path} away "
+                         "to rebuild it.")
   return prepared
 
 
-def _remove_stale_partials(root: pathlib.Path, name: str) -> None:
-  """Removes the partial folders of `name` that a prepare on this host left behind when it
-  was killed: the caller holds root's lock, so no process of this host is writing one."""
-  for partial in root.glob(f".{name}.partial-{socket.gethostname()}-*"):
+def _remove_stale_partials(root: pathlib.Path) -> None:
+  """Removes the partial folders (of any setup) that a prepare on this host left behind
+  when it was killed: the caller holds root's lock, so no process of this host is writing
+  one."""
+  for partial in root.glob(f".prepared-*.partial-{socket.gethostname()}-*"):
     shutil.rmtree(partial, ignore_errors=True)
 
 

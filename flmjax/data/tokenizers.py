@@ -152,10 +152,15 @@ class BertTokenizer(_HuggingFaceTokenizer):
     # end at newlines only: str.splitlines would also split at U+2028 and the like).
     try:
       with open(vocab_txt, encoding="utf-8") as lines:
-        vocab = {line.rstrip("\n"): index for index, line in enumerate(lines)}
+        tokens = [line.rstrip("\n") for line in lines]
     except UnicodeDecodeError:
       raise UsageError(f"{vocab_txt} is not a text vocab.txt (tokenizer.path); "
                        "tokenizer.kind=bert needs a BERT vocab.txt.") from None
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) < len(tokens):  # V would count the tokens, ids reach the lines
+      first = next(i for i, token in enumerate(tokens) if vocab[token] != i)
+      raise UsageError(f"{vocab_txt}:{first + 1}: {tokens[first]!r} is also on line "
+                       f"{vocab[tokens[first]] + 1}; a vocab.txt lists each token once.")
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     missing = [s for s in specials[:3] if s not in vocab]
     if missing:
@@ -204,9 +209,23 @@ def gpt2_files(path: str) -> tuple[pathlib.Path, pathlib.Path]:
   return files
 
 
+# SentencePiece leaves out of its training any sentence over max_sentence_length bytes
+# (2**16): longer lines are cut, at a space where there is one, into pieces of at most this
+# many characters (4 bytes each at most).
+MAX_LINE_CHARS = 1 << 14
+
+
 def _lines(documents: Iterator[str]) -> Iterator[str]:
   for document in documents:
-    yield from (line for line in document.splitlines() if line.strip())
+    for line in document.splitlines():
+      if not line.strip():
+        continue
+      while len(line) > MAX_LINE_CHARS:
+        cut = line.rfind(" ", 1, MAX_LINE_CHARS + 1)
+        cut = cut if cut > 0 else MAX_LINE_CHARS
+        yield line[:cut]
+        line = line[cut:]
+      yield line
 
 
 def sample_lines(lines: Iterator[str], size: int, seed: int = 0) -> list[str]:

@@ -230,7 +230,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.generate = ml_collections.ConfigDict()
   # --mode=generate: texts of config.checkpoint for prompts (flmjax/generate.py): one
-  # prompt, or a file of them, one per line ("-": standard input). A prompt is text with
+  # prompt, or (not both) a UTF-8 file of them, one per line ("-": standard input). A prompt is text with
   # placeholders {{N}} (N tokens to write) and at most one {{}} (the rest of the sequence,
   # what comes after it is a suffix). sample.steps network calls, in batches of
   # batch_size (one compiled sampler).

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flmjax import evaluate, outputs, registry
+from flmjax import conditioning, evaluate, outputs, registry
 from flmjax.errors import UsageError
 from flmjax.sampling import Condition
 
@@ -60,7 +60,11 @@ def _parts(prompt: str) -> list:
   """Text segments and gaps (an int, or None for `{{}}`) of a template."""
   parts, start = [], 0
   for match in PLACEHOLDER.finditer(prompt):
-    parts += [prompt[start:match.start()], int(match.group(1)) if match.group(1) else None]
+    digits = match.group(1)
+    if len(digits) > 9:  # more positions than any sequence has (and than int() reads)
+      raise UsageError(f"prompt {prompt[:80]!r}: {{{{N}}}} with a {len(digits)}-digit N "
+                       "asks for more positions than the sequence has; shorten it.")
+    parts += [prompt[start:match.start()], int(digits) if digits else None]
     start = match.end()
   parts.append(prompt[start:])
   # a written token brings its own leading space (GPT-2's BPE would make a lone ' ' of it)
@@ -132,11 +136,14 @@ class Generator:
                        "generation takes an FLM or FMLM (family=flm, or its distilled "
                        "student).")
     registry.check_sample_options(self.record["kind"], config.sample, checkpoint)
-    if config.sample.guidance and not self.record["config"].get("train", {}).get("condition"):
+    trained = self.record["config"].get("train", {})
+    if config.sample.guidance and not (conditioning.parse_kinds(trained.get("condition", ""))
+                                       and trained.get("condition_dropout")):
       raise UsageError(f"sample.guidance={config.sample.guidance} combines the conditional "
                        "and unconditional denoisers of a model trained with "
-                       f"train.condition; {checkpoint} was trained without it: set "
-                       "sample.guidance=0 (clamping alone).")
+                       "train.condition and train.condition_dropout > 0 (which teaches "
+                       f"the unconditional one); {checkpoint} was trained without them: set "
+                       "sample.guidance=0 (conditional sampling alone).")
     self.steps, self.batch_size = steps or config.sample.steps, batch_size
     self.seq_len = self.record["config"]["data"]["seq_len"]
     _, self._sample = evaluate.sampler_for(config, self.record, self.tokenizer, self.steps,
@@ -155,9 +162,9 @@ class Generator:
       padded = batch + [batch[-1]] * (self.batch_size - len(batch))
       condition = Condition(jnp.asarray(np.stack([x.given for x in padded])),
                             jnp.asarray(np.stack([x.tokens for x in padded])))
+      key = jax.random.fold_in(jax.random.key(seed), start)
       began = time.perf_counter()
-      tokens, _ = self._sample(self.graphdef, self.params,
-                               jax.random.fold_in(jax.random.key(seed), start), condition)
+      tokens, _ = self._sample(self.graphdef, self.params, key, condition)
       tokens = np.asarray(jax.device_get(tokens))
       seconds = (time.perf_counter() - began) / self.batch_size
       for i, item in enumerate(batch):
@@ -183,32 +190,46 @@ def text_of(ids: np.ndarray, item: Layout, tokenizer) -> str:
 
 
 def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
-  """generate.prompt (one), else the lines of generate.prompts_file ("-": standard
-  input), empty lines skipped."""
-  if config.generate.prompt:
-    return [config.generate.prompt]
-  source = config.generate.prompts_file
-  if not source:
-    raise UsageError("--mode=generate needs --config.generate.prompt=TEXT or "
+  """generate.prompt (one), or the lines of generate.prompts_file ("-": standard input;
+  UTF-8, a BOM skipped; lines end at \n or \r\n only), empty lines skipped; each
+  template's placeholders checked."""
+  prompt, source = config.generate.prompt, config.generate.prompts_file
+  if bool(prompt) == bool(source):
+    raise UsageError("--mode=generate needs one of --config.generate.prompt=TEXT or "
                      "--config.generate.prompts_file=FILE (one prompt per line; - reads "
-                     "standard input).")
-  try:
-    text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
-  except OSError as error:
-    raise UsageError(f"generate.prompts_file={source}: {error.strerror}.") from error
-  prompts = [line for line in text.splitlines() if line.strip()]
-  if not prompts:
-    raise UsageError(f"generate.prompts_file={source} holds no prompt.")
+                     "standard input)" + (", not both." if prompt else "."))
+  if prompt:
+    prompts = [prompt]
+  else:
+    try:
+      if source == "-":
+        raw = sys.stdin.buffer.read()
+      else:
+        with open(source, "rb") as file:
+          raw = file.read()
+    except OSError as error:
+      raise UsageError(f"generate.prompts_file={source}: {error.strerror}.") from error
+    try:
+      text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+      raise UsageError(f"generate.prompts_file={source}: byte {error.start} is not UTF-8; "
+                       "save the prompts as UTF-8.") from None
+    prompts = [line.removesuffix("\r") for line in text.split("\n")]
+    prompts = [line for line in prompts if line.strip()]
+    if not prompts:
+      raise UsageError(f"generate.prompts_file={source} holds no prompt.")
+  for text in prompts:
+    _parts(text)  # a malformed placeholder, before the weights are loaded
   return prompts
 
 
 def generate_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """`--mode=generate`: the texts of the prompts, as JSON lines on standard output and in
-  WORKDIR/generations.jsonl."""
+  WORKDIR/generations.jsonl (replacing the last run's)."""
   prompts = read_prompts(config)
+  path = outputs.create_workdir(workdir)
   generator = Generator(config.checkpoint, config, batch_size=config.generate.batch_size)
   results = generator.generate(prompts, seed=config.seed)
-  path = outputs.create_workdir(workdir)
   lines = "".join(json.dumps(r) + "\n" for r in results)
   if jax.process_index() == 0:
     outputs.write_text(path / "generations.jsonl", lines)

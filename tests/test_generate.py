@@ -1,12 +1,13 @@
 """Conditional generation: prompt templates laid over L positions, the Generator and
 --mode=generate."""
 
+import io
 import json
 
 import pytest
 
 from conftest import train_config
-from flmjax import generate, train
+from flmjax import evaluate, generate, train
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 
@@ -100,10 +101,27 @@ def test_prompts_come_from_the_config_a_file_or_standard_input(tmp_path, monkeyp
   assert _read_prompts(prompt="Once {{3}} a") == ["Once {{3}} a"]
   (tmp_path / "p.txt").write_text("first\n\n{{}} last\n")
   assert _read_prompts(prompts_file=str(tmp_path / "p.txt")) == ["first", "{{}} last"]
-  monkeypatch.setattr("sys.stdin", __import__("io").StringIO("from stdin\n"))
+  monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\n")))
   assert _read_prompts(prompts_file="-") == ["from stdin"]
-  with pytest.raises(UsageError, match="needs --config.generate.prompt=TEXT"):
+  # UTF-8 with a BOM (as some editors save it), lines ended by \r\n or \n only
+  (tmp_path / "p.txt").write_bytes("\ufeffone\u2028two\r\nthree\x0cfour\n".encode())
+  assert _read_prompts(prompts_file=str(tmp_path / "p.txt")) == ["one\u2028two",
+                                                                "three\x0cfour"]
+  with pytest.raises(UsageError, match="needs one of --config.generate.prompt=TEXT .*\\.$"):
     _read_prompts()
+  with pytest.raises(UsageError, match="standard input\\), not both"):
+    _read_prompts(prompt="a", prompts_file=str(tmp_path / "p.txt"))
+  for source in ("-", str(tmp_path / "latin1.txt")):
+    (tmp_path / "latin1.txt").write_bytes(b"ok\ncaf\xe9 {{}}\n")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok\ncaf\xe9 {{}}\n")))
+    with pytest.raises(UsageError, match=f"prompts_file={source}: byte 6 is not UTF-8"):
+      _read_prompts(prompts_file=source)
+  # a malformed template, before any weights are loaded
+  (tmp_path / "p.txt").write_text("fine\nbad {{0}}\n")
+  with pytest.raises(UsageError, match=r"prompt 'bad \{\{0\}\}': a placeholder is"):
+    _read_prompts(prompts_file=str(tmp_path / "p.txt"))
+  with pytest.raises(UsageError, match="with a 5000-digit N asks for more positions"):
+    _read_prompts(prompt="a {{" + "9" * 5000 + "}}")
   with pytest.raises(UsageError, match="generate.prompts_file=.*missing.txt: No such file"):
     _read_prompts(prompts_file=str(tmp_path / "missing.txt"))
   (tmp_path / "empty.txt").write_text("\n")
@@ -111,9 +129,17 @@ def test_prompts_come_from_the_config_a_file_or_standard_input(tmp_path, monkeyp
     _read_prompts(prompts_file=str(tmp_path / "empty.txt"))
 
 
+def test_a_workdir_that_is_a_file_is_refused_before_the_weights_are_loaded(tmp_path):
+  config = train_config()
+  config.generate.prompt, config.checkpoint = "a", str(tmp_path / "no weights here")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(UsageError, match="--workdir=.*file is a file"):
+    generate.generate_mode(config, str(tmp_path / "file"))
+
+
 @pytest.mark.slow
-def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys, prepared,
-                                                            teacher):
+def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys, monkeypatch,
+                                                            prepared, teacher):
   """Five prompts in batches of two (the last padded): five results in order, each
   keeping its given text; token ids as a prompt; guidance; guidance for a model trained
   without conditions is refused."""
@@ -152,5 +178,14 @@ def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys, pre
   guided = generate.Generator(config.checkpoint, config, batch_size=2).generate(["x {{}} y"])
   assert guided[0]["text"].startswith(round_trip("x"))
 
-  with pytest.raises(UsageError, match=f"{teacher} was trained without it"):
+  with pytest.raises(UsageError, match=f"{teacher} was trained without them"):
     generate.Generator(teacher, config)  # (baseline weights: tests/test_baselines.py)
+  load = evaluate.load
+
+  def without_dropout(*args):  # the unconditional denoiser never trained
+    record, *rest = load(*args)
+    record["config"]["train"]["condition_dropout"] = 0.0
+    return record, *rest
+  monkeypatch.setattr(evaluate, "load", without_dropout)
+  with pytest.raises(UsageError, match="train.condition_dropout > 0 .* was trained without"):
+    generate.Generator(config.checkpoint, config)

@@ -77,8 +77,9 @@ def sampler_for(config, record: dict, tokenizer, steps: int, num_samples: int):
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[str]]:
-  """`--mode=sample`: writes WORKDIR/samples/NAME.json with decoded samples and the time
-  per sample (measured on a second, compiled run)."""
+  """`--mode=sample`: writes WORKDIR/samples/NAME.json (NAME: the sampler and its steps;
+  an earlier run's file of that name is replaced, saying so) with decoded samples and the
+  time per sample (measured on a second, compiled run)."""
   path = outputs.create_workdir(workdir)
   record, graphdef, params, tokenizer = load(config, config.checkpoint)
   registry.check_sample_options(record["kind"], config.sample, config.checkpoint)
@@ -86,10 +87,12 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[st
                               config.sample.num_samples)
   jax.block_until_ready(sampler(graphdef, params, jax.random.PRNGKey(config.seed + 1)))
   out = path / "samples" / f"{name}.json"
+  replaced = out.exists()
   written = outputs.write_samples(out, {name: sampler}, graphdef, params, tokenizer,
                                   jax.random.PRNGKey(config.seed))
   outputs.say(f"wrote {len(written[name])} samples of the {record['kind']} model in "
-              f"{config.checkpoint} to {out}")
+              f"{config.checkpoint} to {out}" + (", replacing the samples there" if replaced
+                                                 else ""))
   for text in written[name][:3]:
     outputs.say(f"  {text[:200]!r}")
   return written
@@ -172,8 +175,9 @@ def judge_continuations(evaluator, prefixes: list[str], texts: list[str],
   targets = np.arange(1, seq_len)[None] >= starts[:, None]  # target j is ids[:, j]
   mask = metrics.scored_targets(ids, evaluator.eos_id,
                                 _padded_widths(lengths, batch_size)) & targets
-  features = read_texts(evaluator, texts, seq_len, batch_size)[1]
+  alone, features = read_texts(evaluator, texts, seq_len, batch_size)
   return {"gen_ppl": metrics.generative_perplexity(logprobs, mask), "tokens": int(mask.sum()),
+          "empty_samples": alone["empty_samples"],
           "fd": metrics.frechet_distance(features, reference)}
 
 
@@ -279,11 +283,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
             "models": {label: [directory, checkpoint.latest_step(directory), list(steps)]
                        for label, (directory, steps) in models.items()}}
   if resume and (path / "results.json").is_file():
-    saved = json.loads((path / "results.json").read_text())
+    saved = read_results(path / "results.json")
     if saved.get("inputs") == json.loads(json.dumps(inputs)):
       outputs.say(f"{path / 'results.json'} already holds this evaluation: kept (delete it "
                   "to evaluate again)")
       return saved["rows"]
+    outputs.say(f"{path / 'results.json'} holds an evaluation of other "
+                f"{_differences(saved.get('inputs'), inputs)}: evaluating again, it and its "
+                "scores will be replaced")
   # The dataset row's data first, so that a config that cannot give them fails before any
   # sampling.
   records = {directory: checkpoint.read_record(directory) for directory, _ in models.values()}
@@ -324,6 +331,37 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   _write(path, rows, evaluator.name if evaluator else "none", config.data.seq_len,
          cfg.batch_size, reference, prefixes, inputs)
   return rows
+
+
+def read_results(path: epath.Path) -> dict:
+  """The saved evaluation in `path` (a results.json), refused in one line when it is not
+  one: damaged, or edited without its rows' samples."""
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError:  # not JSON, or not UTF-8
+    saved = None
+  rows = saved.get("rows") if isinstance(saved, dict) else None
+  if not (isinstance(rows, list) and isinstance(saved.get("seq_len"), int) and all(
+      isinstance(row, dict) and isinstance(row.get("samples"), list) for row in rows)):
+    raise UsageError(f"{path} is not an evaluation's results.json (JSON with seq_len and "
+                     "rows, each with its samples); move it away, and evaluate again.")
+  return saved
+
+
+def _differences(saved: dict | None, inputs: dict) -> str:
+  """What differs between two evaluations' inputs, in a few words."""
+  if not isinstance(saved, dict):
+    return "inputs (not recorded)"
+  if saved.get("models") != json.loads(json.dumps(inputs["models"])):
+    return "weights or step counts"
+  before, now = saved.get("config", {}), json.loads(json.dumps(inputs["config"]))
+
+  def leaves(tree, prefix=""):
+    return ({k: v for key, value in tree.items() for k, v in leaves(
+        value, f"{prefix}{key}.").items()} if isinstance(tree, dict) else {prefix[:-1]: tree})
+  before, now = leaves(before), leaves(now)
+  fields = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+  return "config fields (" + ", ".join(fields[:5]) + (", ..." if len(fields) > 5 else "") + ")"
 
 
 def _dataset_texts(config, workdir, records: dict[str, dict]):
@@ -402,10 +440,13 @@ def _plot(path: epath.Path, rows: list[dict], evaluator: str) -> None:
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
   scored = [r for r in rows if "gen_ppl" in r and r["kind"] != "data"]
-  if not scored:
+  # a metric that is NaN in every row (FD of one sample, say) has nothing to draw
+  panels = {metric: f"{name} ({evaluator})" for metric, name in (("gen_ppl", "gen PPL"),
+                                                                   ("fd", "FD"))
+            if any(np.isfinite(r[metric]) for r in scored)}
+  if not panels:
     path.unlink(missing_ok=True)  # the plot of the results these replace
     return
-  panels = {"gen_ppl": f"gen PPL ({evaluator})", "fd": f"FD ({evaluator})"}
   figure, axes = plt.subplots(len(panels), 2, figsize=(10, 4 * len(panels)), squeeze=False)
   for (metric, name), (by_calls, by_time) in zip(panels.items(), axes):
     for label in dict.fromkeys(r["model"] for r in scored):
@@ -435,9 +476,10 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   pipeline's or a comparison's, whose evaluation can take hours)."""
   results = epath.Path(workdir).expanduser() / "eval" / "results.json"
   if results.is_file():
-    models = json.loads(results.read_text()).get("inputs", {}).get("models", {})
+    models = dict.fromkeys(row.get("model") for row in read_results(results)["rows"]
+                           if row.get("kind") != "data")
     if len(models) > 1:
-      raise UsageError(f"{results} holds the evaluation of {', '.join(models)} (a "
+      raise UsageError(f"{results} holds the evaluation of {', '.join(map(str, models))} (a "
                        "--mode=pipeline or --mode=compare table), which --mode=eval would "
                        f"replace: give another --workdir, or delete {results.parent} first.")
   record = checkpoint.read_record(config.checkpoint)
@@ -463,13 +505,17 @@ def rescore(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   path = outputs.create_workdir(workdir) / "eval"  # proves it writable
   if config.eval.evaluator == "none":
     raise UsageError("--mode=score needs an evaluator: set eval.evaluator=smollm2 or gpt2.")
-  saved = json.loads(results.read_text())
+  saved = read_results(results)
   if "reference" not in saved:
     raise UsageError(f"{results} has no FD reference texts; write it with --mode=eval or "
                      "--mode=pipeline.")
   evaluator = load_evaluator(config.eval.evaluator, config.eval.evaluator_path)
   # gen PPL pads each batch to its longest: the batches the samples were written with
   seq_len, batch_size = saved["seq_len"], saved.get("batch_size", config.eval.batch_size)
+  if "batch_size" not in saved:
+    outputs.say(f"{results} does not say the batch size its samples were drawn in (it was "
+                f"written before flmjax recorded it): scoring with eval.batch_size="
+                f"{batch_size}, which gen PPL's padding depends on")
   reference = read_texts(evaluator, saved["reference"], seq_len, batch_size)[1]
   prefixes = saved.get("prefixes")
   for row in saved["rows"]:

@@ -71,9 +71,9 @@ def step_counts(text: str, field: str = "eval.steps") -> list[int]:
     steps = [int(s) for s in str(text).split(",") if s.strip()]
   except ValueError:
     steps = []
-  if not steps or min(steps) < 1:
-    raise UsageError(f"{field}={text!r} must be positive step counts separated by commas, "
-                     "e.g. 1,8,64.")
+  if not steps or min(steps) < 1 or len(set(steps)) < len(steps):
+    raise UsageError(f"{field}={text!r} must be distinct positive step counts separated by "
+                     "commas, e.g. 1,8,64.")
   return steps
 
 
@@ -117,9 +117,10 @@ def _fields(config: ml_collections.ConfigDict) -> None:
   if config.data.seq_len < 3:
     raise UsageError(f"data.seq_len={config.data.seq_len}: an example needs BOS, EOS and at "
                      "least one token; use 3 or more.")
-  if config.eval.reference_samples < 2:
-    raise UsageError(f"eval.reference_samples={config.eval.reference_samples}: FD fits a "
-                     "Gaussian to the reference examples and needs at least 2.")
+  for field in ("eval.num_samples", "eval.reference_samples"):
+    if _get(config, field) < 2:
+      raise UsageError(f"{field}={_get(config, field)}: FD fits a Gaussian to the samples "
+                       "and to the reference examples, and needs at least 2 of each.")
   for field in STEP_LISTS:
     step_counts(_get(config, field), field)
 

@@ -295,7 +295,7 @@ def test_lightning_checkpoint_takes_the_backbone_and_its_ema():
 
 
 @pytest.mark.slow
-def test_gpt2_sized_import_samples_one_step(tmp_path, prepared):
+def test_gpt2_sized_import_samples_one_step(tmp_path, capsys, prepared):
   """An OWT-vocabulary FMLM (GPT-2 tokenizer, V 50258), small width, imported and sampled
   with --mode=sample's code path."""
   tensors = reference_tensors(50258, 64, 1, 2, 32, two_time=True, scale=0.02)
@@ -311,6 +311,9 @@ def test_gpt2_sized_import_samples_one_step(tmp_path, prepared):
   assert len(written["flowmap_1"]) == 2
   saved = json.loads((tmp_path / "out" / "samples" / "flowmap_1.json").read_text())
   assert saved["flowmap_1"]["samples"] == written["flowmap_1"]
+  capsys.readouterr()
+  evaluate.sample(config, str(tmp_path / "out"))
+  assert "flowmap_1.json, replacing the samples there" in capsys.readouterr().out
   other = small_config()
   other.tokenizer.path = prepared.tokenizer.source
   with pytest.raises(UsageError, match="V = 50258 but the config's tokenizer"):

@@ -102,7 +102,7 @@ def _scores(rows):  # all but the sampling time
 
 @pytest.mark.slow
 def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
-    tmp_path, monkeypatch, prepared, teacher):
+    tmp_path, monkeypatch, capsys, prepared, teacher):
   config, models = _trained_teacher(prepared, teacher, monkeypatch)
   drawn, timed = [], evaluate._timed_samples
   monkeypatch.setattr(evaluate, "_timed_samples", lambda *a: drawn.append(timed(*a)) or drawn[-1])
@@ -151,8 +151,11 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   assert _scores(evaluate.evaluate(config, later, models, resume=True)) == _scores(saved["rows"])
   assert (tmp_path / "later" / "eval" / "results.json").read_text() == kept
   config.seed += 1
+  capsys.readouterr()
   with pytest.raises(pytest.fail.Exception, match="sampled"):
     evaluate.evaluate(config, later, models, resume=True)
+  assert ("holds an evaluation of other config fields (seed): evaluating again, it and its "
+          "scores will be replaced") in capsys.readouterr().out
   config.seed -= 1
   config.eval.evaluator = "smollm2"
 
@@ -180,16 +183,43 @@ def test_eval_mode_refuses_to_replace_a_table_of_several_models(tmp_path):
   results.parent.mkdir()
   config = train_config()
   config.checkpoint = str(tmp_path / "missing")
-  for models, refusal in (({"FLM": [], "FMLM": []}, "holds the evaluation of FLM, FMLM "
-                           r"\(a --mode=pipeline or --mode=compare table\)"),
-                          ({"FLM": []}, "holds no flmjax checkpoint")):
-    results.write_text(json.dumps({"rows": [], "inputs": {"models": models}}))
+  def row(model, kind="flm"):
+    return {"model": model, "kind": kind, "samples": []}
+  # (files written before their inputs were recorded have their rows only)
+  for rows, refusal in (([row("FLM"), row("FMLM", "fmlm"), row("dataset", "data")],
+                         r"holds the evaluation of FLM, FMLM \(a --mode=pipeline or "
+                         r"--mode=compare table\)"),
+                        ([row("FLM"), row("FLM"), row("dataset", "data")],
+                         "holds no flmjax checkpoint")):
+    results.write_text(json.dumps({"seq_len": 8, "rows": rows}))
     with pytest.raises(UsageError, match=refusal):
       evaluate.eval_mode(config, str(tmp_path))
-    assert json.loads(results.read_text())["inputs"]["models"] == models
+    assert json.loads(results.read_text())["rows"] == rows
+  for damaged in ("[1, 2]", '{"rows": [', '{"seq_len": 8, "rows": [{"model": "FLM"}]}'):
+    results.write_text(damaged)
+    for mode in (evaluate.eval_mode, evaluate.rescore):
+      config.eval.evaluator = "smollm2"
+      with pytest.raises(UsageError, match="results.json is not an evaluation's results.json"
+                         r" \(JSON with seq_len and rows, each with its samples\); move it"):
+        mode(config, str(tmp_path))
+    assert results.read_text() == damaged
 
 
-def test_scoring_later_pads_the_batches_the_samples_were_written_with(tmp_path, monkeypatch):
+def test_the_plot_leaves_out_a_metric_with_no_finite_value(tmp_path):
+  """FD is NaN for fewer than 2 samples (or a degenerate reference): the plot draws gen
+  PPL alone, and nothing when no metric has a finite value (removing an older plot)."""
+  def row(steps, fd):
+    return {"model": "FLM", "kind": "flm", "steps": steps, "network_calls": steps,
+            "seconds_per_sample": 0.01 * steps, "gen_ppl": 50.0 / steps, "fd": fd}
+  plot = tmp_path / "gen_ppl.png"
+  evaluate._plot(plot, [row(1, math.nan), row(8, math.nan)], "toy")
+  assert plot.read_bytes()[:4] == b"\x89PNG"
+  evaluate._plot(plot, [dict(row(1, math.nan), gen_ppl=math.nan)], "toy")
+  assert not plot.exists()
+
+
+def test_scoring_later_pads_the_batches_the_samples_were_written_with(tmp_path, monkeypatch,
+                                                                       capsys):
   """results.json keeps eval.batch_size: scored later with another, gen PPL is the same
   (in batches of 2, "ab" is padded to itself; in one batch of 4 its first EOS would count)."""
   monkeypatch.setattr(evaluate, "load_evaluator", lambda *a: CharEvaluator())
@@ -205,6 +235,13 @@ def test_scoring_later_pads_the_batches_the_samples_were_written_with(tmp_path, 
   in_pairs, whole = (evaluate.read_texts(CharEvaluator(), texts, 5, n)[0] for n in (2, 4))
   assert in_pairs["gen_ppl"] != whole["gen_ppl"]
   assert row["gen_ppl"] == in_pairs["gen_ppl"] and row["tokens"] == in_pairs["tokens"]
+  # a file written before the batch size was recorded: scored in eval.batch_size, said
+  saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+  del saved["batch_size"]
+  (tmp_path / "eval" / "results.json").write_text(json.dumps(saved))
+  capsys.readouterr()
+  assert evaluate.rescore(config, str(tmp_path))[0]["gen_ppl"] == whole["gen_ppl"]
+  assert "does not say the batch size its samples were drawn in" in capsys.readouterr().out
 
 
 def test_continuation_perplexity_scores_only_the_continuation():
@@ -213,6 +250,10 @@ def test_continuation_perplexity_scores_only_the_continuation():
   toy = CharEvaluator()
   ids, lengths, starts = evaluate._prompted_ids(toy, ["ab", "vwxyz", ""], ["cd", "q", "k"], 5)
   np.testing.assert_array_equal(ids, [[1, 2, 3, 4, 0], [23, 24, 25, 26, 17], [11, 0, 0, 0, 0]])
+  reference = evaluate.read_texts(toy, ["abc", "de", "f"], 5, 2)[1]
+  judged = evaluate.judge_continuations(toy, ["ab", "vwxyz", "c"], ["cd", "", "k"], reference,
+                                        5, 2)
+  assert judged["empty_samples"] == 1  # a continuation that is no text
   assert list(lengths) == [4, 5, 1] and list(starts) == [2, 4, 0]
   reference = np.eye(27)[[1, 2, 3, 5]]
   result = evaluate.judge_continuations(toy, ["ab", "vwxyz", ""], ["cd", "q", "k"], reference,

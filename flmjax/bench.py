@@ -17,10 +17,10 @@ profiler trace of the training step (DIR/NOISE, for TensorBoard or Perfetto) and
 the share of the step's executed time in each part of the model (flmjax/profiling.py).
 """
 
+import functools
 import json
 import os
 import resource
-import sys
 import time
 
 from absl import app
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from flmjax import aot, objectives, profiling, sampling, sharding, state
+from flmjax import aot, cli, objectives, profiling, sampling, sharding, state
 from flmjax.errors import UsageError
 from flmjax.models import dit
 from flmjax.validate import step_counts, validate
@@ -164,12 +164,11 @@ def main(argv):
     validate(config, "train", jax.device_count)
     sample_steps = step_counts(",".join(_STEPS.value), "--sample_steps")
   except UsageError as e:
-    print(f"flmjax.bench: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("flmjax.bench", str(e))
   vocab_size = _VOCAB.value or config.tokenizer.vocab_size
   print(json.dumps(run(config, vocab_size, sample_steps, _NOISE.value, _REPEATS.value,
                        _PROFILE.value, _SAMPLE_BATCH.value), indent=1))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, program="flmjax.bench"))

@@ -15,8 +15,11 @@ two-time conditioning (an FMLM student has `sigma_map_prime`) and the causal AR 
 DIR/record.json, an export that `--mode=sample`, `--mode=eval` and
 `--config.teacher_checkpoint` accept. `--family` says what the tensors cannot: MDLM,
 SEDD, D3PM and Duo checkpoints have FLM's tensors, so import them with --family=mdlm,
-sedd, d3pm or duo (auto: flm, fmlm or ar from the tensors). The config supplies what the
-weights do not say: the tokenizer (its V must match), L, the caps and the data settings.
+sedd, d3pm or duo (auto: the `kind` that config.json names when flmjax's export wrote it,
+else flm, fmlm or ar from the tensors). The config supplies what the weights do not say:
+the tokenizer (its V must match), L, the caps (unless config.json gives `attn_softcap` and
+`output_cap`, as flmjax's export does) and the data settings. Weights saved in half
+precision are read as float32.
 
 `export` writes DIR/model.safetensors with the reference names and layouts (PyTorch
 Linear weights are (out, in)) plus DIR/config.json describing the architecture. `random`
@@ -24,11 +27,11 @@ writes weights of the config's shape in that layout, N(0, 0.02^2) (norm scales 1
 stand-in for a download when checking or timing the import and the samplers.
 """
 
+import functools
 import json
 import os
 import pathlib
 import re
-import sys
 
 from absl import app
 from absl import flags
@@ -42,7 +45,7 @@ from ml_collections import config_flags
 import numpy as np
 import safetensors.numpy
 
-from flmjax import checkpoint, outputs, registry, sharding, state
+from flmjax import checkpoint, cli, outputs, registry, sharding, state
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -126,9 +129,10 @@ def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
   """(V, model fields) from the tensors' names and shapes; heads from the rotary buffer,
   else from `meta` (config.json), else `model.heads`."""
   for key in ("vocab_embed.embedding", "blocks.0.mlp.0.weight"):
-    if key not in tensors:
-      raise UsageError(f"the weights have no {key!r}; they are not a DiT in the reference's "
-                       "layout (names as in its models/dit.py, without a prefix).")
+    if key not in tensors or np.ndim(tensors[key]) != 2:
+      raise UsageError(f"the weights have no 2-D {key!r}; they are not a DiT in the "
+                       "reference's layout (names as in its models/dit.py, without a "
+                       "prefix).")
   causal = "sigma_map.mlp.2.weight" not in tensors
   vocab, width = tensors["vocab_embed.embedding"].shape
   blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -139,10 +143,18 @@ def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
     raise UsageError(f"blocks.0.mlp.0.weight has {hidden} rows, not a multiple of the width "
                      f"{width}.")
   if INV_FREQ in tensors:
-    heads = width // (2 * tensors[INV_FREQ].shape[-1])
+    half = np.shape(tensors[INV_FREQ])[-1] if np.ndim(tensors[INV_FREQ]) else 0
+    heads, source = width // (2 * half) if half else 0, f"{INV_FREQ} ({half} entries)"
   else:
-    heads = next((int(meta[k]) for k in HEADS_KEYS if k in meta), model.heads)
-  return vocab, {"width": width, "depth": len(blocks), "heads": heads,
+    key = next((k for k in HEADS_KEYS if k in meta), None)
+    heads, source = (meta[key], f"config.json's {key}") if key else (model.heads,
+                                                                      "model.heads")
+  if not (isinstance(heads, int) and heads > 0 and width % (2 * heads) == 0):
+    raise UsageError(f"{source} gives {heads!r} heads, which do not split the width {width} "
+                     "into heads of even size.")
+  caps = {k: float(meta[k]) for k in ("attn_softcap", "output_cap")  # flmjax's own export
+          if isinstance(meta.get(k), (int, float))}
+  return vocab, {"width": width, "depth": len(blocks), "heads": heads, **caps,
                  "cond_width": model.cond_width if causal else
                  tensors["sigma_map.mlp.2.weight"].shape[0],
                  "mlp_ratio": hidden // width,
@@ -169,8 +181,7 @@ def family_of(fields: dict, family: str) -> str:
 def check_tensors(tensors: dict[str, np.ndarray], vocab: int,
                   model: ml_collections.ConfigDict) -> None:
   """Refuses missing, unexpected or mis-shaped tensors, naming the first ones."""
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(dit.builder(model, vocab)),
-                                       nnx.Param))
+  abstract = _abstract_params(model, vocab)
   expected = {ref: _get(abstract, path).shape[::-1] if transposed else
               _get(abstract, path).shape
               for ref, path, transposed in name_map(model.depth, model.two_time, model.causal)}
@@ -185,10 +196,20 @@ def check_tensors(tensors: dict[str, np.ndarray], vocab: int,
       raise UsageError(f"{len(keys)} {problem} tensor(s) for a DiT with V {vocab}, width "
                        f"{model.width}, {model.depth} blocks, {model.heads} heads, "
                        f"conditioning {model.cond_width}: {', '.join(keys[:5])}.")
+  # to the precision the buffer was saved in (float32, or half in a half checkpoint)
+  rtol = 1e-5 if tensors.get(INV_FREQ, np.float32(0)).dtype == np.float32 else 1e-2
   if INV_FREQ in tensors and not np.allclose(tensors[INV_FREQ], inv_freq(
-      model.width // model.heads), rtol=1e-5):
+      model.width // model.heads), rtol=rtol):
     raise UsageError(f"{INV_FREQ} is not 1 / 10000^(2i / head_dim); flmjax's rotary "
                      "embedding would not match these weights.")
+
+
+def _abstract_params(model: ml_collections.ConfigDict, vocab: int) -> dict:
+  """The shapes of the DiT's parameters; a model the config cannot build is a UsageError."""
+  try:
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(dit.builder(model, vocab)), nnx.Param))
+  except ValueError as e:  # the model's own checks of its fields
+    raise UsageError(f"the model cannot be built: {e}.") from None
 
 
 def _numpy(value) -> np.ndarray:
@@ -238,13 +259,22 @@ def read_reference(source: str, ema: bool = True) -> tuple[dict[str, np.ndarray]
   meta = {}
   if path.is_dir():
     if (path / "config.json").is_file():
-      meta = json.loads((path / "config.json").read_text())
+      try:
+        meta = json.loads((path / "config.json").read_text())
+      except ValueError:  # not JSON, or not UTF-8
+        meta = None
+      if not isinstance(meta, dict):
+        raise UsageError(f"{path / 'config.json'} is not a JSON object; fix it, or move it "
+                         "away (the heads then come from the rotary buffer or model.heads).")
     path = path / "model.safetensors"
   if not path.is_file():
     raise UsageError(f"--from={source}: no such file; give a directory holding "
                      "model.safetensors, a .safetensors file or a Lightning .ckpt.")
   if path.suffix == ".safetensors":
-    return safetensors.numpy.load_file(str(path)), meta
+    try:
+      return safetensors.numpy.load_file(str(path)), meta
+    except Exception as e:  # pylint: disable=broad-except  # SafetensorError, OSError
+      raise UsageError(f"{path} cannot be read as safetensors ({str(e)[:200]}).") from None
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -276,6 +306,8 @@ def import_weights(source: str, directory: str, config: ml_collections.ConfigDic
   _check_new(directory, "params", "record.json", "checkpoints")  # (read before params)
   tensors, meta = read_reference(source, ema)
   vocab, fields = infer_architecture(tensors, meta, config.model)
+  if family == "auto" and meta.get("kind") in registry.FAMILIES:
+    family = meta["kind"]  # written by flmjax's export
   kind = family_of(fields, family)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.update(fields)
@@ -321,8 +353,9 @@ def export_weights(source: str, directory: str) -> dict:
                             jax.devices()[:1])
   _, abstract = state.param_layout(dit.builder(model, record["vocab_size"]), mesh)
   params = checkpoint.load_ema(source, abstract)
-  write_reference(outputs.create_workdir(directory), to_reference(params, model), model,
-                  record["vocab_size"], record["kind"])
+  tensors = to_reference(params, model)  # (refused before --to is created)
+  write_reference(outputs.create_workdir(directory), tensors, model, record["vocab_size"],
+                  record["kind"])
   return record
 
 
@@ -330,14 +363,14 @@ def random_weights(directory: str, config: ml_collections.ConfigDict) -> None:
   """Writes weights of the config's shape (V from its tokenizer) in the reference layout."""
   _check_new(directory, "model.safetensors", "config.json")
   vocab = _tokenizer(config).vocab_size
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(dit.builder(config.model, vocab)),
-                                       nnx.Param))
+  abstract = _abstract_params(config.model, vocab)
   rng = np.random.default_rng(config.seed)
   params = jax.tree.map_with_path(
       lambda p, x: np.ones(x.shape, np.float32) if "scale" in jax.tree_util.keystr(p)
       else rng.normal(0, 0.02, x.shape).astype(np.float32), abstract)
-  write_reference(outputs.create_workdir(directory), to_reference(params, config.model),
-                  config.model, vocab, "fmlm" if config.model.two_time else "flm")
+  tensors = to_reference(params, config.model)  # (refused before --to is created)
+  write_reference(outputs.create_workdir(directory), tensors, config.model, vocab,
+                  "fmlm" if config.model.two_time else "flm")
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A flmjax config (tokenizer, L).")
@@ -349,11 +382,13 @@ _FAMILY = flags.DEFINE_enum("family", "auto", ["auto", *registry.FAMILIES],
                             "import: the family of the weights (auto: flm, fmlm or ar from "
                             "the tensors; MDLM, SEDD, D3PM and Duo need naming).")
 COMMANDS = ("import", "export", "random")
+PROGRAM = "flmjax.convert"
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"give one command: {', '.join(COMMANDS)}")
+    cli.fail(PROGRAM, f"give one command, {', '.join(COMMANDS)} (got {argv[1:]}); see "
+             "--help.")
   command = argv[1]
   if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request
     logging.set_verbosity(logging.WARNING)
@@ -377,9 +412,8 @@ def main(argv):
       random_weights(_TO.value, _CONFIG.value)
       outputs.say(f"wrote random weights of the config's shape to {_TO.value}")
   except UsageError as e:
-    print(f"flmjax.convert: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(PROGRAM, str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, program=PROGRAM))

@@ -8,7 +8,6 @@ prepared or compiled; a usage error is printed as one line with exit status 2.
 import copy
 import functools
 import os
-import re
 import sys
 
 from absl import app
@@ -17,14 +16,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flmjax import aot, evaluate, generate, sharding, state, train
+from flmjax import aot, cli, evaluate, generate, sharding, state, train
 from flmjax.data import pipeline
 from flmjax.errors import STOPPED_STATUS, Stopped, UsageError
 from flmjax.modes import MODES
 from flmjax.validate import step_counts, validate
 
 SAMPLE_EXAMPLES = 2  # examples of the first batch that prepare prints
-HELP = {"-h", "--help", "--helpshort", "--helpfull", "-?"}
 
 
 def prepare(config, workdir: str) -> None:
@@ -112,45 +110,6 @@ _MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run: " + "; 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _fail(message: str) -> None:
-  print(f"flmjax: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl flag parsing, with one-line errors for a config file that cannot be loaded and
-  for a config override that does not exist."""
-  try:
-    rest = flags.FLAGS(argv)
-  except SystemExit as e:  # absl exits 1 after printing --help; help is not an error
-    sys.exit(0 if HELP & set(argv[1:]) else e.code)
-  except (AttributeError, KeyError) as e:  # ml_collections names the field
-    # its KeyError's text may be the repr of a nested one: the names, on one line, the
-    # override's whole name where one ends in the unknown one
-    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    hint = re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', text)
-    if hint:
-      names = [a.split("=")[0].removeprefix("--config.") for a in argv[1:]
-               if a.startswith("--config.")]
-      field = next((n for n in names if hint[2] in n.split(".")), hint[2])
-      suggestion = ".".join(field.split(".")[:field.split(".").index(hint[2])] + [hint[1]])
-      message = f"{field!r} (did you mean {suggestion!r}?)"
-    else:
-      message = " ".join(text.split())
-      if re.fullmatch(r"[\"']*[\w.]+[\"']*", message):  # a bare (quoted) name
-        message = repr(message.strip("\"'"))
-    _fail(f"unknown config field {message}; configs/base.py lists every field.")
-  except flags.Error as e:
-    _fail(f"{e}; see --help.")
-  try:
-    _CONFIG.value.get("seed")  # a config file that failed to load raises on first use
-  except OSError as e:
-    reason = str(e).strip().split("\n")[-1].strip()
-    _fail(f"--config={flags.FLAGS['config'].config_filename}: {reason} (run from the "
-          "repository root: configs import each other as configs.*).")
-  return rest
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -171,7 +130,7 @@ def main(argv):
       state.use_compilation_cache(config.compilation_cache_dir)
     RUNS[mode](config, _WORKDIR.value)
   except UsageError as e:
-    _fail(str(e))
+    cli.fail("flmjax", str(e))
   except Stopped:  # saved on SIGTERM; the same command resumes
     sys.exit(STOPPED_STATUS)
   except FloatingPointError as e:
@@ -182,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, program="flmjax"))

@@ -258,8 +258,68 @@ def test_import_refuses_wrong_tensors_by_name(tmp_path):
     change(broken)
     with pytest.raises(UsageError, match=message):
       convert.check_tensors(broken, vocab, model_cfg)
-  with pytest.raises(UsageError, match="no 'vocab_embed.embedding'"):
+  with pytest.raises(UsageError, match="no 2-D 'vocab_embed.embedding'"):
     convert.infer_architecture({"x": np.zeros(1)}, {}, model_cfg)
+
+
+def test_unreadable_or_impossible_inputs_are_refused_by_name(tmp_path):
+  """A damaged file, a config.json that is not an object, a 1-D embedding, heads that do
+  not split the width: one line each, naming what is wrong."""
+  tensors = reference_tensors(97, 64, 1, 2, 32, two_time=False)
+  (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+  with pytest.raises(UsageError, match="bad.safetensors cannot be read as safetensors"):
+    convert.read_reference(str(tmp_path / "bad.safetensors"))
+  for text in ("{not json", "[1, 2]"):
+    _write_hf(tmp_path / "hf", tensors)
+    (tmp_path / "hf" / "config.json").write_text(text)
+    with pytest.raises(UsageError, match="config.json is not a JSON object"):
+      convert.read_reference(str(tmp_path / "hf"))
+  with pytest.raises(UsageError, match="no 2-D 'vocab_embed.embedding'"):
+    convert.infer_architecture(dict(tensors, **{"vocab_embed.embedding": np.zeros(97)}), {},
+                               _model_config())
+  del tensors["rotary_emb.inv_freq"]
+  for heads in ("twelve", 0, 3):  # not a count; none; 64 is no multiple of 3
+    with pytest.raises(UsageError, match=f"config.json's n_heads gives {heads!r} heads, "
+                       "which do not split the width 64"):
+      convert.infer_architecture(tensors, {"n_heads": heads}, _model_config())
+  with pytest.raises(UsageError, match=r"rotary_emb.inv_freq \(0 entries\) gives 0 heads"):
+    convert.infer_architecture(dict(tensors, **{"rotary_emb.inv_freq": np.zeros(0)}), {},
+                               _model_config())
+  config = small_config()
+  config.tokenizer.kind = "gpt2"
+  config.model.update(width=64, heads=3)
+  with pytest.raises(UsageError, match="the model cannot be built: .*64"):
+    convert.random_weights(str(tmp_path / "random"), config)
+  assert not (tmp_path / "random").exists()
+
+
+def test_half_precision_weights_import_with_their_rotary_buffer(tmp_path, prepared):
+  """A checkpoint saved in float16 keeps the buffer to float16's precision."""
+  config = small_config()
+  config.tokenizer.path = prepared.tokenizer.source
+  tensors = reference_tensors(prepared.tokenizer.vocab_size, 64, 1, 2, 32, two_time=False)
+  _write_hf(tmp_path / "hf", {k: v.astype(np.float16) for k, v in tensors.items()})
+  record = convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "imported"), config)
+  assert record["config"]["model"]["heads"] == 2
+
+
+def test_an_export_imports_back_as_its_family_with_its_caps(tmp_path, prepared):
+  """config.json of flmjax's export names the family and the soft caps; importing it with
+  --family=auto takes them, not flm's defaults."""
+  config = small_config()
+  config.tokenizer.path = prepared.tokenizer.source
+  config.model.update(attn_softcap=0.0, output_cap=0.0)
+  tensors = reference_tensors(prepared.tokenizer.vocab_size, 64, 1, 2, 32, two_time=False)
+  _write_hf(tmp_path / "hf", tensors)
+  first = convert.import_weights(str(tmp_path / "hf"), str(tmp_path / "a"), config, True,
+                                 "mdlm")
+  convert.export_weights(str(tmp_path / "a"), str(tmp_path / "exported"))
+  plain = small_config()  # flm's caps
+  plain.tokenizer.path = prepared.tokenizer.source
+  again = convert.import_weights(str(tmp_path / "exported"), str(tmp_path / "b"), plain)
+  assert again["kind"] == "mdlm"
+  for field in ("attn_softcap", "output_cap", "mask_id"):
+    assert again["config"]["model"][field] == first["config"]["model"][field], field
 
 
 def test_heads_come_from_config_json_without_the_rotary_buffer():
@@ -351,3 +411,14 @@ def test_command_line_random_import_export(tmp_path):
   assert run.returncode == 2 and "already holds params, record.json" in run.stderr
   run = convert_cli("import", f"--to={tmp_path}/x", "--config=configs/owt.py")
   assert run.returncode == 2 and "import needs --from" in run.stderr
+  # mistakes on the command line: one line, exit status 2
+  random = ["random", f"--to={tmp_path}/y"]
+  for args, message in (
+      ([*random, "--config=configs/none.py"], "--config=configs/none.py: "),
+      ([*random, *small, "--config.model.atn_softcap=0"],
+       "'model.atn_softcap' (did you mean 'model.attn_softcap'?)"),
+      ([*random, *small, "--weights=foo"], "--weights"),
+      ([*small], "give one command, import, export, random")):
+    run = convert_cli(*args)
+    assert run.returncode == 2 and run.stderr.startswith("flmjax.convert: error: "), run.stderr
+    assert message in run.stderr and run.stderr.count("\n") == 1, run.stderr

@@ -28,6 +28,12 @@ parse_args "$@"
   fail "--accelerator=$accelerator: a TPU type such as v5litepod-64, v5p-32 or v4-32"
 [[ "$workdir" == gs://* ]] ||
   fail "--workdir=$workdir: the workers share no disk; use a Cloud Storage path gs://BUCKET/DIR"
+# The workers get this checkout's last commit (git archive HEAD), so the config must be
+# there, as it is here.
+git -C "$repo" cat-file -e "HEAD:$config" 2>/dev/null ||
+  fail "--config=$config: not in this checkout's last commit, which is what the workers get; give its path in the repository (e.g. configs/owt.py) and commit it"
+git -C "$repo" diff --quiet HEAD -- "$config" ||
+  fail "--config=$config has changes that are not committed; the workers would run its last commit: commit them"
 
 archive="/tmp/flmjax-$name.tar.gz"
 tpu=(gcloud compute tpus tpu-vm)
@@ -39,13 +45,14 @@ main=("../$venv/bin/python" -m flmjax.main "--config=$config" "--workdir=$workdi
       --config.distributed=True --config.data.dir=/tmp/flmjax-data "${extra[@]}")
 printf -v main_line ' %q' "${main[@]}"
 
+echo "# pack this checkout's last commit (before anything is created):"
+run git -C "$repo" archive --format=tar.gz --prefix=flmjax/ -o "$archive" HEAD
 if [[ $dry_run -eq 1 ]] || ! "${tpu[@]}" describe "$name" --zone="$zone" >/dev/null 2>&1; then
   echo "# create the slice unless it exists:"
   run "${tpu[@]}" create "$name" --zone="$zone" --accelerator-type="$accelerator" \
     --version="$version"
 fi
-echo "# install this checkout on every worker:"
-run git -C "$repo" archive --format=tar.gz --prefix=flmjax/ -o "$archive" HEAD
+echo "# install it on every worker:"
 run "${tpu[@]}" scp "$archive" "$name:flmjax.tar.gz" --zone="$zone" --worker=all
 run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="rm -rf flmjax && tar xzf flmjax.tar.gz && $setup"
 echo "# run on all workers (logs of every worker stream here):"

@@ -5,6 +5,7 @@ import os
 import pathlib
 import shlex
 import subprocess
+import tempfile
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_tpu_pod_dry_run_creates_installs_and_runs_on_every_worker():
                           "--workdir=gs://bucket/owt", "--mode=train", "--dry-run", "--",
                           "--config.mesh.fsdp=8")
   assert run.returncode == 0, run.stderr
-  create, archive, scp, install, main = commands
+  archive, create, scp, install, main = commands  # packed before the slice is created
   assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "flm-owt",
                     "--zone=us-east5-a", "--accelerator-type=v5litepod-64",
                     "--version=v2-alpha-tpuv5-lite"]
@@ -53,6 +54,11 @@ def test_tpu_pod_refuses_a_local_workdir_and_bad_types():
   assert run.returncode == 2 and "--accelerator=v5p: a TPU type" in run.stderr
   run, _ = _launch("tpu_pod.sh", "--zone=z", "--dry-run")
   assert run.returncode == 2 and "are required" in run.stderr
+  # the workers get the last commit: a config outside it would not be there
+  with tempfile.NamedTemporaryFile(suffix=".py") as outside:
+    run, _ = _launch("tpu_pod.sh", *base, "--accelerator=v5p-32", "--workdir=gs://b/x",
+                     f"--config={outside.name}")
+  assert run.returncode == 2 and "not in this checkout's last commit" in run.stderr
 
 
 def test_gpu_single_host_dry_run():

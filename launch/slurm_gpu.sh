@@ -25,8 +25,8 @@ parse_args "$@"
   fail "--gpus-per-node=$gpus_per_node: a positive integer"
 [[ "$workdir" == /* || "$workdir" == gs://* ]] ||
   fail "--workdir=$workdir: an absolute path on a shared filesystem, or gs://BUCKET/DIR"
-[[ -z "$time" || "$time" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] ||
-  fail "--time=$time: SLURM's format, e.g. 12:00:00 or 2-00:00:00"
+[[ -z "$time" || "$time" =~ ^(([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}|UNLIMITED|INFINITE)$ ]] ||
+  fail "--time=$time: SLURM's format, e.g. 12:00:00, 2-00:00:00 or UNLIMITED"
 
 srun_args=(--nodes="$nodes" --ntasks-per-node="$gpus_per_node" --gpus-per-node="$gpus_per_node"
            --kill-on-bad-exit=1)

@@ -106,6 +106,10 @@ def test_slurm_dry_run_starts_one_process_per_gpu():
   assert run.returncode == 2 and "--nodes=0: a positive integer" in run.stderr
   run, _ = _launch("slurm_gpu.sh", "--nodes=2", "--workdir=runs/owt", "--dry-run")
   assert run.returncode == 2 and "an absolute path on a shared filesystem" in run.stderr
+  for time, status in (("UNLIMITED", 0), ("2-00:00:00", 0), ("12h", 2)):
+    run, _ = _launch("slurm_gpu.sh", "--nodes=2", "--workdir=/shared/owt", f"--time={time}",
+                     "--dry-run")
+    assert run.returncode == status, (time, run.stderr)
 
 
 def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():

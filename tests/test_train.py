@@ -302,8 +302,8 @@ def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
 
 def test_unwritable_workdir(tmp_path):
   (tmp_path / "file").write_text("")
-  with pytest.raises(UsageError, match="is not writable"):
-    train.train(train_config(), str(tmp_path / "file" / "run"))
-  with pytest.raises(UsageError, match="is a file; give a directory"):
-    train.train(train_config(), str(tmp_path / "file"))
+  for workdir in ("file/run", "file"):  # found with WORKDIR/data, the data directory
+    with pytest.raises(UsageError, match=f"data directory {tmp_path}/{workdir}/data is inside "
+                       f"{tmp_path}/file, which is a file; .* or --workdir to one"):
+      train.train(train_config(), str(tmp_path / workdir))
 

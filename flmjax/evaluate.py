@@ -78,8 +78,9 @@ def sampler_for(config, record: dict, tokenizer, steps: int, num_samples: int):
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[str]]:
   """`--mode=sample`: writes WORKDIR/samples/NAME.json (NAME: the sampler and its steps;
-  an earlier run's file of that name is replaced, saying so) with decoded samples and the
-  time per sample (measured on a second, compiled run)."""
+  an earlier run's file of that name is replaced, saying so) with decoded samples, the
+  time per sample (measured on a second, compiled run) and what wrote them: the
+  checkpoint (and its step), the seed and the sample options."""
   path = outputs.create_workdir(workdir)
   record, graphdef, params, tokenizer = load(config, config.checkpoint)
   registry.check_sample_options(record["kind"], config.sample, config.checkpoint)
@@ -88,8 +89,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[st
   jax.block_until_ready(sampler(graphdef, params, jax.random.PRNGKey(config.seed + 1)))
   out = path / "samples" / f"{name}.json"
   replaced = out.exists()
-  written = outputs.write_samples(out, {name: sampler}, graphdef, params, tokenizer,
-                                  jax.random.PRNGKey(config.seed))
+  written = outputs.write_samples(
+      out, {name: sampler}, graphdef, params, tokenizer, jax.random.PRNGKey(config.seed),
+      about={"checkpoint": config.checkpoint, "step": checkpoint.latest_step(config.checkpoint),
+             "seed": config.seed, "sample": config.sample.to_dict()})
   outputs.say(f"wrote {len(written[name])} samples of the {record['kind']} model in "
               f"{config.checkpoint} to {out}" + (", replacing the samples there" if replaced
                                                  else ""))

@@ -83,10 +83,11 @@ class MetricsLog:
 
 
 def write_samples(path: epath.Path, samplers: dict, graphdef, params, tokenizer,
-                  rng) -> dict[str, list[str]]:
+                  rng, about: dict | None = None) -> dict[str, list[str]]:
   """Runs each sampler (graphdef, params, rng) -> (tokens [N, L], network calls), decodes
-  the tokens and writes {name: {seconds_per_sample, network_calls, samples}} to `path` as
-  JSON. Seconds include compilation the first time a sampler runs."""
+  the tokens and writes {name: {seconds_per_sample, network_calls, samples, **about}} to
+  `path` as JSON (`about`: what wrote them). Seconds include compilation the first time a
+  sampler runs."""
   written, record = {}, {}
   for name, sampler in samplers.items():
     start = time.perf_counter()
@@ -94,7 +95,7 @@ def write_samples(path: epath.Path, samplers: dict, graphdef, params, tokenizer,
     seconds = time.perf_counter() - start
     written[name] = tokenizer.decode_batch(tokens)
     record[name] = {"seconds_per_sample": seconds / len(tokens), "network_calls": int(calls),
-                    "samples": written[name]}
+                    "samples": written[name], **(about or {})}
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)

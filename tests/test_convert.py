@@ -371,6 +371,9 @@ def test_gpt2_sized_import_samples_one_step(tmp_path, capsys, prepared):
   assert len(written["flowmap_1"]) == 2
   saved = json.loads((tmp_path / "out" / "samples" / "flowmap_1.json").read_text())
   assert saved["flowmap_1"]["samples"] == written["flowmap_1"]
+  assert {k: saved["flowmap_1"][k] for k in ("checkpoint", "step", "seed")} == {
+      "checkpoint": config.checkpoint, "step": None, "seed": config.seed}  # (an export)
+  assert saved["flowmap_1"]["sample"]["gamma"] == 1.0
   capsys.readouterr()
   evaluate.sample(config, str(tmp_path / "out"))
   assert "flowmap_1.json, replacing the samples there" in capsys.readouterr().out

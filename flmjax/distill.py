@@ -314,17 +314,23 @@ def teacher_model(config: ml_collections.ConfigDict) -> dict:
   return dict(config.model.to_dict(), two_time=False)
 
 
-def check_teacher(config: ml_collections.ConfigDict, workdir: epath.Path,
-                  kind: str) -> tuple[int | None, dict]:
+def check_teacher(config: ml_collections.ConfigDict, workdir: epath.Path, kind: str,
+                  self_teacher: bool = False) -> tuple[int | None, dict]:
   """(step, run record) of the `kind` teacher a student distils from, the record checked
   against the student's architecture (config.model, with the student's family settings;
   its vocabulary is checked when it is loaded). A resumed student keeps the step it
-  started from, even if the teacher trained on."""
+  started from, even if the teacher trained on; a resumed student of its own teacher
+  (`self_teacher`: its state holds it) needs nothing of the teacher's, and its own record
+  stands in for the teacher's."""
   own = (checkpoint.Checkpoints(workdir / "checkpoints").newest_record()
          if (workdir / "checkpoints").exists() else None)
+  if own is not None and "teacher_step" not in own:
+    raise UsageError(f"{workdir} holds a {own.get('kind')!r} run trained with --mode=train, "
+                     "not a distillation; use a new --workdir for the student.")
   step = (own["teacher_step"] if own is not None
           else checkpoint.latest_step(config.teacher_checkpoint))
-  record = checkpoint.read_record(config.teacher_checkpoint, step)
+  record = (own if own is not None and self_teacher
+            else checkpoint.read_record(config.teacher_checkpoint, step))
   checkpoint.check_compatible(
       record, kind=kind, vocab_size=None, model=teacher_model(config),
       where=f"teacher_checkpoint={config.teacher_checkpoint}",

@@ -50,13 +50,16 @@ class FiniteGuard:
     self.first_bad = nonfinite_step if self.first_bad is None else jnp.where(
         self.first_bad > 0, self.first_bad, nonfinite_step)
 
+  def kept(self, directory) -> str:
+    """Which checkpoint the run leaves, in words."""
+    return (f"the last checkpoint is step {self.last_saved} in {directory}"
+            if self.last_saved is not None else "no checkpoint was written")
+
   def check(self, directory) -> None:
     if self.first_bad is not None and int(self.first_bad):
-      kept = (f"the last good checkpoint is step {self.last_saved} in {directory}"
-              if self.last_saved is not None else "no checkpoint was written")
       raise FloatingPointError(
           f"the loss or the gradient became NaN or inf at step {int(self.first_bad)}; "
-          f"stopping, {kept}.")
+          f"stopping, {self.kept(directory)}.")
 
 
 class Progress:

@@ -124,13 +124,17 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   except KeyboardInterrupt:
     # Several processes may each be at another step; only SIGTERM makes them agree.
     if jax.process_count() > 1:
-      outputs.say(f"interrupted; the last checkpoint is step {guard.last_saved}")
+      outputs.say(f"interrupted; {guard.kept(path / 'checkpoints')}")
       raise
     try:
+      # Interrupted after a batch was taken but before its step (or before the step was
+      # counted), the state still says which step it holds: the data go back to it.
+      step = int(state["step"])
+      batches.set_state({"next_index": step})
       saving.save(step, state)
       outputs.say(f"interrupted: saved step {step} to {path / 'checkpoints'}")
     except RuntimeError:  # interrupted mid-step: the donated state is gone
-      outputs.say(f"interrupted mid-step; the last checkpoint is step {guard.last_saved}")
+      outputs.say(f"interrupted mid-step; {guard.kept(path / 'checkpoints')}")
     raise
   finally:
     stop.restore()
@@ -183,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
   # the teacher is checked before anything is written
   teacher_step, teacher_record = (
       fmlm.check_teacher(registry.with_family(config, objective),
-                         epath.Path(workdir).expanduser(), objective.teacher)
+                         epath.Path(workdir).expanduser(), objective.teacher,
+                         objective.self_teacher)
       if objective.teacher else (None, None))
   _check_same_data(config, epath.Path(workdir).expanduser() / "checkpoints")
   config = _with_data_dir(config, workdir, teacher_record)

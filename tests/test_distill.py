@@ -669,6 +669,10 @@ def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path, teacher):
   config.model.width, config.data.max_documents = 32, 300  # same V, another tokenizer
   with pytest.raises(UsageError, match="was trained with another tokenizer"):
     train.distill(config, str(tmp_path / "s"))
+  config.data.max_documents = train_config().data.max_documents
+  with pytest.raises(UsageError, match=r"holds a 'flm' run trained with --mode=train, not a "
+                     "distillation; use a new --workdir"):
+    train.distill(config, teacher)  # into the teacher's own workdir
 
 
 @pytest.mark.slow

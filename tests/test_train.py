@@ -36,13 +36,28 @@ def _assert_same_params(a, b):
 
 
 @pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(tmp_path, prepared):
+def test_resume_equals_an_uninterrupted_run(tmp_path, prepared, monkeypatch, capsys):
+  """Also after Ctrl-C between taking a batch and its step: the data go back to the step
+  the saved state holds."""
   def config(**train):
     config = train_config(**train)
     config.data.dir = str(prepared.path.parent)
     return config
   straight = train.train(config(steps=5), str(tmp_path / "a"))
-  train.train(config(steps=3, checkpoint_every=3, keep_period=3), str(tmp_path / "b"))
+  placed, to_global = [], pipeline.to_global
+
+  def interrupted_at_the_fourth(*args):
+    placed.append(1)
+    if len(placed) == 4:
+      raise KeyboardInterrupt
+    return to_global(*args)
+  with monkeypatch.context() as patch:
+    patch.setattr(pipeline, "to_global", interrupted_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+      train.train(config(steps=5, checkpoint_every=0, keep_period=3), str(tmp_path / "b"))
+  assert "interrupted: saved step 3 to" in capsys.readouterr().out
+  data = json.loads((tmp_path / "b/checkpoints/3/data/process_0-of-1.json").read_text())
+  assert data == {"next_index": 3}
   # Orbax would delete step 3, kept for good by the run, at the resumed run's next save.
   for period in (0, 2):
     with pytest.raises(UsageError, match=rf"holds checkpoints \[3\], which its run keeps for "
@@ -261,7 +276,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poiso
     return loss * poison, dict(metrics, loss=loss * poison)
 
   task = train.Task("flm", dit.builder(config.model, vocab), objective, {}, {})
-  with pytest.raises(FloatingPointError, match="NaN or inf at step 3.*last good checkpoint is "
+  with pytest.raises(FloatingPointError, match="NaN or inf at step 3.*last checkpoint is "
                                                 "step 2"):
     train.fit(config, outputs.create_workdir(str(tmp_path)), prepared, task)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]

@@ -3,6 +3,7 @@ sampler, and its consistency distillation (DCD), each against Duo's formulas (cl
 DUO_BASE, DUO and Distillation in the reference's algo.py; docs/baselines.md) computed here
 in float64, a closed form or a brute-force draw."""
 
+import copy
 import importlib
 import json
 
@@ -602,8 +603,9 @@ def test_dcd_distils_a_duo_run_with_a_teacher_refreshed_every_round(tmp_path, pr
   student starts as the Duo run's EMA weights, dt doubles each round, the state's teacher
   is the params at the round's start (also across a resume), and the export is a Duo
   model with Duo's validation bound."""
-  config = train_config(steps=2)
+  config = train_config(steps=2, keep_checkpoints=1)
   config.family, config.data.dir = "duo", str(prepared.path.parent)
+  teacher = copy.deepcopy(config)
   duo = jax.tree.map(np.asarray, train.train(config, str(tmp_path / "duo"))["ema"])
   config.teacher_checkpoint = str(tmp_path / "duo")
   config.distill.update(objective="dcd", steps=2, batch_size=0)
@@ -612,6 +614,10 @@ def test_dcd_distils_a_duo_run_with_a_teacher_refreshed_every_round(tmp_path, pr
   # In the first round the state's teacher is the student's start: the Duo run's EMA.
   for a, b in zip(jax.tree.leaves(duo), jax.tree.leaves(started.state["teacher"])):
     np.testing.assert_array_equal(a, b)
+  # The Duo run trains on and drops its step 2: the student needs it only to start from.
+  teacher.train.steps = 3
+  train.train(teacher, str(tmp_path / "duo"))
+  assert checkpoint.latest_step(tmp_path / "duo") == 3
   config.distill.steps = 4
   first = train.distill(config, str(tmp_path / "dcd"))  # resumes at step 2
   at_four = jax.tree.map(np.asarray, first.state["params"])

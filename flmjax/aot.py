@@ -17,8 +17,10 @@ counts a loop's body once and nothing inside a Pallas kernel, so the fused outpu
 the splash attention are undercounted, which `cost_undercounted` and a * mark; compiled for
 a GPU without one, XLA gives no cost analysis, and only the memory is reported). For the
 train step it also gives the model's FLOPs per chip (dit.training_flops_per_token, one
-forward and backward pass, counted in full) and their time at the chip's peak. The same
-goes to WORKDIR/compile.json. Nothing is
+forward and backward pass per network pass of the objective, counted in full) and their
+time at the chip's peak, and for each computation the attention kernel it compiled with
+(the family's settings may differ from the config's: see the header). The same goes to
+WORKDIR/compile.json. Nothing is
 allocated and no data is read: V comes from the tokenizer's files where the config
 names them (GPT-2, or tokenizer.path), else from tokenizer.vocab_size (a SentencePiece
 model the run would train) or bert-base-uncased's 30522 (BERT without tokenizer.path).
@@ -122,10 +124,10 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
   return BERT_BASE_UNCASED if cfg.kind == "bert" else cfg.vocab_size
 
 
-def _compiled(name: str, batch: int, compile_fn) -> tuple[dict, object]:
-  """({computation, batch}, the compiled computation), or (the same with the compiler's
-  out-of-memory message, None) when it cannot fit the chip."""
-  entry = {"computation": name, "batch": batch}
+def _compiled(name: str, batch: int, attention: str, compile_fn) -> tuple[dict, object]:
+  """({computation, batch, attention}, the compiled computation), or (the same with the
+  compiler's out-of-memory message, None) when it cannot fit the chip."""
+  entry = {"computation": name, "batch": batch, "attention": attention}
   try:
     return entry, compile_fn()
   except jax.errors.JaxRuntimeError as e:
@@ -192,9 +194,7 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
   vocab = vocab_size(config)
   report = {"topology": config.topology or "local", "device_kind": devices[0].device_kind,
             "chips": len(devices), "mesh": dict(mesh.shape), "vocab_size": vocab,
-            "seq_len": config.data.seq_len, "computations": [],
-            "attention": dit.attention_path(config.model.attention, config.model.attn_softcap,
-                                            config.data.seq_len)}
+            "seq_len": config.data.seq_len, "computations": []}
 
   def step(name, cfg, objective, frozen=None, teacher_graphdef=None, teacher_every=0,
            model_flops=None):
@@ -204,16 +204,21 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
     build = dit.builder(cfg.model, vocab)
     layout = state.plan(cfg, build, mesh, teacher_every=teacher_every)
     loss = objective.build(cfg, vocab, teacher_graphdef)
+    # the attention kernel of the family's settings (AR: no soft cap; the JVP objectives:
+    # plain), which may not be the config's
+    attention = dit.attention_path(cfg.model.attention, cfg.model.attn_softcap,
+                                   cfg.data.seq_len)
+    report.setdefault("attention", attention)  # the train step's
     report["computations"].append(_report(*_compiled(
-        name, cfg.batch_size, lambda: state.compile_step(layout, loss, cfg, frozen)), devices,
-        model_flops))
+        name, cfg.batch_size, attention,
+        lambda: state.compile_step(layout, loss, cfg, frozen)), devices, model_flops))
     return layout
 
-  # the model FLOPs of the train step (one forward and backward pass per token), per chip
+  # the model FLOPs of the train step (forward and backward passes of each token), per chip
+  train = registry.OBJECTIVES[config.family]
   tokens = config.batch_size * config.data.seq_len / len(devices)
-  step("train step", config, registry.OBJECTIVES[config.family],
-       model_flops=dit.training_flops_per_token(config.model, vocab,
-                                                config.data.seq_len) * tokens)
+  step("train step", config, train, model_flops=train.passes * tokens *
+       dit.training_flops_per_token(config.model, vocab, config.data.seq_len))
   objective = registry.OBJECTIVES[config.distill.objective]
   student = distill.student_config(config)
   if objective.teacher != config.family:  # no distillation of this family's teacher
@@ -231,7 +236,8 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
   grid = sampling.flow_map_grid(vocab, 1, 0.0)
   report["computations"].append(_report(*_compiled(
-      "one-step sampler", num, lambda: sampling.tokens.lower(
+      "one-step sampler", num, report["computations"][-1]["attention"],
+      lambda: sampling.tokens.lower(
           layout.graphdef, layout.abstract_state["ema"], rng, grid, rule=sampling.FLOW_MAP,
           batch_size=num, seq_len=config.data.seq_len, latent=config.noise == "latent",
           mesh=mesh).compile()), devices))
@@ -250,9 +256,10 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
            "GB accessed per chip | roofline step | model GFLOPs per chip | at peak |",
            "|---|---|---|---|---|---|---|---|---|"]
   for c in report["computations"]:
+    name = (c["computation"] if c["attention"] == report["attention"]
+            else f"{c['computation']} (attention {c['attention']})")
     if "error" in c:
-      lines.append(f"| {c['computation']} | {c['batch']} | does not fit: {c['error']} "
-                   "| | | | | | |")
+      lines.append(f"| {name} | {c['batch']} | does not fit: {c['error']} | | | | | | |")
       continue
     fraction = f"{c['hbm_fraction']:.0%}" if "hbm_fraction" in c else "-"
     mark = "*" if c.get("cost_undercounted") else ""
@@ -265,7 +272,7 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
              else "-")
     at_peak = (f"{c['model_compute_seconds'] * 1e3:,.1f} ms" if "model_compute_seconds" in c
                else "-")
-    lines.append(f"| {c['computation']} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB "
+    lines.append(f"| {name} | {c['batch']} | {c['bytes_per_chip'] / GIB:.2f} GiB "
                  f"| {fraction} | {flops} | {accessed} | {seconds} | {model} | "
                  f"{at_peak} |")
   if any(c.get("cost_undercounted") for c in report["computations"]):

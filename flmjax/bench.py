@@ -36,12 +36,18 @@ from flmjax.validate import step_counts, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
-_VOCAB = flags.DEFINE_integer("vocab_size", 0, "V; 0 takes config.tokenizer.vocab_size.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "V; 0 takes config.tokenizer.vocab_size.",
+                               lower_bound=0)
 _STEPS = flags.DEFINE_list("sample_steps", ["1", "8"], "Sampler step counts to time.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Samples per sampler call; 0 takes "
-                                     "config.batch_size.")
-_NOISE = flags.DEFINE_list("noise", ["latent", "vocab"], "Noise paths to measure.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each computation (median).")
+                                     "config.batch_size.", lower_bound=0)
+NOISES = ("latent", "vocab")
+_NOISE = flags.DEFINE_list("noise", list(NOISES), "Noise paths to measure: "
+                           f"{', '.join(NOISES)} or both.")
+flags.register_validator("noise", lambda value: bool(value) and set(value) <= set(NOISES),
+                         message=f"--noise takes {', '.join(NOISES)} or both")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each computation (median).",
+                                lower_bound=1)
 _PROFILE = flags.DEFINE_string("profile", "", "Directory for a trace of the training step; "
                                "adds the share of its time in each part.")
 flags.mark_flags_as_required(["config"])

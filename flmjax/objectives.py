@@ -33,6 +33,7 @@ class Objective:
   self_teacher: bool = False
   boundary_rows: bool = False  # takes rows with tau_s = 0, tau_t = 1
   jvp: bool = False  # differentiates the model forward (jax.jvp)
+  passes: int = 1  # network passes per example (D3PM's also reads the clean sequence)
 
 
 # The fused output head's chunk when model.output_chunk is 0: the most tokens whose

@@ -67,7 +67,7 @@ OBJECTIVES = {objective.name: objective for objective in (
     objectives.FLM, distill.SEMIGROUP, distill.EULERIAN, distill.LAGRANGIAN,
     objectives.Objective("mdlm", "mdlm", absorbing.mdlm_objective),
     objectives.Objective("sedd", "sedd", absorbing.sedd_objective),
-    objectives.Objective("d3pm", "d3pm", absorbing.d3pm_objective),
+    objectives.Objective("d3pm", "d3pm", absorbing.d3pm_objective, passes=2),
     objectives.Objective("duo", "duo", uniform.objective),
     objectives.Objective("dcd", "duo", uniform.dcd_objective, teacher="duo",
                          self_teacher=True),

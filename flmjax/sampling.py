@@ -307,9 +307,10 @@ def sampler(rule: Rule) -> Callable:
 
     def sample(graphdef, params, rng, condition: Condition | None = None):
       grid = rule.grid(params["vocab_embed"].shape[0], steps, gamma)
+      guided = bool(options.guidance) and condition is not None  # two evaluations a call
       return tokens(graphdef, params, rng, grid, rule=rule, batch_size=num_samples,
                     seq_len=seq_len, latent=options.latent,
                     churn=bool(np.any(grid["noise"] > 0)), mesh=params_mesh(params),
-                    condition=condition, guidance=options.guidance), steps
+                    condition=condition, guidance=options.guidance), steps * (1 + guided)
     return sample
   return make

@@ -128,3 +128,22 @@ def test_v_is_read_from_the_tokenizer_file_a_run_would_read(prepared):
   assert aot.vocab_size(config) == 1000
   config.tokenizer.path = prepared.tokenizer.source
   assert aot.vocab_size(config) == prepared.tokenizer.vocab_size == 512
+
+
+@pytest.mark.slow
+def test_model_flops_count_each_network_pass_and_each_step_names_its_attention(tmp_path):
+  """For the local devices: D3PM's step also reads the clean sequence, so its model FLOPs
+  are twice MDLM's, as XLA counts them; AR's step has no soft cap, so attention=auto takes
+  the fused kernel where the config's soft cap would take the plain path."""
+  steps = {}
+  for family in ("mdlm", "d3pm"):
+    config = train_config()
+    config.family = family
+    steps[family] = aot.compile_all(config)["computations"][0]
+  assert steps["d3pm"]["model_flops_per_chip"] == 2 * steps["mdlm"]["model_flops_per_chip"]
+  assert 1.8 <= steps["d3pm"]["flops_per_chip"] / steps["mdlm"]["flops_per_chip"] <= 2.2
+  config = train_config()
+  config.family, config.model.attention = "ar", "auto"
+  assert dit.attention_path("auto", config.model.attn_softcap, config.data.seq_len) == "plain"
+  report = aot.compile_mode(config, str(tmp_path))
+  assert report["attention"] == report["computations"][0]["attention"] == "fused"

@@ -248,3 +248,7 @@ def test_guidance_is_the_normalised_product_of_conditional_and_unconditional():
       graphdef, params, jax.random.key(2), grid, rule=sampling.EULER, batch_size=4,
       seq_len=L, condition=none, guidance=g)) for g in (w, 0.0))
   np.testing.assert_array_equal(guided, plain)
+  # the network calls a guided sampler reports: both evaluations of each of its 3 steps
+  for g, condition, calls in ((w, none, 6), (0.0, none, 3), (w, None, 3)):
+    make = sampling.sampler(sampling.EULER)(3, 4, L, sampling.Options(guidance=g))
+    assert make(graphdef, params, jax.random.key(2), condition)[1] == calls

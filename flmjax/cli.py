@@ -1,6 +1,7 @@
 """What the command lines (flmjax.main, flmjax.convert, flmjax.bench) share: flag parsing
 whose mistakes are one line on standard error with exit status 2."""
 
+import os
 import re
 import sys
 
@@ -14,11 +15,27 @@ def fail(program: str, message: str) -> None:
   sys.exit(2)
 
 
+def _config_importable(argv) -> None:
+  """Puts the folder above a --config file's `configs` folder on the import path, so that
+  the configs, which import each other as configs.*, load from any working directory."""
+  for flag, value in zip(argv[1:], argv[2:] + [""]):
+    path = flag.removeprefix("--config=") if flag.startswith("--config=") else (
+        value if flag == "--config" else None)
+    if path:
+      folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+      if os.path.basename(folder) == "configs" and os.path.dirname(folder) not in sys.path:
+        sys.path.insert(0, os.path.dirname(folder))
+
+
 def parse_flags(argv, program: str):
   """absl flag parsing, with one-line errors for an unknown flag, a config file that
   cannot be loaded and a config override that does not exist."""
+  _config_importable(argv)
   try:
     rest = flags.FLAGS(argv)
+  except ImportError as e:  # raised by the config file
+    fail(program, f"--config: the config file failed to import: {e} (a config importing "
+         "configs.* must be in a folder named configs).")
   except SystemExit as e:  # absl exits 1 after printing --help; help is not an error
     sys.exit(0 if HELP & set(argv[1:]) else e.code)
   except (AttributeError, KeyError) as e:  # ml_collections names the field

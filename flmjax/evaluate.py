@@ -176,8 +176,8 @@ def judge_continuations(evaluator, prefixes: list[str], texts: list[str],
       evaluator.logprobs_and_features(ids[i:i + batch_size], lengths[i:i + batch_size])[0]
       for i in range(0, len(texts), batch_size)])
   targets = np.arange(1, seq_len)[None] >= starts[:, None]  # target j is ids[:, j]
-  mask = metrics.scored_targets(ids, evaluator.eos_id,
-                                _padded_widths(lengths, batch_size)) & targets
+  mask = metrics.scored_targets(ids, evaluator.eos_id, _padded_widths(lengths, batch_size),
+                                start=starts) & targets
   alone, features = read_texts(evaluator, texts, seq_len, batch_size)
   return {"gen_ppl": metrics.generative_perplexity(logprobs, mask), "tokens": int(mask.sum()),
           "empty_samples": alone["empty_samples"],

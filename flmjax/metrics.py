@@ -15,17 +15,19 @@ def unigram_entropy(tokens: np.ndarray) -> float:
   return float(np.mean(entropies))
 
 
-def scored_targets(ids: np.ndarray, eos_id: int,
-                   width: int | np.ndarray | None = None) -> np.ndarray:
+def scored_targets(ids: np.ndarray, eos_id: int, width: int | np.ndarray | None = None,
+                   start: int | np.ndarray = 0) -> np.ndarray:
   """Which next-token targets (positions 1..L-1 of ids [N, L]) gen PPL counts: every
-  non-EOS token and each row's first EOS, found over the whole row (position 0 has no
-  context and is not a target, so a row whose first EOS is there counts none), within the
-  first `width` positions (an int, or one per row [N]; all by default): rows padded with
-  EOS only to the longest of their batch, as the reference's tokenizer pads a batch, so
-  that the longest row's EOS, a padding position the reference never builds, is not
-  counted. [N, L-1]."""
+  non-EOS token and each row's first EOS at or after position `start` (an int, or one per
+  row [N]: a continuation's own, after a prompt that may hold EOS tokens; by default over
+  the whole row, where position 0 has no context and is not a target, so a row whose
+  first EOS is there counts none), within the first `width` positions (an int, or one per
+  row [N]; all by default): rows padded with EOS only to the longest of their batch, as
+  the reference's tokenizer pads a batch, so that the longest row's EOS, a padding
+  position the reference never builds, is not counted. [N, L-1]."""
   is_eos = ids == eos_id
-  first_eos = is_eos & (np.cumsum(is_eos, axis=1) == 1)
+  eos_after = is_eos & (np.arange(ids.shape[1]) >= np.reshape(start, (-1, 1)))
+  first_eos = eos_after & (np.cumsum(eos_after, axis=1) == 1)
   width = ids.shape[1] if width is None else np.reshape(width, (-1, 1))
   return ((~is_eos | first_eos) & (np.arange(ids.shape[1]) < width))[:, 1:]
 

@@ -59,7 +59,7 @@ for shape in small owt; do
   for code in before after; do
     declare -n sizes="$shape" variant="$code"
     command=(python3 -m flmjax.bench "${common[@]}" "${model[@]}" "${sizes[@]}"
-             "${variant[@]}" "${extra[@]}")
+             "${variant[@]}" ${extra[@]+"${extra[@]}"})
     if [[ $dry_run -eq 1 ]]; then
       printf '+'; printf ' %q' "${command[@]}"; printf '\n'
       continue

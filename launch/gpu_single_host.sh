@@ -16,7 +16,7 @@ set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 OPTIONS="workdir config mode gpus"
-workdir="" config="configs/owt.py" mode="train" gpus=""
+workdir="" config="$repo/configs/owt.py" mode="train" gpus=""
 parse_args "$@"
 
 [[ -n "$workdir" ]] || fail "--workdir is required (see --help)"
@@ -26,4 +26,4 @@ parse_args "$@"
 env_vars=("${gpu_env[@]}")
 [[ -z "$gpus" ]] || env_vars+=("CUDA_VISIBLE_DEVICES=$gpus")
 run env "${env_vars[@]}" python -m flmjax.main "--config=$config" "--workdir=$workdir" \
-  "--mode=$mode" "${extra[@]}"
+  "--mode=$mode" ${extra[@]+"${extra[@]}"}

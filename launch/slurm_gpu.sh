@@ -16,7 +16,7 @@ set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 OPTIONS="nodes gpus_per_node workdir config mode partition time"
-nodes="" gpus_per_node=8 workdir="" config="configs/owt.py" mode="train" partition="" time=""
+nodes="" gpus_per_node=8 workdir="" config="$repo/configs/owt.py" mode="train" partition="" time=""
 parse_args "$@"
 
 [[ -n "$nodes" && -n "$workdir" ]] || fail "--nodes and --workdir are required (see --help)"
@@ -34,4 +34,4 @@ srun_args=(--nodes="$nodes" --ntasks-per-node="$gpus_per_node" --gpus-per-node="
 [[ -z "$time" ]] || srun_args+=(--time="$time")
 run srun "${srun_args[@]}" env "${gpu_env[@]}" python -m flmjax.main "--config=$config" \
   "--workdir=$workdir" "--mode=$mode" --config.distributed=True \
-  --config.data.dir=/tmp/flmjax-data "${extra[@]}"
+  --config.data.dir=/tmp/flmjax-data ${extra[@]+"${extra[@]}"}

@@ -17,7 +17,7 @@ set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 OPTIONS="name zone accelerator version workdir config mode"
-name="" zone="" accelerator="" version="" workdir="" config="configs/owt.py" mode="train"
+name="" zone="" accelerator="" version="" workdir="" config="$repo/configs/owt.py" mode="train"
 parse_args "$@"
 
 [[ -n "$name" && -n "$zone" && -n "$accelerator" && -n "$version" && -n "$workdir" ]] ||
@@ -29,7 +29,13 @@ parse_args "$@"
 [[ "$workdir" == gs://* ]] ||
   fail "--workdir=$workdir: the workers share no disk; use a Cloud Storage path gs://BUCKET/DIR"
 # The workers get this checkout's last commit (git archive HEAD), so the config must be
-# there, as it is here.
+# there, as it is here; they read it at its path in the repository.
+given="$config"
+config="$(CDPATH= cd -- "$(dirname -- "$config")" && pwd -P)/$(basename -- "$config")"
+root="$(CDPATH= cd -- "$repo" && pwd -P)"
+[[ "$config" == "$root/"* ]] ||
+  fail "--config=$given: not in this checkout ($repo), whose last commit the workers get"
+config="${config#"$root/"}"
 git -C "$repo" cat-file -e "HEAD:$config" 2>/dev/null ||
   fail "--config=$config: not in this checkout's last commit, which is what the workers get; give its path in the repository (e.g. configs/owt.py) and commit it"
 git -C "$repo" diff --quiet HEAD -- "$config" ||
@@ -42,7 +48,7 @@ tpu=(gcloud compute tpus tpu-vm)
 venv=flmjax-venv
 setup="PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user uv && python3 -m uv venv -q --python 3.11 --allow-existing $venv && python3 -m uv pip install -q --python $venv/bin/python -e 'flmjax[tpu,hf]'"
 main=("../$venv/bin/python" -m flmjax.main "--config=$config" "--workdir=$workdir" "--mode=$mode"
-      --config.distributed=True --config.data.dir=/tmp/flmjax-data "${extra[@]}")
+      --config.distributed=True --config.data.dir=/tmp/flmjax-data ${extra[@]+"${extra[@]}"})
 printf -v main_line ' %q' "${main[@]}"
 
 echo "# pack this checkout's last commit (before anything is created):"

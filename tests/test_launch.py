@@ -14,8 +14,8 @@ from flmjax.modes import MODES
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _launch(script, *args, env=None):
-  run = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT,
+def _launch(script, *args, env=None, cwd=ROOT):
+  run = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=cwd,
                        capture_output=True, text=True, check=False,
                        env=dict(os.environ, **(env or {})))
   commands = [shlex.split(line[2:]) for line in run.stdout.splitlines() if line.startswith("+ ")]
@@ -58,7 +58,12 @@ def test_tpu_pod_refuses_a_local_workdir_and_bad_types():
   with tempfile.NamedTemporaryFile(suffix=".py") as outside:
     run, _ = _launch("tpu_pod.sh", *base, "--accelerator=v5p-32", "--workdir=gs://b/x",
                      f"--config={outside.name}")
-  assert run.returncode == 2 and "not in this checkout's last commit" in run.stderr
+  assert run.returncode == 2 and f"not in this checkout ({ROOT})" in run.stderr
+  # run from elsewhere: the workers read the config at its path in the repository
+  run, commands = _launch("tpu_pod.sh", *base, "--accelerator=v5p-32", "--workdir=gs://b/x",
+                          "--config=../configs/tiny.py", cwd=ROOT / "launch")
+  assert run.returncode == 0, run.stderr
+  assert "--config=configs/tiny.py" in shlex.split(commands[-1][-1].removeprefix("--command="))
 
 
 def test_gpu_single_host_dry_run():
@@ -70,7 +75,7 @@ def test_gpu_single_host_dry_run():
   assert command == [
       "env", "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true --xla_dump_to=/tmp/dump",
       "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "CUDA_VISIBLE_DEVICES=0,1", "python", "-m",
-      "flmjax.main", "--config=configs/owt.py", "--workdir=/tmp/run", "--mode=distill",
+      "flmjax.main", f"--config={ROOT}/configs/owt.py", "--workdir=/tmp/run", "--mode=distill",
       "--config.teacher_checkpoint=/tmp/teacher"]
   run, _ = _launch("gpu_single_host.sh", "--workdir=/tmp/run", "--gpus=all", "--dry-run")
   assert run.returncode == 2 and "--gpus=all: GPU indices" in run.stderr
@@ -99,7 +104,7 @@ def test_slurm_dry_run_starts_one_process_per_gpu():
                          "--kill-on-bad-exit=1", "--partition=gpu", "--time=12:00:00"]
   assert command[7:10] == ["env", "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true",
                            "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"]
-  assert command[10:] == ["python", "-m", "flmjax.main", "--config=configs/owt.py",
+  assert command[10:] == ["python", "-m", "flmjax.main", f"--config={ROOT}/configs/owt.py",
                           "--workdir=/shared/owt", "--mode=train", "--config.distributed=True",
                           "--config.data.dir=/tmp/flmjax-data"]
   run, _ = _launch("slurm_gpu.sh", "--nodes=0", "--workdir=/shared/owt", "--dry-run")

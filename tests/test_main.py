@@ -58,6 +58,12 @@ def test_a_missing_config_file_is_one_line_and_help_exits_0(tmp_path):
                         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                        check=False)
   assert "--config=configs/nope.py: [Errno 2] No such file" in _error_line(run)
+  # from another working directory the configs still import each other (configs.*): the
+  # config loaded, and its field is checked
+  run = subprocess.run([sys.executable, "-m", "flmjax.main", f"--config={ROOT}/configs/tiny.py",
+                        f"--workdir={tmp_path}", "--config.nope=1"], cwd=tmp_path,
+                       capture_output=True, text=True, check=False)
+  assert "unknown config field 'nope'" in _error_line(run)
   run = subprocess.run([sys.executable, "-m", "flmjax.main", "--help"], cwd=ROOT,
                        capture_output=True, text=True, check=False)
   assert run.returncode == 0 and "--mode" in run.stdout

@@ -59,3 +59,8 @@ def test_scored_targets_are_non_eos_tokens_and_each_rows_first_eos():
   # EOS of a row that long lies outside and does not count.
   np.testing.assert_array_equal(metrics.scored_targets(ids[:1], 0, width=2),
                                 [[True, False, False, False]])
+  # A continuation from position 3 after a prompt holding a document's end: its own first
+  # EOS counts, the prompt's does not (the continuation's targets are the caller's to pick).
+  prompted = np.array([[5, 0, 6, 7, 0, 0], [5, 6, 7, 8, 9, 0]])
+  np.testing.assert_array_equal(metrics.scored_targets(prompted, 0, start=[3, 3]), [
+      [False, True, True, True, False], [True, True, True, True, True]])

@@ -128,6 +128,7 @@ def _compiled(name: str, batch: int, attention: str, compile_fn) -> tuple[dict, 
   """({computation, batch, attention}, the compiled computation), or (the same with the
   compiler's out-of-memory message, None) when it cannot fit the chip."""
   entry = {"computation": name, "batch": batch, "attention": attention}
+  outputs.say(f"compiling the {name} (batch {batch}, attention {attention})")  # minutes at scale
   try:
     return entry, compile_fn()
   except jax.errors.JaxRuntimeError as e:

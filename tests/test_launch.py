@@ -59,6 +59,10 @@ def test_tpu_pod_refuses_a_local_workdir_and_bad_types():
     run, _ = _launch("tpu_pod.sh", *base, "--accelerator=v5p-32", "--workdir=gs://b/x",
                      f"--config={outside.name}")
   assert run.returncode == 2 and f"not in this checkout ({ROOT})" in run.stderr
+  with tempfile.NamedTemporaryFile(suffix=".py", dir=ROOT / "configs") as uncommitted:
+    run, _ = _launch("tpu_pod.sh", *base, "--accelerator=v5p-32", "--workdir=gs://b/x",
+                     f"--config={uncommitted.name}")
+  assert run.returncode == 2 and "not in this checkout's last commit" in run.stderr
   # run from elsewhere: the workers read the config at its path in the repository
   run, commands = _launch("tpu_pod.sh", *base, "--accelerator=v5p-32", "--workdir=gs://b/x",
                           "--config=../configs/tiny.py", cwd=ROOT / "launch")

@@ -104,7 +104,10 @@ def sedd_token_loss(logits, xt, x0, t, mask_id: int) -> jax.Array:
   log_score = sedd_log_score(logits, sigma_t, logits.shape[-1])
   real = log_score.at[..., mask_id].set(-jnp.inf)
   positive = jnp.exp(jax.nn.logsumexp(real, axis=-1))  # sum over v != m of s_v
-  log_s_x0 = jnp.take_along_axis(log_score, x0[..., None], -1)[..., 0]
+  # At a masked position x_t = m, whose score entry is set to 1: text whose clean token is
+  # the mask id (GPT-2 text spelling [PAD], BERT text spelling [MASK]) scores log 1 = 0.
+  log_s_x0 = jnp.where(x0 == mask_id, 0.0,
+                       jnp.take_along_axis(log_score, x0[..., None], -1)[..., 0])
   q = (1 / jnp.expm1(sigma_t))[:, None]
   dsigma = ((1 - EPS) / alpha(t))[:, None]  # sigma'(t) = -alpha'_t / alpha_t
   entropy = positive - q * log_s_x0 + q * (jnp.log(q) - 1)

@@ -98,6 +98,23 @@ def test_perfect_denoiser_of_known_tokens_has_zero_loss():
   np.testing.assert_allclose(absorbing.sedd_token_loss(score, xt, x0, t, M), 0, atol=1e-4)
 
 
+def test_sedd_scores_a_clean_mask_id_with_the_reset_entry_at_x_t():
+  """Text can encode to the mask id ([MASK] in BERT text): at a masked position the score
+  entry at x_t = m is set to 1, so the term -q log s_x0 vanishes; the rest of the
+  expression, written out here in float64, is unchanged."""
+  logits = jax.random.normal(jax.random.key(0), (1, 2, V))
+  x0, xt, t = jnp.array([[M, 2]]), jnp.array([[M, M]]), 0.5
+  got = absorbing.sedd_token_loss(logits, xt, x0, jnp.array([t]), M)
+  f = np.asarray(logits[0], np.float64)
+  a = 1 - (1 - absorbing.EPS) * t
+  sigma = -np.log(a)
+  log_s = f - np.log(np.expm1(sigma)) - np.log(V - 1)
+  q, dsigma = 1 / np.expm1(sigma), (1 - absorbing.EPS) / a
+  positive = np.exp(np.delete(log_s, M, axis=-1)).sum(-1)
+  want = dsigma * (positive - q * np.array([0.0, log_s[1, 2]]) + q * (np.log(q) - 1))
+  np.testing.assert_allclose(got[0], want, rtol=1e-5)
+
+
 def test_sedd_loss_is_minimised_by_the_true_score_ratio():
   """For a masked position whose clean token is distributed as p, the expected denoising
   score entropy is stationary at s_v = p_t(v) / p_t(m) = alpha p(v) / (1 - alpha), the

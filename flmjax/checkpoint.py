@@ -211,10 +211,13 @@ class Checkpoints:
     _drop_abandoned_reads(str(absolute(self.directory)))
     try:
       record = self.record(step)
+      saved = ocp.StandardCheckpointHandler().metadata(
+          absolute(self.directory / str(step) / "state")).tree
     except Exception as e:  # pylint: disable=broad-except  # TensorStore, Orbax, OS, JSON
       reason = _why(e)
     else:
       check(record)
+      _check_same_state(saved, abstract_state, self.directory / str(step))
       try:
         state = self.restore(step, abstract_state, iterator)
       except Exception as e:  # pylint: disable=broad-except
@@ -240,6 +243,20 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _check_same_state(saved, abstract_state, where: epath.Path) -> None:
+  """Refuses a checkpoint whose train state (its metadata tree `saved`) holds other arrays
+  than this run's: restoring it would fail, and the checkpoint is not unreadable (a
+  DCD student's state holds its teacher; a --mode=train run's does not)."""
+  paths = [set(ocp.tree.to_flat_dict(tree)) for tree in (saved, abstract_state)]
+  if paths[0] != paths[1]:
+    only = ["/".join(min(a - b)) if a - b else "none" for a, b in
+            ((paths[0], paths[1]), (paths[1], paths[0]))]
+    raise UsageError(f"checkpoint {where} holds a train state with other arrays than this "
+                     f"run's ({len(paths[0] - paths[1])} only there, e.g. {only[0]}; "
+                     f"{len(paths[1] - paths[0])} only in this run, e.g. {only[1]}): "
+                     "resume it with its own --mode and config, or use a new --workdir.")
 
 
 ABANDONED_READ = "_read_array_index_and_device_put"  # Orbax's coroutine reading one array

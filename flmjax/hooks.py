@@ -3,7 +3,8 @@
 After every step the loop hands each hook a `StepEnd`. `Progress` logs the window's
 averages, `Validation` the validation losses of the EMA weights, `Samples` writes decoded
 samples, and `Checkpointing` saves by its policy; `FiniteGuard` stops the run at the first
-non-finite loss and `StopRequest` turns SIGTERM into a step at which every process stops.
+non-finite loss and `StopRequest` turns SIGTERM (and Ctrl-C) into a step at which every
+process stops.
 """
 
 import dataclasses
@@ -187,29 +188,40 @@ _SYNC_POINTS = itertools.count(1)
 
 
 class StopRequest:
-  """Turns SIGTERM into a stop after the current step. In one process its own handler
-  catches the signal; with several (jax.distributed), JAX's preemption service does, in
+  """Turns SIGTERM, and in one process Ctrl-C (SIGINT), into a stop after the current step;
+  a second Ctrl-C stops at once (KeyboardInterrupt). In one process its own handlers catch
+  the signals; with several (jax.distributed), JAX's preemption service catches SIGTERM, in
   whichever process it reaches, and every process stops after the same step, the first
   that all of them reach after it (asked at every step, without a device sync). Without
   that service (jax_enable_preemption_service off), SIGTERM ends the processes as it ends
-  any program, and the last checkpoint stays."""
+  any program, and the last checkpoint stays; Ctrl-C there stops each process at once."""
 
   def __init__(self):
-    self.requested, self.several = False, jax.process_count() > 1
+    self.requested: int | None = None  # the signal that asked for the stop
+    self.several = jax.process_count() > 1
     self.service = self.several and jax.config.jax_enable_preemption_service
     if not self.several:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle)
+                        for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = self.requested or signum
+
+  @property
+  def interrupted(self) -> bool:
+    """Whether Ctrl-C, rather than SIGTERM, asked for the stop."""
+    return self.requested == signal.SIGINT
 
   def agreed(self) -> bool:
     """Whether to stop after the step just taken."""
     if self.service:
       return multihost_utils.reached_preemption_sync_point(next(_SYNC_POINTS))
-    return self.requested
+    return self.requested is not None
 
   def restore(self) -> None:
     if not self.several:
-      signal.signal(signal.SIGTERM, self._previous)
+      for signum, previous in self._previous.items():
+        signal.signal(signum, previous)

@@ -118,10 +118,9 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
       end = hooks.StepEnd(step, state, metrics, last, stop.agreed())
       for hook in after:
         hook.after_step(end)
-      if end.stopping:
-        outputs.say(f"SIGTERM: saved step {step} to {path / 'checkpoints'}; stopping")
-        raise Stopped(step)
-  except KeyboardInterrupt:
+      if end.stopping and not last:
+        break
+  except KeyboardInterrupt:  # a second Ctrl-C, or one with several processes
     # Several processes may each be at another step; only SIGTERM makes them agree.
     if jax.process_count() > 1:
       outputs.say(f"interrupted; {guard.kept(path / 'checkpoints')}")
@@ -139,6 +138,12 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   finally:
     stop.restore()
     checkpoints.close()
+  if step < cfg.steps:  # stopped on request after saving the step
+    if stop.interrupted:
+      outputs.say(f"interrupted: saved step {step} to {path / 'checkpoints'}")
+      raise KeyboardInterrupt
+    outputs.say(f"SIGTERM: saved step {step} to {path / 'checkpoints'}; stopping")
+    raise Stopped(step)
   return Result(layout, state, record)
 
 

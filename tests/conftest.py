@@ -42,6 +42,13 @@ from configs import tiny  # pylint: disable=wrong-import-position
 from flmjax.models import dit  # pylint: disable=wrong-import-position
 
 
+def pytest_collection_modifyitems(items):
+  """Runs the longest tests first (those marked `learning`, then the other `slow` ones),
+  so that with -n the workers do not end with one of them running alone."""
+  items.sort(key=lambda item: (item.get_closest_marker("learning") is None,
+                               item.get_closest_marker("slow") is None))
+
+
 @pytest.fixture(autouse=True)
 def optimised(request):
   """Compiles with XLA's optimisations within tests marked `learning`. The flag is not part

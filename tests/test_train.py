@@ -73,6 +73,48 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, prepared, monkeypatch, cap
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_after_the_step_and_a_second_one_at_once(tmp_path, prepared,
+                                                              monkeypatch, capsys):
+  """Ctrl-C (SIGINT) saves the step it arrives in, whose state the step donated; a second
+  Ctrl-C interrupts at once, and the data go back to the saved state's step. SIGTERM during
+  the last step ends a finished run as finished."""
+  config = train_config(steps=4, checkpoint_every=0, keep_checkpoints=5)
+  config.data.dir = str(prepared.path.parent)
+  to_global = pipeline.to_global
+
+  def run(signals, at):  # sent as the run places its `at`-th batch
+    placed = []
+
+    def signalled(*args):
+      placed.append(1)
+      if len(placed) == at:
+        for signum in signals:
+          os.kill(os.getpid(), signum)
+      return to_global(*args)
+    with monkeypatch.context() as patch:
+      patch.setattr(pipeline, "to_global", signalled)
+      return train.train(config, str(tmp_path))
+
+  def saved():
+    return checkpoint.Checkpoints(tmp_path / "checkpoints").manager.all_steps()
+
+  def position(step):
+    return json.loads((tmp_path / f"checkpoints/{step}/data/process_0-of-1.json").read_text())
+
+  with pytest.raises(KeyboardInterrupt):
+    run([signal.SIGINT], at=2)  # in step 2
+  assert "interrupted: saved step 2 to" in capsys.readouterr().out
+  assert saved() == [2] and position(2) == {"next_index": 2}
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  with pytest.raises(KeyboardInterrupt):
+    run([signal.SIGINT, signal.SIGINT], at=2)  # before step 4, the resumed run's second
+  assert "interrupted: saved step 3 to" in capsys.readouterr().out
+  assert saved() == [2, 3] and position(3) == {"next_index": 3}
+  state = run([signal.SIGTERM], at=1)  # in step 4, the last
+  assert int(state["step"]) == 4 and saved() == [2, 3, 4]
+
+
+@pytest.mark.slow
 def test_a_validation_split_under_one_batch_is_said(tmp_path, capsys, prepared):
   """The suite's data hold 64 validation examples: batches of 128 give no validation,
   which the run says at its start rather than logging nothing."""

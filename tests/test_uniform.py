@@ -632,6 +632,13 @@ def test_dcd_distils_a_duo_run_with_a_teacher_refreshed_every_round(tmp_path, pr
   assert any("valid_loss" in r for r in rows)
   record = checkpoint.read_record(tmp_path / "dcd" / "export")
   assert record["kind"] == "duo" and record["teacher"] == str(tmp_path / "duo")
+  # --mode=train in the DCD run's workdir: its state (with a teacher) is refused, not moved
+  # aside as unreadable.
+  with pytest.raises(UsageError, match=r"checkpoints/6 holds a train state with other "
+                     r"arrays than this run's \(\d+ only there, e.g. teacher/.*0 only in"):
+    train.train(teacher, str(tmp_path / "dcd"))
+  assert checkpoint.latest_step(tmp_path / "dcd") == 6
+  assert not (tmp_path / "dcd" / checkpoint.UNREADABLE).exists()
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -108,6 +108,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (data, checkpoint
 _MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run: " + "; ".join(
     f"{name}: {what}" for name, what in MODES.items()) + ".")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("workdir", lambda value: value != "",
+                         "--workdir is empty (an unset shell variable?): give the run's folder")
 
 
 def main(argv):

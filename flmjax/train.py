@@ -147,18 +147,33 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   return Result(layout, state, record)
 
 
+def _data_settings(config) -> dict:
+  """The settings of a config (or a run record's) that make other prepared data, by name."""
+  data, tokenizer = config["data"], config["tokenizer"]
+  names = ["data.seq_len", "data.corpus", "data.max_documents", "tokenizer.kind"]
+  if data["corpus"] in ("embedded", "dir"):
+    names.append("data.valid_fraction")
+  if data["corpus"] == "dir":
+    names.append("data.text_field")
+  if tokenizer["kind"] == "sentencepiece" and not tokenizer["path"]:  # trained here
+    names.append("tokenizer.vocab_size")
+  sections = [name.split(".") for name in names]
+  return {f"{section}.{field}": config[section][field] for section, field in sections
+          if field in config[section]}  # (older run records lack some)
+
+
 def _check_same_data(config: ml_collections.ConfigDict, folder: epath.Path) -> None:
   """Refuses, before anything is prepared, to resume the run in `folder` with another L,
-  corpus or tokenizer kind, each of which makes other prepared data (hours of tokenizing
-  for OpenWebText); checkpoint.check_same_data_order checks the prepared data themselves
-  once they are there."""
+  corpus, corpus split, tokenizer kind or trained vocabulary size, each of which makes other
+  prepared data (hours of tokenizing for OpenWebText); checkpoint.check_same_data_order
+  checks the prepared data themselves once they are there (a moved corpus or tokenizer
+  file may give the same)."""
   saved = checkpoint.Checkpoints(folder).newest_record() if folder.exists() else None
   if saved is None:
     return
-  diffs = [f"{section}.{field} {saved['config'][section][field]!r} != "
-           f"{config[section][field]!r}"
-           for section, field in (("data", "seq_len"), ("data", "corpus"), ("tokenizer", "kind"))
-           if saved["config"][section][field] != config[section][field]]
+  before, now = _data_settings(saved["config"]), _data_settings(config)
+  diffs = [f"{name} {before[name]!r} != {now[name]!r}" for name in now
+           if name in before and before[name] != now[name]]
   if diffs:
     raise UsageError(f"{folder} holds a run with other data ({'; '.join(diffs)}; saved != "
                      "now); use the run's data settings, or a new --workdir.")

@@ -47,6 +47,7 @@ def test_prepare_writes_the_shards_and_their_statistics(tmp_path):
                  "multi-process cluster", marks=pytest.mark.slow),
     pytest.param(["--config.train.stpes=3"], "unknown config field 'train.stpes' (did you "
                  "mean 'train.steps'?)", marks=pytest.mark.slow),
+    pytest.param(["--workdir="], "--workdir is empty", marks=pytest.mark.slow),
 ])
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, args, message):
   assert message in _error_line(_main(tmp_path, "--mode=prepare", *SMALL, *args))

@@ -232,6 +232,11 @@ def test_data_directory_must_be_local_and_a_directory(tmp_path):
   config.data.dir = ""  # WORKDIR/data, the workdir a file
   with pytest.raises(UsageError, match=r"a_file/data is inside \S+a_file, which is a file"):
     pipeline.prepare(config, str(tmp_path / "a_file"))
+  config.data.dir = "/proc/flmjax-data"  # a folder no one can make, even as root
+  with pytest.raises(UsageError, match=r"not prepared in /proc/flmjax-data, and they cannot be "
+                     r"written there \(No such file or directory: /proc/flmjax-data\); set "
+                     "data.dir to a folder you can write"):
+    pipeline.prepare(config, str(tmp_path))
 
 
 def test_processes_sharing_a_directory_prepare_it_once(tmp_path, monkeypatch):

@@ -333,7 +333,11 @@ def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
   with pytest.raises(UsageError, match="model.width 32 != 48"):
     train.train(config, str(tmp_path))
   # Same V, other ids: the SentencePiece model of another corpus (fewer documents).
-  config.model.width, config.data.max_documents = 32, 300
+  other = train_config()
+  other.data.max_documents = 300
+  config.model.width = 32
+  pipeline.prepare(other, str(tmp_path / "other"))
+  (config.tokenizer.path,) = map(str, (tmp_path / "other/data/tokenizer").glob("*.model"))
   with pytest.raises(UsageError, match="another kind, vocabulary, tokenizer .*tokenizer "):
     train.train(config, str(tmp_path))
   # The same model on another data order: the saved position would index it.
@@ -341,18 +345,23 @@ def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
   config.batch_size, config.seed = 16, 5
   with pytest.raises(UsageError, match="another data order [(]batch_size 8 != 16; seed 1 != 5;"):
     train.train(config, str(tmp_path))
-  config = train_config(steps=4)
-  config.data.seq_len = 16  # refused before other data are prepared
+  # Refused before other data are prepared (or another tokenizer trained).
   prepared = sorted((tmp_path / "data").glob("prepared-*"))
-  with pytest.raises(UsageError, match="holds a run with other data [(]data.seq_len 32 != 16;"):
-    train.train(config, str(tmp_path))
+  for field, value, message in (
+      ("seq_len", 16, "data.seq_len 32 != 16"), ("max_documents", 300,
+      "data.max_documents 400 != 300"), ("valid_fraction", 0.5, "data.valid_fraction 0.02 != 0.5"),
+      ("vocab_size", 600, "tokenizer.vocab_size 512 != 600")):
+    config = train_config(steps=4)
+    config[{"vocab_size": "tokenizer"}.get(field, "data")][field] = value
+    with pytest.raises(UsageError, match=rf"holds a run with other data \({message}; saved"):
+      train.train(config, str(tmp_path))
   assert sorted((tmp_path / "data").glob("prepared-*")) == prepared
-  # Other prepared data (fewer documents) with the same tokenizer file and model
-  config = train_config(steps=4)
-  config.data.max_documents = 300
-  config.tokenizer.path = str(tokenizer_file)
+  assert sorted(p.name for p in (tmp_path / "data" / "tokenizer").iterdir()) == [
+      tokenizer_file.name]
+  # Other prepared data (a corpus changed where it is), found once they are prepared
+  saved = checkpoint.Checkpoints(tmp_path / "checkpoints").newest_record()
   with pytest.raises(UsageError, match="another data order [(]prepared data prepared-"):
-    train.train(config, str(tmp_path))
+    checkpoint.check_same_data_order(saved, dict(saved, data="prepared-0"), "here")
   assert not (tmp_path / "unreadable_checkpoints").exists()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 

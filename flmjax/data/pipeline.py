@@ -170,7 +170,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   root = data_dir(config, workdir)
   corpus = load_corpus(config.data)
   with _exclusive(root):
-    prepared = _prepare(config, root, corpus)
+    try:
+      prepared = _prepare(config, root, corpus)
+    except OSError as e:
+      if not str(e.filename or "").startswith(str(root)):
+        raise
+      raise UsageError(f"the data for this config are not prepared in {root}, and they cannot "
+                       f"be written there ({e.strerror}: {e.filename}); set data.dir to a "
+                       "folder you can write, or prepare them there first.") from None
   _check_same_on_every_process(prepared)
   return prepared
 

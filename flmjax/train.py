@@ -155,7 +155,7 @@ def _data_settings(config) -> dict:
     names.append("data.valid_fraction")
   if data["corpus"] == "dir":
     names.append("data.text_field")
-  if tokenizer["kind"] == "sentencepiece" and not tokenizer["path"]:  # trained here
+  if tokenizer["kind"] == "sentencepiece" and not tokenizer.get("path"):  # trained here
     names.append("tokenizer.vocab_size")
   sections = [name.split(".") for name in names]
   return {f"{section}.{field}": config[section][field] for section, field in sections

@@ -189,7 +189,7 @@ _SYNC_POINTS = itertools.count(1)
 
 class StopRequest:
   """Turns SIGTERM, and in one process Ctrl-C (SIGINT), into a stop after the current step;
-  a second Ctrl-C stops at once (KeyboardInterrupt). In one process its own handlers catch
+  a Ctrl-C after either stops at once (KeyboardInterrupt). In one process its own handlers catch
   the signals; with several (jax.distributed), JAX's preemption service catches SIGTERM, in
   whichever process it reaches, and every process stops after the same step, the first
   that all of them reach after it (asked at every step, without a device sync). Without
@@ -206,9 +206,9 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    if signum == signal.SIGINT and self.requested == signal.SIGINT:
+    if signum == signal.SIGINT and self.requested is not None:
       raise KeyboardInterrupt
-    self.requested = self.requested or signum
+    self.requested = signum  # a SIGTERM after a Ctrl-C: the run is unfinished (143)
 
   @property
   def interrupted(self) -> bool:

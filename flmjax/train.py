@@ -105,7 +105,7 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   after = [progress, hooks.Validation(validation, log, cfg.eval_every),
            hooks.Samples(path / "samples", task.samplers, layout.graphdef,
                          prepared.tokenizer, config.seed, cfg.sample_every), saving]
-  stop = hooks.StopRequest()
+  stop, stopped = hooks.StopRequest(), False
   batch_sharding = sharding.batch_sharding(layout.mesh)
   try:
     while step < cfg.steps:
@@ -118,7 +118,8 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
       end = hooks.StepEnd(step, state, metrics, last, stop.agreed())
       for hook in after:
         hook.after_step(end)
-      if end.stopping and not last:
+      if end.stopping:  # also in the last step: a pipeline's next stage does not start
+        stopped = True
         break
   except KeyboardInterrupt:  # a second Ctrl-C, or one with several processes
     # Several processes may each be at another step; only SIGTERM makes them agree.
@@ -130,7 +131,8 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
       # counted), the state still says which step it holds: the data go back to it.
       step = int(state["step"])
       batches.set_state({"next_index": step})
-      saving.save(step, state)
+      if step not in checkpoints.manager.all_steps():  # (a stop's save, interrupted)
+        saving.save(step, state)
       outputs.say(f"interrupted: saved step {step} to {path / 'checkpoints'}")
     except RuntimeError:  # interrupted mid-step: the donated state is gone
       outputs.say(f"interrupted mid-step; {guard.kept(path / 'checkpoints')}")
@@ -138,7 +140,7 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
   finally:
     stop.restore()
     checkpoints.close()
-  if step < cfg.steps:  # stopped on request after saving the step
+  if stopped or stop.requested is not None:  # on request (also during the last hooks), saved
     if stop.interrupted:
       outputs.say(f"interrupted: saved step {step} to {path / 'checkpoints'}")
       raise KeyboardInterrupt

@@ -233,9 +233,8 @@ def test_data_directory_must_be_local_and_a_directory(tmp_path):
   with pytest.raises(UsageError, match=r"a_file/data is inside \S+a_file, which is a file"):
     pipeline.prepare(config, str(tmp_path / "a_file"))
   config.data.dir = "/proc/flmjax-data"  # a folder no one can make, even as root
-  with pytest.raises(UsageError, match=r"not prepared in /proc/flmjax-data, and they cannot be "
-                     r"written there \(No such file or directory: /proc/flmjax-data\); set "
-                     "data.dir to a folder you can write"):
+  with pytest.raises(UsageError, match=r"data.dir /proc/flmjax-data: No such file or directory: "
+                     "/proc/flmjax-data; it must be readable, and writable until"):
     pipeline.prepare(config, str(tmp_path))
 
 

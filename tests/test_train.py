@@ -18,9 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import train_config
-from flmjax import checkpoint, evaluate, objectives, outputs, train
+from flmjax import checkpoint, evaluate, hooks, objectives, outputs, train
 from flmjax.data import pipeline
-from flmjax.errors import UsageError
+from flmjax.errors import Stopped, UsageError
 from flmjax.models import dit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_ctrl_c_stops_after_the_step_and_a_second_one_at_once(tmp_path, prepared
                                                               monkeypatch, capsys):
   """Ctrl-C (SIGINT) saves the step it arrives in, whose state the step donated; a second
   Ctrl-C interrupts at once, and the data go back to the saved state's step. SIGTERM during
-  the last step ends a finished run as finished."""
+  the last step saves it and stops: a pipeline's next stage does not start."""
   config = train_config(steps=4, checkpoint_every=0, keep_checkpoints=5)
   config.data.dir = str(prepared.path.parent)
   to_global = pipeline.to_global
@@ -110,8 +110,24 @@ def test_ctrl_c_stops_after_the_step_and_a_second_one_at_once(tmp_path, prepared
     run([signal.SIGINT, signal.SIGINT], at=2)  # before step 4, the resumed run's second
   assert "interrupted: saved step 3 to" in capsys.readouterr().out
   assert saved() == [2, 3] and position(3) == {"next_index": 3}
-  state = run([signal.SIGTERM], at=1)  # in step 4, the last
-  assert int(state["step"]) == 4 and saved() == [2, 3, 4]
+  with pytest.raises(Stopped):  # in step 4, the last: saved, and a pipeline stops there
+    run([signal.SIGTERM], at=1)
+  assert saved() == [2, 3, 4]
+
+
+def test_a_ctrl_c_after_any_stop_request_stops_at_once_and_sigterm_says_unfinished():
+  stop = hooks.StopRequest()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+    stop.requested = None
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's notice after Ctrl-C: exit 143
+    assert stop.agreed() and not stop.interrupted
+  finally:
+    stop.restore()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.slow

@@ -175,9 +175,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
     except OSError as e:
       if not str(e.filename or "").startswith(str(root)):
         raise
-      raise UsageError(f"the data for this config are not prepared in {root}, and they cannot "
-                       f"be written there ({e.strerror}: {e.filename}); set data.dir to a "
-                       "folder you can write, or prepare them there first.") from None
+      raise UsageError(f"data.dir {root}: {e.strerror}: {e.filename}; it must be readable, "
+                       "and writable until the data for this config are prepared there.") from None
   _check_same_on_every_process(prepared)
   return prepared
 

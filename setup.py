@@ -21,6 +21,8 @@ setuptools.setup(
         "numpy>=2.0",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
+        # SentencePiece's model format (sentencepiece_model_pb2 checks the version it needs)
+        "protobuf",
         "safetensors>=0.4,<1",
         "scipy>=1.13",
         "sentencepiece>=0.2,<0.3",

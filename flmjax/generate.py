@@ -12,7 +12,10 @@ they lived happily ever after." writes what leads to an ending, "The {{3}} sat o
 
 Each prompt's text segments are encoded separately, with the model's own tokenizer,
 without their trailing spaces: a written token brings its own ("The history of {{}}" is
-"The history of" and a word that starts with a space, as GPT-2's BPE writes it).
+"The history of" and a word that starts with a space, as GPT-2's BPE writes it). A segment
+right after a placeholder that does not start with a space continues the word written
+there ("un{{2}}able", "The history of {{}}."): SentencePiece encodes it without the space
+that it gives a text's first word (Tokenizer.encode_glued).
 Sampling is the model's: Euler steps for an FLM, the flow map for an FMLM student (one
 step by default), each evaluation reading the given positions as their tokens, with
 classifier-free guidance `sample.guidance` for a model trained with `train.condition`
@@ -25,7 +28,7 @@ steps): any number of prompts runs in batches of `batch_size`, the last one padd
 The result of each prompt is {prompt, text, steps, seconds}: `text` is the decoded
 sequence, given and written tokens together, without BOS and EOS, a continuation cut at
 its first EOS; `seconds` is its batch's sampling time over the batch size (the sampler is
-compiled when the Generator is made).
+compiled at the first call, once the prompts are laid out, and not counted).
 """
 
 import dataclasses
@@ -81,10 +84,11 @@ def layout(prompt: str | Sequence[int], tokenizer, seq_len: int) -> Layout:
   """The Layout of one prompt (see the module docstring); a prompt that does not fit L
   positions with at least one to write is a UsageError naming it."""
   if isinstance(prompt, str):
-    parts = _parts(prompt)
-    texts = [p for p in parts if isinstance(p, str)]
-    encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
-    parts = [next(encoded) if isinstance(p, str) else p for p in parts]
+    # texts and gaps alternate: a text after the first follows a gap, and continues the
+    # word written there unless it starts with a space
+    parts = [p if not isinstance(p, str) else (
+        tokenizer.encode_glued if i and not p[0].isspace() else tokenizer.encode_batch)([p])[0]
+             for i, p in enumerate(_parts(prompt))]
   else:
     parts = [[int(i) for i in prompt]]
     wrong = [i for i in parts[0] if not 0 <= i < tokenizer.vocab_size]
@@ -148,14 +152,17 @@ class Generator:
     self.seq_len = self.record["config"]["data"]["seq_len"]
     _, self._sample = evaluate.sampler_for(config, self.record, self.tokenizer, self.steps,
                                            batch_size)
-    blank = np.zeros((batch_size, self.seq_len), bool)  # compiles the sampler, once
-    jax.block_until_ready(self._sample(self.graphdef, self.params, jax.random.key(0),
-                                       Condition(jnp.asarray(blank), jnp.zeros(blank.shape,
-                                                                               jnp.int32))))
+    self._compiled = False
 
   def generate(self, prompts: Sequence[str | Sequence[int]], seed: int = 0) -> list[dict]:
     """{prompt, text, steps, seconds} for each prompt (see the module docstring)."""
     layouts = [layout(p, self.tokenizer, self.seq_len) for p in prompts]
+    if not self._compiled:  # once, and only for prompts that fit
+      blank = np.zeros((self.batch_size, self.seq_len), bool)
+      jax.block_until_ready(self._sample(self.graphdef, self.params, jax.random.key(0),
+                                         Condition(jnp.asarray(blank),
+                                                   jnp.zeros(blank.shape, jnp.int32))))
+      self._compiled = True
     results = []
     for start in range(0, len(layouts), self.batch_size):
       batch = layouts[start:start + self.batch_size]
@@ -194,7 +201,7 @@ def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
   UTF-8, a BOM skipped; lines end at \n or \r\n only), empty lines skipped; each
   template's placeholders checked."""
   prompt, source = config.generate.prompt, config.generate.prompts_file
-  if bool(prompt) == bool(source):
+  if bool(prompt.strip()) == bool(source):  # a blank prompt is none
     raise UsageError("--mode=generate needs one of --config.generate.prompt=TEXT or "
                      "--config.generate.prompts_file=FILE (one prompt per line; - reads "
                      "standard input)" + (", not both." if prompt else "."))

@@ -50,6 +50,17 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
   assert corpus.stats.undecodable_bytes == 1
 
 
+def test_a_byte_order_mark_starting_a_file_is_dropped(tmp_path):
+  """Editors on Windows save UTF-8 with a BOM (EF BB BF) in front: not part of the text."""
+  bom = "\ufeff".encode()
+  (tmp_path / "a.txt").write_bytes(bom + "Straße".encode())
+  (tmp_path / "b.jsonl").write_bytes(bom + b'{"text": "one"}\n{"text": "two"}\n')
+  corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),
+                                            valid_fraction=0.0).data)
+  assert list(corpus.documents("train")) == ["Straße", "one", "two"]
+  assert corpus.stats.undecodable_bytes == 0
+
+
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
   (tmp_path / "a.txt").write_bytes(b"caf\xe9 and na\xefve \xff text")
   corpus = corpora.load_corpus(small_config(corpus="dir", path=str(tmp_path),

@@ -12,7 +12,7 @@ from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 
 
-class Chars:
+class Chars(tokenizers.Tokenizer):
   """Characters as ids (their code points, ASCII), BOS 1, EOS 2, pad 0."""
   bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 128
 
@@ -52,6 +52,27 @@ def test_a_written_word_after_a_gpt2_segment_brings_its_own_space():
   given = [int(t) for g, t in zip(item.given, item.tokens) if g]
   assert given == [gpt2.bos_id] + gpt2.encode_batch(["The history of"])[0] + [gpt2.eos_id]
   assert gpt2.decode(given[1:-1] + gpt2.encode_batch([" war"])[0]) == "The history of war"
+
+
+def test_sentencepiece_text_right_after_a_gap_continues_the_written_word(prepared):
+  """SentencePiece starts each text it encodes as a word ("▁", a space when decoded): the
+  text after a placeholder follows what was written there as typed, glued to it or after a
+  space."""
+  sp = prepared.tokenizer
+
+  def filled(prompt, words):
+    """The text of `prompt` with its placeholders written as `words` (each encoded as a
+    text of its own: a word's start) and EOS after them."""
+    written = [i for word in words for i in sp.encode_batch([word])[0]]
+    prompt = prompt.format(*(f"{{{{{len(sp.encode_batch([w])[0])}}}}}" for w in words))
+    item = generate.layout(prompt, sp, 32)
+    ids, fill = item.tokens.copy(), iter(written)
+    ids[~item.given] = [next(fill, sp.eos_id) for _ in range(int((~item.given).sum()))]
+    return generate.text_of(ids, item, sp)
+  assert filled("The history of {}.", [" war"]) == "The history of war."
+  assert filled("{}able to go", ["un"]) == "unable to go"
+  assert filled("a {} b", [" war"]) == "a war b"
+  assert filled("{} and{}", ["Salt", " pepper"]) == "Salt and pepper"
 
 
 def test_a_result_is_cut_at_the_first_eos_written_after_a_continuation_template():
@@ -107,8 +128,9 @@ def test_prompts_come_from_the_config_a_file_or_standard_input(tmp_path, monkeyp
   (tmp_path / "p.txt").write_bytes("\ufeffone\u2028two\r\nthree\x0cfour\n".encode())
   assert _read_prompts(prompts_file=str(tmp_path / "p.txt")) == ["one\u2028two",
                                                                 "three\x0cfour"]
-  with pytest.raises(UsageError, match="needs one of --config.generate.prompt=TEXT .*\\.$"):
-    _read_prompts()
+  for blank in ("", " \t"):  # a blank prompt is none, as a blank line of a file is
+    with pytest.raises(UsageError, match="needs one of --config.generate.prompt=TEXT .*\\.$"):
+      _read_prompts(prompt=blank)
   with pytest.raises(UsageError, match="standard input\\), not both"):
     _read_prompts(prompt="a", prompts_file=str(tmp_path / "p.txt"))
   for source in ("-", str(tmp_path / "latin1.txt")):
@@ -160,7 +182,16 @@ def test_generate_mode_writes_one_line_per_prompt_in_order(tmp_path, capsys, mon
   assert lines == results and capsys.readouterr().out.count("\n") == 5
   assert [r["prompt"] for r in results] == prompts
   assert all(r["steps"] == 2 and r["seconds"] > 0 for r in results)
+  calls, sampler_for = [], evaluate.sampler_for
+
+  def counted(*args):
+    name, sample = sampler_for(*args)
+    return name, lambda *a: calls.append(1) or sample(*a)
+  monkeypatch.setattr(evaluate, "sampler_for", counted)
   generator = generate.Generator(config.checkpoint, config, batch_size=2)
+  with pytest.raises(UsageError, match="leaves none to write"):
+    generator.generate(["x " * 100])
+  assert not calls  # refused before the sampler was compiled (its first call)
   tokenizer = generator.tokenizer
 
   def round_trip(text):

@@ -5,6 +5,7 @@ order, and a fingerprint that changes whenever its documents may have changed (s
 built from it are rebuilt, never mixed).
 """
 
+import codecs
 import dataclasses
 import hashlib
 import importlib.util
@@ -41,7 +42,9 @@ class ReadStats:
     return sum(self.empty.values())
 
   def decode(self, raw: bytes, source: str) -> str:
-    """UTF-8 with each undecodable byte replaced by U+FFFD and counted for `source`."""
+    """UTF-8, a leading byte order mark dropped (a file's, or a .jsonl line's after files
+    were joined), each undecodable byte replaced by U+FFFD and counted for `source`."""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
       return raw.decode("utf-8")
     except UnicodeDecodeError:

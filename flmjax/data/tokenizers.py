@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 
 import ml_collections
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 import tokenizers
 
 from flmjax import outputs
@@ -47,6 +48,12 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without BOS/EOS."""
+
+  def encode_glued(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text as the rest of a word already begun: what follows a written
+    gap directly. BPE and WordPiece encode it as encode_batch does (GPT-2 writes a word's
+    space, when it has one, into its first token)."""
+    return self.encode_batch(texts)
 
   @abc.abstractmethod
   def decode(self, ids: Sequence[int]) -> str:
@@ -86,9 +93,17 @@ class SentencePieceTokenizer(Tokenizer):
       self.vocab_size += 1
     self.mask_id = self.pad_id
     self.fingerprint = _digest(b"sentencepiece", model)
+    # SentencePiece starts each text it encodes as a word (its dummy prefix, "▁"): a text
+    # glued to what comes before it is encoded by the same model without that prefix.
+    glued = sentencepiece_model_pb2.ModelProto.FromString(model)
+    glued.normalizer_spec.add_dummy_prefix = False
+    self._glued = spm.SentencePieceProcessor(model_proto=glued.SerializeToString())
 
   def encode_batch(self, texts):
     return self._sp.encode(list(texts))
+
+  def encode_glued(self, texts):
+    return self._glued.encode(list(texts))
 
   def decode(self, ids):
     return self._sp.decode([int(i) for i in ids if i < self._sp.vocab_size()])

@@ -169,6 +169,12 @@ def main(argv):
                        "and Euler sampler; leave family at flm.")
     validate(config, "train", jax.device_count)
     sample_steps = step_counts(",".join(_STEPS.value), "--sample_steps")
+    for noise in _NOISE.value if _PROFILE.value else ():  # before minutes of timing
+      try:
+        os.makedirs(os.path.join(_PROFILE.value, noise), exist_ok=True)
+      except OSError as error:
+        raise UsageError(f"--profile={_PROFILE.value}: {error.strerror}: {error.filename}; "
+                         "give a directory that can be written.") from None
   except UsageError as e:
     cli.fail("flmjax.bench", str(e))
   vocab_size = _VOCAB.value or config.tokenizer.vocab_size

@@ -5,7 +5,8 @@ the scope in each instruction's metadata (op_name), and the profiler's trace rec
 executed instruction (its `hlo_op` and `hlo_module`) with its duration. `shares` joins the
 two: the fraction of the computation's executed time in each part, "other" for the rest
 (the loss's reductions, the gradient's sums, copies). A fusion counts in the part of its
-root instruction, so work that XLA fuses across a boundary lands on one side of it.
+root instruction, so work that XLA fuses across a boundary lands on one side of it. A loop,
+call or conditional counts nothing itself: its event spans its body's, which count.
 """
 
 import collections
@@ -20,6 +21,7 @@ OTHER = "other"
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", re.M)
 _MODULE = re.compile(r"^HloModule ([\w.\-]+)", re.M)
+_CONTROL = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*? (?:while|call|conditional)\(", re.M)
 
 
 def part_of(op_name: str) -> str:
@@ -28,12 +30,14 @@ def part_of(op_name: str) -> str:
   return max(found)[1] if found else OTHER
 
 
-def instruction_parts(hlo_text: str) -> tuple[str, dict[str, str]]:
-  """(module name, {instruction name: part}) of a compiled computation's HLO text."""
+def instruction_parts(hlo_text: str) -> tuple[str, dict[str, str | None]]:
+  """(module name, {instruction name: part}) of a compiled computation's HLO text; None
+  for a loop, call or conditional (whose time is its body's)."""
   module = _MODULE.search(hlo_text)
   if module is None:
     raise ValueError("not an HLO module's text: no 'HloModule' line")
-  return module.group(1), {name: part_of(op) for name, op in _INSTRUCTION.findall(hlo_text)}
+  parts = {name: part_of(op) for name, op in _INSTRUCTION.findall(hlo_text)}
+  return module.group(1), parts | dict.fromkeys(_CONTROL.findall(hlo_text))
 
 
 def newest_run(paths: list[str]) -> list[str]:
@@ -70,7 +74,9 @@ def shares(trace_dir: str, hlo_text: str) -> dict[str, float]:
   module, parts = instruction_parts(hlo_text)
   totals = collections.Counter()
   for op, seconds in _durations(trace_dir, module):
-    totals[parts.get(op, OTHER)] += seconds
+    part = parts.get(op, OTHER)
+    if part is not None:
+      totals[part] += seconds
   total = sum(totals.values())
   if not total:
     raise ValueError(f"the trace in {trace_dir} has no executed instruction of {module}")

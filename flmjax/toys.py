@@ -59,6 +59,8 @@ def markov(key, batch: int, length: int = 16) -> jax.Array:
 
 def score(source: str, tokens) -> np.ndarray:
   """The exact judge's score of each sample [N, L] in [0, 1] (see above)."""
+  if source not in SOURCES:
+    raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
   tokens = np.asarray(tokens)
   if source == "phrases":
     return ((tokens[:, 0] == BOS) &
@@ -178,6 +180,9 @@ def table(source: str, seed: int, train_steps: int = 600, n: int = 256,
   of its `steps` (FMLM and DCD need FLM and Duo, their teachers, before them)."""
   models, rows = {}, []
   for family, counts in steps.items():
+    if family in TEACHERS and TEACHERS[family] not in models:
+      raise ValueError(f"{family} is distilled from {TEACHERS[family]}: put "
+                       f"{TEACHERS[family]} before it in `steps`")
     teacher = models.get(TEACHERS.get(family))
     models[family] = fit(family, source, train_steps, seed, teacher=teacher)
     for steps in counts:
@@ -220,14 +225,20 @@ def guidance_table(seed: int, scales=(0.0, 0.5, 1.0, 2.0, 4.0), train_steps: int
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="flmjax.toys", description=__doc__.split("\n")[0])
   parser.add_argument("--seed", type=int, default=1)
-  parser.add_argument("--sources", default="phrases,markov")
-  parser.add_argument("--prompted", action="store_true",
-                      help="the prompted markov rates (prompted_table) instead")
-  parser.add_argument("--guidance", action="store_true",
-                      help="the one-step prompted rates against guidance (guidance_table)")
+  parser.add_argument("--sources", default="phrases,markov",
+                      help="the sources of the table (not of --prompted or --guidance)")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--prompted", action="store_true",
+                    help="the prompted markov rates (prompted_table) instead")
+  mode.add_argument("--guidance", action="store_true",
+                    help="the one-step prompted rates against guidance (guidance_table)")
   args = parser.parse_args()
+  unknown = [s for s in args.sources.split(",") if s not in SOURCES]
+  if unknown:
+    parser.error(f"--sources={args.sources}: {unknown[0]!r} is not one of "
+                 f"{', '.join(SOURCES)}")
   if args.guidance:
     print(f"prompted markov, one step, seed {args.seed}:\n| family | given | guidance | rate |"
           "\n|---|---|---|---|")

@@ -75,7 +75,8 @@ def test_utilisation_is_model_flops_over_the_measured_and_published_peaks():
     ("--config.batch_size=7", "batch_size 7 must be a multiple"),
     ("--sample_steps=1,0", "--sample_steps='1,0' must be distinct positive step"),
     ("--repeats=0", "flag --repeats=0: 0 is not a positive integer"),
-    ("--noise=latnet", "flag --noise=['latnet']: --noise takes latent, vocab or both")])
+    ("--noise=latnet", "flag --noise=['latnet']: --noise takes latent, vocab or both"),
+    ("--profile=setup.py", "--profile=setup.py: Not a directory: setup.py/latent; give a")])
 def test_bench_refuses_a_baseline_family_and_a_bad_field(field, message):
   run = subprocess.run([sys.executable, "-m", "flmjax.bench", "--config=configs/tiny.py",
                         field], cwd=ROOT, capture_output=True, text=True, check=False)

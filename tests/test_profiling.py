@@ -17,8 +17,12 @@ def test_part_is_the_innermost_named_part():
   module, parts = profiling.instruction_parts(
       'HloModule jit_f, entry_computation_layout={}\n'
       '  %dot.1 = f32[2,2]{1,0} dot(%a, %b), metadata={op_name="jit(f)/attention/dot"}\n'
+      '  %w = (s32[], f32[2,2]{1,0}) while(%t), condition=%cond, body=%body, '
+      'metadata={op_name="jit(f)/mlp/while"}\n'
       '  ROOT %add = f32[2,2]{1,0} add(%dot.1, %c), metadata={op_name="jit(f)/add"}\n')
-  assert module == "jit_f" and parts == {"dot.1": "attention", "add": profiling.OTHER}
+  # a loop counts nothing itself: its event spans those of its body
+  assert module == "jit_f" and parts == {"dot.1": "attention", "w": None,
+                                         "add": profiling.OTHER}
   with pytest.raises(ValueError, match="HloModule"):
     profiling.instruction_parts("not hlo")
 
@@ -41,6 +45,18 @@ def test_shares_put_the_time_where_the_work_is(tmp_path):
   assert set(shares) == {*profiling.PARTS, profiling.OTHER}
   assert sum(shares.values()) == pytest.approx(1.0)
   assert shares["mlp"] > 0.8 and shares["attention"] < 0.1
+
+  def loop(x, w):  # a loop outside any part, its body all MLP: counted once, as MLP
+    def body(h, _):
+      with jax.named_scope("mlp"):
+        return jnp.tanh(h @ w), None
+    return jax.lax.scan(body, x, None, length=8)[0]
+  compiled = jax.jit(loop).lower(x, x).compile()
+  jax.block_until_ready(compiled(x, x))
+  with jax.profiler.trace(str(tmp_path / "loop")):
+    for _ in range(3):
+      jax.block_until_ready(compiled(x, x))
+  assert profiling.shares(str(tmp_path / "loop"), compiled.as_text())["mlp"] > 0.8
   with pytest.raises(FileNotFoundError, match="xplane"):
     profiling.shares(str(tmp_path / "missing"), compiled.as_text())
 

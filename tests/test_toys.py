@@ -41,6 +41,20 @@ def test_the_prompted_rate_judges_the_first_written_token(kind, monkeypatch):
   assert toys.prompted_rate("flm", None, kind, 1, 256, seed=0) == 0.0
 
 
+def test_unknown_sources_and_a_student_without_its_teacher_are_refused(monkeypatch, capsys):
+  with pytest.raises(ValueError, match="source 'phrase' is not one of phrases, markov"):
+    toys.score("phrase", np.zeros((1, 8), int))
+  for student, teacher in toys.TEACHERS.items():  # before any training
+    with pytest.raises(ValueError, match=f"{student} is distilled from {teacher}: put"):
+      toys.table("markov", 1, train_steps=1, n=2, steps={student: (1,)})
+  for argv, message in ((["--sources=markov,phrase"], "'phrase' is not one of"),
+                        (["--prompted", "--guidance"], "not allowed with argument")):
+    monkeypatch.setattr("sys.argv", ["flmjax.toys", *argv])
+    with pytest.raises(SystemExit, match="2"):
+      toys.main()
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.learning
 def test_one_step_discrete_diffusion_mixes_phrases_and_one_step_fmlm_does_not():

@@ -43,6 +43,7 @@ GIB = 2**30
 # device_kind -> (HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s) per chip, from
 # the vendors' spec sheets.
 CHIPS = {
+    "TPU v4": (32 * GIB, 275e12, 1200e9),
     "TPU v5 lite": (16 * GIB, 197e12, 819e9),  # v5e
     "TPU v5": (95 * GIB, 459e12, 2765e9),  # v5p
     "TPU v6 lite": (32 * GIB, 918e12, 1640e9),  # v6e (Trillium)

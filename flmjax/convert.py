@@ -10,8 +10,9 @@ without a prefix), a .safetensors file, or a Lightning .ckpt (names under `backb
 possibly with `._orig_mod`; the EMA weights `ema.shadow_params` by default, `--weights=raw`
 for the trained ones; needs torch). It infers V, D, blocks, heads (from the rotary buffer,
 else config.json's `n_heads`, else the config's), conditioning width, MLP ratio, one- or
-two-time conditioning (an FMLM student has `sigma_map_prime`) and the causal AR backbone
-(no `sigma_map`, no adaLN) from the tensors, and writes DIR/params (Orbax) +
+two-time conditioning (an FMLM student has `sigma_map_prime`), the learned loss weighting
+(`learnable_loss_weighting`, which the reference's students carry) and the causal AR
+backbone (no `sigma_map`, no adaLN) from the tensors, and writes DIR/params (Orbax) +
 DIR/record.json, an export that `--mode=sample`, `--mode=eval` and
 `--config.teacher_checkpoint` accept. `--family` says what the tensors cannot: MDLM,
 SEDD, D3PM and Duo checkpoints have FLM's tensors, so import them with --family=mdlm,
@@ -45,7 +46,7 @@ from ml_collections import config_flags
 import numpy as np
 import safetensors.numpy
 
-from flmjax import checkpoint, cli, outputs, registry, sharding, state
+from flmjax import aot, checkpoint, cli, outputs, registry, sharding, state
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -60,13 +61,22 @@ def _linear(ref: str, ours: tuple, bias: bool = True) -> list[tuple[str, tuple, 
       [(f"{ref}.bias", (*ours, "bias"), False)] if bias else [])
 
 
-def name_map(depth: int, two_time: bool, causal: bool = False) -> list[tuple[str, tuple, bool]]:
+def name_map(depth: int, two_time: bool, causal: bool = False,
+             loss_weight: bool = False) -> list[tuple[str, tuple, bool]]:
   """Every parameter as (reference name, path in flmjax's params, transposed); the causal
-  AR backbone has no time embedder and no adaLN."""
+  AR backbone has no time embedder and no adaLN. `loss_weight`: the learned loss weighting
+  (its own time embedder, then an MLP), which the reference's distillation scripts turn on
+  (algo.learnable_loss_weighting=True), so that its students carry it."""
   names = [("vocab_embed.embedding", ("vocab_embed",), False)]
   for embedder in ("sigma_map", "sigma_map_prime")[:0 if causal else 1 + two_time]:
     names += _linear(f"{embedder}.mlp.0", (embedder, "fc1"))
     names += _linear(f"{embedder}.mlp.2", (embedder, "fc2"))
+  if loss_weight:
+    ref, ours = "learnable_loss_weighting", ("loss_weighting",)
+    names += _linear(f"{ref}.s_embed.mlp.0", (*ours, "embedder", "fc1"))
+    names += _linear(f"{ref}.s_embed.mlp.2", (*ours, "embedder", "fc2"))
+    names += _linear(f"{ref}.mlp.0", (*ours, "fc1"))
+    names += _linear(f"{ref}.mlp.2", (*ours, "fc2"))
   for i in range(depth):
     ref, ours = f"blocks.{i}", ("blocks", i)
     names += [(f"{ref}.norm1.weight", (*ours, "norm1", "norm", "scale"), False)]
@@ -102,13 +112,13 @@ def _set(tree, path, value):
 
 def to_reference(params: dict, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """flmjax params (a pure dict) -> {reference name: float32 array in PyTorch layout}."""
-  for field in ("learned_loss_weight", "condition_embedding"):
-    if model.get(field, False):
-      raise UsageError(f"model.{field}=True has no counterpart in the reference's v2 "
-                       "layout; export a model trained without it.")
+  if model.get("condition_embedding", False):
+    raise UsageError("model.condition_embedding=True has no counterpart in the reference's "
+                     "v2 layout; export a model trained without it.")
   tensors = {}
   for ref, path, transposed in name_map(model.depth, model.two_time,
-                                       model.get("causal", False)):
+                                       model.get("causal", False),
+                                       model.get("learned_loss_weight", False)):
     value = np.asarray(_get(params, path), np.float32)
     tensors[ref] = np.ascontiguousarray(value.T if transposed else value)
   tensors[INV_FREQ] = inv_freq(model.width // model.heads)
@@ -118,7 +128,8 @@ def to_reference(params: dict, model: ml_collections.ConfigDict) -> dict[str, np
 def from_reference(tensors: dict[str, np.ndarray], model: ml_collections.ConfigDict) -> dict:
   """{reference name: array} -> flmjax params (a pure dict of float32 arrays)."""
   params = {}
-  for ref, path, transposed in name_map(model.depth, model.two_time, model.causal):
+  for ref, path, transposed in name_map(model.depth, model.two_time, model.causal,
+                                       model.learned_loss_weight):
     value = np.asarray(tensors[ref], np.float32)
     _set(params, path, value.T if transposed else value)
   return params
@@ -159,7 +170,8 @@ def infer_architecture(tensors: dict[str, np.ndarray], meta: dict,
                  tensors["sigma_map.mlp.2.weight"].shape[0],
                  "mlp_ratio": hidden // width,
                  "two_time": any(k.startswith("sigma_map_prime.") for k in tensors),
-                 "learned_loss_weight": False, "condition_embedding": False,
+                 "learned_loss_weight": "learnable_loss_weighting.mlp.2.weight" in tensors,
+                 "condition_embedding": False,
                  "causal": causal}
 
 
@@ -184,7 +196,8 @@ def check_tensors(tensors: dict[str, np.ndarray], vocab: int,
   abstract = _abstract_params(model, vocab)
   expected = {ref: _get(abstract, path).shape[::-1] if transposed else
               _get(abstract, path).shape
-              for ref, path, transposed in name_map(model.depth, model.two_time, model.causal)}
+              for ref, path, transposed in name_map(model.depth, model.two_time, model.causal,
+                                                    model.learned_loss_weight)}
   expected[INV_FREQ] = (model.width // model.heads // 2,)
   missing = [k for k in expected if k not in tensors and k != INV_FREQ]
   unexpected = [k for k in tensors if k not in expected]
@@ -280,7 +293,12 @@ def read_reference(source: str, ema: bool = True) -> tuple[dict[str, np.ndarray]
   except ImportError:
     raise UsageError(f"reading {path} (a PyTorch checkpoint) needs torch: pip install torch "
                      "(the CPU build is enough).") from None
-  return from_lightning(torch.load(path, map_location="cpu", weights_only=False), ema), meta
+  try:  # Lightning's saved hyperparameters are pickled objects: the file runs code
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except  # UnpicklingError, RuntimeError
+    raise UsageError(f"{path} cannot be read as a PyTorch checkpoint ({str(e)[:200]}).") \
+        from None
+  return from_lightning(saved, ema), meta
 
 
 def _tokenizer(config: ml_collections.ConfigDict):
@@ -360,9 +378,10 @@ def export_weights(source: str, directory: str) -> dict:
 
 
 def random_weights(directory: str, config: ml_collections.ConfigDict) -> None:
-  """Writes weights of the config's shape (V from its tokenizer) in the reference layout."""
+  """Writes weights of the config's shape (V from its tokenizer, or tokenizer.vocab_size for
+  a SentencePiece model still to be trained) in the reference layout."""
   _check_new(directory, "model.safetensors", "config.json")
-  vocab = _tokenizer(config).vocab_size
+  vocab = aot.vocab_size(config)
   abstract = _abstract_params(config.model, vocab)
   rng = np.random.default_rng(config.seed)
   params = jax.tree.map_with_path(

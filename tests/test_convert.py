@@ -23,14 +23,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=0.3,
-                      causal=False):
+                      causal=False, loss_weight=False):
   """Random weights with the reference's names and PyTorch shapes ((out, in) Linears);
-  `causal`: the AR backbone, without time embedder and adaLN (docs/interop.md, "Baselines")."""
+  `causal`: the AR backbone, without time embedder and adaLN (docs/interop.md, "Baselines");
+  `loss_weight`: with the learnable loss weighting of the reference's distillation runs."""
   rng = np.random.default_rng(seed)
   shapes = {"vocab_embed.embedding": (vocab, width)}
-  for embedder in ("sigma_map", "sigma_map_prime")[:0 if causal else 1 + two_time]:
+  embedders = ("sigma_map", "sigma_map_prime")[:0 if causal else 1 + two_time]
+  for embedder in embedders + ("learnable_loss_weighting.s_embed",) * loss_weight:
     shapes.update({f"{embedder}.mlp.0.weight": (cond, 256), f"{embedder}.mlp.0.bias": (cond,),
                    f"{embedder}.mlp.2.weight": (cond, cond), f"{embedder}.mlp.2.bias": (cond,)})
+  if loss_weight:  # Linear(cond, 128), GELU, Linear(128, 1)
+    shapes.update({"learnable_loss_weighting.mlp.0.weight": (128, cond),
+                   "learnable_loss_weighting.mlp.0.bias": (128,),
+                   "learnable_loss_weighting.mlp.2.weight": (1, 128),
+                   "learnable_loss_weighting.mlp.2.bias": (1,)})
   for i in range(depth):
     b = f"blocks.{i}."
     shapes.update({b + "norm1.weight": (width,), b + "attn_qkv.weight": (3 * width, width),
@@ -53,6 +60,23 @@ def reference_tensors(vocab, width, depth, heads, cond, two_time, seed=0, scale=
   return tensors
 
 
+def _linear(w, h, name):
+  return h @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
+
+
+def _silu(h):
+  return h / (1 + np.exp(-h))
+
+
+def time_embedding(w, prefix, tau):
+  """The reference's TimestepEmbedder: [cos, sin] of 128 frequencies, Linear, SiLU, Linear."""
+  half = 128
+  freqs = np.exp(-math.log(10000) * np.arange(half) / half)
+  args = tau[:, None] * freqs[None]
+  features = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+  return _linear(w, _silu(_linear(w, features, prefix + ".mlp.0")), prefix + ".mlp.2")
+
+
 def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
   """The reference DiT in float64 numpy: x [B, L, V] noisy one-hot -> logits [B, L, V].
   Weights without `sigma_map` are the causal AR backbone (docs/baselines.md):
@@ -61,22 +85,14 @@ def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
   w = {k: v.astype(np.float64) for k, v in w.items()}
 
   def linear(h, name):
-    return h @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
+    return _linear(w, h, name)
 
-  def silu(h):
-    return h / (1 + np.exp(-h))
+  silu = _silu
 
   def layer_norm(h, weight):
     mean = h.mean(-1, keepdims=True)
     var = ((h - mean) ** 2).mean(-1, keepdims=True)
     return (h - mean) / np.sqrt(var + 1e-5) * weight
-
-  def time_embedding(prefix, tau):
-    half = 128
-    freqs = np.exp(-math.log(10000) * np.arange(half) / half)
-    args = tau[:, None] * freqs[None]
-    features = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
-    return linear(silu(linear(features, prefix + ".mlp.0")), prefix + ".mlp.2")
 
   def modulate(h, shift, scale):
     return h * (1 + scale[:, None]) + shift[:, None]
@@ -92,9 +108,9 @@ def numpy_forward(w, x, tau_s, tau_t, heads, output_cap=30.0, softcap=50.0):
   h = x @ w["vocab_embed.embedding"]
   batch, length, width = h.shape
   if not causal:
-    c = time_embedding("sigma_map", tau_s)
+    c = time_embedding(w, "sigma_map", tau_s)
     if "sigma_map_prime.mlp.0.weight" in w:
-      c = c + time_embedding("sigma_map_prime", tau_t)
+      c = c + time_embedding(w, "sigma_map_prime", tau_t)
     c = silu(c)
   plain = [np.zeros((batch, width)), np.zeros((batch, width)), np.ones((batch, width))] * 2
   depth = len({k.split(".")[1] for k in w if k.startswith("blocks.")})
@@ -185,10 +201,45 @@ def test_imported_baseline_weights_give_the_reference_logits(family):
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("field", ["learned_loss_weight", "condition_embedding"])
-def test_export_refuses_parameters_the_reference_has_no_place_for(field):
-  with pytest.raises(UsageError, match=f"model.{field}=True has no counterpart"):
-    convert.to_reference({}, _model_config(**{field: True}))
+def test_export_refuses_parameters_the_reference_has_no_place_for():
+  with pytest.raises(UsageError, match="model.condition_embedding=True has no counterpart"):
+    convert.to_reference({}, _model_config(condition_embedding=True))
+
+
+def test_a_student_with_the_references_loss_weighting_imports_and_exports_it():
+  """The reference's distillation scripts train with algo.learnable_loss_weighting=True:
+  its students carry the module's tensors, which become flmjax's learned loss weighting,
+  w(s) = Linear(GELU(Linear(TimestepEmbedder(s)))) (exact GELU), and go back unchanged."""
+  vocab, cond = 97, 32
+  tensors = reference_tensors(vocab, 64, 1, 2, cond, two_time=True, loss_weight=True)
+  model_cfg = _model_config()
+  _, fields = convert.infer_architecture(tensors, {}, model_cfg)
+  assert fields["learned_loss_weight"] and fields["two_time"]
+  model_cfg.update(fields)
+  convert.check_tensors(tensors, vocab, model_cfg)
+  params = convert.from_reference(tensors, model_cfg)
+  model = dit.builder(model_cfg, vocab)()
+  nnx.update(model, nnx.State(params))
+  w = {k: v.astype(np.float64) for k, v in tensors.items()}
+  tau = np.array([0.0, 0.3, 0.9])
+  hidden = _linear(w, time_embedding(w, "learnable_loss_weighting.s_embed", tau),
+                   "learnable_loss_weighting.mlp.0")
+  gelu = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / math.sqrt(2)))
+  expected = _linear(w, gelu, "learnable_loss_weighting.mlp.2")[:, 0]
+  np.testing.assert_allclose(np.asarray(model.loss_weighting(jnp.asarray(tau, jnp.float32))),
+                             expected, atol=1e-4, rtol=1e-4)
+  back = convert.to_reference(params, model_cfg)
+  assert set(back) == set(tensors)
+  assert all(np.array_equal(back[k], tensors[k]) for k in tensors if "loss_weighting" in k)
+
+
+def test_random_weights_of_a_sentencepiece_config_take_its_vocab_size(tmp_path):
+  """No tokenizer is trained for them: V is tokenizer.vocab_size, as a run would have it."""
+  config = small_config()
+  config.model.update(width=32, depth=1, heads=2, cond_width=16)
+  convert.random_weights(str(tmp_path / "random"), config)
+  meta = json.loads((tmp_path / "random" / "config.json").read_text())
+  assert meta["vocab_size"] == 512
 
 
 def test_import_family_must_fit_the_tensors():

@@ -14,10 +14,9 @@ from typing import Callable
 
 import ml_collections
 
-from flmjax import conditioning, distill, registry, sharding
+from flmjax import conditioning, distill, evaluators, registry, sharding
 from flmjax.data import corpora, tokenizers
 from flmjax.errors import UsageError
-from flmjax.evaluators import EVALUATORS
 from flmjax.models import dit, flash
 
 CHOICES = {
@@ -31,7 +30,7 @@ CHOICES = {
     "distill.objective": registry.DISTILLATION,
     "distill.dcd.divergence": ("kl-bwd", "kl-fwd"),
     "sample.sampler": ("auto", *registry.SAMPLERS),
-    "eval.evaluator": (*EVALUATORS, "none"),
+    "eval.evaluator": (*evaluators.EVALUATORS, "none"),
 }
 POSITIVE = (
     "batch_size", "data.seq_len", "tokenizer.vocab_size", "model.width", "model.depth",
@@ -292,11 +291,8 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   if mode == "train" and config.model.two_time:
     raise UsageError("model.two_time=True is the distilled student; --mode=train trains the "
                      "one-time FLM teacher.")
-  if (mode in ("eval", "score", "pipeline", "compare") and config.eval.evaluator == "gpt2"
-      and not config.eval.evaluator_path):
-    raise UsageError("eval.evaluator=gpt2 needs --config.eval.evaluator_path=DIR, a local "
-                     "Hugging Face GPT-2 directory (e.g. gpt2-large, the paper's); or use "
-                     "eval.evaluator=smollm2, packaged.")
+  if mode in ("eval", "score", "pipeline", "compare") and config.eval.evaluator != "none":
+    evaluators.locate(config.eval.evaluator, config.eval.evaluator_path)  # before training
   if (mode in ("pipeline", "compare") and config.data.corpus in ("embedded", "dir")
       and not config.data.valid_fraction):
     raise UsageError(f"data.valid_fraction=0 holds out no text, which --mode={mode}'s "

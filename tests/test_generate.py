@@ -129,7 +129,8 @@ def test_prompts_come_from_the_config_a_file_or_standard_input(tmp_path, monkeyp
   assert _read_prompts(prompts_file=str(tmp_path / "p.txt")) == ["one\u2028two",
                                                                 "three\x0cfour"]
   for blank in ("", " \t"):  # a blank prompt is none, as a blank line of a file is
-    with pytest.raises(UsageError, match="needs one of --config.generate.prompt=TEXT .*\\.$"):
+    with pytest.raises(UsageError, match="needs one of --config.generate.prompt=TEXT .*"
+                       "standard input\\)\\.$"):
       _read_prompts(prompt=blank)
   with pytest.raises(UsageError, match="standard input\\), not both"):
     _read_prompts(prompt="a", prompts_file=str(tmp_path / "p.txt"))

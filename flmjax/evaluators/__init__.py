@@ -31,8 +31,9 @@ def _forward(hidden_fn: HiddenFn, unembedding: str, params: dict, ids: jax.Array
            lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One pass over ids [B, T]: (log p(ids[:, i+1] | ids[:, :i+1]) [B, T-1] float32, the mean
   final hidden state over each row's first `lengths` positions, at least one [B, D]).
-  Products in full float32, as PyTorch computes them by default: JAX's default on GPUs
-  (TF32) and TPUs (bfloat16 passes) would move the perplexities."""
+  Products in full float32: JAX's default would round their inputs (TF32 on GPUs,
+  bfloat16 passes on TPUs), and the perplexities with them, by chip. (The reference turns
+  TF32 on for its whole run, its evaluator included: full float32 is what that rounds.)"""
   with jax.default_matmul_precision("highest"):
     hidden = hidden_fn(params, ids)
     logits = hidden[:, :-1] @ params[unembedding].T  # the last position predicts nothing

@@ -90,7 +90,8 @@ def _params(weights: dict[str, np.ndarray], n_layer: int, source: pathlib.Path) 
 
 
 def load(folder: pathlib.Path) -> Evaluator:
-  """GPT-2 from a Hugging Face directory."""
+  """GPT-2 from a Hugging Face directory (one that `locate` found: config.json and
+  model.safetensors are there)."""
   config_file, weights_file = folder / "config.json", folder / "model.safetensors"
   try:
     config = json.loads(config_file.read_text())

@@ -2,7 +2,7 @@
 
 With `--config.topology=v5e:8x8` (any TPU slice name libtpu knows: v5e:AxB, v5p:AxBxC,
 v6e:AxB; install it with pip install "jax[tpu]==<the installed jax version>") the train
-step of config.family, and for FLM the distillation step and the one-step sampler (for
+step of config.family and its validation, and for FLM the distillation step and the one-step sampler (for
 Duo with distill.objective=dcd, the DCD step), are lowered and compiled for that
 slice on this machine, with the config's mesh laid over its chips. With `h100`, `h200`,
 `h100:8` (8 GPUs in one host) or `h100:4x8` (4 hosts of 8) they are compiled for NVIDIA
@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import ml_collections
 
-from flmjax import distill, outputs, registry, sampling, sharding, state
+from flmjax import distill, hooks, outputs, registry, sampling, sharding, state
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -198,8 +198,10 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
             "chips": len(devices), "mesh": dict(mesh.shape), "vocab_size": vocab,
             "seq_len": config.data.seq_len, "computations": []}
 
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
+
   def step(name, cfg, objective, frozen=None, teacher_graphdef=None, teacher_every=0,
-           model_flops=None):
+           model_flops=None, validated=False):
     cfg = registry.with_family(cfg, objective)
     if registry.FAMILIES[objective.kind].masked:
       cfg.model.mask_id = vocab - 1  # any id: compiling needs the shapes only
@@ -214,12 +216,20 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
     report["computations"].append(_report(*_compiled(
         name, cfg.batch_size, attention,
         lambda: state.compile_step(layout, loss, cfg, frozen)), devices, model_flops))
+    if validated:  # the objective without dropout on the EMA weights, as hooks.Validation
+      metrics = hooks.validation_metrics(
+          objective.build(cfg, vocab, teacher_graphdef, train=False), layout.graphdef, mesh)
+      report["computations"].append(_report(*_compiled(
+          "validation", cfg.batch_size, attention, lambda: metrics.lower(
+              layout.abstract_state["ema"],
+              state.abstract_batch(layout, cfg.batch_size, cfg.data.seq_len), rng,
+              frozen).compile()), devices))
     return layout
 
   # the model FLOPs of the train step (forward and backward passes of each token), per chip
   train = registry.OBJECTIVES[config.family]
   tokens = config.batch_size * config.data.seq_len / len(devices)
-  step("train step", config, train, model_flops=train.passes * tokens *
+  step("train step", config, train, validated=True, model_flops=train.passes * tokens *
        dit.training_flops_per_token(config.model, vocab, config.data.seq_len))
   objective = registry.OBJECTIVES[config.distill.objective]
   student = distill.student_config(config)
@@ -235,7 +245,6 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
   # at least one sample per data-parallel device, so that the sampler is split like a batch
   parallel = sharding.data_parallel_size(mesh)
   num = -(-config.sample.num_samples // parallel) * parallel
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
   grid = sampling.flow_map_grid(vocab, 1, 0.0)
   report["computations"].append(_report(*_compiled(
       "one-step sampler", num, report["computations"][-1]["attention"],

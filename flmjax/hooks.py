@@ -100,6 +100,18 @@ class Progress:
     self.window, self.steps, self.start = None, 0, None
 
 
+def validation_metrics(objective, graphdef, mesh):
+  """The jitted (params, batch, key, frozen) -> `objective`'s metrics, traced under `mesh`
+  as the train step is (models/dit.py splits attention over the batch's rows: a TPU kernel
+  cannot be partitioned by XLA)."""
+
+  @jax.jit
+  def metrics(params, batch, key, frozen):
+    with sharding.tracing_under(mesh):
+      return objective(nnx.merge(graphdef, params), batch, key, frozen)[1]
+  return metrics
+
+
 def validation_loss(objective, graphdef, prepared, config, mesh, frozen=None):
   """A function params -> {metric: mean over the validation split} (at most
   config.train.eval_batches batches; None when the split has no full batch) of
@@ -107,10 +119,7 @@ def validation_loss(objective, graphdef, prepared, config, mesh, frozen=None):
   across a run."""
   batch_sharding = sharding.batch_sharding(mesh)
   rng = jax.random.PRNGKey(config.seed + 1)
-
-  @jax.jit
-  def metrics(params, batch, key, frozen):
-    return objective(nnx.merge(graphdef, params), batch, key, frozen)[1]
+  metrics = validation_metrics(objective, graphdef, mesh)
 
   def validate(params) -> dict | None:
     total, count = None, 0

@@ -37,6 +37,7 @@ later, on a machine that has the evaluator's weights.
 import copy
 import functools
 import json
+import math
 import time
 
 from etils import epath
@@ -348,6 +349,8 @@ def read_results(path: epath.Path) -> dict:
       isinstance(row, dict) and isinstance(row.get("samples"), list) for row in rows)):
     raise UsageError(f"{path} is not an evaluation's results.json (JSON with seq_len and "
                      "rows, each with its samples); move it away, and evaluate again.")
+  for row in rows:  # an unscored metric is written as null (outputs.finite_or_null)
+    row.update({key: math.nan for key in ("gen_ppl", "fd") if key in row and row[key] is None})
   return saved
 
 

@@ -6,6 +6,7 @@ and files are replaced whole rather than appended to (cloud storage cannot appen
 """
 
 import json
+import math
 import os
 import time
 
@@ -47,8 +48,20 @@ def write_text(path: epath.Path, text: str) -> None:
   partial.replace(path)
 
 
+def finite_or_null(value):
+  """`value` with every NaN or infinite float as None: JSON has no such numbers (Python
+  would write a bare NaN, which strict readers refuse), so an unscored metric is null."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite_or_null(v) for v in value]
+  return value
+
+
 def write_json(path: epath.Path, value) -> None:
-  write_text(path, json.dumps(value, indent=1))
+  write_text(path, json.dumps(finite_or_null(value), indent=1, allow_nan=False))
 
 
 class MetricsLog:
@@ -73,7 +86,7 @@ class MetricsLog:
   def write(self, step: int, metrics: dict) -> None:
     if not self.main:
       return
-    self.lines += json.dumps({"step": step, **metrics}) + "\n"
+    self.lines += json.dumps(finite_or_null({"step": step, **metrics}), allow_nan=False) + "\n"
     write_text(self.path, self.lines)
     if self.tensorboard is not None:
       for name, value in metrics.items():

@@ -5,6 +5,7 @@ from collections import Counter
 import json
 import math
 
+from etils import epath
 import numpy as np
 import pytest
 
@@ -216,6 +217,21 @@ def test_the_plot_leaves_out_a_metric_with_no_finite_value(tmp_path):
   assert plot.read_bytes()[:4] == b"\x89PNG"
   evaluate._plot(plot, [dict(row(1, math.nan), gen_ppl=math.nan)], "toy")
   assert not plot.exists()
+
+
+def test_an_unscored_metric_is_null_in_results_json_and_nan_when_read_back(tmp_path):
+  """JSON has no NaN: an FD of one sample and a gen PPL with no token are written as null
+  (a strict reader accepts the file), and read back as NaN."""
+  row = {"model": "FLM", "kind": "flm", "sampler": "euler_1", "steps": 1, "entropy": 0.5,
+         "samples": ["a"], "gen_ppl": math.nan, "fd": math.nan}
+  evaluate._write(tmp_path, [row], "toy", 8, 1, ["b"], None, None)
+  text = (tmp_path / "results.json").read_text()
+  def refuse(name):
+    raise ValueError(f"not JSON: {name}")
+  saved = json.loads(text, parse_constant=refuse)
+  assert saved["rows"][0]["gen_ppl"] is None and saved["rows"][0]["fd"] is None
+  read = evaluate.read_results(epath.Path(tmp_path / "results.json"))["rows"][0]
+  assert math.isnan(read["gen_ppl"]) and math.isnan(read["fd"]) and read["steps"] == 1
 
 
 def test_scoring_later_pads_the_batches_the_samples_were_written_with(tmp_path, monkeypatch,

@@ -1,8 +1,8 @@
 """What the training loop does between steps, as separate small units.
 
-After every step the loop hands each hook a `StepEnd`. `Progress` logs the window's
-averages, `Validation` the validation losses of the EMA weights, `Samples` writes decoded
-samples, and `Checkpointing` saves by its policy; `FiniteGuard` stops the run at the first
+After every step the loop hands each hook a `StepEnd`, in this order: `Progress` logs the
+window's averages, `Checkpointing` saves by its policy, `Validation` logs the validation
+losses of the EMA weights and `Samples` writes decoded samples; `FiniteGuard` stops the run at the first
 non-finite loss and `StopRequest` turns SIGTERM (and Ctrl-C) into a step at which every
 process stops.
 """

@@ -2,8 +2,8 @@
 discrete baseline of config.family) and `distill` (an FMLM student from a frozen teacher).
 
 `fit` trains a `Task` from WORKDIR's newest readable checkpoint to train.steps: one
-compiled step (flmjax/state.py), then the hooks of flmjax/hooks.py (progress, validation,
-samples, checkpoints, stop requests). What is trained comes from an objective of the
+compiled step (flmjax/state.py), then the hooks of flmjax/hooks.py (progress, checkpoints,
+validation, samples, stop requests). What is trained comes from an objective of the
 registry (flmjax/registry.py); the loop does not branch on it.
 """
 
@@ -102,9 +102,10 @@ def fit(config: ml_collections.ConfigDict, path: epath.Path, prepared: pipeline.
                 ".jsonl line) or set train.eval_every=0 to say so.")
   progress = hooks.Progress(log, guard, path / "checkpoints", cfg.log_every, cfg.steps,
                             config.batch_size * config.data.seq_len)
-  after = [progress, hooks.Validation(validation, log, cfg.eval_every),
+  # saved before validating and sampling: a failure there loses no training
+  after = [progress, saving, hooks.Validation(validation, log, cfg.eval_every),
            hooks.Samples(path / "samples", task.samplers, layout.graphdef,
-                         prepared.tokenizer, config.seed, cfg.sample_every), saving]
+                         prepared.tokenizer, config.seed, cfg.sample_every)]
   stop, stopped = hooks.StopRequest(), False
   batch_sharding = sharding.batch_sharding(layout.mesh)
   try:

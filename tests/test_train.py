@@ -340,6 +340,22 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poiso
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
+def test_a_failure_in_sampling_keeps_the_checkpoint_of_its_step(tmp_path, prepared):
+  """The step is saved before it is validated and sampled: a sampler that fails (out of
+  memory, say) at a checkpoint step loses no training."""
+  config = train_config(steps=4, checkpoint_every=2, sample_every=2)
+  vocab = prepared.tokenizer.vocab_size
+
+  def failing(graphdef, params, rng):
+    raise MemoryError("sampler out of memory")
+
+  task = train.Task("flm", dit.builder(config.model, vocab), objectives.denoising(
+      config, vocab), {}, {"failing": failing})
+  with pytest.raises(MemoryError, match="sampler out of memory"):
+    train.fit(config, outputs.create_workdir(str(tmp_path)), prepared, task)
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
   train.train(train_config(steps=2), str(tmp_path))

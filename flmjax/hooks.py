@@ -65,7 +65,8 @@ class FiniteGuard:
 
 class Progress:
   """Every `every` steps, at the end and at a stop: the averages of the step metrics over
-  the window, s/step and tokens/s, to metrics.jsonl and a progress line. The window's
+  the window (the learning rate: the last step's), s/step and tokens/s, to metrics.jsonl
+  and a progress line. The window's
   clock runs from the first step after the last report (time in other hooks is not
   training time)."""
 
@@ -87,7 +88,8 @@ class Progress:
       return
     self.guard.check(self.directory)
     elapsed = time.perf_counter() - self.start
-    summary = {k: float(v) / self.steps for k, v in jax.device_get(self.window).items()}
+    window, lr = jax.device_get((self.window, end.metrics["lr"]))
+    summary = {k: float(v) / self.steps for k, v in window.items()} | {"lr": float(lr)}
     summary.update(step_seconds=elapsed / self.steps,
                    tokens_per_second=self.tokens_per_step * self.steps / elapsed)
     self.log.write(end.step, summary)

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import train_config
 from flmjax import checkpoint, evaluate, hooks, objectives, outputs, train
+from flmjax import state as train_state
 from flmjax.data import pipeline
 from flmjax.errors import Stopped, UsageError
 from flmjax.models import dit
@@ -338,6 +339,21 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poiso
                                                 "step 2"):
     train.fit(config, outputs.create_workdir(str(tmp_path)), prepared, task)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_progress_logs_window_means_and_the_last_steps_learning_rate(tmp_path):
+  """During warmup the logged learning rate is the one of the window's last step (the
+  rate at a step, not a mean of the rising ones); the loss is the window's mean."""
+  lr = train_state.learning_rate(train_config(learning_rate=3e-4, warmup_steps=4).train)
+  log = outputs.MetricsLog(epath.Path(tmp_path))
+  progress = hooks.Progress(log, hooks.FiniteGuard(), tmp_path, 2, 4, 10)
+  for step in range(1, 5):
+    progress.before_step()
+    metrics = {"loss": jnp.float32(step), "grad_norm": jnp.float32(1.0), "lr": lr(step - 1)}
+    progress.after_step(hooks.StepEnd(step, {}, metrics, step == 4, False))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(l["step"], l["loss"]) for l in lines] == [(2, 1.5), (4, 3.5)]
+  np.testing.assert_allclose([l["lr"] for l in lines], [0.75e-4, 2.25e-4], rtol=1e-6)
 
 
 def test_a_failure_in_sampling_keeps_the_checkpoint_of_its_step(tmp_path, prepared):

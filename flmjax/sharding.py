@@ -5,7 +5,7 @@ takes the devices left over. Batches are split over (data, fsdp). Parameters car
 axis names (flmjax/models/dit.py) that RULES maps to mesh axes: with fsdp > 1 the
 parameters, optimizer state and EMA are sharded over `fsdp` (ZeRO-3 style, gathered by
 XLA where used); `tensor` splits heads, MLP and vocabulary. A dimension that a mesh axis
-does not divide is kept whole rather than padded.
+does not divide is kept whole rather than padded, and said (state.param_layout).
 """
 
 import contextlib
@@ -96,6 +96,13 @@ def row_shards(batch: int) -> int:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def kept_whole(names, shape, mesh: jax.sharding.Mesh) -> set[str]:
+  """The dimensions, as "NAME SIZE", that logical_sharding keeps whole because their mesh
+  axis of more than one device does not divide them."""
+  return {f"{name} {size}" for name, size in zip(names or (), shape)
+          if RULES.get(name) and size % mesh.shape[RULES[name]]}
 
 
 def logical_sharding(names, shape, mesh: jax.sharding.Mesh) -> NamedSharding:

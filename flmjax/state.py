@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from flmjax import sharding
+from flmjax import outputs, sharding
 from flmjax.errors import UsageError
 
 ObjectiveFn = Callable  # (model, batch, rng, frozen) -> (loss, metrics)
@@ -85,12 +85,19 @@ def param_layout(build: Callable[[], nnx.Module], mesh) -> tuple[nnx.GraphDef, d
   """The graph of the module `build()` makes, and its parameters as ShapeDtypeStructs
   carrying their shardings on `mesh`; nothing is allocated."""
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  params = nnx.to_pure_dict(abstract)
   names = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  whole = set().union(*(sharding.kept_whole(tuple(n), x.shape, mesh) for x, n in zip(
+      jax.tree.leaves(params), jax.tree.leaves(names, is_leaf=is_spec))))
+  if whole:
+    outputs.say(f"mesh {dict(mesh.shape)}: the parameters' dimensions {', '.join(sorted(whole))}"
+                " are kept whole on every device, their mesh axis does not divide them "
+                "(sharding.RULES)")
   return graphdef, jax.tree.map(
       lambda x, spec: jax.ShapeDtypeStruct(
           x.shape, x.dtype, sharding=sharding.logical_sharding(tuple(spec), x.shape, mesh)),
-      nnx.to_pure_dict(abstract), names,
-      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+      params, names, is_leaf=is_spec)
 
 
 def plan(config: ml_collections.ConfigDict, build: Callable[[], nnx.Module], mesh, *,

@@ -106,6 +106,21 @@ def test_sharded_step_equals_the_single_device_step():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def test_a_dimension_its_mesh_axis_does_not_divide_is_kept_whole_and_said(capsys):
+  """Over tensor 2, GPT-2's V = 50258 divides (as the fused attention's 3 x 32 columns and
+  the MLP's 128 do); V = 50257 does not: the embedding and output layer then hold the
+  whole vocabulary on each device, as the line says."""
+  config = train_config()
+  config.mesh.update(data=4, fsdp=1, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  for vocab, said in ((50258, False), (50257, True)):
+    _, params = train_state.param_layout(dit.builder(config.model, vocab), mesh)
+    assert params["vocab_embed"].sharding.spec[0] == (None if said else "tensor")
+    out = capsys.readouterr().out
+    assert ("the parameters' dimensions vocab 50257 are kept whole on every device, their "
+            "mesh axis does not divide them" in out) == said, out
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch():
   config = train_config()

@@ -2,7 +2,9 @@
 
 import ctypes
 import functools
+import math
 import platform
+import re
 
 from flax import nnx
 import jax
@@ -119,6 +121,25 @@ def test_a_dimension_its_mesh_axis_does_not_divide_is_kept_whole_and_said(capsys
     out = capsys.readouterr().out
     assert ("the parameters' dimensions vocab 50257 are kept whole on every device, their "
             "mesh axis does not divide them" in out) == said, out
+
+
+@pytest.mark.slow
+def test_tensor_parallel_attention_moves_the_qkv_weights_not_the_activations():
+  """Over tensor 2 the fused q, k, v kernel's stored split (contiguous columns: q and half
+  of k on one device) is not the heads' split that attention needs: the step gathers the
+  kernel ([D, 3D]), never the q, k, v activations ([B / 4, L, 3D] per device)."""
+  config = train_config()
+  config.mesh.update(data=4, fsdp=1, tensor=2)
+  config.batch_size = 16
+  layout = train_state.plan(config, dit.builder(config.model, V), sharding.make_mesh(
+      config.mesh))
+  hlo = train_state.compile_step(layout, objectives.denoising(config, V), config).as_text()
+  gathered = [math.prod(map(int, re.findall(r"\d+", shape)))
+              for shape, op in re.findall(r"= \w+\[([\d,]*)\][^\n]* all-gather(?:-start)?\("
+                                          r"[^\n]*op_name=\"([^\"]*)\"", hlo)
+              if "attention" in op]
+  width = config.model.width
+  assert gathered and max(gathered) <= width * 3 * width < 16 // 4 * L * 3 * width, gathered
 
 
 @pytest.mark.slow

@@ -204,6 +204,16 @@ def split_batch(x):
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
+def split_heads(w):
+  """w [..., H, Dh] constrained to its heads over the mesh's tensor axis when the caller
+  traces under a mesh whose tensor axis (of more than one device) divides them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get("tensor", 1) == 1 or w.shape[-2] % mesh.shape["tensor"]:
+    return w
+  spec = (None,) * (w.ndim - 2) + ("tensor", None)
+  return jax.lax.with_sharding_constraint(w, jax.sharding.PartitionSpec(*spec))
+
+
 def dropout(x, rate: float, rng):
   """Inverted dropout; the identity when rng is None (evaluation) or rate is 0."""
   if rng is None or rate == 0:
@@ -279,10 +289,13 @@ class Block(nnx.Module):
     with jax.named_scope("norms_modulation"):
       x = self.norm1(x) * (1 + scale) + shift
     with jax.named_scope("attention"):
-      qkv = self.attn_qkv(x)
-      # QKV features are laid out (3, heads, head_dim): all of q, then k, then v.
-      q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.heads, dim // self.heads),
-                             2, 0)
+      # The kernel's columns are laid out (3, heads, head_dim): all of q, then k, then v.
+      # Split by heads over the mesh's tensor axis (its stored split, contiguous columns,
+      # would give a device q and part of k): XLA then moves weights, not activations.
+      kernel = split_heads(self.attn_qkv.kernel[...].reshape(
+          dim, 3, self.heads, dim // self.heads))
+      q, k, v = jnp.einsum("bld,dthe->tblhe", x.astype(self.dtype),
+                           kernel.astype(self.dtype), preferred_element_type=jnp.float32)
       return (rotary(q.astype(self.dtype), start), rotary(k.astype(self.dtype), start),
               v.astype(self.dtype))
 

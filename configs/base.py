@@ -251,9 +251,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_samples = 64
   # Held-out examples (after the dataset row's) that FD compares the samples with.
   config.eval.reference_samples = 256
-  # Evaluator batch, and the batch whose longest sample the others are padded to for gen
-  # PPL (the reference's loader.eval_batch_size: 16 in its FLM and FMLM gen PPL scripts,
-  # 32 for the LM1B teacher; it changes gen PPL).
+  # Samples drawn per sampler call (at least one per data-parallel device), evaluator
+  # batch, and the batch whose longest sample the others are padded to for gen PPL (the
+  # reference's loader.eval_batch_size: 16 in its FLM and FMLM gen PPL scripts, 32 for the
+  # LM1B teacher; it changes gen PPL).
   config.eval.batch_size = 16
   # Validation batches (of batch_size) for the baselines' validation NLL and perplexity
   # (0: none).

@@ -10,18 +10,18 @@ baselines' rows also report their validation NLL (a bound for the diffusion fami
 exact for AR) and its exponential, the validation perplexity, on eval.valid_batches
 batches.
 
-Evaluation (the paper's protocol): samples (seed `seed`) are decoded to text, re-encoded
-with the evaluator's tokenizer, cut to L tokens and padded with its EOS to the longest
-sample of each batch of eval.batch_size (as the reference pads each batch of samples it
-draws, of its loader.eval_batch_size), and judged by the metrics of flmjax/metrics.py: gen
-PPL, unigram entropy and FD, the Frechet distance between Gaussians fitted to the
-evaluator's features of the samples and of `eval.reference_samples` other held-out
-examples (a text's feature is the mean of the evaluator's final hidden states over its
-tokens). Gen PPL rewards low-entropy text, which a teacher's one Euler step is; FD is low
-only for samples both like real text and as varied as it, as FID is for images. Its
-estimate depends on the sample count, so compare FD only between rows of one run (same
-`eval.num_samples` and reference); the "dataset" row, held-out real examples judged the
-same way, gives its level for real text.
+Evaluation (the paper's protocol): samples (seed `seed`), drawn eval.batch_size a call as
+the reference draws its loader.eval_batch_size, are decoded to text, re-encoded with the
+evaluator's tokenizer, cut to L tokens and padded with its EOS to the longest sample of
+each such batch (as the reference pads each batch of samples it draws), and judged by the
+metrics of flmjax/metrics.py: gen PPL, unigram entropy and FD, the Frechet distance
+between Gaussians fitted to the evaluator's features of the samples and of
+`eval.reference_samples` other held-out examples (a text's feature is the mean of the
+evaluator's final hidden states over its tokens). Gen PPL rewards low-entropy text, which
+a teacher's one Euler step is; FD is low only for samples both like real text and as
+varied as it, as FID is for images. Its estimate depends on the sample count, so compare
+FD only between rows of one run (same `eval.num_samples` and reference); the "dataset"
+row, held-out real examples judged the same way, gives its level for real text.
 
 With `eval.prompted` (FLM and FMLM), each of the dataset row's held-out examples gives its
 first half (L/2 positions, BOS included) and the model writes the second, by clamping
@@ -35,7 +35,6 @@ later, on a machine that has the evaluator's weights.
 """
 
 import copy
-import functools
 import json
 import math
 import time
@@ -205,14 +204,39 @@ def halves(tokenizer, tokens: np.ndarray) -> tuple[list[str], list[str]]:
                     for prefix, whole, text in zip(prefixes, wholes, alone)]
 
 
-def _timed_samples(sampler, graphdef, params, rng) -> tuple[np.ndarray, int, float]:
-  """Tokens, network calls per sample and seconds per sample of a compiled (warmed-up)
-  sampler."""
-  jax.block_until_ready(sampler(graphdef, params, jax.random.fold_in(rng, 1)))
-  start = time.perf_counter()
-  tokens, calls = jax.block_until_ready(sampler(graphdef, params, rng))
-  seconds = (time.perf_counter() - start) / len(tokens)
-  return np.asarray(tokens), int(calls), seconds
+def _timed_samples(config, record: dict, tokenizer, steps: int, graphdef, params, rng,
+                   prompts: np.ndarray | None = None) -> tuple[str, np.ndarray, int, float]:
+  """(sampler name, tokens [eval.num_samples, L], network calls per sample, seconds per
+  sample) of the `steps`-step sampler of the weights, drawn in calls of eval.batch_size
+  samples (as the reference draws its loader.eval_batch_size a call: [B, L, V]
+  probabilities of the baselines' samplers stay that small), or of one per data-parallel
+  device if there are more, the i-th from fold_in(rng, i); timed once each call's shape is
+  compiled. With `prompts` (examples [N, L]) each sample continues the first half of its
+  example."""
+  count = config.eval.num_samples
+  mesh = params_mesh(params)
+  per_call = min(count, max(config.eval.batch_size,
+                            sharding.data_parallel_size(mesh) if mesh else 1))
+  starts = range(0, count, per_call)
+  sizes = [min(per_call, count - start) for start in starts]
+  samplers = {size: sampler_for(config, record, tokenizer, steps, size) for size in sizes}
+
+  def draw(start, size, key):
+    if prompts is None:
+      return samplers[size][1](graphdef, params, key)
+    rows = prompts[start:start + size]
+    given = np.broadcast_to(np.arange(rows.shape[1]) < rows.shape[1] // 2, rows.shape)
+    return samplers[size][1](graphdef, params, key,
+                             condition=Condition(jnp.asarray(given), jnp.asarray(rows)))
+
+  for size in samplers:  # compiles each call's shape
+    jax.block_until_ready(draw(starts[sizes.index(size)], size, rng))
+  begin = time.perf_counter()
+  drawn = jax.block_until_ready([draw(start, size, jax.random.fold_in(rng, i))
+                                 for i, (start, size) in enumerate(zip(starts, sizes))])
+  seconds = (time.perf_counter() - begin) / count
+  tokens = np.concatenate([np.asarray(t) for t, _ in drawn])
+  return samplers[per_call][0], tokens, int(drawn[0][1]), seconds
 
 
 def validation_nll(config, record: dict, graphdef, params, prepared) -> dict:
@@ -244,13 +268,9 @@ def _sample_rows(config, label: str, directory: str, steps: list[int], judged,
   likelihood = validation_nll(config, record, graphdef, params, prepared)
   rows = []
   for n in steps:
-    name, sampler = sampler_for(config, record, tokenizer, n, config.eval.num_samples)
-    if prompts is not None:
-      given = np.arange(prompts.shape[1]) < prompts.shape[1] // 2
-      sampler = functools.partial(sampler, condition=Condition(
-          jnp.asarray(np.broadcast_to(given, prompts.shape)), jnp.asarray(prompts)))
-    tokens, calls, seconds = _timed_samples(sampler, graphdef, params,
-                                            jax.random.PRNGKey(config.seed))
+    name, tokens, calls, seconds = _timed_samples(
+        config, record, tokenizer, n, graphdef, params, jax.random.PRNGKey(config.seed),
+        prompts)
     if prompts is not None:
       texts = halves(tokenizer, tokens)[1]
       tokens = tokens[:, prompts.shape[1] // 2:]

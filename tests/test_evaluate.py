@@ -6,6 +6,7 @@ import json
 import math
 
 from etils import epath
+import jax
 import numpy as np
 import pytest
 
@@ -101,6 +102,26 @@ def _scores(rows):  # all but the sampling time
   return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
 
 
+def test_samples_are_drawn_in_calls_of_the_evaluator_batch(prepared, teacher, monkeypatch):
+  """eval.num_samples 5 with eval.batch_size 2: calls of 2, 2 and 1 samples, the i-th
+  call's as the sampler draws them alone from fold_in(key, i); on a mesh, calls of at
+  least one sample per data-parallel device (8 here: the 5 in one call)."""
+  config, _ = _trained_teacher(prepared, teacher, monkeypatch)
+  config.eval.update(num_samples=5, batch_size=2)
+  record, graphdef, params, tokenizer = evaluate.load(config, teacher)
+  rng = jax.random.PRNGKey(3)
+  alone = lambda size, i, params: evaluate.sampler_for(config, record, tokenizer, 2, size)[1](
+      graphdef, params, jax.random.fold_in(rng, i))[0]
+  on_mesh = evaluate._timed_samples(config, record, tokenizer, 2, graphdef, params, rng)[1]
+  np.testing.assert_array_equal(on_mesh, alone(5, 0, params))
+  params = jax.device_get(params)  # on no mesh
+  name, tokens, calls, _ = evaluate._timed_samples(config, record, tokenizer, 2, graphdef,
+                                                   params, rng)
+  assert (name, calls, tokens.shape) == ("euler_2", 2, (5, config.data.seq_len))
+  for i, (start, size) in enumerate([(0, 2), (2, 2), (4, 1)]):
+    np.testing.assert_array_equal(tokens[start:start + size], alone(size, i, params))
+
+
 @pytest.mark.slow
 def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
     tmp_path, monkeypatch, capsys, prepared, teacher):
@@ -109,7 +130,7 @@ def test_sweep_writes_table_json_and_plot_and_scoring_later_gives_the_same(
   monkeypatch.setattr(evaluate, "_timed_samples", lambda *a: drawn.append(timed(*a)) or drawn[-1])
   rows = evaluate.evaluate(config, str(tmp_path), models)
   assert [(r["model"], r["steps"]) for r in rows] == [("FLM", 1), ("FLM", 2), ("dataset", 0)]
-  for row, (tokens, _, _) in zip(rows, drawn):  # each sample's unigram entropy, averaged
+  for row, (_, tokens, _, _) in zip(rows, drawn):  # each sample's unigram entropy, averaged
     entropies = [-sum(c / len(t) * math.log(c / len(t)) for c in Counter(t.tolist()).values())
                  for t in tokens]
     assert row["entropy"] == pytest.approx(np.mean(entropies), rel=1e-9)

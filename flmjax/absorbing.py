@@ -240,8 +240,7 @@ def tokens(graphdef, params, rng, rows, *, kind: str, batch_size: int, seq_len: 
   (`grid`); `cache` (MDLM only) skips the call when the last step changed no token."""
   model = nnx.merge(graphdef, params)
   step_fn = STEPS[kind]
-  rows = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if x.dtype != bool else bool),
-                      rows)
+  rows = sampling.device_rows(rows)
 
   def body(carry, inputs):
     x, probs, changed, calls = carry

@@ -151,6 +151,12 @@ def flow_step(model, state, row, key, latent: bool, factor, condition=None,
   return state
 
 
+def device_rows(grid: dict) -> dict:
+  """A sampler's host grid (float64 and bool rows) on the device: float32 and bool."""
+  return jax.tree.map(lambda x: jnp.asarray(x, bool if x.dtype == bool else jnp.float32),
+                      grid)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """A sampler: its name, its host grid (vocab_size, steps, gamma) -> arrays, its step
@@ -170,7 +176,7 @@ def _integrate(model, state, grid, rng, rule: Rule, latent: bool, churn: bool,
                condition: Condition | None = None, guidance: float = 0.0):
   """The rule's steps over the grid from `state`: (the last state, the last row's
   times)."""
-  grid = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grid)
+  grid = device_rows(grid)
   embed = model.vocab_embed[...]
   factor = flow.noise_factor(embed) if churn and latent and embed.shape[0] > embed.shape[1] \
       else None

@@ -125,8 +125,7 @@ def tokens(graphdef, params, rng, rows, *, batch_size: int, seq_len: int,
   """(tokens [B, L] int32, network calls) of a Duo sample over `rows` (`grid`); `greedy`
   takes the argmax of x_theta at the noise-removal call."""
   model = nnx.merge(graphdef, params)
-  rows = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if x.dtype != bool else bool),
-                      rows)
+  rows = sampling.device_rows(rows)
 
   def body(x, inputs):
     row, key = inputs

@@ -343,8 +343,11 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
                   process_count: int | None = None) -> grain.IterDataset:
   """Endless batches {"tokens": int32 [batch_size / processes, L]} of the training split.
 
-  Each epoch is a fresh seeded permutation of the whole split, cut into global batches of
-  `batch_size`; each process reads only its own rows of each. The global batches are
+  Each epoch is a fresh seeded permutation of the whole split, the epochs one after the
+  other, cut into global batches of `batch_size` (a batch may hold the end of one epoch and
+  the start of the next, where the reference drops each epoch's remainder: the same
+  example twice in one batch only where the split is near one batch); each process reads
+  only its own rows of each. The global batches are
   the same for any number of processes, so a run may resume on another slice size and
   see the same data. Iterate with `it = iter(ds)`; `it.get_state()` / `it.set_state()`
   save and restore the position ({"next_index": the number of batches read}).
@@ -367,7 +370,10 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
 def eval_batches(prepared: Prepared, split: str, batch_size: int, *,
                  process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
-  """One pass over a split in file order, in full batches (a partial last one is dropped)."""
+  """One pass over a split in file order, in full batches: a partial last one is dropped,
+  and with several processes the last examples that they do not divide among them, so
+  the examples read depend on the process count where the split is not a multiple of the
+  batch."""
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch_size(batch_size, process_count)
   dataset = _process_share(prepared, split, process_index, process_count)

@@ -2,28 +2,28 @@
 
 With `--config.topology=v5e:8x8` (any TPU slice name libtpu knows: v5e:AxB, v5p:AxBxC,
 v6e:AxB; install it with pip install "jax[tpu]==<the installed jax version>") the train
-step of config.family and its validation, and for FLM the distillation step and the one-step sampler (for
-Duo with distill.objective=dcd, the DCD step), are lowered and compiled for that
-slice on this machine, with the config's mesh laid over its chips. With `h100`, `h200`,
-`h100:8` (8 GPUs in one host) or `h100:4x8` (4 hosts of 8) they are compiled for NVIDIA
-GPUs, described by GPUS (install JAX's CUDA plugin: pip install "jax[cuda12-local]==<the
-installed jax version>"; no GPU or driver is needed). With an empty topology they are
-compiled for the local devices. For each it prints XLA's per-chip
+step of config.family and its validation, and for FLM the distillation step and the
+one-step sampler (for Duo with distill.objective=dcd, the DCD step), are lowered and
+compiled for that slice on this machine, with the config's mesh laid over its chips. With
+`h100`, `h200`, `h100:8` (8 GPUs in one host) or `h100:4x8` (4 hosts of 8) they are
+compiled for NVIDIA GPUs, described by GPUS (install JAX's CUDA plugin: pip install
+"jax[cuda12-local]==<the installed jax version>"; no GPU or driver is needed). With an
+empty topology they are compiled for the local devices. For each it prints XLA's per-chip
 memory plan (arguments + outputs + temporaries - aliased + code) against the chip's HBM,
 the FLOPs and the bytes of memory accessed per chip from XLA's cost analysis, and the
-roofline step time max(FLOPs / peak, bytes / HBM bandwidth) with the chip's published
-bf16 peak and bandwidth (a lower bound: no chip reaches either; and XLA's cost analysis
-counts a loop's body once and nothing inside a Pallas kernel, so the fused output head and
-the splash attention are undercounted, which `cost_undercounted` and a * mark; compiled for
-a GPU without one, XLA gives no cost analysis, and only the memory is reported). For the
+roofline step time max(FLOPs / peak, bytes / HBM bandwidth) with the chip's published bf16
+peak and bandwidth (a lower bound: no chip reaches either; and XLA's cost analysis counts
+a loop's body once and nothing inside a Pallas kernel, so the fused output head and the
+splash attention are undercounted, which `cost_undercounted` and a * mark; compiled for a
+GPU without one, XLA gives no cost analysis, and only the memory is reported). For the
 train step it also gives the model's FLOPs per chip (dit.training_flops_per_token, one
 forward and backward pass per network pass of the objective, counted in full) and their
 time at the chip's peak, and for each computation the attention kernel it compiled with
 (the family's settings may differ from the config's: see the header). The same goes to
-WORKDIR/compile.json. Nothing is
-allocated and no data is read: V comes from the tokenizer's files where the config
-names them (GPT-2, or tokenizer.path), else from tokenizer.vocab_size (a SentencePiece
-model the run would train) or bert-base-uncased's 30522 (BERT without tokenizer.path).
+WORKDIR/compile.json. Nothing is allocated and no data is read: V comes from the
+tokenizer's files where the config names them (GPT-2, or tokenizer.path), else from
+tokenizer.vocab_size (a SentencePiece model the run would train) or bert-base-uncased's
+30522 (BERT without tokenizer.path).
 """
 
 import os

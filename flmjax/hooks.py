@@ -2,9 +2,9 @@
 
 After every step the loop hands each hook a `StepEnd`, in this order: `Progress` logs the
 window's averages, `Checkpointing` saves by its policy, `Validation` logs the validation
-losses of the EMA weights and `Samples` writes decoded samples; `FiniteGuard` stops the run at the first
-non-finite loss and `StopRequest` turns SIGTERM (and Ctrl-C) into a step at which every
-process stops.
+losses of the EMA weights and `Samples` writes decoded samples; `FiniteGuard` stops the
+run at the first non-finite loss and `StopRequest` turns SIGTERM (and Ctrl-C) into a step
+at which every process stops.
 """
 
 import dataclasses
@@ -66,9 +66,8 @@ class FiniteGuard:
 class Progress:
   """Every `every` steps, at the end and at a stop: the averages of the step metrics over
   the window (the learning rate: the last step's), s/step and tokens/s, to metrics.jsonl
-  and a progress line. The window's
-  clock runs from the first step after the last report (time in other hooks is not
-  training time)."""
+  and a progress line. The window's clock runs from the first step after the last report
+  (time in other hooks is not training time)."""
 
   def __init__(self, log: outputs.MetricsLog, guard: FiniteGuard, directory, every: int,
                total_steps: int, tokens_per_step: int):

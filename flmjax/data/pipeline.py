@@ -344,13 +344,13 @@ def train_batches(prepared: Prepared, batch_size: int, seed: int, *,
   """Endless batches {"tokens": int32 [batch_size / processes, L]} of the training split.
 
   Each epoch is a fresh seeded permutation of the whole split, the epochs one after the
-  other, cut into global batches of `batch_size` (a batch may hold the end of one epoch and
-  the start of the next, where the reference drops each epoch's remainder: the same
+  other, cut into global batches of `batch_size` (a batch may hold the end of one epoch
+  and the start of the next, where the reference drops each epoch's remainder: the same
   example twice in one batch only where the split is near one batch); each process reads
-  only its own rows of each. The global batches are
-  the same for any number of processes, so a run may resume on another slice size and
-  see the same data. Iterate with `it = iter(ds)`; `it.get_state()` / `it.set_state()`
-  save and restore the position ({"next_index": the number of batches read}).
+  only its own rows of each. The global batches are the same for any number of processes,
+  so a run may resume on another slice size and see the same data. Iterate with `it =
+  iter(ds)`; `it.get_state()` / `it.set_state()` save and restore the position
+  ({"next_index": the number of batches read}).
   """
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch_size(batch_size, process_count)

@@ -102,6 +102,7 @@ def _scores(rows):  # all but the sampling time
   return [{k: v for k, v in r.items() if k != "seconds_per_sample"} for r in rows]
 
 
+@pytest.mark.slow
 def test_samples_are_drawn_in_calls_of_the_evaluator_batch(prepared, teacher, monkeypatch):
   """eval.num_samples 5 with eval.batch_size 2: calls of 2, 2 and 1 samples, the i-th
   call's as the sampler draws them alone from fold_in(key, i); on a mesh, calls of at

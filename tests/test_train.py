@@ -356,6 +356,7 @@ def test_progress_logs_window_means_and_the_last_steps_learning_rate(tmp_path):
   np.testing.assert_allclose([l["lr"] for l in lines], [0.75e-4, 2.25e-4], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_failure_in_sampling_keeps_the_checkpoint_of_its_step(tmp_path, prepared):
   """The step is saved before it is validated and sampled: a sampler that fails (out of
   memory, say) at a checkpoint step loses no training."""

@@ -14,7 +14,8 @@ JSON:
   process's peak resident set size);
 for latent noise and, for comparison, V-space noise (--noise). `--profile=DIR` also writes a
 profiler trace of the training step (DIR/NOISE, for TensorBoard or Perfetto) and reports
-the share of the step's executed time in each part of the model (flmjax/profiling.py).
+the share of the step's executed time in each part of the model (flmjax/profiling.py); on
+GPUs it runs without XLA's command buffers, which would hide each kernel's instruction.
 """
 
 import functools
@@ -53,26 +54,37 @@ _PROFILE = flags.DEFINE_string("profile", "", "Directory for a trace of the trai
 flags.mark_flags_as_required(["config"])
 
 
-def matmul_peak(dtype, size: int, repeats: int) -> float:
-  """FLOP/s of a square matmul on all devices (each multiplies its own pair)."""
+def matmul_peak(dtype, size: int, chain: int, repeats: int) -> float:
+  """FLOP/s of square matmuls on all devices (each multiplies its own pairs): the best of
+  `repeats` calls, each a chain of `chain` dependent products (on an accelerator one
+  product is short enough for the call's own overhead to count, and the best call is
+  the one least slowed by clocks still rising or anything else)."""
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("d",), devices=devices)
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-  a = jax.device_put(jnp.ones((len(devices), size, size), dtype), spec)
-  matmul = jax.jit(lambda a: jnp.einsum("nij,njk->nik", a, a,
-                                        preferred_element_type=dtype)).lower(a).compile()
-  return 2 * size**3 * len(devices) / _timed(matmul, lambda i: (a,), repeats)
+  a = jax.device_put(jnp.full((len(devices), size, size), 1 / size, dtype), spec)
+
+  def products(x, a):  # x @ a is x again: every entry stays 1 / size
+    return jax.lax.fori_loop(0, chain, lambda _, x: jnp.einsum(
+        "nij,njk->nik", x, a, preferred_element_type=dtype), x)
+  compiled = jax.jit(products).lower(a, a).compile()
+  return 2 * size**3 * chain * len(devices) / _runs(compiled, lambda i: (a, a), repeats)[0]
 
 
-def _timed(fn, args, repeats: int) -> float:
-  """Median seconds of fn(*args(i)) over `repeats` runs, after one untimed run."""
+def _runs(fn, args, repeats: int) -> list[float]:
+  """Seconds of fn(*args(i)) for `repeats` runs, after one untimed run, fastest first."""
   jax.block_until_ready(fn(*args(repeats)))
   runs = []
   for i in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args(i)))
     runs.append(time.perf_counter() - start)
-  return sorted(runs)[len(runs) // 2]
+  return sorted(runs)
+
+
+def _timed(fn, args, repeats: int) -> float:
+  """Median seconds of fn(*args(i)) over `repeats` runs, after one untimed run."""
+  return _runs(fn, args, repeats)[repeats // 2]
 
 
 def _time_train(config, vocab_size: int, repeats: int, profile: str) -> tuple[dict, tuple]:
@@ -127,8 +139,8 @@ def _peak_memory() -> dict:
 def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
         repeats: int, profile: str = "", sample_batch: int = 0) -> dict:
   on_cpu = jax.default_backend() == "cpu"
-  size = 2048 if on_cpu else 8192
-  peaks = {name: matmul_peak(dtype, size, repeats)
+  size, chain = (2048, 1) if on_cpu else (8192, 8)
+  peaks = {name: matmul_peak(dtype, size, chain, repeats)
            for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
   peak = max(peaks.values())
   flops_per_token = dit.training_flops_per_token(config.model, vocab_size,
@@ -162,6 +174,12 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
 
 def main(argv):
   del argv
+  if _PROFILE.value:
+    # Before JAX starts its backends. On GPUs, XLA runs the step's kernels in command
+    # buffers (CUDA graphs) by default, and the trace then names each kernel by its buffer
+    # rather than its instruction: without them, every kernel counts in its part.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=")
   config = _CONFIG.value
   try:  # the config's training step, checked as --mode=train checks it
     if config.family != "flm":

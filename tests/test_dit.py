@@ -273,6 +273,47 @@ def test_bfloat16_blocks_stay_close_to_float32():
   assert dots.count(("float32", "float32")) == 2 + depth + 1  # time MLP, adaLN, final adaLN
 
 
+def test_mixed_dot_general_derivatives_take_products_in_the_operands_dtype():
+  """Its value is lax.dot_general's; in float32 so are its derivatives. With bfloat16
+  operands and a float32 result, its backward pass is the bfloat16 product's at the
+  cotangent rounded to bfloat16, and its tangent the bfloat16 products' sum."""
+  dims = (((1,), (0,)), ((), ()))
+  x, w, dx, dw = (jax.random.normal(key, shape) for key, shape in zip(
+      jax.random.split(jax.random.key(0), 4), [(8, 32), (32, 16), (8, 32), (32, 16)]))
+  g = jax.random.normal(jax.random.key(1), (8, 16))
+  exact = functools.partial(jax.lax.dot_general, dimension_numbers=dims)
+  mixed = functools.partial(dit.mixed_dot_general, dimension_numbers=dims,
+                            preferred_element_type=jnp.float32)
+  for got, want in [(jax.jvp(mixed, (x, w), (dx, dw)), jax.jvp(exact, (x, w), (dx, dw))),
+                    (jax.vjp(mixed, x, w)[1](g), jax.vjp(exact, x, w)[1](g))]:
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+  xb, wb, dxb, dwb = (a.astype(jnp.bfloat16) for a in (x, w, dx, dw))
+  value, tangent = jax.jvp(mixed, (xb, wb), (dxb, dwb))
+  assert value.dtype == tangent.dtype == jnp.float32
+  np.testing.assert_array_equal(value, jax.lax.dot_general(
+      xb, wb, dims, preferred_element_type=jnp.float32))
+  np.testing.assert_array_equal(
+      tangent, exact(dxb, wb).astype(jnp.float32) + exact(xb, dwb).astype(jnp.float32))
+  got = jax.vjp(mixed, xb, wb)[1](g)
+  want = jax.vjp(exact, xb, wb)[1](g.astype(jnp.bfloat16))
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_blocks_backward_pass_has_no_mixed_products():
+  """The gradient of a bfloat16 model multiplies bfloat16 by bfloat16 and float32 by
+  float32, never one by the other (XLA would upcast the bfloat16 side and run the product
+  in float32)."""
+  h, tau = _inputs()
+  graphdef, state = nnx.split(_perturb(_model(dtype=jnp.bfloat16), scale=0.1))
+  loss = lambda s: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(h, tau)))
+  dots = _dot_dtypes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+  assert ("bfloat16", "bfloat16") in dots
+  assert [d for d in dots if d[0] != d[1]] == []
+
+
 @pytest.mark.parametrize("vocab, millions", [(30522, 139), (50258, 170)])
 def test_small_config_has_the_papers_parameter_count(vocab, millions):
   model = nnx.eval_shape(lambda: dit.DiT(vocab, 768, 12, 12, 128, rngs=nnx.Rngs(0)))

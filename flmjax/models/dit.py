@@ -13,7 +13,8 @@ at a time over a key/value cache.
 
 Precision: parameters are float32; the input projection, LayerNorms, time MLP and
 modulation run in float32; the blocks' matmuls and attention run in `dtype` (bfloat16 by
-default) with float32 accumulation, and the residual stream stays float32. Every
+default) with float32 accumulation, their gradients' products too (mixed_dot_general), and
+the residual stream stays float32. Every
 parameter carries logical axis names (vocab, embed, heads, mlp, cond, freq) that
 flmjax/sharding.py maps to mesh axes.
 """
@@ -58,10 +59,42 @@ def _param(init, *names):
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                      out_sharding=None):
+  """lax.dot_general, whose derivatives take their products in the operands' dtype.
+
+  With bfloat16 operands and a float32 result (float32 accumulation), plain autodiff would
+  make the backward pass's products bfloat16 x float32 (the result's cotangent), which XLA
+  runs as float32 products of upcast operands: on an H200 a third of the train step went to
+  such products. Here the tangent is the operands' product rounded to their dtype, so the
+  cotangent reaches the transposed products in that dtype too, as under PyTorch's autocast.
+  """
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                             out_sharding=out_sharding)
+
+
+@functools.partial(mixed_dot_general.defjvp, symbolic_zeros=True)
+def _mixed_dot_general_jvp(dimension_numbers, precision, preferred_element_type, out_sharding,
+                           primals, tangents):
+  lhs, rhs = primals
+  out = mixed_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                          out_sharding)
+  product = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers,
+                              precision=precision, out_sharding=out_sharding)
+  d_lhs, d_rhs = tangents
+  zero = jax.custom_derivatives.SymbolicZero
+  terms = ([] if isinstance(d_lhs, zero) else [product(d_lhs, rhs).astype(out.dtype)]) + (
+      [] if isinstance(d_rhs, zero) else [product(lhs, d_rhs).astype(out.dtype)])
+  return out, sum(terms[1:], terms[0])
+
+
 def _linear(d_in, d_out, names, *, rngs, use_bias=True, zero=False, dtype=None):
-  """A Linear layer with PyTorch's default init, or all zeros (`zero`)."""
+  """A Linear layer with PyTorch's default init, or all zeros (`zero`); with a `dtype`, its
+  matmul runs in it with a float32 result (mixed_dot_general)."""
   return nnx.Linear(d_in, d_out, use_bias=use_bias, rngs=rngs, dtype=dtype,
                     preferred_element_type=jnp.float32 if dtype else None,
+                    dot_general=mixed_dot_general if dtype else jax.lax.dot_general,
                     kernel_init=_param(zeros if zero else torch_uniform, *names),
                     bias_init=_param(zeros if zero else torch_bias(d_in), names[-1]))
 
@@ -186,8 +219,8 @@ def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False
     if softcap:
       raise ValueError("fused attention has no soft cap; use it with attn_softcap=0")
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(q.shape[-1])
+  scores = mixed_dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))),  # [B, H, Lq, Lk]
+                             preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
   scores = flow.soft_cap(scores, softcap)
   if causal:
     scores = jnp.where(jnp.tril(jnp.ones(scores.shape[-2:], bool)), scores, -jnp.inf)
@@ -294,8 +327,9 @@ class Block(nnx.Module):
       # would give a device q and part of k): XLA then moves weights, not activations.
       kernel = split_heads(self.attn_qkv.kernel[...].reshape(
           dim, 3, self.heads, dim // self.heads))
-      q, k, v = jnp.einsum("bld,dthe->tblhe", x.astype(self.dtype),
-                           kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+      qkv = mixed_dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                              (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      q, k, v = jnp.moveaxis(qkv, 2, 0)  # [B, L, 3, H, Dh] -> q, k, v
       return (rotary(q.astype(self.dtype), start), rotary(k.astype(self.dtype), start),
               v.astype(self.dtype))
 

@@ -131,6 +131,7 @@ def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
     assert command[:3] == ["python3", "-m", "flmjax.bench"]
     assert f"--vocab_size={vocab}" in command and f"--config.model.output_head={head}" in command
     assert f"--config.model.attention={attention}" in command
+    assert any(arg.startswith("--profile=") for arg in command) == (head == "auto")
     assert command[-1] == "--config.model.dtype=bfloat16"
   assert "--config.data.seq_len=1024" in commands[2] and "--sample_batch=64" in commands[2]
   run, _ = _launch("gpu_bench.sh", "--size=huge")

@@ -55,10 +55,9 @@ flags.mark_flags_as_required(["config"])
 
 
 def matmul_peak(dtype, size: int, chain: int, repeats: int) -> float:
-  """FLOP/s of square matmuls on all devices (each multiplies its own pairs): the best of
+  """FLOP/s of square matmuls on all devices (each multiplies its own): the best of
   `repeats` calls, each a chain of `chain` dependent products (on an accelerator one
-  product is short enough for the call's own overhead to count, and the best call is
-  the one least slowed by clocks still rising or anything else)."""
+  product is short enough for the call's own overhead to count)."""
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("d",), devices=devices)
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))

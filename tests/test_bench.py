@@ -53,8 +53,9 @@ def test_utilisation_is_model_flops_over_the_measured_and_published_peaks():
   """With every timed run taking 0.5 s: the matmul peak is 2 n^3 FLOPs on each of the 8
   devices per 0.5 s (n = 2048 and one product per run on a CPU), tokens/s is B L / 0.5,
   the MFU their model FLOPs over the better peak, and on a chip of aot.CHIPS (here the
-  CPU, listed at 1 TFLOP/s) also over its published peak times the devices. (A subprocess: the bench's command-line
-  flags would clash with those of the other entry points imported here.)"""
+  CPU, listed at 1 TFLOP/s) also over its published peak times the devices. (A
+  subprocess: the bench's command-line flags would clash with those of the other entry
+  points imported here.)"""
   run = subprocess.run([sys.executable, "-c", _UTILISATION], cwd=ROOT, capture_output=True,
                        text=True, check=False)
   assert run.returncode == 0, run.stderr[-3000:]

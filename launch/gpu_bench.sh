@@ -15,7 +15,10 @@
 # The "after" runs also profile their step (--profile: "shares" by part of the model), so
 # they run without XLA's command buffers (on an H200 at L 128 the step took 58.3 ms
 # without, 58.4 ms with them).
-# Each line is the bench's JSON with "shape", "code" (before or after) and "commit" added;
+# First a check: the flash kernel against the plain path in bfloat16, values and gradients
+# (a test of tests/test_dit.py, on the GPU with --size=gpu, else on the CPU in Pallas's
+# interpret mode), one JSON line {"check": "flash_bfloat16", "passed": ..., "commit": ...}.
+# Then each line is the bench's JSON with "shape", "code" (before or after) and "commit" added;
 # a run that fails, or runs past --timeout seconds, gives a line with "error" instead, the
 # others still run, and the script then exits 1 (four runs of 140 s at most fit a call
 # of 10 minutes). XLA_PYTHON_CLIENT_MEM_FRACTION is 0.9 unless set (JAX's
@@ -60,6 +63,22 @@ after=(--config.model.output_head=auto --config.model.attention=flash)
 profiles="$(mktemp -d)"
 trap 'rm -rf "$profiles"' EXIT
 failed=0
+
+platform=cpu
+[[ $size == gpu ]] && platform=cuda
+check=(env JAX_PLATFORMS="${JAX_PLATFORMS:-$platform}" python3 -m pytest -q -p no:cacheprovider
+       tests/test_dit.py -k "kernels_equal and flash-False-bfloat16")
+if [[ $dry_run -eq 1 ]]; then
+  printf '+'; printf ' %q' "${check[@]}"; printf '\n'
+else
+  passed=false error=""
+  if timeout "$limit" "${check[@]}" >&2; then passed=true; else
+    status=$?
+    [[ $status -eq 124 ]] && error=", \"error\": \"timed out after $limit s\""
+    failed=1
+  fi
+  echo "{\"check\": \"flash_bfloat16\", \"passed\": $passed, \"commit\": \"$commit\"$error}"
+fi
 for shape in small owt; do
   for code in before after; do
     declare -n sizes="$shape" variant="$code"

@@ -122,8 +122,11 @@ def test_slurm_dry_run_starts_one_process_per_gpu():
 
 
 def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
-  run, commands = _launch("gpu_bench.sh", "--dry-run", "--", "--config.model.dtype=bfloat16")
+  run, (check, *commands) = _launch("gpu_bench.sh", "--dry-run", "--",
+                                    "--config.model.dtype=bfloat16", env={"JAX_PLATFORMS": ""})
   assert run.returncode == 0, run.stderr
+  assert check[:2] == ["env", "JAX_PLATFORMS=cuda"] and "tests/test_dit.py" in check
+  assert check[-1] == "kernels_equal and flash-False-bfloat16"
   assert len(commands) == 4
   for command, (vocab, head, attention) in zip(commands, [
       (8192, "plain", "plain"), (8192, "auto", "flash"), (50258, "plain", "plain"),
@@ -147,7 +150,8 @@ def test_gpu_bench_reports_a_failed_run_and_goes_on_to_the_next():
   script exits 1."""
   run, _ = _launch("gpu_bench.sh", "--size=tiny", "--", "--config.model.attention=bogus")
   assert run.returncode == 1
-  lines = [json.loads(line) for line in run.stdout.splitlines()]
+  check, *lines = [json.loads(line) for line in run.stdout.splitlines()]
+  assert check["check"] == "flash_bfloat16" and check["passed"] is True
   assert [(d["shape"], d["code"]) for d in lines] == [
       ("small", "before"), ("small", "after"), ("owt", "before"), ("owt", "after")]
   assert all(d["error"] == "exit 2" for d in lines)
@@ -155,4 +159,4 @@ def test_gpu_bench_reports_a_failed_run_and_goes_on_to_the_next():
   run, _ = _launch("gpu_bench.sh", "--size=tiny", "--timeout=1")
   assert run.returncode == 1
   assert [json.loads(line)["error"] for line in run.stdout.splitlines()] == [
-      "timed out after 1 s"] * 4
+      "timed out after 1 s"] * 5

@@ -3,7 +3,7 @@
 # (plain output head, plain attention) and after (the fused head, the Pallas flash attention
 # with the soft cap inside), one JSON line each.
 #
-#   launch/gpu_bench.sh [--size=gpu|tiny] [--timeout=140] [--dry-run] [-- --config.FIELD=VALUE ...]
+#   launch/gpu_bench.sh [--size=gpu|tiny] [--timeout=130] [--dry-run] [-- --config.FIELD=VALUE ...]
 #
 # gpu (the default): DiT small (D 768, 12 blocks, 12 heads, bfloat16 blocks)
 #   - at L 128, V 8192, batch 128 (the shape of the H200 entry in docs/results.md);
@@ -12,21 +12,22 @@
 #     --mode=compile, docs/performance.md), one-step sampling at batch 64.
 #   Four bench runs, each compiling its step (47 to 50 s on an H200).
 # tiny: the same four runs at a toy size, on any machine (a check of the script on a CPU).
-# The "after" runs also profile their step (--profile: "shares" by part of the model), so
-# they run without XLA's command buffers (on an H200 at L 128 the step took 58.3 ms
-# without, 58.4 ms with them).
+# The "after" runs also profile their step (--profile: "shares" by part of the model), which
+# needs XLA's command buffers off; every run goes without them, so that before and after
+# are timed alike (on an H200 at L 128 the step took 58.3 ms without, 58.4 ms with them).
 # First a check: the flash kernel against the plain path in bfloat16, values and gradients
-# (a test of tests/test_dit.py, on the GPU with --size=gpu, else on the CPU in Pallas's
-# interpret mode), one JSON line {"check": "flash_bfloat16", "passed": ..., "commit": ...}.
+# (a test of tests/test_dit.py, so pytest and pytest-xdist, the [test] extra; on the GPU
+# with --size=gpu, else on the CPU in Pallas's interpret mode), at most 60 s, one JSON line
+# {"check": "flash_bfloat16", "passed": ..., "commit": ...} ("error" when it did not pass).
 # Then each line is the bench's JSON with "shape", "code" (before or after) and "commit" added;
 # a run that fails, or runs past --timeout seconds, gives a line with "error" instead, the
-# others still run, and the script then exits 1 (four runs of 140 s at most fit a call
-# of 10 minutes). XLA_PYTHON_CLIENT_MEM_FRACTION is 0.9 unless set (JAX's
+# others still run, and the script then exits 1 (the check and four runs of 130 s at most
+# fit a call of 10 minutes). XLA_PYTHON_CLIENT_MEM_FRACTION is 0.9 unless set (JAX's
 # default preallocation, 0.75, leaves little room for the OWT shape's plain step).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-size=gpu limit=140 dry_run=0 extra=()
+size=gpu limit=130 dry_run=0 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --size=*) size="${1#*=}" ;;
@@ -57,6 +58,7 @@ esac
 [[ "$limit" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_bench.sh: --timeout=$limit: seconds, a positive integer" >&2; exit 2; }
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer="
 
 before=(--config.model.output_head=plain --config.model.attention=plain)
 after=(--config.model.output_head=auto --config.model.attention=flash)
@@ -72,9 +74,11 @@ if [[ $dry_run -eq 1 ]]; then
   printf '+'; printf ' %q' "${check[@]}"; printf '\n'
 else
   passed=false error=""
-  if timeout "$limit" "${check[@]}" >&2; then passed=true; else
+  check_limit=$(( limit < 60 ? limit : 60 ))
+  if timeout "$check_limit" "${check[@]}" >&2; then passed=true; else
     status=$?
-    [[ $status -eq 124 ]] && error=", \"error\": \"timed out after $limit s\""
+    error=", \"error\": \"exit $status\""
+    [[ $status -eq 124 ]] && error=", \"error\": \"timed out after $check_limit s\""
     failed=1
   fi
   echo "{\"check\": \"flash_bfloat16\", \"passed\": $passed, \"commit\": \"$commit\"$error}"

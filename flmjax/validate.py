@@ -200,7 +200,7 @@ def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
   """The kernels' limits: L a multiple of their block, no forward-mode derivative, and
   flash attention is not causal and takes power-of-two head sizes."""
   impl = config.model.attention
-  block = {"splash": dit.SPLASH_BLOCK, "flash": flash.BLOCK}.get(impl)
+  block = {"splash": dit.SPLASH_BLOCK, "flash": flash.TILES.multiple()}.get(impl)
   if block is None:
     return
   if config.data.seq_len % block:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import randomize
 from flmjax import sharding
-from flmjax.models import dit
+from flmjax.models import dit, flash
 
 V, D, L, B = 97, 64, 16, 3
 
@@ -159,6 +159,31 @@ def test_attention_kernels_equal_the_plain_path_values_and_gradients(impl, causa
     assert np.abs(e).max() > 0.1
     np.testing.assert_allclose(np.asarray(g, np.float32), e, rtol=tolerance,
                                atol=tolerance * np.abs(e).max())
+
+
+@pytest.mark.slow
+def test_flash_tiles_of_other_shapes_give_the_same_attention():
+  """The flash kernels with blocks of other sizes than their loop steps (each side larger
+  in turn, over 8 warps and 3 stages): values and gradients equal the default tiles'."""
+  q, k, v = (jax.random.normal(key, (2, 128, 2, 16)) for key in
+             jax.random.split(jax.random.key(2), 3))
+  q = 20 * q
+  cotangent = jax.random.normal(jax.random.key(3), q.shape)
+  tiles = flash.Tiles(forward=flash.Tile(128, 32), dkv=flash.Tile(32, 64, 8, 3),
+                      dq=flash.Tile(64, 128, 8, 1))
+
+  def loss(tiles, q, k, v):
+    out = flash.flash_attention(q, k, v, 50.0, interpret=True, tiles=tiles)
+    return jnp.sum(cotangent * out), out
+
+  (_, got), got_grads = jax.value_and_grad(functools.partial(loss, tiles), argnums=(0, 1, 2),
+                                           has_aux=True)(q, k, v)
+  (_, expected), expected_grads = jax.value_and_grad(
+      functools.partial(loss, None), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(got_grads, expected_grads):
+    assert np.abs(e).max() > 0.1
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
 
 
 @pytest.mark.slow

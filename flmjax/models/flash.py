@@ -5,11 +5,14 @@ of queries at a time, over blocks of keys with a running max and sum, so the [L,
 are never stored. The backward pass recomputes them per block from q, k and the saved
 logsumexp: with t = tanh(s / cap) and P the probabilities, dS = P (dP - rowsum(dO O)) and
 the raw scores' gradient is dS (1 - t^2). The soft cap bounds the scores in [-cap, cap].
+The kernels read and write [B, L, H, Dh] in place (a block is rows of one head), so no
+transpose surrounds them.
 
 Off GPU the kernels run in Pallas's interpret mode, which is how the tests compare them
 with the plain path (flmjax/models/dit.py) on a CPU.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -18,7 +21,29 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-BLOCK = 64  # queries and keys per block; L must be a multiple
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """One kernel's rows per program (its block: queries, or keys for dkv) and per step of
+  its loop over the other side, and Triton's warps and pipeline stages."""
+  block: int = 64
+  step: int = 64
+  warps: int = 4
+  stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  forward: Tile = Tile()
+  dkv: Tile = Tile()
+  dq: Tile = Tile()
+
+  def multiple(self) -> int:
+    """The multiple of which L must be."""
+    return math.lcm(*(n for t in (self.forward, self.dkv, self.dq) for n in (t.block, t.step)))
+
+
+TILES = Tiles()
 
 
 def _scores(q, k, scale: float, cap: float):
@@ -30,12 +55,12 @@ def _scores(q, k, scale: float, cap: float):
   return cap * t, 1 - t * t
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, seq_len):
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, step):
   q = q_ref[...]
 
   def body(j, carry):
     top, total, acc = carry
-    keys = pl.ds(j * BLOCK, BLOCK)
+    keys = pl.ds(j * step, step)
     s, _ = _scores(q, k_ref[keys, :], scale, cap)
     new_top = jnp.maximum(top, s.max(axis=-1))
     p = jnp.exp(s - new_top[:, None])
@@ -45,7 +70,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, seq_len)
 
   rows, dim = q.shape
   top, total, acc = jax.lax.fori_loop(
-      0, seq_len // BLOCK, body,
+      0, k_ref.shape[0] // step, body,
       (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
        jnp.zeros((rows, dim), jnp.float32)))
   o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
@@ -61,97 +86,98 @@ def _grad_scores(q, k, v, do, lse, delta, scale, cap):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale,
-                cap, seq_len):
+                cap, step):
   k, v = k_ref[...], v_ref[...]
 
   def body(i, carry):
     dk, dv = carry
-    queries = pl.ds(i * BLOCK, BLOCK)
+    queries = pl.ds(i * step, step)
     q, do = q_ref[queries, :], do_ref[queries, :]
     p, ds = _grad_scores(q, k, v, do, lse_ref[queries], delta_ref[queries], scale, cap)
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-    dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True) * scale
+    dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, seq_len // BLOCK, body, (zeros, zeros))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dk, dv = jax.lax.fori_loop(0, q_ref.shape[0] // step, body, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, cap,
-               seq_len):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, cap, step):
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
   def body(j, dq):
-    keys = pl.ds(j * BLOCK, BLOCK)
+    keys = pl.ds(j * step, step)
     k = k_ref[keys, :]
     _, ds = _grad_scores(q, k, v_ref[keys, :], do, lse, delta, scale, cap)
-    return dq + plgpu.dot(ds.astype(k.dtype), k) * scale
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-  dq = jax.lax.fori_loop(0, seq_len // BLOCK, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = dq.astype(dq_ref.dtype)
-
-
-def _specs(batch, heads, seq_len, dim):
-  """BlockSpecs over the grid (batch, heads, block): a block of rows, all rows, and the
-  per-row vectors (a block, all)."""
-  block = pl.BlockSpec((None, None, BLOCK, dim), lambda b, h, i: (b, h, i, 0))
-  whole = pl.BlockSpec((None, None, seq_len, dim), lambda b, h, i: (b, h, 0, 0))
-  row_block = pl.BlockSpec((None, None, BLOCK), lambda b, h, i: (b, h, i))
-  row_whole = pl.BlockSpec((None, None, seq_len), lambda b, h, i: (b, h, 0))
-  return block, whole, row_block, row_whole
+  dq = jax.lax.fori_loop(0, k_ref.shape[0] // step, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _call(kernel, q, in_specs, out_specs, out_shape, interpret):
-  """The kernel over the grid (batch, heads, block), on GPUs through Triton: Triton's
-  compiler parameters select it (JAX's default for pallas_call on GPUs is Mosaic GPU)."""
-  batch, heads, seq_len, _ = q.shape
-  return pl.pallas_call(kernel, grid=(batch, heads, seq_len // BLOCK), in_specs=in_specs,
-                        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-                        compiler_params=plgpu.CompilerParams())
+def _call(kernel, shape, tile, inputs, outputs, interpret, **options):
+  """`kernel` over the grid (batch, heads, blocks of tile.block rows) of [B, L, H, Dh] arrays.
+  `inputs` and `outputs` name each array's kind: "block" (this program's rows of [B, L, H,
+  Dh]), "all" (all rows of its head), "row_block" and "row_all" (the same of [B, H, L]).
+  Triton's compiler parameters select Triton (JAX's default for pallas_call on GPUs is
+  Mosaic GPU)."""
+  batch, seq_len, heads, dim = shape
+  block = tile.block
+  specs = {
+      "block": pl.BlockSpec((None, block, None, dim), lambda b, h, i: (b, i, h, 0)),
+      "all": pl.BlockSpec((None, seq_len, None, dim), lambda b, h, i: (b, 0, h, 0)),
+      "row_block": pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i)),
+      "row_all": pl.BlockSpec((None, None, seq_len), lambda b, h, i: (b, h, 0))}
+  return pl.pallas_call(
+      functools.partial(kernel, scale=1 / math.sqrt(dim), step=tile.step, **options),
+      grid=(batch, heads, seq_len // block), in_specs=[specs[x] for x in inputs],
+      out_specs=[specs[kind] for kind, _ in outputs],
+      out_shape=[shape_dtype for _, shape_dtype in outputs], interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=tile.warps, num_stages=tile.stages))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash(q, k, v, cap: float, interpret: bool):
-  return _flash_forward(q, k, v, cap, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _flash(q, k, v, cap: float, tiles: Tiles, interpret: bool):
+  return _flash_forward(q, k, v, cap, tiles, interpret)[0]
 
 
-def _flash_forward(q, k, v, cap, interpret):
-  batch, heads, seq_len, dim = q.shape
-  block, whole, row_block, _ = _specs(batch, heads, seq_len, dim)
-  kernel = functools.partial(_forward_kernel, scale=1 / math.sqrt(dim), cap=cap,
-                             seq_len=seq_len)
-  out, lse = _call(kernel, q, [block, whole, whole], [block, row_block],
-                   [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                    jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)], interpret)(q, k, v)
+def _flash_forward(q, k, v, cap, tiles, interpret):
+  batch, seq_len, heads, _ = q.shape
+  out, lse = _call(_forward_kernel, q.shape, tiles.forward, ["block", "all", "all"],
+                   [("block", jax.ShapeDtypeStruct(q.shape, q.dtype)),
+                    ("row_block", jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32))],
+                   interpret, cap=cap)(q, k, v)
   return out, (q, k, v, out, lse)
 
 
-def _flash_backward(cap, interpret, residuals, d_out):
+def _flash_backward(cap, tiles, interpret, residuals, d_out):
   q, k, v, out, lse = residuals
-  batch, heads, seq_len, dim = q.shape
-  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
-  block, whole, row_block, row_whole = _specs(batch, heads, seq_len, dim)
-  options = {"scale": 1 / math.sqrt(dim), "cap": cap, "seq_len": seq_len}
-  args = (q, k, v, d_out.astype(q.dtype), lse, delta)
-  dk, dv = _call(functools.partial(_dkv_kernel, **options), q,
-                 [whole, block, block, whole, row_whole, row_whole], [block, block],
-                 [jax.ShapeDtypeStruct(k.shape, k.dtype),
-                  jax.ShapeDtypeStruct(v.shape, v.dtype)], interpret)(*args)
-  dq = _call(functools.partial(_dq_kernel, **options), q,
-             [block, whole, whole, block, row_block, row_block], block,
-             jax.ShapeDtypeStruct(q.shape, q.dtype), interpret)(*args)
+  d_out = d_out.astype(q.dtype)
+  delta = jnp.einsum("blhd,blhd->bhl", out, d_out, preferred_element_type=jnp.float32)
+  args = (q, k, v, d_out, lse, delta)
+  dk, dv = _call(_dkv_kernel, q.shape, tiles.dkv,
+                 ["all", "block", "block", "all", "row_all", "row_all"],
+                 [("block", jax.ShapeDtypeStruct(k.shape, k.dtype)),
+                  ("block", jax.ShapeDtypeStruct(v.shape, v.dtype))],
+                 interpret, cap=cap)(*args)
+  dq, = _call(_dq_kernel, q.shape, tiles.dq,
+              ["block", "all", "all", "block", "row_block", "row_block"],
+              [("block", jax.ShapeDtypeStruct(q.shape, q.dtype))],
+              interpret, cap=cap)(*args)
   return dq, dk, dv
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
 
 
-def flash_attention(q, k, v, softcap: float, interpret: bool):
-  """Soft-capped attention over q, k, v [B, L, H, Dh] (L a multiple of BLOCK) ->
-  [B, L, H, Dh]; `interpret` runs the kernels in Pallas's interpret mode."""
-  if q.shape[1] % BLOCK:
-    raise ValueError(f"flash attention needs L a multiple of {BLOCK}, not {q.shape[1]}")
-  heads_first = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
-  return jnp.swapaxes(_flash(*heads_first, float(softcap), interpret), 1, 2)
+def flash_attention(q, k, v, softcap: float, interpret: bool, tiles: Tiles | None = None):
+  """Soft-capped attention over q, k, v [B, L, H, Dh] (L a multiple of tiles.multiple())
+  -> [B, L, H, Dh]; `interpret` runs the kernels in Pallas's interpret mode. `tiles`
+  defaults to TILES."""
+  tiles = tiles or TILES
+  if q.shape[1] % tiles.multiple():
+    raise ValueError(f"flash attention needs L a multiple of {tiles.multiple()}, "
+                     f"not {q.shape[1]}")
+  return _flash(q, k, v, float(softcap), tiles, interpret)

@@ -67,17 +67,19 @@ def get_config() -> ml_collections.ConfigDict:
   # Attention: "plain" (scores materialised, soft cap applied by XLA), "fused"
   # (jax.nn.dot_product_attention, XLA's implementation; needs attn_softcap=0), "splash"
   # (the Pallas TPU splash kernel with the soft cap inside; L a multiple of 128), "flash"
-  # (a Pallas GPU kernel with the soft cap inside; L a multiple of 64; not causal) or
-  # "auto": fused without a soft cap, splash on TPU when L is a multiple of 128, else
-  # plain (plain also for the Eulerian and Lagrangian objectives, which differentiate the
-  # model forward). The kernels run in Pallas's interpret mode off their hardware.
+  # (a Pallas GPU kernel with the soft cap inside; L a multiple of 64, head size a power of
+  # two from 16; not causal) or "auto": fused without a soft cap, splash on TPU when L is a
+  # multiple of 128, flash on GPU when L and the head size allow, else plain (plain also
+  # for the Eulerian and Lagrangian objectives, which differentiate the model forward).
+  # The kernels run in Pallas's interpret mode off their hardware.
   config.model.attention = "auto"
   # The output layer of the FLM and distillation losses: "fused" applies it with the
   # (token or soft) cross entropy in chunks of output_chunk tokens, never holding
   # [B, L, V] float32 logits (flow.head_cross_entropy), and keeps the distillation
   # targets in model.dtype; "plain" takes the model's logits; "auto" is fused.
   config.model.output_head = "auto"
-  config.model.output_chunk = 0  # tokens per chunk; 0: those whose logits fit in 128 MiB
+  # Tokens per chunk; 0: those whose float32 logits fit in 512 MiB on a GPU, 128 MiB else.
+  config.model.output_chunk = 0
   # Compute type of the blocks' matmuls and attention; parameters stay float32.
   config.model.dtype = "bfloat16"
   # Rematerialise each block in the backward pass: less activation memory, about a third

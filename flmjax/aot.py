@@ -211,7 +211,8 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
     # the attention kernel of the family's settings (AR: no soft cap; the JVP objectives:
     # plain), which may not be the config's
     attention = dit.attention_path(cfg.model.attention, cfg.model.attn_softcap,
-                                   cfg.data.seq_len)
+                                   cfg.data.seq_len, cfg.model.width // cfg.model.heads,
+                                   cfg.model.get("causal", False))
     report.setdefault("attention", attention)  # the train step's
     report["computations"].append(_report(*_compiled(
         name, cfg.batch_size, attention,

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from flmjax import conditioning, flow
+from flmjax.models import dit
 from flmjax.schedule import get_schedule
 from flmjax.state import ObjectiveFn
 
@@ -37,13 +38,16 @@ class Objective:
 
 
 # The fused output head's chunk when model.output_chunk is 0: the most tokens whose
-# float32 logits fit in this many bytes.
-HEAD_CHUNK_BYTES = 128 * 2**20
+# float32 logits fit in this many bytes on the platform traced for (default: all but
+# GPUs). On a GPU, larger chunks save passes over the output layer per chunk
+# (docs/performance.md); on a CPU, smaller ones keep the logits nearer the cores.
+HEAD_CHUNK_BYTES = {"gpu": 512 * 2**20, "default": 128 * 2**20}
 
 
 def head_chunk(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> int:
   """Tokens per chunk of the fused output head (flow.head_cross_entropy)."""
-  return model_cfg.output_chunk or max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
+  budget = HEAD_CHUNK_BYTES.get(dit.target_platform(), HEAD_CHUNK_BYTES["default"])
+  return model_cfg.output_chunk or max(1, budget // (4 * vocab_size))
 
 
 def denoising(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphdef=None, *,

@@ -210,7 +210,7 @@ def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
     raise UsageError("model.attention=flash is not causal, which family=ar needs; use "
                      "model.attention=auto.")
   head = config.model.width // config.model.heads
-  if impl == "flash" and (head < 16 or head & (head - 1)):
+  if impl == "flash" and not flash.supports(config.data.seq_len, head):  # L checked above
     raise UsageError(f"model.attention=flash needs a head size (model.width / model.heads = "
                      f"{head}) that is a power of two, at least 16, as Triton's blocks do on "
                      "a GPU; use model.attention=auto, or other heads.")

@@ -146,6 +146,7 @@ def test_model_flops_count_each_network_pass_and_each_step_names_its_attention(t
   assert 1.8 <= steps["d3pm"]["flops_per_chip"] / steps["mdlm"]["flops_per_chip"] <= 2.2
   config = train_config()
   config.family, config.model.attention = "ar", "auto"
-  assert dit.attention_path("auto", config.model.attn_softcap, config.data.seq_len) == "plain"
+  assert dit.attention_path("auto", config.model.attn_softcap, config.data.seq_len,
+                            config.model.width // config.model.heads) == "plain"
   report = aot.compile_mode(config, str(tmp_path))
   assert report["attention"] == report["computations"][0]["attention"] == "fused"

@@ -115,17 +115,26 @@ def test_fused_and_plain_attention_agree_without_cap():
   h, tau = _inputs()
   plain = _perturb(_model(attn_softcap=0.0, attention_impl="plain"))
   fused = _perturb(_model(attn_softcap=0.0, attention_impl="fused"))
-  assert dit.attention_path(fused.attention_impl, 0.0, L) == "fused"
+  assert dit.attention_path(fused.attention_impl, 0.0, L, D // 4) == "fused"
   np.testing.assert_allclose(fused(h, tau), plain(h, tau), atol=2e-5)
 
 
-def test_auto_attention_takes_splash_on_tpu_when_l_allows():
-  assert dit.attention_path("auto", 50.0, 128) == "plain"  # on this CPU
-  assert dit.attention_path("auto", 0.0, 128) == "fused"
+def test_auto_attention_takes_splash_on_tpu_and_flash_on_gpu_when_shapes_allow():
+  assert dit.attention_path("auto", 50.0, 128, 64) == "plain"  # on this CPU
+  assert dit.attention_path("auto", 0.0, 128, 64) == "fused"
   with dit.kernels_for("tpu"):
-    assert dit.attention_path("auto", 50.0, 256) == "splash"
-    assert dit.attention_path("auto", 50.0, 100) == "plain"  # L not a multiple of 128
-    assert dit.attention_path("plain", 50.0, 256) == "plain"
+    assert dit.attention_path("auto", 50.0, 256, 64) == "splash"
+    assert dit.attention_path("auto", 50.0, 100, 64) == "plain"  # L not a multiple of 128
+    assert dit.attention_path("plain", 50.0, 256, 64) == "plain"
+  with dit.kernels_for("gpu"):
+    assert dit.attention_path("auto", 50.0, 1024, 64) == "flash"
+    assert dit.attention_path("auto", 50.0, 128, 16) == "flash"
+    assert dit.attention_path("auto", 0.0, 1024, 64) == "fused"
+    assert dit.attention_path("auto", 50.0, 96, 64) == "plain"  # L not a multiple of 64
+    assert dit.attention_path("auto", 50.0, 1024, 48) == "plain"  # head not a power of 2
+    assert dit.attention_path("auto", 50.0, 1024, 8) == "plain"  # head under 16
+    assert dit.attention_path("auto", 50.0, 1024, 64, causal=True) == "plain"
+    assert dit.attention_path("plain", 50.0, 1024, 64) == "plain"
 
 
 @pytest.mark.parametrize("impl, causal, dtype", [
@@ -208,12 +217,13 @@ def test_attention_kernels_under_a_mesh_run_per_device():
     np.testing.assert_allclose(kernel, outputs[0], rtol=1e-4, atol=1e-4)
 
 
-def test_flash_attention_lowers_to_triton_for_cuda():
-  """Exported for CUDA on this CPU (jax.export), the model's flash path becomes Triton
-  kernels, forward and backward: the Pallas GPU lowering accepts the kernels, and the Triton
-  backend is the one chosen (the installed JAX's default for pallas_call on GPUs is Mosaic
-  GPU, which cannot lower them)."""
-  graphdef, params = nnx.split(_model(attention_impl="flash"))
+@pytest.mark.parametrize("impl", ["flash", "auto"])
+def test_flash_attention_lowers_to_triton_for_cuda(impl):
+  """Exported for CUDA on this CPU (jax.export), the model's flash path (asked for, or
+  taken by auto for a GPU) becomes Triton kernels, forward and backward: the Pallas GPU
+  lowering accepts the kernels, and the Triton backend is the one chosen (the installed
+  JAX's default for pallas_call on GPUs is Mosaic GPU, which cannot lower them)."""
+  graphdef, params = nnx.split(_model(attention_impl=impl))
   h = jax.ShapeDtypeStruct((2, 128, D), jnp.float32)
   tau = jax.ShapeDtypeStruct((2,), jnp.float32)
 

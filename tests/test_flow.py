@@ -214,6 +214,23 @@ def test_head_argmax_is_the_argmax_of_the_logits_first_among_ties():
                                 logits.argmax(-1))
 
 
+def test_the_head_chunk_holds_512_mib_of_logits_on_gpus_and_128_elsewhere():
+  """output_chunk 0: the most tokens whose float32 logits fit in 512 MiB when traced for a
+  GPU, 128 MiB for a CPU or a TPU (compile mode); a set output_chunk wins everywhere."""
+  config = base.get_config()
+  assert objectives.head_chunk(config.model, 50258) == 667  # 2^27 / (4 x 50258) = 667.7
+  assert objectives.head_chunk(config.model, 8192) == 4096
+  with dit.kernels_for("tpu"):
+    assert objectives.head_chunk(config.model, 50258) == 667
+  with dit.kernels_for("gpu"):
+    assert objectives.head_chunk(config.model, 50258) == 2670  # 2^29 / (4 x 50258) = 2670.6
+    assert objectives.head_chunk(config.model, 8192) == 16384
+    config.model.output_chunk = 48
+    assert objectives.head_chunk(config.model, 50258) == 48
+  config.model.output_chunk = 0
+  assert objectives.head_chunk(config.model, 2**40) == 1  # logits past the budget: 1 token
+
+
 @pytest.mark.slow
 def test_flm_loss_is_the_same_with_the_fused_head():
   """The FLM objective with model.output_head fused and plain: same loss, metrics and

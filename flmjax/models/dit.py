@@ -136,18 +136,25 @@ def kernels_for(platform: str):
     _kernel_platform.pop()
 
 
-def _platform() -> str:
+def target_platform() -> str:
+  """The platform the model is traced for: kernels_for's, else the default backend's."""
   return _kernel_platform[-1] or jax.default_backend()
 
 
-def attention_path(impl: str, softcap: float, seq_len: int) -> str:
+def attention_path(impl: str, softcap: float, seq_len: int, head_dim: int,
+                   causal: bool = False) -> str:
   """The attention path that `impl` (ATTENTION) takes: auto is fused without a soft cap,
-  splash on TPU (when L is a multiple of SPLASH_BLOCK), plain otherwise."""
+  splash on TPU (when L is a multiple of SPLASH_BLOCK), flash on GPU (when the kernels
+  take L and the head size, and not causal), plain otherwise."""
   if impl != "auto":
     return impl
   if not softcap:
     return "fused"
-  return "splash" if _platform() == "tpu" and seq_len % SPLASH_BLOCK == 0 else "plain"
+  if target_platform() == "tpu" and seq_len % SPLASH_BLOCK == 0:
+    return "splash"
+  if target_platform() == "gpu" and not causal and flash.supports(seq_len, head_dim):
+    return "flash"
+  return "plain"
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +191,7 @@ def splash_attention(q, k, v, softcap: float, causal: bool = False):
   seq_len, head_dim = q.shape[1], q.shape[3]
   if seq_len % SPLASH_BLOCK:
     raise ValueError(f"splash attention needs L a multiple of {SPLASH_BLOCK}, not {seq_len}")
-  interpret = _platform() != "tpu"
+  interpret = target_platform() != "tpu"
 
   def local(q, k, v):
     kernel = _splash_kernel(q.shape[2], seq_len, causal, float(softcap), interpret)
@@ -205,13 +212,13 @@ def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False
   - flash: flash.flash_attention, the cap inside the kernel (a Pallas GPU kernel; not
     causal), per device under a mesh.
   """
-  impl = attention_path(impl, softcap, q.shape[1])
+  impl = attention_path(impl, softcap, q.shape[1], q.shape[3], causal)
   if impl == "splash":
     return splash_attention(q, k, v, softcap, causal)
   if impl == "flash":
     if causal:
       raise ValueError("flash attention is not causal; use attention=auto for family=ar")
-    interpret = _platform() != "gpu"
+    interpret = target_platform() != "gpu"
     return _per_device(lambda q, k, v: flash.flash_attention(q, k, v, softcap, interpret),
                        q, k, v)
   if impl == "fused":

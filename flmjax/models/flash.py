@@ -46,6 +46,12 @@ class Tiles:
 TILES = Tiles()
 
 
+def supports(seq_len: int, head_dim: int) -> bool:
+  """Whether the kernels take L (a multiple of TILES.multiple()) and the head size (a power
+  of two, at least 16, as Triton's blocks need)."""
+  return seq_len % TILES.multiple() == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 def _scores(q, k, scale: float, cap: float):
   """(capped scores, their slope d capped / d raw or None) of a block, float32."""
   raw = plgpu.dot(q, k, trans_b=True) * scale

@@ -34,6 +34,7 @@ class Tile:
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
+  """The tiles of the three kernels: the forward pass, dk and dv, dq."""
   forward: Tile = Tile()
   dkv: Tile = Tile()
   dq: Tile = Tile()

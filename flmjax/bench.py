@@ -57,7 +57,10 @@ flags.mark_flags_as_required(["config"])
 def matmul_peak(dtype, size: int, chain: int, repeats: int) -> float:
   """FLOP/s of square matmuls on all devices (each multiplies its own): the best of
   `repeats` calls, each a chain of `chain` dependent products (on an accelerator one
-  product is short enough for the call's own overhead to count)."""
+  product is short enough for the call's own overhead to count). Each product takes
+  `dtype` operands and accumulates in float32, as the model's layers compute theirs
+  (mixed_dot_general); some CPUs are several times faster at that than at products
+  with bfloat16 results."""
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("d",), devices=devices)
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
@@ -65,7 +68,7 @@ def matmul_peak(dtype, size: int, chain: int, repeats: int) -> float:
 
   def products(x, a):  # x @ a is x again: every entry stays 1 / size
     return jax.lax.fori_loop(0, chain, lambda _, x: jnp.einsum(
-        "nij,njk->nik", x, a, preferred_element_type=dtype), x)
+        "nij,njk->nik", x, a, preferred_element_type=jnp.float32).astype(dtype), x)
   compiled = jax.jit(products).lower(a, a).compile()
   return 2 * size**3 * chain * len(devices) / _runs(compiled, lambda i: (a, a), repeats)[0]
 

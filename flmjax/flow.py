@@ -281,15 +281,19 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
     exp = jnp.exp(capped - top)
     total = jnp.matmul(exp, jnp.ones(exp.shape[-1], jnp.float32))
     logsumexp = top[:, 0] + jnp.log(total)
+    softmax = exp / total[:, None]
     if tc.ndim == 1:  # tokens: CE = logsumexp - c[token], dCE/dc = softmax - onehot
-      mass, picked = 1.0, capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
-      target = jax.nn.one_hot(tc, raw.shape[-1])
+      picked = capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
+      # a select on the tokens' columns: XLA:CPU is about 2.5x slower at this pass when it
+      # subtracts one_hot's array
+      token = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1) == tc[:, None]
+      grad = jnp.where(token, softmax - 1, softmax)
     else:  # probabilities p: CE = sum(p) logsumexp - p . c, dCE/dc = sum(p) softmax - p
       target = tc.astype(jnp.float32)
       mass, picked = jnp.sum(target, axis=-1), jnp.sum(target * capped, axis=-1)
       logsumexp = logsumexp * mass
-      mass = mass[:, None]
-    grad = wc[:, None] * (exp / total[:, None] * mass - target)
+      grad = softmax * mass[:, None] - target
+    grad = wc[:, None] * grad
     if slope is not None:
       grad = grad * slope
     low = grad.astype(dtype)

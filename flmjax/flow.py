@@ -284,8 +284,8 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
     softmax = exp / total[:, None]
     if tc.ndim == 1:  # tokens: CE = logsumexp - c[token], dCE/dc = softmax - onehot
       picked = capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
-      # a select on the tokens' columns: XLA:CPU is about 2.5x slower at this pass when it
-      # subtracts one_hot's array
+      # a select on the tokens' columns: XLA:CPU is slower at this pass when it subtracts
+      # one_hot's array
       token = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1) == tc[:, None]
       grad = jnp.where(token, softmax - 1, softmax)
     else:  # probabilities p: CE = sum(p) logsumexp - p . c, dCE/dc = sum(p) softmax - p

@@ -187,7 +187,7 @@ def _report(entry: dict, compiled, devices, model_flops: float | None = None) ->
 def compile_all(config: ml_collections.ConfigDict) -> dict:
   """Compiles the computations for config.topology; returns the report."""
   devices = target_devices(config.topology)
-  with dit.kernels_for(devices[0].platform):  # attention=auto takes the slice's kernels
+  with sharding.tracing_for(devices[0].platform):  # attention=auto takes the slice's kernels
     return _compile_all(config, devices)
 
 

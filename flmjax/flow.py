@@ -22,8 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from flmjax import conditioning
-from flmjax.sharding import row_shards
+from flmjax import conditioning, sharding
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DENOMINATOR_EPS = 1e-8  # the reference's guard in the flow map and semigroup coefficients
@@ -203,12 +202,27 @@ def _head_logits(features, kernel, bias, dtype):
   return logits + bias.astype(dtype).astype(jnp.float32)
 
 
+# Traced for a GPU, the fused head and the sampler's argmax pad the output layer to a
+# multiple of this many columns: on an H200 the head's products ran twice as fast at
+# V 50304 as at 50258; on CPUs the padded steps were slower (docs/performance.md).
+GPU_VOCAB_MULTIPLE = 128
+
+
+def _padded_layer(kernel, bias, dtype, fill: float):
+  """(kernel [D, V'] in `dtype`, bias [V'] float32), V' = V, or traced for a GPU the
+  multiple of GPU_VOCAB_MULTIPLE at or above V: the new columns zero, their bias `fill`."""
+  multiple = GPU_VOCAB_MULTIPLE if sharding.target_platform() == "gpu" else 1
+  pad = -kernel.shape[1] % multiple
+  return (jnp.pad(kernel.astype(dtype), ((0, 0), (0, pad))),
+          jnp.pad(bias.astype(dtype).astype(jnp.float32), (0, pad), constant_values=fill))
+
+
 def _chunks(chunk: int, features, *per_token):
   """features [B, L, D] and arrays [B, L, ...] -> [L / r, B, r, ...]: chunks of r positions of
   every row, r the largest divisor of L with (rows per device) x r <= chunk (at least 1).
   The chunks split the positions, not the rows, so each device keeps its rows."""
   batch, length = features.shape[:2]
-  rows = batch // row_shards(batch)
+  rows = batch // sharding.row_shards(batch)
   r = max(r for r in range(1, length + 1) if length % r == 0 and (rows * r <= chunk or r == 1))
 
   def split(a):
@@ -228,6 +242,8 @@ def head_argmax(features: jax.Array, kernel: jax.Array, bias: jax.Array, dtype,
   int32 [B, L] for features [B, L, D], about `chunk` tokens per device at a time. top_k
   with k = 1 gives the same first index among ties and is much faster than argmax's
   reduction on XLA:CPU."""
+  kernel, bias = _padded_layer(kernel, bias, dtype, -jnp.inf)
+
   def one(xc):
     logits = _head_logits(xc.reshape(-1, xc.shape[-1]), kernel, bias, dtype)
     return jax.lax.top_k(logits, 1)[1][:, 0].reshape(xc.shape[:2])
@@ -269,27 +285,38 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
   features, kernel, bias, targets, weights = (
       a.value for a in (features, kernel, bias, targets, weights))
   x, t, w = _chunks(chunk, features, targets, weights)
-  kernel_t = kernel.astype(dtype).T  # [V, D], once
+  vocab = kernel.shape[1]
+  padded, padded_bias = _padded_layer(kernel, bias, dtype, 0.0)
+  kernel_t = padded.T  # [V', D], once
+  # XLA:CPU is slow at the reductions over V (exp-and-sum, the bias's column sum) and fast
+  # at them as products; XLA:GPU the other way round, and faster without the max's pass.
+  gpu = sharding.target_platform() == "gpu"
 
   def one(sums, args):
     shape = args[2].shape  # [B, r]
     xc, tc, wc = (a.reshape(-1, *a.shape[2:]) for a in args)
-    raw = _head_logits(xc, kernel, bias, dtype)
+    raw = _head_logits(xc, padded, padded_bias, dtype)
     capped, slope = _cap_and_slope(raw, cap)
-    # logsumexp with its sum as a product (XLA:CPU's fused exp-and-reduce is slow)
-    top = jnp.max(capped, axis=-1, keepdims=True)
+    # On a GPU, logsumexp shifted by the cap rather than the max when the cap is at most
+    # 40: the capped logits lie in [-cap, cap], so exp(c - cap) lies in [exp(-80), 1],
+    # normal float32 numbers.
+    top = (jnp.full((raw.shape[0], 1), cap) if gpu and 0 < cap <= 40
+           else jnp.max(capped, axis=-1, keepdims=True))
     exp = jnp.exp(capped - top)
-    total = jnp.matmul(exp, jnp.ones(exp.shape[-1], jnp.float32))
+    column = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
+    if raw.shape[1] > vocab:
+      exp = jnp.where(column < vocab, exp, 0.0)
+    total = (jnp.sum(exp, axis=-1) if gpu
+             else jnp.matmul(exp, jnp.ones(exp.shape[-1], jnp.float32)))
     logsumexp = top[:, 0] + jnp.log(total)
     softmax = exp / total[:, None]
     if tc.ndim == 1:  # tokens: CE = logsumexp - c[token], dCE/dc = softmax - onehot
       picked = capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
       # a select on the tokens' columns: XLA:CPU is slower at this pass when it subtracts
       # one_hot's array
-      token = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1) == tc[:, None]
-      grad = jnp.where(token, softmax - 1, softmax)
+      grad = jnp.where(column == tc[:, None], softmax - 1, softmax)
     else:  # probabilities p: CE = sum(p) logsumexp - p . c, dCE/dc = sum(p) softmax - p
-      target = tc.astype(jnp.float32)
+      target = jnp.pad(tc.astype(jnp.float32), ((0, 0), (0, raw.shape[1] - vocab)))
       mass, picked = jnp.sum(target, axis=-1), jnp.sum(target * capped, axis=-1)
       logsumexp = logsumexp * mass
       grad = softmax * mass[:, None] - target
@@ -298,16 +325,21 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
       grad = grad * slope
     low = grad.astype(dtype)
     d_features = jnp.matmul(low, kernel_t, preferred_element_type=jnp.float32)
-    # The kernel's and the bias's gradient in one product, [x, 1]^T grad (XLA:CPU is far
-    # slower at the bias's column sum as a reduction).
-    ones = jnp.ones((xc.shape[0], 1), dtype)
-    d_params = sums + jnp.matmul(jnp.concatenate([xc.astype(dtype), ones], axis=1).T, low,
-                                 preferred_element_type=jnp.float32)
-    return d_params, ((logsumexp - picked).reshape(shape), d_features.reshape(*shape, -1))
+    d_kernel, d_bias = sums
+    if gpu:
+      sums = (d_kernel + jnp.matmul(xc.astype(dtype).T, low,
+                                    preferred_element_type=jnp.float32),
+              d_bias + jnp.sum(low, axis=0, dtype=jnp.float32))
+    else:  # the kernel's and the bias's gradient in one product, [x, 1]^T grad
+      ones = jnp.ones((xc.shape[0], 1), dtype)
+      d_params = jnp.matmul(jnp.concatenate([xc.astype(dtype), ones], axis=1).T, low,
+                            preferred_element_type=jnp.float32)
+      sums = d_kernel + d_params[:-1], d_bias + d_params[-1]
+    return sums, ((logsumexp - picked).reshape(shape), d_features.reshape(*shape, -1))
 
-  zeros = jnp.zeros((kernel.shape[0] + 1, kernel.shape[1]), jnp.float32)
-  d_params, (cross_entropy, d_features) = jax.lax.scan(one, zeros, (x, t, w))
-  d_kernel, d_bias = d_params[:-1], d_params[-1]
+  zeros = jnp.zeros(padded.shape, jnp.float32), jnp.zeros(padded.shape[1], jnp.float32)
+  (d_kernel, d_bias), (cross_entropy, d_features) = jax.lax.scan(one, zeros, (x, t, w))
+  d_kernel, d_bias = d_kernel[:, :vocab], d_bias[:vocab]
   cross_entropy = _unchunk(cross_entropy)
   return (jnp.sum(weights * cross_entropy), cross_entropy), (
       _unchunk(d_features), d_kernel.astype(kernel.dtype), d_bias.astype(bias.dtype),

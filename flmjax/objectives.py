@@ -15,8 +15,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from flmjax import conditioning, flow
-from flmjax.models import dit
+from flmjax import conditioning, flow, sharding
 from flmjax.schedule import get_schedule
 from flmjax.state import ObjectiveFn
 
@@ -46,7 +45,7 @@ HEAD_CHUNK_BYTES = {"gpu": 512 * 2**20, "default": 128 * 2**20}
 
 def head_chunk(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> int:
   """Tokens per chunk of the fused output head (flow.head_cross_entropy)."""
-  budget = HEAD_CHUNK_BYTES.get(dit.target_platform(), HEAD_CHUNK_BYTES["default"])
+  budget = HEAD_CHUNK_BYTES.get(sharding.target_platform(), HEAD_CHUNK_BYTES["default"])
   return model_cfg.output_chunk or max(1, budget // (4 * vocab_size))
 
 

@@ -74,6 +74,26 @@ def tracing_under(mesh: jax.sharding.Mesh | None):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+_platforms = [None]  # None: the default backend's (see tracing_for)
+
+
+@contextlib.contextmanager
+def tracing_for(platform: str):
+  """Traces for `platform` rather than the default backend: the attention kernels
+  (models/dit.attention_path) and the output head's layout (flow.head_cross_entropy) are
+  those of its devices (compile mode, compiling for a TPU slice or a GPU on a CPU)."""
+  _platforms.append(platform)
+  try:
+    yield
+  finally:
+    _platforms.pop()
+
+
+def target_platform() -> str:
+  """The platform traced for: tracing_for's, else the default backend's."""
+  return _platforms[-1] or jax.default_backend()
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Rows over (data, fsdp), everything else whole."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -122,11 +122,11 @@ def test_fused_and_plain_attention_agree_without_cap():
 def test_auto_attention_takes_splash_on_tpu_and_flash_on_gpu_when_shapes_allow():
   assert dit.attention_path("auto", 50.0, 128, 64) == "plain"  # on this CPU
   assert dit.attention_path("auto", 0.0, 128, 64) == "fused"
-  with dit.kernels_for("tpu"):
+  with sharding.tracing_for("tpu"):
     assert dit.attention_path("auto", 50.0, 256, 64) == "splash"
     assert dit.attention_path("auto", 50.0, 100, 64) == "plain"  # L not a multiple of 128
     assert dit.attention_path("plain", 50.0, 256, 64) == "plain"
-  with dit.kernels_for("gpu"):
+  with sharding.tracing_for("gpu"):
     assert dit.attention_path("auto", 50.0, 1024, 64) == "flash"
     assert dit.attention_path("auto", 50.0, 128, 16) == "flash"
     assert dit.attention_path("auto", 0.0, 1024, 64) == "fused"
@@ -235,7 +235,7 @@ def test_flash_attention_lowers_to_triton_for_cuda(impl):
       (1,) * len(sharding.AXES), sharding.AXES, (jax.sharding.AxisType.Auto,) * 3,
       abstract_device=jax.sharding.AbstractDevice(
           device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
-  with dit.kernels_for("gpu"), jax.sharding.use_abstract_mesh(h100):
+  with sharding.tracing_for("gpu"), jax.sharding.use_abstract_mesh(h100):
     exported = jax.export.export(
         jax.jit(jax.grad(loss)), platforms=("cuda",),
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],

@@ -132,19 +132,22 @@ def test_soft_cross_entropy_and_its_gradients_are_autodiff_of_its_definition():
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cap, soft", [(30.0, True), *(
-    pytest.param(cap, soft, marks=pytest.mark.slow)
-    for cap, soft in ((30.0, False), (0.0, False), (0.0, True)))])
-def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap, soft):
+@pytest.mark.parametrize("cap, soft, platform", [(30.0, True, "cpu"), (30.0, False, "gpu"), *(
+    pytest.param(cap, soft, platform, marks=pytest.mark.slow)
+    for cap, soft, platform in ((30.0, False, "cpu"), (30.0, True, "gpu"), (0.0, False, "cpu"),
+                                (0.0, True, "cpu"), (0.0, False, "gpu")))])
+def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap, soft, platform):
   """head_cross_entropy against the plain path (logits, then the token or soft cross
   entropy), values and gradients in features, kernel, bias and weights, whatever the
   chunking; exact to float32 rounding in float32, within bfloat16's rounding of the
   cotangent in bfloat16. Soft targets in bfloat16 that do not sum to 1 (as rounded
-  distillation targets) are read as they are."""
+  distillation targets) are read as they are. V 37, padded inside to 128 columns; traced
+  for a CPU (sums over V as products) and for a GPU (as reductions)."""
   rng = np.random.default_rng(3)
   features = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
   kernel = jnp.asarray(rng.normal(scale=3, size=(16, 37)), jnp.float32)  # logits past the cap
-  bias = jnp.asarray(rng.normal(size=(37,)), jnp.float32)
+  # mostly negative logits, so that padded columns counted as logits 0 would show
+  bias = jnp.asarray(rng.normal(size=(37,)) - 20, jnp.float32)
   if soft:
     probs = rng.dirichlet(np.full(37, 0.3), size=(2, 6)) * rng.uniform(0.9, 1.1, (2, 6, 1))
     targets = jnp.asarray(probs, jnp.bfloat16)
@@ -160,8 +163,9 @@ def test_fused_head_equals_the_output_layer_then_the_cross_entropy(cap, soft):
     return jnp.sum(w * cross_entropy), cross_entropy
 
   def with_grads(fn):  # ((weighted sum, CE), gradients) in one compiled call
-    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3), has_aux=True))(
-        features, kernel, bias, weights)
+    with sharding.tracing_for(platform):
+      return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3), has_aux=True))(
+          features, kernel, bias, weights)
 
   for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
     expected, expected_grads = with_grads(lambda *a: plain(*a, dtype))
@@ -202,16 +206,19 @@ def test_head_argmax_is_the_argmax_of_the_logits_first_among_ties():
   features = jnp.asarray(rng.normal(size=(3, 4, 8)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(8, 29)), jnp.float32)
   bias = jnp.asarray(rng.normal(size=(29,)), jnp.float32)
-  kernel = kernel.at[:, 7].set(kernel[:, 3]).at[:, 3].set(kernel[:, 3])
-  bias = bias.at[7].set(bias[3] + 50).at[3].set(bias[3] + 50)  # columns 3 and 7 tie on top
-  for chunk in (1, 5, 12):
-    got = flow.head_argmax(features, kernel, bias, jnp.float32, chunk)
-    assert got.shape == (3, 4) and got.dtype == jnp.int32
-    np.testing.assert_array_equal(got, np.full((3, 4), 3))
-  bias = bias.at[3].set(0.0).at[7].set(0.0)
+  kernel = kernel.at[:, 7].set(kernel[:, 3])
+  tied = bias.at[7].set(bias[3] + 50).at[3].set(bias[3] + 50)  # columns 3 and 7 tie on top
+  low = bias - 100  # all logits below the zero logits of a GPU's padded columns
   logits = np.asarray(features) @ np.asarray(kernel) + np.asarray(bias)
-  np.testing.assert_array_equal(flow.head_argmax(features, kernel, bias, jnp.float32, 5),
-                                logits.argmax(-1))
+  for platform in ("cpu", "gpu"):  # V 29, padded to 128 columns for a GPU
+    with sharding.tracing_for(platform):
+      for chunk in (1, 5, 12):
+        got = flow.head_argmax(features, kernel, tied, jnp.float32, chunk)
+        assert got.shape == (3, 4) and got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, np.full((3, 4), 3))
+      for b in (bias, low):
+        np.testing.assert_array_equal(flow.head_argmax(features, kernel, b, jnp.float32, 5),
+                                      logits.argmax(-1))
 
 
 def test_the_head_chunk_holds_512_mib_of_logits_on_gpus_and_128_elsewhere():
@@ -220,9 +227,9 @@ def test_the_head_chunk_holds_512_mib_of_logits_on_gpus_and_128_elsewhere():
   config = base.get_config()
   assert objectives.head_chunk(config.model, 50258) == 667  # 2^27 / (4 x 50258) = 667.7
   assert objectives.head_chunk(config.model, 8192) == 4096
-  with dit.kernels_for("tpu"):
+  with sharding.tracing_for("tpu"):
     assert objectives.head_chunk(config.model, 50258) == 667
-  with dit.kernels_for("gpu"):
+  with sharding.tracing_for("gpu"):
     assert objectives.head_chunk(config.model, 50258) == 2670  # 2^29 / (4 x 50258) = 2670.6
     assert objectives.head_chunk(config.model, 8192) == 16384
     config.model.output_chunk = 48

@@ -18,7 +18,6 @@ the residual stream stays float32. Every parameter carries logical axis names (v
 embed, heads, mlp, cond, freq) that flmjax/sharding.py maps to mesh axes.
 """
 
-import contextlib
 import functools
 import math
 from typing import Callable
@@ -29,7 +28,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 import jax.numpy as jnp
 import ml_collections
 
-from flmjax import flow
+from flmjax import flow, sharding
 from flmjax.models import flash
 from flmjax.sharding import BATCH_AXES, row_shards
 
@@ -122,25 +121,6 @@ def rotary(x: jax.Array, start=0, base: float = 1e4) -> jax.Array:
 
 ATTENTION = ("auto", "plain", "fused", "splash", "flash")
 SPLASH_BLOCK = 128  # splash attention's blocks; L must be a multiple
-_kernel_platform = [None]  # None: the default backend's (see kernels_for)
-
-
-@contextlib.contextmanager
-def kernels_for(platform: str):
-  """Traces the attention kernels for `platform` rather than the default backend (compile
-  mode, compiling for a TPU slice on a CPU)."""
-  _kernel_platform.append(platform)
-  try:
-    yield
-  finally:
-    _kernel_platform.pop()
-
-
-def target_platform() -> str:
-  """The platform the model is traced for: kernels_for's, else the default backend's."""
-  return _kernel_platform[-1] or jax.default_backend()
-
-
 def attention_path(impl: str, softcap: float, seq_len: int, head_dim: int,
                    causal: bool = False) -> str:
   """The attention path that `impl` (ATTENTION) takes: auto is fused without a soft cap,
@@ -150,9 +130,9 @@ def attention_path(impl: str, softcap: float, seq_len: int, head_dim: int,
     return impl
   if not softcap:
     return "fused"
-  if target_platform() == "tpu" and seq_len % SPLASH_BLOCK == 0:
+  if sharding.target_platform() == "tpu" and seq_len % SPLASH_BLOCK == 0:
     return "splash"
-  if target_platform() == "gpu" and not causal and flash.supports(seq_len, head_dim):
+  if sharding.target_platform() == "gpu" and not causal and flash.supports(seq_len, head_dim):
     return "flash"
   return "plain"
 
@@ -191,7 +171,7 @@ def splash_attention(q, k, v, softcap: float, causal: bool = False):
   seq_len, head_dim = q.shape[1], q.shape[3]
   if seq_len % SPLASH_BLOCK:
     raise ValueError(f"splash attention needs L a multiple of {SPLASH_BLOCK}, not {seq_len}")
-  interpret = target_platform() != "tpu"
+  interpret = sharding.target_platform() != "tpu"
 
   def local(q, k, v):
     kernel = _splash_kernel(q.shape[2], seq_len, causal, float(softcap), interpret)
@@ -218,7 +198,7 @@ def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False
   if impl == "flash":
     if causal:
       raise ValueError("flash attention is not causal; use attention=auto for family=ar")
-    interpret = target_platform() != "gpu"
+    interpret = sharding.target_platform() != "gpu"
     return _per_device(lambda q, k, v: flash.flash_attention(q, k, v, softcap, interpret),
                        q, k, v)
   if impl == "fused":

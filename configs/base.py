@@ -73,6 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
   # for the Eulerian and Lagrangian objectives, which differentiate the model forward).
   # The kernels run in Pallas's interpret mode off their hardware.
   config.model.attention = "auto"
+  # The flash kernels' tiles, FORWARD,DKV,DQ, each BLOCKxSTEP/WARPS/STAGES (rows per
+  # program, per loop step, Triton's warps and stages; L a multiple of every block and
+  # step); "" takes flash.TILES. `python -m flmjax.bench --flash_sweep=...` times
+  # candidates on a GPU (docs/performance.md).
+  config.model.flash_tiles = ""
   # The output layer of the FLM and distillation losses: "fused" applies it with the
   # (token or soft) cross entropy in chunks of output_chunk tokens, never holding
   # [B, L, V] float32 logits (flow.head_cross_entropy), and keeps the distillation

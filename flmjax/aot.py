@@ -37,7 +37,7 @@ import ml_collections
 from flmjax import distill, hooks, outputs, registry, sampling, sharding, state
 from flmjax.data import tokenizers
 from flmjax.errors import UsageError
-from flmjax.models import dit
+from flmjax.models import dit, flash
 
 GIB = 2**30
 # device_kind -> (HBM bytes, dense bf16 peak FLOP/s, HBM bandwidth bytes/s) per chip, from
@@ -212,7 +212,8 @@ def _compile_all(config: ml_collections.ConfigDict, devices: list) -> dict:
     # plain), which may not be the config's
     attention = dit.attention_path(cfg.model.attention, cfg.model.attn_softcap,
                                    cfg.data.seq_len, cfg.model.width // cfg.model.heads,
-                                   cfg.model.get("causal", False))
+                                   cfg.model.get("causal", False),
+                                   flash.Tiles.parse(cfg.model.flash_tiles))
     report.setdefault("attention", attention)  # the train step's
     report["computations"].append(_report(*_compiled(
         name, cfg.batch_size, attention,

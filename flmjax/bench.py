@@ -16,6 +16,13 @@ for latent noise and, for comparison, V-space noise (--noise). `--profile=DIR` a
 profiler trace of the training step (DIR/NOISE, for TensorBoard or Perfetto) and reports
 the share of the step's executed time in each part of the model (flmjax/profiling.py); on
 GPUs it runs without XLA's command buffers, which would hide each kernel's instruction.
+
+`--flash_sweep=TILE,...` times instead each kernel of the flash attention
+(flmjax/models/flash.py: forward, dk and dv, dq) alone at the config's attention shape,
+with its default tile and each given one (BLOCKxSTEP/WARPS/STAGES), and reports the
+fastest of each kernel as `best`, the value of --config.model.flash_tiles that takes them
+(see sweep_flash; on a CPU the kernels run in Pallas's interpret mode, which checks the
+sweep, not the tiles).
 """
 
 import functools
@@ -32,7 +39,7 @@ from ml_collections import config_flags
 
 from flmjax import aot, cli, objectives, profiling, sampling, sharding, state
 from flmjax.errors import UsageError
-from flmjax.models import dit
+from flmjax.models import dit, flash
 from flmjax.validate import step_counts, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -51,6 +58,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each computation (m
                                 lower_bound=1)
 _PROFILE = flags.DEFINE_string("profile", "", "Directory for a trace of the training step; "
                                "adds the share of its time in each part.")
+_FLASH_SWEEP = flags.DEFINE_list(
+    "flash_sweep", [], "Tiles BLOCKxSTEP/WARPS/STAGES at which to time each flash attention "
+    "kernel alone at the config's attention shape, instead of the step and the samplers; "
+    "reports the fastest (for model.flash_tiles).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -131,6 +142,69 @@ def _time_sampler(graphdef, params, config, vocab_size, steps, latent, repeats,
           "planned_bytes": aot.planned_bytes(compiled)}
 
 
+# The largest difference from the default tile's outputs, relative to their largest
+# magnitude, at which a tile counts as computing the same kernel: bfloat16's error (about
+# 2% to 3% of the largest value against the plain path, tests/test_dit.py), not a wrong one.
+SWEEP_TOLERANCE = 0.05
+
+
+def sweep_flash(config, tiles: list[flash.Tile], repeats: int) -> dict:
+  """Each flash kernel (forward, dkv, dq) timed alone on one device (a kernel call is one
+  device's) with its default tile (flash.TILES) and each of `tiles`, at the config's
+  attention shape [batch, L, heads, width / heads] in model.dtype: rows of its median
+  seconds, TFLOP/s and largest difference from the default tile's outputs (relative to
+  their largest magnitude), or the error of a tile that does not compile or fit L; then
+  `best`, the fastest tile of each kernel within SWEEP_TOLERANCE, as model.flash_tiles
+  takes them, with the kernels' summed seconds at the best and the default tiles."""
+  model = config.model
+  shape = (config.batch_size, config.data.seq_len, model.heads, model.width // model.heads)
+  dtype, cap = jnp.dtype(model.dtype), float(model.attn_softcap)
+  interpret = jax.default_backend() != "gpu"
+  q, k, v, d_out = (jax.random.normal(key, shape, dtype)
+                    for key in jax.random.split(jax.random.key(0), 4))
+  out, lse = flash.forward(q, k, v, cap, flash.TILES.forward, interpret)
+  backward = (q, k, v, d_out, lse, flash.row_delta(out, d_out))
+  batch, seq_len, heads, head_dim = shape
+  rows, best, default = [], {}, {}
+  for kernel in flash.KERNELS:
+    args = (q, k, v) if kernel == "forward" else backward
+
+    def compiled(tile, kernel=kernel, args=args):
+      return jax.jit(functools.partial(getattr(flash, kernel), cap=cap, tile=tile,
+                                       interpret=interpret)).lower(*args).compile()
+    default_tile = getattr(flash.TILES, kernel)
+    expected = [x.astype(jnp.float32) for x in compiled(default_tile)(*args)]
+    for tile in [default_tile, *(t for t in tiles if t != default_tile)]:
+      row = {"kernel": kernel, "tile": str(tile)}
+      rows.append(row)
+      if seq_len % tile.block or seq_len % tile.step:
+        row["error"] = f"L {seq_len} is not a multiple of the block and step"
+        continue
+      try:
+        run = compiled(tile)
+      except Exception as e:  # pylint: disable=broad-except
+        # a tile the compiler refuses (out of shared memory, say) is a row, not the end
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        continue
+      row["difference"] = max(float(jnp.abs(g.astype(jnp.float32) - e).max() / jnp.abs(e).max())
+                              for g, e in zip(run(*args), expected))
+      row["seconds"] = _timed(run, lambda i, args=args: args, repeats)
+      row["tflops"] = flash.FLOPS[kernel] * batch * heads * seq_len**2 * head_dim / (
+          row["seconds"] * 1e12)
+      if tile == default_tile:
+        default[kernel] = row["seconds"]
+      if row["difference"] <= SWEEP_TOLERANCE and row["seconds"] < best.get(
+          kernel, (float("inf"),))[0]:
+        best[kernel] = row["seconds"], tile
+  chosen = flash.Tiles(*(best.get(kernel, (None, getattr(flash.TILES, kernel)))[1]
+                         for kernel in flash.KERNELS))
+  return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+          "jax_version": jax.__version__, "shape": list(shape), "dtype": model.dtype,
+          "softcap": cap, "rows": rows, "best": str(chosen), "default": str(flash.TILES),
+          "best_seconds": sum(best[k][0] for k in best),
+          "default_seconds": sum(default.values())}
+
+
 def _peak_memory() -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
@@ -174,6 +248,19 @@ def run(config, vocab_size: int, sample_steps: list[int], noises: list[str],
   return result
 
 
+def _flash_tiles(texts: list[str], config) -> list[flash.Tile]:
+  """--flash_sweep's tiles, for the kernels at the config's head size."""
+  try:
+    tiles = [flash.Tile.parse(text) for text in texts]
+  except ValueError as e:
+    raise UsageError(f"--flash_sweep: {e}.") from None
+  head = config.model.width // config.model.heads
+  if tiles and not flash.takes_head(head):
+    raise UsageError(f"--flash_sweep: the flash kernels take head sizes (model.width / "
+                     f"model.heads = {head}) that are powers of two, at least 16.")
+  return tiles
+
+
 def main(argv):
   del argv
   if _PROFILE.value:
@@ -188,15 +275,20 @@ def main(argv):
       raise UsageError(f"family={config.family}: the bench times the FLM's training step "
                        "and Euler sampler; leave family at flm.")
     validate(config, "train", jax.device_count)
-    sample_steps = step_counts(",".join(_STEPS.value), "--sample_steps")
-    for noise in _NOISE.value if _PROFILE.value else ():  # before minutes of timing
-      try:
-        os.makedirs(os.path.join(_PROFILE.value, noise), exist_ok=True)
-      except OSError as error:
-        raise UsageError(f"--profile={_PROFILE.value}: {error.strerror}: {error.filename}; "
-                         "give a directory that can be written.") from None
+    tiles = _flash_tiles(_FLASH_SWEEP.value, config)
+    if not tiles:  # the step and the samplers
+      sample_steps = step_counts(",".join(_STEPS.value), "--sample_steps")
+      for noise in _NOISE.value if _PROFILE.value else ():  # before minutes of timing
+        try:
+          os.makedirs(os.path.join(_PROFILE.value, noise), exist_ok=True)
+        except OSError as error:
+          raise UsageError(f"--profile={_PROFILE.value}: {error.strerror}: "
+                           f"{error.filename}; give a directory that can be written.") from None
   except UsageError as e:
     cli.fail("flmjax.bench", str(e))
+  if tiles:
+    print(json.dumps(sweep_flash(config, tiles, _REPEATS.value), indent=1))
+    return
   vocab_size = _VOCAB.value or config.tokenizer.vocab_size
   print(json.dumps(run(config, vocab_size, sample_steps, _NOISE.value, _REPEATS.value,
                        _PROFILE.value, _SAMPLE_BATCH.value), indent=1))

@@ -33,8 +33,8 @@ from flmjax.errors import UsageError
 
 # Model settings that do not change the parameters: a checkpoint may be resumed, sampled
 # or distilled with other values.
-NOT_ARCHITECTURE = ("dropout", "dtype", "attention", "output_head", "output_chunk", "remat",
-                    "mask_id")
+NOT_ARCHITECTURE = ("dropout", "dtype", "attention", "flash_tiles", "output_head",
+                    "output_chunk", "remat", "mask_id")
 # Model fields added after checkpoints were written, with the value an older record means.
 ADDED = {"causal": False, "condition_embedding": False}
 UNREADABLE = "unreadable_checkpoints"  # beside WORKDIR/checkpoints

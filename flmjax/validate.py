@@ -158,6 +158,11 @@ def _model(model: ml_collections.ConfigDict) -> None:
   if model.attention == "fused" and model.attn_softcap:
     raise UsageError("model.attention=fused has no soft cap: set model.attn_softcap=0, or "
                      "model.attention=plain or auto.")
+  try:
+    flash.Tiles.parse(model.flash_tiles)
+  except ValueError as e:
+    raise UsageError(f"model.flash_tiles={model.flash_tiles!r}: {e}; or \"\" for the "
+                     "default tiles.") from None
 
 
 def _loss_weight(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -200,17 +205,19 @@ def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
   """The kernels' limits: L a multiple of their block, no forward-mode derivative, and
   flash attention is not causal and takes power-of-two head sizes."""
   impl = config.model.attention
-  block = {"splash": dit.SPLASH_BLOCK, "flash": flash.TILES.multiple()}.get(impl)
+  tiles = flash.Tiles.parse(config.model.flash_tiles)
+  block = {"splash": dit.SPLASH_BLOCK, "flash": tiles.multiple()}.get(impl)
   if block is None:
     return
   if config.data.seq_len % block:
+    tiled = " (its tiles' blocks and steps, model.flash_tiles)" if impl == "flash" else ""
     raise UsageError(f"model.attention={impl} needs data.seq_len={config.data.seq_len} to be "
-                     f"a multiple of {block}; use model.attention=auto or plain.")
+                     f"a multiple of {block}{tiled}; use model.attention=auto or plain.")
   if impl == "flash" and config.family == "ar":
     raise UsageError("model.attention=flash is not causal, which family=ar needs; use "
                      "model.attention=auto.")
   head = config.model.width // config.model.heads
-  if impl == "flash" and not flash.supports(config.data.seq_len, head):  # L checked above
+  if impl == "flash" and not flash.supports(config.data.seq_len, head, tiles):  # L checked
     raise UsageError(f"model.attention=flash needs a head size (model.width / model.heads = "
                      f"{head}) that is a power of two, at least 16, as Triton's blocks do on "
                      "a GPU; use model.attention=auto, or other heads.")

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 from flax import nnx
 import jax
@@ -217,13 +218,17 @@ def test_attention_kernels_under_a_mesh_run_per_device():
     np.testing.assert_allclose(kernel, outputs[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["flash", "auto"])
-def test_flash_attention_lowers_to_triton_for_cuda(impl):
+@pytest.mark.parametrize("impl, tiles", [("flash", ""),
+                                         ("auto", "128x32/8/3,32x128/2/1,64x64/4/2")])
+def test_flash_attention_lowers_to_triton_for_cuda(impl, tiles):
   """Exported for CUDA on this CPU (jax.export), the model's flash path (asked for, or
   taken by auto for a GPU) becomes Triton kernels, forward and backward: the Pallas GPU
   lowering accepts the kernels, and the Triton backend is the one chosen (the installed
-  JAX's default for pallas_call on GPUs is Mosaic GPU, which cannot lower them)."""
-  graphdef, params = nnx.split(_model(attention_impl=impl))
+  JAX's default for pallas_call on GPUs is Mosaic GPU, which cannot lower them). Each
+  kernel runs with its tile of model.flash_tiles: L / block programs per (row, head), its
+  warps and stages; the cap's tanh is PTX's approximate one and the exponentials exp2,
+  not libdevice's tanhf and expf."""
+  graphdef, params = nnx.split(_model(attention_impl=impl, flash_tiles=tiles))
   h = jax.ShapeDtypeStruct((2, 128, D), jnp.float32)
   tau = jax.ShapeDtypeStruct((2,), jnp.float32)
 
@@ -242,8 +247,14 @@ def test_flash_attention_lowers_to_triton_for_cuda(impl):
     )(params, h, tau)
   module = exported.mlir_module()
   assert module.count("@__gpu$xla.gpu.triton(") == 3 * 2  # 2 blocks: forward, dk dv, dq
-  for kernel in ("_forward_kernel", "_dkv_kernel", "_dq_kernel"):
-    assert f'name = "{kernel}"' in module
+  launched = re.findall(r'grid_z = (\d+) : i32, ir = "[^"]*", name = "_(\w+)_kernel", '
+                        r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", module)
+  parsed = flash.Tiles.parse(tiles)
+  expected = [(str(128 // t.block), kernel, str(t.stages), str(t.warps))
+              for kernel in ("forward", "dkv", "dq") for t in [getattr(parsed, kernel)]]
+  assert sorted(launched) == sorted(expected * 2)  # 2 blocks
+  assert "tanh.approx.f32" in module and "__nv_exp2f" in module
+  assert "__nv_tanhf" not in module and "__nv_expf" not in module
 
 
 def test_fused_attention_with_a_soft_cap_is_refused():

@@ -10,6 +10,7 @@ import tempfile
 import pytest
 
 from flmjax.modes import MODES
+from flmjax.models import flash
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,12 +122,18 @@ def test_slurm_dry_run_starts_one_process_per_gpu():
     assert run.returncode == status, (time, run.stderr)
 
 
-def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
-  run, (check, *commands) = _launch("gpu_bench.sh", "--dry-run", "--",
-                                    "--config.model.dtype=bfloat16", env={"JAX_PLATFORMS": ""})
+def test_gpu_bench_dry_run_lists_the_check_the_sweep_then_the_two_shapes_before_and_after():
+  run, (check, sweep, *commands) = _launch("gpu_bench.sh", "--dry-run", "--",
+                                           "--config.model.dtype=bfloat16",
+                                           env={"JAX_PLATFORMS": ""})
   assert run.returncode == 0, run.stderr
   assert check[:2] == ["env", "JAX_PLATFORMS=cuda"] and "tests/test_dit.py" in check
   assert check[-1] == "kernels_equal and flash-False-bfloat16"
+  assert sweep[:3] == ["python3", "-m", "flmjax.bench"] and "--config.data.seq_len=1024" in sweep
+  tiles = next(arg for arg in sweep if arg.startswith("--flash_sweep="))[len("--flash_sweep="):]
+  assert len(tiles.split(",")) == 6 and all(
+      128 % t.block == 0 and 128 % t.step == 0 for t in map(flash.Tile.parse, tiles.split(",")))
+  assert sweep[-1] == "--config.model.dtype=bfloat16"
   assert len(commands) == 4
   for command, (vocab, head, attention) in zip(commands, [
       (8192, "plain", "plain"), (8192, "auto", "flash"), (50258, "plain", "plain"),
@@ -135,6 +142,7 @@ def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
     assert f"--vocab_size={vocab}" in command and f"--config.model.output_head={head}" in command
     assert f"--config.model.attention={attention}" in command
     assert any(arg.startswith("--profile=") for arg in command) == (head == "auto")
+    assert ("--config.model.flash_tiles=<the sweep's best>" in command) == (head == "auto")
     assert command[-1] == "--config.model.dtype=bfloat16"
   assert "--config.data.seq_len=1024" in commands[2] and "--sample_batch=64" in commands[2]
   run, _ = _launch("gpu_bench.sh", "--size=huge")
@@ -145,18 +153,23 @@ def test_gpu_bench_dry_run_lists_the_two_shapes_before_then_after():
 
 @pytest.mark.slow
 def test_gpu_bench_reports_a_failed_run_and_goes_on_to_the_next():
-  """The GPU's time is scarce: a run that fails (here all four, on a bad attention, or
-  past the time limit) is a JSON line with its error, the others still run, and the
-  script exits 1."""
-  run, _ = _launch("gpu_bench.sh", "--size=tiny", "--", "--config.model.attention=bogus")
+  """The GPU's time is scarce: a run that fails (here the four bench runs, on a step count
+  the sweep does not read, or all, past the time limit) is a JSON line with its error, the
+  others still run, and the script exits 1. The "after" runs take the sweep's best tiles."""
+  one_device = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace(
+      "--xla_force_host_platform_device_count=8", "")}  # as on a GPU host: batches of 2
+  run, _ = _launch("gpu_bench.sh", "--size=tiny", "--", "--sample_steps=0", env=one_device)
   assert run.returncode == 1
-  check, *lines = [json.loads(line) for line in run.stdout.splitlines()]
+  check, sweep, *lines = [json.loads(line) for line in run.stdout.splitlines()]
   assert check["check"] == "flash_bfloat16" and check["passed"] is True
-  assert [(d["shape"], d["code"]) for d in lines] == [
-      ("small", "before"), ("small", "after"), ("owt", "before"), ("owt", "after")]
+  assert sweep["sweep"] == "flash" and sweep["shape"] == [2, 128, 2, 16]
+  assert {row["tile"] for row in sweep["rows"]} == {"64x64/4/2", "32x64/4/2"}
+  assert [(d["shape"], d["code"], d.get("flash_tiles")) for d in lines] == [
+      ("small", "before", None), ("small", "after", sweep["best"]), ("owt", "before", None),
+      ("owt", "after", sweep["best"])]
   assert all(d["error"] == "exit 2" for d in lines)
-  assert run.stderr.count("flmjax.bench: error: model.attention='bogus' is not one of") == 4
+  assert run.stderr.count("flmjax.bench: error: --sample_steps='0' must be") == 4
   run, _ = _launch("gpu_bench.sh", "--size=tiny", "--timeout=1")
   assert run.returncode == 1
   assert [json.loads(line)["error"] for line in run.stdout.splitlines()] == [
-      "timed out after 1 s"] * 5
+      "timed out after 1 s"] * 6

@@ -9,6 +9,7 @@ import pytest
 from conftest import train_config
 from flmjax import sharding
 from flmjax.errors import UsageError
+from flmjax.models import dit, flash
 from flmjax.validate import step_counts, validate
 
 
@@ -122,6 +123,37 @@ def test_attention_kernels_need_l_a_multiple_of_their_block_and_no_jvp():
   config.model.heads = 12  # 8
   assert "head size (model.width / model.heads = 8) that is a power of two, at least 16" in \
       _refused(config)
+
+
+def test_flash_tiles_are_three_tiles_whose_blocks_and_steps_divide_l():
+  config = train_config()
+  config.data.seq_len = 128
+  config.model.update(attention="flash", flash_tiles="128x32/8/3,32x128/4/1,64x64/2/2")
+  validate(config, "train", lambda: 8)
+  assert flash.Tiles.parse(config.model.flash_tiles) == flash.Tiles(
+      flash.Tile(128, 32, 8, 3), flash.Tile(32, 128, 4, 1), flash.Tile(64, 64, 2, 2))
+  assert str(flash.Tiles.parse(config.model.flash_tiles)) == config.model.flash_tiles
+  assert flash.Tiles.parse("") == flash.TILES
+  for tiles, said in [
+      ("128x64/4/2", "is not three tiles FORWARD,DKV,DQ"),
+      ("128x64/4/2,64x64/4,64x64/4/2", "'64x64/4' is not a tile BLOCKxSTEP/WARPS/STAGES"),
+      ("96x64/4/2,64x64/4/2,64x64/4/2", "block and step must be powers of two, at least 16"),
+      ("64x8/4/2,64x64/4/2,64x64/4/2", "block and step must be powers of two, at least 16"),
+      ("64x64/3/2,64x64/4/2,64x64/4/2", "warps must be 1, 2, 4, 8 or 16"),
+      ("64x64/4/0,64x64/4/2,64x64/4/2", "stages at least 1")]:
+    config.model.flash_tiles = tiles
+    assert f"model.flash_tiles='{tiles}': " in _refused(config)
+    assert said in _refused(config)
+  config.model.flash_tiles = "256x64/4/2,64x64/4/2,64x64/4/2"
+  assert ("model.attention=flash needs data.seq_len=128 to be a multiple of 256 (its tiles' "
+          "blocks and steps, model.flash_tiles)") in _refused(config)
+  config.model.attention = "auto"  # which takes flash on a GPU only where the tiles fit
+  validate(config, "train", lambda: 8)
+  with sharding.tracing_for("gpu"):
+    assert dit.attention_path("auto", 50.0, 128, 64, tiles=flash.Tiles.parse(
+        config.model.flash_tiles)) == "plain"
+    assert dit.attention_path("auto", 50.0, 256, 64, tiles=flash.Tiles.parse(
+        config.model.flash_tiles)) == "flash"
 
 
 def test_the_mesh_must_fit_the_devices_and_divide_the_batches():

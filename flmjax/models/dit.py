@@ -122,17 +122,19 @@ def rotary(x: jax.Array, start=0, base: float = 1e4) -> jax.Array:
 ATTENTION = ("auto", "plain", "fused", "splash", "flash")
 SPLASH_BLOCK = 128  # splash attention's blocks; L must be a multiple
 def attention_path(impl: str, softcap: float, seq_len: int, head_dim: int,
-                   causal: bool = False) -> str:
+                   causal: bool = False, tiles: flash.Tiles | None = None) -> str:
   """The attention path that `impl` (ATTENTION) takes: auto is fused without a soft cap,
   splash on TPU (when L is a multiple of SPLASH_BLOCK), flash on GPU (when the kernels
-  take L and the head size, and not causal), plain otherwise."""
+  with `tiles`, flash.TILES by default, take L and the head size, and not causal), plain
+  otherwise."""
   if impl != "auto":
     return impl
   if not softcap:
     return "fused"
   if sharding.target_platform() == "tpu" and seq_len % SPLASH_BLOCK == 0:
     return "splash"
-  if sharding.target_platform() == "gpu" and not causal and flash.supports(seq_len, head_dim):
+  if (sharding.target_platform() == "gpu" and not causal
+      and flash.supports(seq_len, head_dim, tiles)):
     return "flash"
   return "plain"
 
@@ -181,7 +183,8 @@ def splash_attention(q, k, v, softcap: float, causal: bool = False):
 
 
 @jax.named_scope("attention")
-def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False):
+def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False,
+              tiles: flash.Tiles | None = None):
   """Attention over [B, L, H, Dh] with scores capped as cap * tanh(s / cap); `causal`
   lets position i see positions <= i only. `impl` (ATTENTION, resolved by attention_path):
 
@@ -190,17 +193,17 @@ def attention(q, k, v, softcap: float, impl: str = "plain", causal: bool = False
     soft cap, so it is only valid with softcap = 0;
   - splash: splash_attention, the cap inside the kernel (TPU);
   - flash: flash.flash_attention, the cap inside the kernel (a Pallas GPU kernel; not
-    causal), per device under a mesh.
+    causal) with `tiles` (flash.TILES by default), per device under a mesh.
   """
-  impl = attention_path(impl, softcap, q.shape[1], q.shape[3], causal)
+  impl = attention_path(impl, softcap, q.shape[1], q.shape[3], causal, tiles)
   if impl == "splash":
     return splash_attention(q, k, v, softcap, causal)
   if impl == "flash":
     if causal:
       raise ValueError("flash attention is not causal; use attention=auto for family=ar")
     interpret = sharding.target_platform() != "gpu"
-    return _per_device(lambda q, k, v: flash.flash_attention(q, k, v, softcap, interpret),
-                       q, k, v)
+    return _per_device(
+        lambda q, k, v: flash.flash_attention(q, k, v, softcap, interpret, tiles), q, k, v)
   if impl == "fused":
     if softcap:
       raise ValueError("fused attention has no soft cap; use it with attn_softcap=0")
@@ -339,11 +342,11 @@ class Block(nnx.Module):
       hidden = jax.nn.gelu(self.mlp_in(normed), approximate=True)
       return x + gate * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
 
-  def __call__(self, x, c, *, softcap, impl, dropout_rate, rng, causal=False):
+  def __call__(self, x, c, *, softcap, impl, dropout_rate, rng, causal=False, tiles=None):
     """x [B, L, D] float32 residual stream, c [B, cond] -> [B, L, D] float32."""
     attn_mod, mlp_mod = self._modulation(c)
     q, k, v = self._qkv(x, *attn_mod[:2])
-    attn = attention(q, k, v, softcap, impl, causal).reshape(x.shape)
+    attn = attention(q, k, v, softcap, impl, causal, tiles).reshape(x.shape)
     return self._mlp(x, attn, attn_mod, mlp_mod, dropout_rate, rng)
 
   def decode(self, x, cache, position):
@@ -368,8 +371,8 @@ class DiT(nnx.Module):
                mlp_ratio: int = 4, dropout_rate: float = 0.0, attn_softcap: float = 50.0,
                output_cap: float = 30.0, two_time: bool = False,
                learned_loss_weight: bool = False, attention_impl: str = "auto",
-               causal: bool = False, remat: bool = False, condition_embedding: bool = False,
-               dtype=jnp.bfloat16, rngs: nnx.Rngs):
+               flash_tiles: str = "", causal: bool = False, remat: bool = False,
+               condition_embedding: bool = False, dtype=jnp.bfloat16, rngs: nnx.Rngs):
     if dim % heads or (dim // heads) % 2:
       raise ValueError(f"width {dim} must split into {heads} heads of even size")
     if attention_impl not in ATTENTION:
@@ -380,7 +383,7 @@ class DiT(nnx.Module):
       raise ValueError("the causal model has no attention soft cap and no time input")
     self.vocab_size, self.dim, self.remat, self.causal = vocab_size, dim, remat, causal
     self.dropout_rate, self.attn_softcap, self.output_cap = dropout_rate, attn_softcap, output_cap
-    self.attention_impl = attention_impl
+    self.attention_impl, self.flash_tiles = attention_impl, flash.Tiles.parse(flash_tiles)
     # E, the input projection: kaiming-uniform (a = sqrt(5)) with fan_in = D, as PyTorch
     # initialises a (V, D) parameter: U(+-1/sqrt(D)).
     embed_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-1,
@@ -453,7 +456,8 @@ class DiT(nnx.Module):
     x = split_batch(x)
 
     options = {"softcap": self.attn_softcap, "impl": self.attention_impl,
-               "dropout_rate": self.dropout_rate, "causal": self.causal}
+               "dropout_rate": self.dropout_rate, "causal": self.causal,
+               "tiles": self.flash_tiles}
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       if self.remat:  # keep only the block's input for the backward pass; recompute the rest
@@ -506,7 +510,8 @@ def builder(cfg: ml_collections.ConfigDict | dict, vocab_size: int,
                mlp_ratio=cfg.mlp_ratio, dropout_rate=cfg.dropout,
                attn_softcap=cfg.attn_softcap, output_cap=cfg.output_cap,
                two_time=cfg.two_time, learned_loss_weight=cfg.learned_loss_weight,
-               attention_impl=cfg.attention, causal=cfg.get("causal", False),
+               attention_impl=cfg.attention, flash_tiles=cfg.get("flash_tiles", ""),
+               causal=cfg.get("causal", False),
                remat=cfg.remat, condition_embedding=cfg.get("condition_embedding", False),
                dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
   return build

@@ -6,15 +6,21 @@ are never stored. The backward pass recomputes them per block from q, k and the 
 logsumexp: with t = tanh(s / cap) and P the probabilities, dS = P (dP - rowsum(dO O)) and
 the raw scores' gradient is dS (1 - t^2). The soft cap bounds the scores in [-cap, cap].
 The kernels read and write [B, L, H, Dh] in place (a block is rows of one head), so no
-transpose surrounds them.
+transpose surrounds them. They work in base 2, as FlashAttention does: the scores are
+scaled by log2(e) with the other constants, so that the exponentials are exp2 (PTX's
+ex2), and the logsumexp they keep is in base 2; on a GPU the cap's tanh is PTX's
+approximate one (see _scores). The tiles of the three kernels (Tiles: rows per program and
+per loop step, Triton's warps and stages) are a setting, model.flash_tiles, and
+`python -m flmjax.bench --flash_sweep=...` times candidates.
 
-Off GPU the kernels run in Pallas's interpret mode, which is how the tests compare them
-with the plain path (flmjax/models/dit.py) on a CPU.
+Off GPU the kernels run in Pallas's interpret mode, with jnp.tanh, which is how the tests
+compare them with the plain path (flmjax/models/dit.py) on a CPU.
 """
 
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 from jax.experimental import pallas as pl
@@ -22,22 +28,61 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 
+_TILE = re.compile(r"(\d+)x(\d+)/(\d+)/(\d+)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tile:
   """One kernel's rows per program (its block: queries, or keys for dkv) and per step of
-  its loop over the other side, and Triton's warps and pipeline stages."""
+  its loop over the other side, and Triton's warps and pipeline stages; written
+  BLOCKxSTEP/WARPS/STAGES."""
   block: int = 64
   step: int = 64
   warps: int = 4
   stages: int = 2
 
+  def __str__(self) -> str:
+    return f"{self.block}x{self.step}/{self.warps}/{self.stages}"
+
+  @classmethod
+  def parse(cls, text: str) -> "Tile":
+    """The tile written BLOCKxSTEP/WARPS/STAGES (e.g. 128x64/4/2): block and step powers of
+    two from 16 (Triton's blocks), warps a power of two up to 16, at least one stage."""
+    found = _TILE.fullmatch(text.strip())
+    if not found:
+      raise ValueError(f"{text!r} is not a tile BLOCKxSTEP/WARPS/STAGES, e.g. 128x64/4/2")
+    tile = cls(*map(int, found.groups()))
+    if any(n < 16 or n & (n - 1) for n in (tile.block, tile.step)):
+      raise ValueError(f"tile {text!r}: block and step must be powers of two, at least 16")
+    if not 1 <= tile.warps <= 16 or tile.warps & (tile.warps - 1) or tile.stages < 1:
+      raise ValueError(f"tile {text!r}: warps must be 1, 2, 4, 8 or 16, stages at least 1")
+    return tile
+
+
+KERNELS = ("forward", "dkv", "dq")
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """The tiles of the three kernels: the forward pass, dk and dv, dq."""
+  """The tiles of the three kernels: the forward pass, dk and dv, dq; written as three
+  tiles FORWARD,DKV,DQ."""
   forward: Tile = Tile()
   dkv: Tile = Tile()
   dq: Tile = Tile()
+
+  def __str__(self) -> str:
+    return ",".join(str(getattr(self, kernel)) for kernel in KERNELS)
+
+  @classmethod
+  def parse(cls, text: str) -> "Tiles":
+    """Three tiles FORWARD,DKV,DQ (Tile.parse); "" is TILES."""
+    if not text.strip():
+      return TILES
+    parts = text.split(",")
+    if len(parts) != len(KERNELS):
+      raise ValueError(f"{text!r} is not three tiles FORWARD,DKV,DQ, e.g. "
+                       "128x64/4/2,64x64/4/2,64x64/4/2")
+    return cls(*map(Tile.parse, parts))
 
   def multiple(self) -> int:
     """The multiple of which L must be."""
@@ -47,31 +92,45 @@ class Tiles:
 TILES = Tiles()
 
 
-def supports(seq_len: int, head_dim: int) -> bool:
-  """Whether the kernels take L (a multiple of TILES.multiple()) and the head size (a power
-  of two, at least 16, as Triton's blocks need)."""
-  return seq_len % TILES.multiple() == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
+def takes_head(head_dim: int) -> bool:
+  """Whether the kernels take the head size: a power of two, at least 16, as Triton's
+  blocks need."""
+  return head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def _scores(q, k, scale: float, cap: float):
-  """(capped scores, their slope d capped / d raw or None) of a block, float32."""
-  raw = plgpu.dot(q, k, trans_b=True) * scale
+def supports(seq_len: int, head_dim: int, tiles: Tiles | None = None) -> bool:
+  """Whether the kernels with `tiles` (TILES by default) take L (a multiple of
+  tiles.multiple()) and the head size."""
+  return seq_len % (tiles or TILES).multiple() == 0 and takes_head(head_dim)
+
+
+LOG2E = math.log2(math.e)
+
+
+def _scores(q, k, scale: float, cap: float, approx: bool):
+  """(capped scores times log2(e), their slope d capped / d raw or None) of a block,
+  float32: exp2 of the first is exp of the capped scores. Two multiplications by constants
+  and, with `approx` (on a GPU), PTX's tanh.approx.f32, one special-function instruction
+  (relative error about 2^-11, as FlashAttention's soft cap computes it), where jnp.tanh,
+  exp and a division by the cap are libdevice routines of many instructions each."""
+  raw = plgpu.dot(q, k, trans_b=True)
   if not cap:
-    return raw, None
-  t = jnp.tanh(raw / cap)
-  return cap * t, 1 - t * t
+    return raw * (scale * LOG2E), None
+  x = raw * (scale / cap)
+  t = plgpu.approx_tanh(x) if approx else jnp.tanh(x)
+  return (cap * LOG2E) * t, 1 - t * t
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, step):
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, step, approx):
   q = q_ref[...]
 
   def body(j, carry):
     top, total, acc = carry
     keys = pl.ds(j * step, step)
-    s, _ = _scores(q, k_ref[keys, :], scale, cap)
+    s, _ = _scores(q, k_ref[keys, :], scale, cap, approx)
     new_top = jnp.maximum(top, s.max(axis=-1))
-    p = jnp.exp(s - new_top[:, None])
-    rescale = jnp.exp(top - new_top)
+    p = jnp.exp2(s - new_top[:, None])
+    rescale = jnp.exp2(top - new_top)
     acc = acc * rescale[:, None] + plgpu.dot(p.astype(v_ref.dtype), v_ref[keys, :])
     return new_top, total * rescale + p.sum(axis=-1), acc
 
@@ -81,26 +140,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, step):
       (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
        jnp.zeros((rows, dim), jnp.float32)))
   o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = top + jnp.log(total)
+  lse_ref[...] = top + jnp.log2(total)
 
 
-def _grad_scores(q, k, v, do, lse, delta, scale, cap):
+def _grad_scores(q, k, v, do, lse, delta, scale, cap, approx):
   """P and the raw scores' gradient dS (1 - t^2) of a (queries, keys) block."""
-  s, slope = _scores(q, k, scale, cap)
-  p = jnp.exp(s - lse[:, None])
+  s, slope = _scores(q, k, scale, cap, approx)
+  p = jnp.exp2(s - lse[:, None])
   ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
   return p, ds if slope is None else ds * slope
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale,
-                cap, step):
+                cap, step, approx):
   k, v = k_ref[...], v_ref[...]
 
   def body(i, carry):
     dk, dv = carry
     queries = pl.ds(i * step, step)
     q, do = q_ref[queries, :], do_ref[queries, :]
-    p, ds = _grad_scores(q, k, v, do, lse_ref[queries], delta_ref[queries], scale, cap)
+    p, ds = _grad_scores(q, k, v, do, lse_ref[queries], delta_ref[queries], scale, cap,
+                         approx)
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
     dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
@@ -111,13 +171,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, cap, step):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, cap, step,
+               approx):
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
   def body(j, dq):
     keys = pl.ds(j * step, step)
     k = k_ref[keys, :]
-    _, ds = _grad_scores(q, k, v_ref[keys, :], do, lse, delta, scale, cap)
+    _, ds = _grad_scores(q, k, v_ref[keys, :], do, lse, delta, scale, cap, approx)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   dq = jax.lax.fori_loop(0, k_ref.shape[0] // step, body, jnp.zeros(q.shape, jnp.float32))
@@ -138,11 +199,50 @@ def _call(kernel, shape, tile, inputs, outputs, interpret, **options):
       "row_block": pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i)),
       "row_all": pl.BlockSpec((None, None, seq_len), lambda b, h, i: (b, h, 0))}
   return pl.pallas_call(
-      functools.partial(kernel, scale=1 / math.sqrt(dim), step=tile.step, **options),
+      functools.partial(kernel, scale=1 / math.sqrt(dim), step=tile.step,
+                        approx=not interpret, **options),
       grid=(batch, heads, seq_len // block), in_specs=[specs[x] for x in inputs],
       out_specs=[specs[kind] for kind, _ in outputs],
       out_shape=[shape_dtype for _, shape_dtype in outputs], interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=tile.warps, num_stages=tile.stages))
+
+
+def forward(q, k, v, cap: float, tile: Tile, interpret: bool):
+  """The forward kernel: (out [B, L, H, Dh], the rows' logsumexp in base 2 [B, H, L]
+  float32)."""
+  batch, seq_len, heads, _ = q.shape
+  return _call(_forward_kernel, q.shape, tile, ["block", "all", "all"],
+               [("block", jax.ShapeDtypeStruct(q.shape, q.dtype)),
+                ("row_block", jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32))],
+               interpret, cap=cap)(q, k, v)
+
+
+def row_delta(out, d_out):
+  """rowsum(dO O) [B, H, L] float32, which the backward kernels take."""
+  return jnp.einsum("blhd,blhd->bhl", out, d_out, preferred_element_type=jnp.float32)
+
+
+def dkv(q, k, v, d_out, lse, delta, cap: float, tile: Tile, interpret: bool):
+  """The dk and dv kernel: (dk, dv) [B, L, H, Dh]."""
+  return _call(_dkv_kernel, q.shape, tile,
+               ["all", "block", "block", "all", "row_all", "row_all"],
+               [("block", jax.ShapeDtypeStruct(k.shape, k.dtype)),
+                ("block", jax.ShapeDtypeStruct(v.shape, v.dtype))],
+               interpret, cap=cap)(q, k, v, d_out, lse, delta)
+
+
+def dq(q, k, v, d_out, lse, delta, cap: float, tile: Tile, interpret: bool):
+  """The dq kernel: (dq [B, L, H, Dh],)."""
+  return _call(_dq_kernel, q.shape, tile,
+               ["block", "all", "all", "block", "row_block", "row_block"],
+               [("block", jax.ShapeDtypeStruct(q.shape, q.dtype))],
+               interpret, cap=cap)(q, k, v, d_out, lse, delta)
+
+
+# FLOPs of each kernel per score (per query, key and head) and per unit of Dh: the forward
+# pass's q k^T and P v; dkv's q k^T again, dO v^T, P^T dO and dS^T q; dq's q k^T, dO v^T
+# and dS k.
+FLOPS = {"forward": 4, "dkv": 8, "dq": 6}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -151,29 +251,17 @@ def _flash(q, k, v, cap: float, tiles: Tiles, interpret: bool):
 
 
 def _flash_forward(q, k, v, cap, tiles, interpret):
-  batch, seq_len, heads, _ = q.shape
-  out, lse = _call(_forward_kernel, q.shape, tiles.forward, ["block", "all", "all"],
-                   [("block", jax.ShapeDtypeStruct(q.shape, q.dtype)),
-                    ("row_block", jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32))],
-                   interpret, cap=cap)(q, k, v)
+  out, lse = forward(q, k, v, cap, tiles.forward, interpret)
   return out, (q, k, v, out, lse)
 
 
 def _flash_backward(cap, tiles, interpret, residuals, d_out):
   q, k, v, out, lse = residuals
   d_out = d_out.astype(q.dtype)
-  delta = jnp.einsum("blhd,blhd->bhl", out, d_out, preferred_element_type=jnp.float32)
-  args = (q, k, v, d_out, lse, delta)
-  dk, dv = _call(_dkv_kernel, q.shape, tiles.dkv,
-                 ["all", "block", "block", "all", "row_all", "row_all"],
-                 [("block", jax.ShapeDtypeStruct(k.shape, k.dtype)),
-                  ("block", jax.ShapeDtypeStruct(v.shape, v.dtype))],
-                 interpret, cap=cap)(*args)
-  dq, = _call(_dq_kernel, q.shape, tiles.dq,
-              ["block", "all", "all", "block", "row_block", "row_block"],
-              [("block", jax.ShapeDtypeStruct(q.shape, q.dtype))],
-              interpret, cap=cap)(*args)
-  return dq, dk, dv
+  args = (q, k, v, d_out, lse, row_delta(out, d_out))
+  d_k, d_v = dkv(*args, cap, tiles.dkv, interpret)
+  d_q, = dq(*args, cap, tiles.dq, interpret)
+  return d_q, d_k, d_v
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

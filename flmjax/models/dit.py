@@ -326,7 +326,9 @@ class Block(nnx.Module):
           dim, 3, self.heads, dim // self.heads))
       qkv = mixed_dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                               (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-      q, k, v = jnp.moveaxis(qkv, 2, 0)  # [B, L, 3, H, Dh] -> q, k, v
+      # [B, L, 3, H, Dh] -> q, k, v by a split, whose gradient is one concatenation (taken
+      # by index, XLA:CPU built three zero-padded copies and summed them)
+      q, k, v = (x.squeeze(2) for x in jnp.split(qkv, 3, axis=2))
       return (rotary(q.astype(self.dtype), start), rotary(k.astype(self.dtype), start),
               v.astype(self.dtype))
 

@@ -328,7 +328,7 @@ class Block(nnx.Module):
                               (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
       # [B, L, 3, H, Dh] -> q, k, v by a split, whose gradient is one concatenation (taken
       # by index, XLA:CPU built three zero-padded copies and summed them)
-      q, k, v = (x.squeeze(2) for x in jnp.split(qkv, 3, axis=2))
+      q, k, v = (part.squeeze(2) for part in jnp.split(qkv, 3, axis=2))
       return (rotary(q.astype(self.dtype), start), rotary(k.astype(self.dtype), start),
               v.astype(self.dtype))
 

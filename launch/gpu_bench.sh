@@ -75,20 +75,21 @@ after=(--config.model.output_head=auto --config.model.attention=flash)
 profiles="$(mktemp -d)"
 trap 'rm -rf "$profiles"' EXIT
 failed=0
+show() { printf '+'; printf ' %q' "$@"; printf '\n'; }  # a command, as --dry-run lists it
+# what a command that exited with status $1 under a limit of $2 seconds did wrong
+error_of() { if [[ $1 -eq 124 ]]; then echo "timed out after $2 s"; else echo "exit $1"; fi; }
 
 platform=cpu
 [[ $size == gpu ]] && platform=cuda
 check=(env JAX_PLATFORMS="${JAX_PLATFORMS:-$platform}" python3 -m pytest -q -p no:cacheprovider
        tests/test_dit.py -k "kernels_equal and flash-False-bfloat16")
 if [[ $dry_run -eq 1 ]]; then
-  printf '+'; printf ' %q' "${check[@]}"; printf '\n'
+  show "${check[@]}"
 else
   passed=false error=""
   check_limit=$(( limit < 60 ? limit : 60 ))
   if timeout "$check_limit" "${check[@]}" >&2; then passed=true; else
-    status=$?
-    error=", \"error\": \"exit $status\""
-    [[ $status -eq 124 ]] && error=", \"error\": \"timed out after $check_limit s\""
+    error=", \"error\": \"$(error_of $? "$check_limit")\""
     failed=1
   fi
   echo "{\"check\": \"flash_bfloat16\", \"passed\": $passed, \"commit\": \"$commit\"$error}"
@@ -98,16 +99,14 @@ sweep=(python3 -m flmjax.bench "${common[@]}" "${model[@]}" "${owt[@]}" --flash_
        ${extra[@]+"${extra[@]}"})
 best=""  # the tiles of the "after" runs, "" for the defaults
 if [[ $dry_run -eq 1 ]]; then
-  printf '+'; printf ' %q' "${sweep[@]}"; printf '\n'
+  show "${sweep[@]}"
   best="<the sweep's best>"
 elif report="$(timeout "$sweep_limit" "${sweep[@]}")" && best="$(python3 -c "import json, sys; \
 print(json.load(sys.stdin)['best'])" <<< "$report")"; then
   python3 -c "import json, sys; d = json.load(sys.stdin); \
 print(json.dumps({'sweep': 'flash', 'commit': '$commit', **d}))" <<< "$report"
 else
-  status=$?
-  error="exit $status"
-  [[ $status -eq 124 ]] && error="timed out after $sweep_limit s"
+  error="$(error_of $? "$sweep_limit")"
   echo "{\"sweep\": \"flash\", \"commit\": \"$commit\", \"error\": \"$error\"}"
   failed=1
   best=""
@@ -121,7 +120,7 @@ for shape in small owt; do
     command=(python3 -m flmjax.bench "${common[@]}" "${model[@]}" "${sizes[@]}"
              "${variant[@]}" ${profile[@]+"${profile[@]}"} ${extra[@]+"${extra[@]}"})
     if [[ $dry_run -eq 1 ]]; then
-      printf '+'; printf ' %q' "${command[@]}"; printf '\n'
+      show "${command[@]}"
       continue
     fi
     fields="\"shape\": \"$shape\", \"code\": \"$code\", \"commit\": \"$commit\""
@@ -131,10 +130,7 @@ d = json.load(sys.stdin); d.update(json.loads(sys.argv[1])); print(json.dumps(d)
 "{$fields}" <<< "$report")"; then
       echo "$line"
     else
-      status=$?
-      error="exit $status"
-      [[ $status -eq 124 ]] && error="timed out after $limit s"
-      echo "{$fields, \"error\": \"$error\"}"
+      echo "{$fields, \"error\": \"$(error_of $? "$limit")\"}"
       failed=1
     fi
   done

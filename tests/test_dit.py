@@ -172,6 +172,29 @@ def test_attention_kernels_equal_the_plain_path_values_and_gradients(impl, causa
 
 
 @pytest.mark.slow
+def test_flash_without_a_cap_is_softmax_attention():
+  """With cap 0 the kernels skip the tanh (their scores only scaled into base 2): values and
+  gradients equal the plain path without a cap, and jax.nn.dot_product_attention's."""
+  q, k, v = (jax.random.normal(key, (2, 128, 2, 16)) for key in
+             jax.random.split(jax.random.key(4), 3))
+  q = 4 * q
+  cotangent = jax.random.normal(jax.random.key(5), q.shape)
+
+  def loss(attend, q, k, v):
+    return jnp.sum(cotangent * attend(q, k, v))
+
+  paths = [lambda q, k, v: flash.flash_attention(q, k, v, 0.0, interpret=True),
+           lambda q, k, v: dit.attention(q, k, v, 0.0, "plain"), jax.nn.dot_product_attention]
+  got, *expected = (jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2))(
+      q, k, v) for attend in paths)
+  for other in expected:
+    np.testing.assert_allclose(got[0], other[0], rtol=1e-5)
+    for g, e in zip(got[1], other[1]):
+      assert np.abs(e).max() > 0.1
+      np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+
+
+@pytest.mark.slow
 def test_flash_tiles_of_other_shapes_give_the_same_attention():
   """The flash kernels with blocks of other sizes than their loop steps (each side larger
   in turn, with 8 warps and 1 or 3 stages): values and gradients equal the default tiles'."""

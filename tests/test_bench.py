@@ -72,7 +72,6 @@ def test_utilisation_is_model_flops_over_the_measured_and_published_peaks():
 
 _SWEEP = """
 import json, sys
-import jax.numpy as jnp
 from configs import tiny
 from flmjax import bench
 from flmjax.models import flash

@@ -5,6 +5,7 @@ import math
 import re
 
 from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals  # the arrays a VJP keeps, with their source
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -411,6 +412,37 @@ def test_bfloat16_blocks_backward_pass_has_no_mixed_products():
   dots = _dot_dtypes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
   assert dots.count(("bfloat16", "bfloat16")) == 3 * (6 * len(model.blocks) + 1)
   assert [d for d in dots if d[0] != d[1]] == []
+
+
+def test_bfloat16_mlp_rounds_as_under_autocast_and_keeps_no_float32_hidden_array():
+  """With bfloat16 blocks the MLP's pre-activation and GELU output are bfloat16, as under
+  PyTorch's autocast, the GELU taken in float32 between: value and derivative are float64
+  GELU's (tanh form, and its closed-form derivative) at the rounded input, to one bfloat16
+  rounding (and 1e-5, float32's cancellation in 1 +- tanh(u) near x = -6). Its backward
+  pass keeps no float32 array of the hidden width 4D (the float32 model keeps several)."""
+  x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32)
+  r = np.asarray(x.astype(jnp.bfloat16), np.float64)
+  u = math.sqrt(2 / math.pi) * (r + 0.044715 * r ** 3)
+  value = 0.5 * r * (1 + np.tanh(u))
+  slope = 0.5 * (1 + np.tanh(u)) + 0.5 * r * (1 - np.tanh(u) ** 2) * math.sqrt(2 / math.pi) * (
+      1 + 3 * 0.044715 * r ** 2)
+  got, pullback = jax.vjp(lambda x: dit.gelu(x, jnp.bfloat16), x)
+  cotangent = jnp.linspace(-1.0, 1.0, 1001, dtype=jnp.bfloat16)
+  (grad,) = pullback(cotangent)
+  assert got.dtype == jnp.bfloat16 and grad.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got, np.float64), value, rtol=2 ** -8, atol=1e-5)
+  want = np.asarray(cotangent, np.float64) * slope
+  np.testing.assert_allclose(np.asarray(grad, np.float64), want, rtol=2 ** -8, atol=1e-5)
+  np.testing.assert_array_equal(dit.gelu(x), jax.nn.gelu(x, approximate=True))
+
+  h, tau = _inputs()
+  kept = {}
+  for dtype in (jnp.bfloat16, jnp.float32):
+    graphdef, state = nnx.split(_perturb(_model(dtype=dtype), scale=0.1))
+    residuals = saved_residuals(lambda s: nnx.merge(graphdef, s)(h, tau).sum(), state)
+    kept[dtype] = [a for a, _ in residuals
+                   if a.dtype == jnp.float32 and a.shape[1:] == (L, 4 * D)]
+  assert kept[jnp.bfloat16] == [] and len(kept[jnp.float32]) >= 2 * 2  # 2 blocks
 
 
 @pytest.mark.parametrize("vocab, millions", [(30522, 139), (50258, 170)])

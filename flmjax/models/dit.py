@@ -13,8 +13,8 @@ at a time over a key/value cache.
 
 Precision: parameters are float32; the input projection, LayerNorms, time MLP and
 modulation run in float32; the blocks' matmuls and attention run in `dtype` (bfloat16 by
-default) with float32 accumulation, their gradients' products too (mixed_dot_general), and
-the residual stream stays float32. Every parameter carries logical axis names (vocab,
+default) with float32 accumulation, their gradients' products too (mixed_dot_general), the
+MLP's hidden activations are held in `dtype` (gelu), and the residual stream stays float32. Every parameter carries logical axis names (vocab,
 embed, heads, mlp, cond, freq) that flmjax/sharding.py maps to mesh axes.
 """
 
@@ -85,6 +85,17 @@ def _mixed_dot_general_jvp(dimension_numbers, precision, preferred_element_type,
   terms = ([] if isinstance(d_lhs, zero) else [product(d_lhs, rhs).astype(out.dtype)]) + (
       [] if isinstance(d_rhs, zero) else [product(lhs, d_rhs).astype(out.dtype)])
   return out, sum(terms[1:], terms[0])
+
+
+def gelu(x, dtype=None):
+  """GELU (tanh form) of the MLP's pre-activation x, the float32 result of its first product.
+  With a narrower block `dtype` (bfloat16), as under PyTorch's autocast, x is rounded to it,
+  the function taken in float32 and its output rounded again; the backward pass recomputes
+  it from the rounded x and keeps no float32 array of the hidden width [B, L, 4D]."""
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return jax.nn.gelu(x, approximate=True)
+  return jax.checkpoint(lambda pre: jax.nn.gelu(pre.astype(jnp.float32), approximate=True)
+                        .astype(dtype))(x.astype(dtype))
 
 
 def _linear(d_in, d_out, names, *, rngs, use_bias=True, zero=False, dtype=None):
@@ -341,7 +352,7 @@ class Block(nnx.Module):
     with jax.named_scope("norms_modulation"):
       normed = self.norm2(x) * (1 + scale) + shift
     with jax.named_scope("mlp"):
-      hidden = jax.nn.gelu(self.mlp_in(normed), approximate=True)
+      hidden = gelu(self.mlp_in(normed), self.dtype)
       return x + gate * dropout(self.mlp_out(hidden), dropout_rate, rng_mlp)
 
   def __call__(self, x, c, *, softcap, impl, dropout_rate, rng, causal=False, tiles=None):

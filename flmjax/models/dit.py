@@ -14,8 +14,9 @@ at a time over a key/value cache.
 Precision: parameters are float32; the input projection, LayerNorms, time MLP and
 modulation run in float32; the blocks' matmuls and attention run in `dtype` (bfloat16 by
 default) with float32 accumulation, their gradients' products too (mixed_dot_general), the
-MLP's hidden activations are held in `dtype` (gelu), and the residual stream stays float32. Every parameter carries logical axis names (vocab,
-embed, heads, mlp, cond, freq) that flmjax/sharding.py maps to mesh axes.
+MLP's hidden activations are held in `dtype` (gelu), and the residual stream stays float32.
+Every parameter carries logical axis names (vocab, embed, heads, mlp, cond, freq) that
+flmjax/sharding.py maps to mesh axes.
 """
 
 import functools

@@ -296,20 +296,31 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
   def one(sums, args):
     shape = args[2].shape  # [B, r]
     xc, tc, wc = (a.reshape(-1, *a.shape[2:]) for a in args)
-    raw = _head_logits(xc, padded, padded_bias, dtype)
-    capped, slope = _cap_and_slope(raw, cap)
-    # On a GPU, logsumexp shifted by the cap rather than the max when the cap is at most
-    # 40: the capped logits lie in [-cap, cap], so exp(c - cap) lies in [exp(-80), 1],
-    # normal float32 numbers.
-    top = (jnp.full((raw.shape[0], 1), cap) if gpu and 0 < cap <= 40
-           else jnp.max(capped, axis=-1, keepdims=True))
-    exp = jnp.exp(capped - top)
-    column = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
-    if raw.shape[1] > vocab:
-      exp = jnp.where(column < vocab, exp, 0.0)
+    product = jnp.matmul(xc.astype(dtype), padded, preferred_element_type=jnp.float32)
+    column = jax.lax.broadcasted_iota(jnp.int32, product.shape, 1)
+
+    def capped_exp(product, top=None):  # (c, dc/dlogits, the shift, exp(c - shift))
+      capped, slope = _cap_and_slope(product + padded_bias, cap)
+      if top is None:
+        # On a GPU, logsumexp shifted by the cap rather than the max when the cap is at
+        # most 40: the capped logits lie in [-cap, cap], so exp(c - cap) lies in
+        # [exp(-80), 1], normal float32 numbers.
+        top = (jnp.full((capped.shape[0], 1), cap) if gpu and 0 < cap <= 40
+               else jnp.max(capped, axis=-1, keepdims=True))
+      exp = jnp.exp(capped - top)
+      if capped.shape[1] > vocab:
+        exp = jnp.where(column < vocab, exp, 0.0)
+      return capped, slope, top, exp
+    capped, slope, top, exp = capped_exp(product)
     total = (jnp.sum(exp, axis=-1) if gpu
              else jnp.matmul(exp, jnp.ones(exp.shape[-1], jnp.float32)))
     logsumexp = top[:, 0] + jnp.log(total)
+    if gpu:
+      # XLA:GPU would write the tanh of the sum's pass ([chunk, V] float32) for the
+      # gradient's pass to read; behind a barrier the gradient's pass recomputes it from
+      # the product, which it reads instead.
+      product, total, top = jax.lax.optimization_barrier((product, total, top))
+      capped, slope, _, exp = capped_exp(product, top)
     softmax = exp / total[:, None]
     if tc.ndim == 1:  # tokens: CE = logsumexp - c[token], dCE/dc = softmax - onehot
       picked = capped.reshape(-1)[jnp.arange(tc.shape[0]) * capped.shape[-1] + tc]
@@ -317,7 +328,7 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
       # one_hot's array
       grad = jnp.where(column == tc[:, None], softmax - 1, softmax)
     else:  # probabilities p: CE = sum(p) logsumexp - p . c, dCE/dc = sum(p) softmax - p
-      target = jnp.pad(tc.astype(jnp.float32), ((0, 0), (0, raw.shape[1] - vocab)))
+      target = jnp.pad(tc.astype(jnp.float32), ((0, 0), (0, capped.shape[1] - vocab)))
       mass, picked = jnp.sum(target, axis=-1), jnp.sum(target * capped, axis=-1)
       logsumexp = logsumexp * mass
       grad = softmax * mass[:, None] - target
@@ -325,6 +336,8 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
     if slope is not None:
       grad = grad * slope
     low = grad.astype(dtype)
+    if gpu:  # else XLA:GPU writes the float32 gradient, and sums the bias's from it
+      low = jax.lax.optimization_barrier(low)
     d_features = jnp.matmul(low, kernel_t, preferred_element_type=jnp.float32)
     d_kernel, d_bias = sums
     if gpu:

@@ -92,11 +92,33 @@ def gelu(x, dtype=None):
   """GELU (tanh form) of the MLP's pre-activation x, the float32 result of its first product.
   With a narrower block `dtype` (bfloat16), as under PyTorch's autocast, x is rounded to it,
   the function taken in float32 and its output rounded again; the backward pass recomputes
-  it from the rounded x and keeps no float32 array of the hidden width [B, L, 4D]."""
+  it from the rounded x, keeps no float32 array of the hidden width [B, L, 4D] and returns
+  the derivative rounded to `dtype`, as autocast's GELU backward does."""
   if dtype is None or jnp.dtype(dtype) == jnp.float32:
     return jax.nn.gelu(x, approximate=True)
-  return jax.checkpoint(lambda pre: jax.nn.gelu(pre.astype(jnp.float32), approximate=True)
-                        .astype(dtype))(x.astype(dtype))
+  return _rounded_gelu(x.astype(dtype))
+
+
+@jax.custom_vjp
+def _rounded_gelu(pre):
+  return jax.nn.gelu(pre.astype(jnp.float32), approximate=True).astype(pre.dtype)
+
+
+def _rounded_gelu_fwd(pre):
+  return _rounded_gelu(pre), pre
+
+
+def _rounded_gelu_bwd(pre, g):
+  # Barriers: on the input, so that XLA recomputes the GELU here rather than keep the
+  # forward pass's float32 tanh; on the output, so that it keeps the rounding, where it
+  # would sum the bias's gradient from the float32 derivative (and on GPUs write that
+  # float32 [B, L, 4D] array for it).
+  _, pullback = jax.vjp(lambda p: jax.nn.gelu(p, approximate=True),
+                        jax.lax.optimization_barrier(pre).astype(jnp.float32))
+  return (jax.lax.optimization_barrier(pullback(g.astype(jnp.float32))[0].astype(pre.dtype)),)
+
+
+_rounded_gelu.defvjp(_rounded_gelu_fwd, _rounded_gelu_bwd)
 
 
 def _linear(d_in, d_out, names, *, rngs, use_bias=True, zero=False, dtype=None):

@@ -419,7 +419,8 @@ def test_bfloat16_mlp_rounds_as_under_autocast_and_keeps_no_float32_hidden_array
   PyTorch's autocast, the GELU taken in float32 between: value and derivative are float64
   GELU's (tanh form, and its closed-form derivative) at the rounded input, to one bfloat16
   rounding (and 1e-5, float32's cancellation in 1 +- tanh(u) near x = -6), the derivative
-  itself bfloat16 values. Its backward pass keeps no float32 array of the hidden width 4D (the float32 model keeps several)."""
+  itself bfloat16 values. Its backward pass keeps no float32 array of the hidden width 4D
+  (the float32 model keeps several)."""
   x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32)
   r = np.asarray(x.astype(jnp.bfloat16), np.float64)
   u = math.sqrt(2 / math.pi) * (r + 0.044715 * r ** 3)
@@ -427,8 +428,11 @@ def test_bfloat16_mlp_rounds_as_under_autocast_and_keeps_no_float32_hidden_array
   slope = 0.5 * (1 + np.tanh(u)) + 0.5 * r * (1 - np.tanh(u) ** 2) * math.sqrt(2 / math.pi) * (
       1 + 3 * 0.044715 * r ** 2)
   cotangent = jnp.linspace(-1.0, 1.0, 1001, dtype=jnp.bfloat16)
-  got, (grad,) = jax.jit(lambda x, g: (lambda out, pullback: (out, pullback(g)))(
-      *jax.vjp(lambda x: dit.gelu(x, jnp.bfloat16), x)))(x, cotangent)
+
+  def value_and_grad(x, g):
+    out, pullback = jax.vjp(lambda x: dit.gelu(x, jnp.bfloat16), x)
+    return out, pullback(g)[0]
+  got, grad = jax.jit(value_and_grad)(x, cotangent)
   assert got.dtype == jnp.bfloat16 and grad.dtype == jnp.float32
   # the derivative rounded to bfloat16, as autocast's GELU backward returns it, also
   # compiled (where XLA may drop a rounding it is free to drop)

@@ -419,8 +419,8 @@ def test_bfloat16_mlp_rounds_as_under_autocast_and_keeps_no_float32_hidden_array
   PyTorch's autocast, the GELU taken in float32 between: value and derivative are float64
   GELU's (tanh form, and its closed-form derivative) at the rounded input, to one bfloat16
   rounding (and 1e-5, float32's cancellation in 1 +- tanh(u) near x = -6), the derivative
-  itself bfloat16 values. Its backward pass keeps no float32 array of the hidden width 4D
-  (the float32 model keeps several)."""
+  itself bfloat16 values, in reverse and forward mode. Its backward pass keeps no float32
+  array of the hidden width 4D (the float32 model keeps several)."""
   x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32)
   r = np.asarray(x.astype(jnp.bfloat16), np.float64)
   u = math.sqrt(2 / math.pi) * (r + 0.044715 * r ** 3)
@@ -440,6 +440,9 @@ def test_bfloat16_mlp_rounds_as_under_autocast_and_keeps_no_float32_hidden_array
   np.testing.assert_allclose(np.asarray(got, np.float64), value, rtol=2 ** -8, atol=1e-5)
   want = np.asarray(cotangent, np.float64) * slope
   np.testing.assert_allclose(np.asarray(grad, np.float64), want, rtol=2 ** -8, atol=1e-5)
+  # forward mode too (the Eulerian and Lagrangian objectives' JVPs)
+  _, tangent = jax.jvp(lambda x: dit.gelu(x, jnp.bfloat16), (x,), (cotangent.astype(x.dtype),))
+  np.testing.assert_allclose(np.asarray(tangent, np.float64), want, rtol=2 ** -8, atol=1e-5)
   np.testing.assert_array_equal(dit.gelu(x), jax.nn.gelu(x, approximate=True))
 
   h, tau = _inputs()

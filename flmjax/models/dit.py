@@ -96,29 +96,23 @@ def gelu(x, dtype=None):
   the derivative rounded to `dtype`, as autocast's GELU backward does."""
   if dtype is None or jnp.dtype(dtype) == jnp.float32:
     return jax.nn.gelu(x, approximate=True)
-  return _rounded_gelu(x.astype(dtype))
+  return jax.checkpoint(_rounded_gelu)(x.astype(dtype))
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _rounded_gelu(pre):
   return jax.nn.gelu(pre.astype(jnp.float32), approximate=True).astype(pre.dtype)
 
 
-def _rounded_gelu_fwd(pre):
-  return _rounded_gelu(pre), pre
-
-
-def _rounded_gelu_bwd(pre, g):
-  # Barriers: on the input, so that XLA recomputes the GELU here rather than keep the
-  # forward pass's float32 tanh; on the output, so that it keeps the rounding, where it
-  # would sum the bias's gradient from the float32 derivative (and on GPUs write that
-  # float32 [B, L, 4D] array for it).
-  _, pullback = jax.vjp(lambda p: jax.nn.gelu(p, approximate=True),
-                        jax.lax.optimization_barrier(pre).astype(jnp.float32))
-  return (jax.lax.optimization_barrier(pullback(g.astype(jnp.float32))[0].astype(pre.dtype)),)
-
-
-_rounded_gelu.defvjp(_rounded_gelu_fwd, _rounded_gelu_bwd)
+@_rounded_gelu.defjvp
+def _rounded_gelu_jvp(primals, tangents):
+  (pre,), (tangent,) = primals, tangents
+  # Transposed, the barrier on the tangent falls on the backward pass's derivative, rounded
+  # to pre's dtype: without it XLA drops that rounding, sums the bias's gradient from the
+  # float32 derivative, and on GPUs writes that float32 [B, L, 4D] array for it.
+  value, slope = jax.jvp(lambda p: jax.nn.gelu(p, approximate=True), (pre.astype(jnp.float32),),
+                         (jax.lax.optimization_barrier(tangent).astype(jnp.float32),))
+  return value.astype(pre.dtype), slope.astype(pre.dtype)
 
 
 def _linear(d_in, d_out, names, *, rngs, use_bias=True, zero=False, dtype=None):

@@ -239,15 +239,18 @@ def _unchunk(a):
 def head_argmax(features: jax.Array, kernel: jax.Array, bias: jax.Array, dtype,
                 chunk: int) -> jax.Array:
   """argmax_v of the logits features @ kernel + bias (as head_cross_entropy computes them),
-  int32 [B, L] for features [B, L, D], about `chunk` tokens per device at a time. top_k
-  with k = 1 gives the same first index among ties; on XLA:CPU it ran about 1.5x faster
-  than argmax on an AMD EPYC, and 2 to 14% slower on a Xeon with AVX-512
-  (docs/results.md)."""
+  int32 [B, L] for features [B, L, D], about `chunk` tokens per device at a time, the
+  first index among ties. On CPUs it is top_k with k = 1, which XLA:CPU ran about 1.5x
+  faster than argmax on an AMD EPYC, and 2 to 14% slower on a Xeon with AVX-512
+  (docs/results.md); elsewhere argmax (XLA:GPU of JAX 0.12 fails to compile top_k in the
+  chunks' loop)."""
   kernel, bias = _padded_layer(kernel, bias, dtype, -jnp.inf)
+  on_cpu = sharding.target_platform() == "cpu"
 
   def one(xc):
     logits = _head_logits(xc.reshape(-1, xc.shape[-1]), kernel, bias, dtype)
-    return jax.lax.top_k(logits, 1)[1][:, 0].reshape(xc.shape[:2])
+    index = jax.lax.top_k(logits, 1)[1][:, 0] if on_cpu else jnp.argmax(logits, axis=-1)
+    return index.reshape(xc.shape[:2])
   (x,) = _chunks(chunk, features)
   return _unchunk(jax.lax.map(one, x)).astype(jnp.int32)
 

@@ -12,7 +12,8 @@ from flmjax import aot
 from flmjax.errors import UsageError
 from flmjax.models import dit
 
-CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+CUDA_PLUGIN = any(importlib.util.find_spec(f"jax_cuda{version}_plugin") is not None
+                  for version in (12, 13))
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ setuptools.setup(
         # Evaluator LMs: GGUF files (SmolLM2) and Hugging Face safetensors (GPT-2).
         "gguf>=0.19,<1",
         "grain>=0.2.15,<0.3",
-        "jax>=0.10,<0.12",
+        "jax>=0.10,<0.13",
         "matplotlib>=3.8",
         "ml_collections>=1.0,<2",
         "numpy>=2.0",
@@ -39,6 +39,6 @@ setuptools.setup(
         # OpenWebText / LM1B through Hugging Face datasets (needs internet).
         "hf": ["datasets>=2.18"],
         # libtpu: TPU VMs, and --mode=compile for a TPU slice on any machine.
-        "tpu": ["jax[tpu]>=0.10,<0.12"],
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
     },
 )

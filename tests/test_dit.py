@@ -196,6 +196,38 @@ def test_flash_without_a_cap_is_softmax_attention():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cap", [50.0, 2 * flash.UNSHIFTED_CAP])
+def test_flash_at_scores_pinned_to_the_cap_equals_the_plain_path(cap):
+  """Rows whose every score sits at +cap or at -cap (the forward kernel's exponentials,
+  unshifted up to UNSHIFTED_CAP, are then 2^(+-72) at cap 50), beside ordinary rows: flash
+  equals the plain path, values and gradients, with the cap taken unshifted and (above
+  UNSHIFTED_CAP) with the running max."""
+  u = jnp.zeros(16).at[0].set(1.0)
+  k = u + 0.1 * jax.random.normal(jax.random.key(6), (1, 128, 1, 16))
+  q = jnp.concatenate([jnp.broadcast_to(40000 * u, (1, 32, 1, 16)),
+                       jnp.broadcast_to(-40000 * u, (1, 32, 1, 16)),
+                       3 * jax.random.normal(jax.random.key(7), (1, 64, 1, 16))], axis=1)
+  v = jax.random.normal(jax.random.key(8), k.shape)
+  cotangent = jax.random.normal(jax.random.key(9), q.shape)
+  # tanh(s / cap) is 1 in float32 past s / cap = 9
+  assert np.abs(jnp.einsum("bqhd,bkhd->bqk", q[:, :64], k) / 4).min() > 20 * cap
+
+  def loss(attend, q, k, v):
+    return jnp.sum(cotangent * attend(q, k, v))
+
+  kernel = lambda q, k, v: flash.flash_attention(q, k, v, cap, interpret=True)
+  plain = lambda q, k, v: dit.attention(q, k, v, cap, "plain")
+  (got, got_grads), (expected, expected_grads) = (
+      jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2))(q, k, v)
+      for attend in (kernel, plain))
+  np.testing.assert_allclose(kernel(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  for g, e in zip(got_grads, expected_grads):
+    assert np.abs(e).max() > 0.01  # dq: the pinned rows' gradients vanish
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+
+
+@pytest.mark.slow
 def test_flash_tiles_of_other_shapes_give_the_same_attention():
   """The flash kernels with blocks of other sizes than their loop steps (each side larger
   in turn, with 8 warps and 1 or 3 stages): values and gradients equal the default tiles'."""
@@ -250,8 +282,8 @@ def test_flash_attention_lowers_to_triton_for_cuda(impl, tiles):
   lowering accepts the kernels, and the Triton backend is the one chosen (the installed
   JAX's default for pallas_call on GPUs is Mosaic GPU, which cannot lower them). Each
   kernel runs with its tile of model.flash_tiles: L / block programs per (row, head), its
-  warps and stages; the cap's tanh is PTX's approximate one and the exponentials exp2,
-  not libdevice's tanhf and expf."""
+  warps and stages; the cap's tanh and the exponentials (exp2) are PTX's approximate
+  instructions, not libdevice's tanhf, expf and exp2f."""
   graphdef, params = nnx.split(_model(attention_impl=impl, flash_tiles=tiles))
   h = jax.ShapeDtypeStruct((2, 128, D), jnp.float32)
   tau = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -277,8 +309,8 @@ def test_flash_attention_lowers_to_triton_for_cuda(impl, tiles):
   expected = [(str(128 // t.block), kernel, str(t.stages), str(t.warps))
               for kernel in ("forward", "dkv", "dq") for t in [getattr(parsed, kernel)]]
   assert sorted(launched) == sorted(expected * 2)  # 2 blocks
-  assert "tanh.approx.f32" in module and "__nv_exp2f" in module
-  assert "__nv_tanhf" not in module and "__nv_expf" not in module
+  assert "tanh.approx.f32" in module and "ex2.approx.ftz.f32" in module
+  assert not {"__nv_tanhf", "__nv_expf", "__nv_exp2f"} & set(re.findall(r"__nv_\w+", module))
 
 
 def test_fused_attention_with_a_soft_cap_is_refused():

@@ -1,20 +1,21 @@
 """Flash attention with the soft cap inside the kernel: a Pallas GPU (Triton) kernel.
 
-For q, k, v [B, L, H, Dh] it computes softmax(cap tanh(q k^T / (cap sqrt(Dh)))) v one block
-of queries at a time, over blocks of keys with a running max and sum, so the [L, L] scores
-are never stored. The backward pass recomputes them per block from q, k and the saved
-logsumexp: with t = tanh(s / cap) and P the probabilities, dS = P (dP - rowsum(dO O)) and
-the raw scores' gradient is dS (1 - t^2). The soft cap bounds the scores in [-cap, cap].
-The kernels read and write [B, L, H, Dh] in place (a block is rows of one head), so no
-transpose surrounds them. They work in base 2, as FlashAttention does: the scores are
-scaled by log2(e) with the other constants, so that the exponentials are exp2 (PTX's
-ex2), and the logsumexp they keep is in base 2; on a GPU the cap's tanh is PTX's
-approximate one (see _scores). The tiles of the three kernels (Tiles: rows per program and
-per loop step, Triton's warps and stages) are a setting, model.flash_tiles, and
-`python -m flmjax.bench --flash_sweep=...` times candidates.
+For q, k, v [B, L, H, Dh] it computes softmax(cap tanh(q k^T / (cap sqrt(Dh)))) v one block of
+queries at a time, over blocks of keys with a running sum (and, without a cap or with one
+above UNSHIFTED_CAP, a running max), so the [L, L] scores are never stored. The backward
+pass recomputes them per block from q, k and the saved logsumexp: with t = tanh(s / cap) and P
+the probabilities, dS = P (dP - rowsum(dO O)) and the raw scores' gradient is dS (1 - t^2).
+The soft cap bounds the scores in [-cap, cap]. The kernels read and write [B, L, H, Dh] in
+place (a block is rows of one head), so no transpose surrounds them. They work in base 2,
+as FlashAttention does: the scores are scaled by log2(e) with the other constants, so that
+the exponentials are exp2, and the logsumexp they keep is in base 2; on a GPU the cap's
+tanh and the exp2 are PTX's approximate instructions (_scores, _exp2). The tiles of the
+three kernels (Tiles: rows per program and per loop step, Triton's warps and stages) are a
+setting, model.flash_tiles, and `python -m flmjax.bench --flash_sweep=...` times
+candidates.
 
-Off GPU the kernels run in Pallas's interpret mode, with jnp.tanh, which is how the tests
-compare them with the plain path (flmjax/models/dit.py) on a CPU.
+Off GPU the kernels run in Pallas's interpret mode, with jnp.tanh and jnp.exp2, which is how
+the tests compare them with the plain path (flmjax/models/dit.py) on a CPU.
 """
 
 import dataclasses
@@ -121,24 +122,50 @@ def _scores(q, k, scale: float, cap: float, approx: bool):
   return (cap * LOG2E) * t, 1 - t * t
 
 
+def _exp2(x, approx: bool):
+  """2^x; with `approx` (on a GPU) PTX's ex2.approx.ftz.f32, one special-function
+  instruction, as FlashAttention's exponentials compile. jnp.exp2 lowers to ex2.approx.f32,
+  which ptxas surrounds with a range check and two multiplications to keep results below
+  2^-126 (subnormal); here they flush to zero, probabilities that add nothing to a float32
+  sum of 1."""
+  if not approx:
+    return jnp.exp2(x)
+  result, = plgpu.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+  return result
+
+
+# The largest cap at which the forward kernel takes exp2 of the capped scores unshifted:
+# |s| <= cap log2(e) <= 87, so each exp2 is a normal float32 in [2^-87, 2^87] and a row's
+# sum over L < 2^32 keys stays far below float32's 2^128.
+UNSHIFTED_CAP = 60.0
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, step, approx):
   q = q_ref[...]
+  # With a cap the scores are bounded (UNSHIFTED_CAP): their exp2 needs no running max to
+  # stay in range, which saves each step the rows' max and the rescaling of the sum and
+  # the output. The shift `top` then stays 0.
+  running_max = not 0 < cap <= UNSHIFTED_CAP
 
   def body(j, carry):
     top, total, acc = carry
     keys = pl.ds(j * step, step)
     s, _ = _scores(q, k_ref[keys, :], scale, cap, approx)
-    new_top = jnp.maximum(top, s.max(axis=-1))
-    p = jnp.exp2(s - new_top[:, None])
-    rescale = jnp.exp2(top - new_top)
-    acc = acc * rescale[:, None] + plgpu.dot(p.astype(v_ref.dtype), v_ref[keys, :])
-    return new_top, total * rescale + p.sum(axis=-1), acc
+    if running_max:
+      new_top = jnp.maximum(top, s.max(axis=-1))
+      rescale = _exp2(top - new_top, approx)
+      top, total, acc = new_top, total * rescale, acc * rescale[:, None]
+    p = _exp2(s - top[:, None], approx) if running_max else _exp2(s, approx)
+    acc = acc + plgpu.dot(p.astype(v_ref.dtype), v_ref[keys, :])
+    return top, total + p.sum(axis=-1), acc
 
   rows, dim = q.shape
   top, total, acc = jax.lax.fori_loop(
       0, k_ref.shape[0] // step, body,
-      (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-       jnp.zeros((rows, dim), jnp.float32)))
+      (jnp.full((rows,), -jnp.inf if running_max else 0.0, jnp.float32),
+       jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dim), jnp.float32)))
   o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
   lse_ref[...] = top + jnp.log2(total)
 
@@ -146,7 +173,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, step, ap
 def _grad_scores(q, k, v, do, lse, delta, scale, cap, approx):
   """P and the raw scores' gradient dS (1 - t^2) of a (queries, keys) block."""
   s, slope = _scores(q, k, scale, cap, approx)
-  p = jnp.exp2(s - lse[:, None])
+  p = _exp2(s - lse[:, None], approx)
   ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
   return p, ds if slope is None else ds * slope
 

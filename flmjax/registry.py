@@ -90,11 +90,15 @@ def with_family(config: ml_collections.ConfigDict, objective: objectives.Objecti
   trains (what its checkpoints record), and the mask id of `tokenizer` where the family
   needs one. An objective that differentiates the model forward (jvp) gets the plain
   attention path for attention=auto: it has a JVP rule on every backend, where a fused
-  kernel with only a custom backward pass would not."""
+  kernel with only a custom backward pass would not. The causal AR model of L - 1 tokens
+  gets auto for the splash and flash kernels, which cannot run it (--mode=compare, whose
+  attention is chosen for the FLM; validation refuses them for family=ar)."""
   config = copy.deepcopy(config)
   config.model.update(FAMILIES[objective.kind].model)
   if objective.jvp and config.model.attention == "auto":
     config.model.attention = "plain"
+  if config.model.causal and config.model.attention in ("splash", "flash"):
+    config.model.attention = "auto"
   if FAMILIES[objective.kind].masked and tokenizer is not None:
     if tokenizer.mask_id is None:
       raise UsageError(f"family={objective.kind} needs a mask id, and this {tokenizer.kind} "

@@ -151,11 +151,13 @@ def _duo(config: ml_collections.ConfigDict, mode: str) -> None:
                      f"{duo.gamma_max}.")
 
 
-def _model(model: ml_collections.ConfigDict) -> None:
+def _model(config: ml_collections.ConfigDict) -> None:
+  model = config.model
   if model.width % model.heads or (model.width // model.heads) % 2:
     raise UsageError(f"model.width={model.width} must split into model.heads={model.heads} "
                      "heads of even size.")
-  if model.attention == "fused" and model.attn_softcap:
+  softcap = registry.FAMILIES[config.family].model.get("attn_softcap", model.attn_softcap)
+  if model.attention == "fused" and softcap:
     raise UsageError("model.attention=fused has no soft cap: set model.attn_softcap=0, or "
                      "model.attention=plain or auto.")
   try:
@@ -213,9 +215,11 @@ def _attention(config: ml_collections.ConfigDict, mode: str) -> None:
     tiled = " (its tiles' blocks and steps, model.flash_tiles)" if impl == "flash" else ""
     raise UsageError(f"model.attention={impl} needs data.seq_len={config.data.seq_len} to be "
                      f"a multiple of {block}{tiled}; use model.attention=auto or plain.")
-  if impl == "flash" and config.family == "ar":
-    raise UsageError("model.attention=flash is not causal, which family=ar needs; use "
-                     "model.attention=auto.")
+  if config.family == "ar":
+    raise UsageError(f"model.attention={impl} cannot run family=ar, a causal model of "
+                     "L - 1 tokens (flash is not causal; splash takes multiples of "
+                     f"{dit.SPLASH_BLOCK}): use model.attention=auto (fused, as AR has no "
+                     "soft cap) or plain.")
   head = config.model.width // config.model.heads
   if impl == "flash" and not flash.supports(config.data.seq_len, head, tiles):  # L checked
     raise UsageError(f"model.attention=flash needs a head size (model.width / model.heads = "
@@ -265,7 +269,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   _fields(config)
   _dcd(config, mode)
   _duo(config, mode)
-  _model(config.model)
+  _model(config)
   _attention(config, mode)
   _condition(config, mode)
   _loss_weight(config, mode)

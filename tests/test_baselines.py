@@ -513,6 +513,26 @@ def test_distillation_objectives_need_their_teachers_family(family, objective, m
     validate(config, mode, lambda: 1)
 
 
+def test_ar_takes_auto_attention_where_the_run_asks_for_a_kernel_it_cannot_run():
+  """--mode=compare picks the attention for the FLM; its AR baseline (causal, L - 1 tokens,
+  no cap) then gets auto for splash and flash, and keeps plain or fused. With no cap,
+  fused is refused for the FLM but not for family=ar."""
+  for impl, expected in [("splash", "auto"), ("flash", "auto"), ("plain", "plain"),
+                         ("fused", "fused"), ("auto", "auto")]:
+    config = train_config()
+    config.model.attention = impl
+    ar = registry.with_family(config, registry.OBJECTIVES["ar"])
+    assert (ar.model.attention, ar.model.causal, ar.model.attn_softcap) == (expected, True, 0)
+    flm = registry.with_family(config, registry.OBJECTIVES["flm"])
+    assert flm.model.attention == impl
+  config = train_config()
+  config.model.attention = "fused"
+  with pytest.raises(UsageError, match="fused has no soft cap"):
+    validate(config, "train", lambda: 8)
+  config.family = "ar"
+  validate(config, "train", lambda: 8)
+
+
 def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():
   class NoMask:
     kind, source, mask_id = "bert", "vocab.txt", None

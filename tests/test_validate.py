@@ -104,6 +104,9 @@ def test_attention_kernels_need_l_a_multiple_of_their_block_and_no_jvp():
   assert "data.seq_len=32 to be a multiple of 128" in _refused(config)
   config.data.seq_len = 128
   validate(config, "train", lambda: 8)
+  config.family = "ar"  # which runs L - 1 = 127 tokens
+  assert "model.attention=splash cannot run family=ar" in _refused(config)
+  config.family = "flm"
   config.distill.objective = "lagrangian"
   validate(config, "train", lambda: 8)  # training the teacher takes no jvp
   assert "no forward-mode derivative, which distill.objective=lagrangian takes" in _refused(
@@ -115,7 +118,8 @@ def test_attention_kernels_need_l_a_multiple_of_their_block_and_no_jvp():
   config.data.seq_len = 64
   validate(config, "train", lambda: 8)
   config.family = "ar"
-  assert "model.attention=flash is not causal, which family=ar needs" in _refused(config)
+  assert "model.attention=flash cannot run family=ar, a causal model of L - 1" in _refused(
+      config)
   config.family = "flm"
   config.model.update(width=96, heads=2)
   assert "head size (model.width / model.heads = 48) that is a power of two" in _refused(

@@ -113,7 +113,8 @@ def check_sample_options(kind: str, sample: ml_collections.ConfigDict, where: st
   """Refuses config.sample options that the weights in `where` (of family `kind`) do not
   take (the churn only with `churn`: evaluation leaves it to the flow-map rows, as the
   distillation configs set it for their students); runs over several families (pipeline,
-  compare) leave them out where they do not apply."""
+  compare) leave them out where they do not apply, but for a named sampler, which
+  validation refuses unless every family they train has it."""
   found = family(kind, where)
   if sample.sampler != "auto" and sample.sampler not in found.samplers:
     raise UsageError(f"sample.sampler={sample.sampler}: {where} holds a {kind} model, whose "

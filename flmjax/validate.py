@@ -167,6 +167,21 @@ def _model(config: ml_collections.ConfigDict) -> None:
                      "default tiles.") from None
 
 
+def _sampler(config: ml_collections.ConfigDict, mode: str) -> None:
+  """sample.sampler, when named, is a sampler of every family that `mode` trains (the
+  sampling of a checkpoint is checked against its family when it is read)."""
+  name = config.sample.sampler
+  student = registry.OBJECTIVES[config.distill.objective].kind
+  families = {"train": [config.family], "distill": [student], "pipeline": ["flm", student],
+              "compare": list(registry.FAMILIES)}.get(mode, [])
+  for family in families:
+    samplers = registry.FAMILIES[family].samplers
+    if name != "auto" and name not in samplers:
+      raise UsageError(f"sample.sampler={name}: --mode={mode} trains {', '.join(families)}, "
+                       f"and {family} has no {name} sampler (it has {', '.join(samplers)}); "
+                       "use auto, each family's own default.")
+
+
 def _loss_weight(config: ml_collections.ConfigDict, mode: str) -> None:
   """model.learned_loss_weight weights the FLM and FMLM losses only."""
   if not config.model.learned_loss_weight:
@@ -273,6 +288,7 @@ def validate(config: ml_collections.ConfigDict, mode: str,
   _attention(config, mode)
   _condition(config, mode)
   _loss_weight(config, mode)
+  _sampler(config, mode)
   if mode == "compare" and config.family != "flm":
     raise UsageError(f"family={config.family}: --mode=compare trains every family itself; "
                      "leave family at flm.")

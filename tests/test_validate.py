@@ -268,3 +268,20 @@ def test_step_counts():
   assert step_counts("1, 8,64") == [1, 8, 64]
   with pytest.raises(UsageError, match="eval.teacher_steps=''"):
     step_counts("", "eval.teacher_steps")
+
+
+def test_a_named_sampler_must_belong_to_every_family_the_mode_trains():
+  config = train_config()
+  config.sample.sampler = "euler"
+  validate(config, "train", lambda: 8)  # family=flm
+  assert ("sample.sampler=euler: --mode=pipeline trains flm, fmlm, and fmlm has no euler "
+          "sampler (it has flowmap)") in _refused(config, "pipeline")
+  assert "--mode=compare trains flm, fmlm, mdlm" in _refused(config, "compare")
+  config.family = "mdlm"
+  assert "mdlm has no euler sampler (it has ancestral_cache, ancestral)" in _refused(config)
+  config.sample.sampler = "ancestral"
+  validate(config, "train", lambda: 8)
+  config.sample.sampler = "auto"
+  for mode in ("train", "pipeline", "compare"):
+    config.family = "flm"
+    validate(config, mode, lambda: 8)

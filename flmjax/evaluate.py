@@ -205,9 +205,10 @@ def halves(tokenizer, tokens: np.ndarray) -> tuple[list[str], list[str]]:
 
 
 def _timed_samples(config, record: dict, tokenizer, steps: int, graphdef, params, rng,
-                   prompts: np.ndarray | None = None) -> tuple[str, np.ndarray, int, float]:
-  """(sampler name, tokens [eval.num_samples, L], network calls per sample, seconds per
-  sample) of the `steps`-step sampler of the weights, drawn in calls of eval.batch_size
+                   prompts: np.ndarray | None = None) -> tuple[str, np.ndarray, float, float]:
+  """(sampler name, tokens [eval.num_samples, L], network calls per sample (their mean over
+  the samples: MDLM's cache makes as many as its batch needs), seconds per sample) of the
+  `steps`-step sampler of the weights, drawn in calls of eval.batch_size
   samples (as the reference draws its loader.eval_batch_size a call: [B, L, V]
   probabilities of the baselines' samplers stay that small), or of one per data-parallel
   device if there are more, the i-th from fold_in(rng, i); timed once each call's shape is
@@ -236,7 +237,8 @@ def _timed_samples(config, record: dict, tokenizer, steps: int, graphdef, params
                                  for i, (start, size) in enumerate(zip(starts, sizes))])
   seconds = (time.perf_counter() - begin) / count
   tokens = np.concatenate([np.asarray(t) for t, _ in drawn])
-  return samplers[per_call][0], tokens, int(drawn[0][1]), seconds
+  calls = sum(int(c) * size for (_, c), size in zip(drawn, sizes)) / count
+  return samplers[per_call][0], tokens, calls, seconds
 
 
 def validation_nll(config, record: dict, graphdef, params, prepared) -> dict:
@@ -450,7 +452,7 @@ def _write(path: epath.Path, rows: list[dict], evaluator: str, seq_len: int, bat
     return format(row[key], form) if key in row else "-"
   for row in rows:
     lines.append(f"| {row['model']} | {row['sampler']} | {row['steps'] or '-'} | "
-                 f"{cell(row, 'network_calls', 'd')} | {cell(row, 'gen_ppl', '.2f')} | "
+                 f"{cell(row, 'network_calls', '.4g')} | {cell(row, 'gen_ppl', '.2f')} | "
                  f"{cell(row, 'fd', '.1f')} | {row['entropy']:.2f} | "
                  f"{cell(row, 'seconds_per_sample', '.4f')} | {cell(row, 'valid_ppl', '.2f')} |")
   table = "\n".join(lines) + "\n"

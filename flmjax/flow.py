@@ -141,8 +141,7 @@ def noisy_latent(rng: jax.Array, embed: jax.Array, tokens: jax.Array, t: jax.Arr
 
 def soft_cap(x: jax.Array, cap: float) -> jax.Array:
   """cap * tanh(x / cap) in float32 (x itself, as float32, when cap is 0)."""
-  x = x.astype(jnp.float32)
-  return cap * jnp.tanh(x / cap) if cap else x
+  return _cap_and_slope(x, cap)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -165,7 +164,7 @@ def _token_cross_entropy_fwd(logits, tokens, cap):
 
 
 def _cap_and_slope(logits, cap):
-  """(c = soft_cap(logits), dc/dlogits or None without a cap), float32."""
+  """(c = cap * tanh(logits / cap), dc/dlogits), float32; (logits, None) when cap is 0."""
   x = logits.astype(jnp.float32)
   if not cap:
     return x, None

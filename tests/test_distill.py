@@ -529,7 +529,9 @@ def _distilled(vocab_size, batches, teacher_steps, student_steps, boundary_fract
                  objectives.denoising(config, vocab_size, train=False),
                  teacher_steps, batches)
   config.model.two_time = True
-  config.distill.boundary_fraction = boundary_fraction  # the default: 0 or 1 row here
+  # At 0.5 beside the diagonal's 0.5, the semigroup rows are all boundary rows (tau_s = 0,
+  # tau_t = 1, the one step the test judges): the default would leave 0 or 1 of them here.
+  config.distill.boundary_fraction = boundary_fraction
   student_graphdef, fresh = nnx.split(dit.builder(config.model, vocab_size)())
   student = _fit(student_graphdef, dict(nnx.to_pure_dict(fresh), **teacher),
                  distill.SEMIGROUP.build(config, vocab_size, teacher_graphdef, train=False),

@@ -350,3 +350,20 @@ def test_prompted_evaluation_writes_continuations_and_rescores_the_same(
 
   assert _scores(evaluate.rescore(config, str(tmp_path))) == _scores(saved["rows"])
   # (baseline weights are refused: tests/test_baselines.py)
+
+
+def test_network_calls_per_sample_are_the_mean_over_the_calls(monkeypatch):
+  """A sampler whose calls vary (MDLM's cache) reports the mean per sample: 5 samples in
+  calls of 2, 2 and 1 that made 3, 7 and 10 network calls give (2 * 3 + 2 * 7 + 10) / 5."""
+  made = iter([1, 1, 3, 7, 10])  # first one call of each shape (2 and 1) compiles it
+
+  def sampler_for(config, record, tokenizer, steps, size):
+    return "fake", lambda graphdef, params, key: (np.zeros((size, 4), np.int32), next(made))
+
+  monkeypatch.setattr(evaluate, "sampler_for", sampler_for)
+  config = train_config()
+  config.eval.update(num_samples=5, batch_size=2)
+  _, tokens, calls, _ = evaluate._timed_samples(
+      config, {}, None, 1, None, {"vocab_embed": np.zeros(1)}, jax.random.key(0))
+  assert tokens.shape == (5, 4)
+  assert calls == (2 * 3 + 2 * 7 + 10) / 5

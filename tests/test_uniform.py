@@ -17,7 +17,8 @@ from scipy import integrate, special
 
 from conftest import randomize, small_dit, train_config
 from configs import owt_dcd
-from flmjax import absorbing, checkpoint, distill, sampling, sharding, train, uniform, validate
+from flmjax import (absorbing, checkpoint, distill, registry, sampling, sharding, train,
+                    uniform, validate)
 from flmjax.errors import UsageError
 from flmjax.models import dit
 
@@ -186,6 +187,21 @@ def test_one_step_draws_from_the_posterior_then_removes_the_noise():
                               seq_len=8, top_p=0.05)
   # Each draw is its posterior's most probable id: x_theta's top (0), then 0 kept.
   np.testing.assert_array_equal(nucleus, 0)
+
+
+def test_temperature_and_top_p_reach_duos_sampler_from_the_config():
+  """Through registry.sampler: a top_p of 0.05 or a temperature of 0.01 leaves each draw
+  its posterior's most probable id (0 for this model, as above); at 1 and 1 other ids
+  are drawn."""
+  graphdef, params = _constant_model(np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03,
+                                                      0.02])))
+  for temperature, top_p, only_zeros in [(1.0, 0.05, True), (0.01, 1.0, True),
+                                         (1.0, 1.0, False)]:
+    config = train_config()
+    config.sample.update(temperature=temperature, top_p=top_p)
+    _, sample = registry.sampler("duo", config, 1, 200, seq_len=8, mask_id=-1, bos_id=0)
+    tokens = np.asarray(sample(graphdef, params, jax.random.key(0))[0])
+    assert (tokens == 0).all() == only_zeros
 
 
 def test_the_sampler_and_the_objective_feed_the_network_sigma_t():

@@ -115,8 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   # EMA of the parameters, decay min(ema_decay, (1 + n) / (10 + n)) after update n.
   config.train.ema_decay = 0.9999
   # Split each global batch into this many parts (gradient accumulation) when it does not
-  # fit in memory. The update has the same expectation, not the same value: times, noise
-  # and dropout are drawn per part (times stratified within each part).
+  # fit in memory. The times stay stratified over the global batch (each part draws its
+  # share of the strata); noise and dropout are drawn per part, so the update has the
+  # same distribution, not the same value.
   config.train.grad_accum = 1
   # Conditional training (FLM): the kinds of given positions drawn per example, a comma
   # list of prefix, suffix, infill ("" trains unconditionally; flmjax/conditioning.py),

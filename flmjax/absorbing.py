@@ -65,10 +65,11 @@ def sigma(t):
   return -jnp.log1p(-(1 - EPS) * t)
 
 
-def training_times(rng: jax.Array, n: int) -> jax.Array:
+def training_times(rng: jax.Array, n: int, part: tuple = (0, 1)) -> jax.Array:
   """t_i = eps + (1 - eps) u_i [n] for FLM's stratified, permuted u (flow.stratified_uniform:
-  u_i = (r_i + i) / n, r_i ~ U[0, 1) independent)."""
-  return EPS + (1 - EPS) * flow.stratified_uniform(rng, n)
+  u_i = (r_i + i) / n, r_i ~ U[0, 1) independent, over the global batch of which this is
+  part `part`)."""
+  return EPS + (1 - EPS) * flow.stratified_uniform(rng, n, part)
 
 
 def mask_tokens(rng: jax.Array, x0: jax.Array, t: jax.Array, mask_id: int) -> jax.Array:
@@ -156,11 +157,11 @@ def objective(token_loss, time_input, times=lambda t: t, reconstruction=False):
     del teacher_graphdef, vocab_size
     mask_id = config.model.mask_id
 
-    def loss_fn(model, batch, rng, frozen):
+    def loss_fn(model, batch, rng, frozen, part=(0, 1)):
       del frozen
       x0 = batch["tokens"]
       rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
-      t = times(training_times(rng_t, x0.shape[0]))
+      t = times(training_times(rng_t, x0.shape[0], part))
       xt = mask_tokens(rng_noise, x0, t, mask_id)
       logits = model(model.embed_ids(xt), time_input(t),
                      dropout_rng=rng_dropout if train else None)

@@ -29,8 +29,8 @@ def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
   del vocab_size, teacher_graphdef
   suppressed = config.model.mask_id
 
-  def loss_fn(model, batch, rng, frozen):
-    del frozen
+  def loss_fn(model, batch, rng, frozen, part=(0, 1)):
+    del frozen, part  # no times
     x0 = batch["tokens"]
     logits = model(model.embed_ids(x0[:, :-1]), None, dropout_rng=rng if train else None)
     loss = flow.token_cross_entropy(logits.at[..., suppressed].set(SUPPRESSED),

@@ -76,14 +76,15 @@ def split_counts(batch_size: int, diagonal_fraction: float,
 _BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
 
 
-def draw_times(rng: jax.Array, counts: tuple[int, int, int]):
+def draw_times(rng: jax.Array, counts: tuple[int, int, int], part: tuple = (0, 1)):
   """(tau_s, tau_u, tau_t), each [sum(counts)], rows ordered diagonal, boundary, off; the
-  off-diagonal tau_t below 1 (`_BELOW_ONE`)."""
+  off-diagonal tau_t below 1 (`_BELOW_ONE`). Each uniform is stratified over its rows of
+  the global batch, of which these are part `part` (flow.stratified_uniform)."""
   diagonal, boundary, off = counts
   rng_diag, rng_gap, rng_start = jax.random.split(rng, 3)
 
   def uniform(key, n):
-    return flow.stratified_uniform(key, n) if n else jnp.zeros((0,))
+    return flow.stratified_uniform(key, n, part) if n else jnp.zeros((0,))
 
   tau_diag = uniform(rng_diag, diagonal)
   gap = uniform(rng_gap, off)
@@ -173,7 +174,7 @@ def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teach
   target_dtype = jnp.dtype(config.model.dtype)
   kinds = conditioning.parse_kinds(config.train.condition)
 
-  def objective(student, batch, rng, teacher_params):
+  def objective(student, batch, rng, teacher_params, part=(0, 1)):
     tokens = batch["tokens"]
     counts = split_counts(tokens.shape[0], *fractions)
     n_diag = counts[0]
@@ -183,7 +184,7 @@ def flow_map_objective(config: ml_collections.ConfigDict, vocab_size: int, teach
       given = conditioning.draw(rng_given, tokens.shape, kinds,
                                 config.train.condition_dropout)
     rng_times, rng_noise, rng_dropout, rng_target = jax.random.split(rng, 4)
-    tau = draw_times(rng_times, counts)
+    tau = draw_times(rng_times, counts, part)
     times = tuple(schedule.t(x) for x in tau)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
     # One noisy x_s, read by the student (x_s @ E_S) and the teacher (x_s @ E_T), the

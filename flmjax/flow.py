@@ -38,13 +38,21 @@ def per_row(x: jax.Array, ndim: int) -> jax.Array:
   return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
-def stratified_uniform(rng: jax.Array, n: int) -> jax.Array:
-  """n stratified draws on [0, 1): u_i = (r_i / n + i / n) mod 1 with r_i ~ U[0, 1)
-  independent (one draw in each stratum, as the reference draws them), randomly permuted
-  [n]."""
+def stratified_uniform(rng: jax.Array, n: int, part: tuple = (0, 1)) -> jax.Array:
+  """n stratified draws on [0, 1), randomly permuted [n]: u_i = (r_i / N + s_i / N) mod 1
+  with r_i ~ U[0, 1) independent (one draw in each stratum, as the reference draws them).
+
+  `part` = (index, parts) says which of `parts` equal parts of a batch this is (the
+  microbatches of train.grad_accum, each drawing with its own rng): its strata are
+  s_i = index + parts * i of N = n * parts, so that the parts together take one draw in
+  each stratum of the whole batch, as the reference stratifies its global batch before
+  cutting it into parts. (0, 1), the default, is the whole batch: s_i = i, N = n.
+  """
+  index, parts = part
   rng_r, rng_perm = jax.random.split(rng)
   r = jax.random.uniform(rng_r, (n,))
-  u = jnp.mod(r / n + jnp.arange(n) / n, 1.0)
+  total = n * parts
+  u = jnp.mod(r / total + (index + parts * jnp.arange(n)) / total, 1.0)
   return jax.random.permutation(rng_perm, u)
 
 
@@ -379,11 +387,11 @@ head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd,
 def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.Array,
              schedule, *, given: jax.Array | None = None, latent: bool = True,
              loss_weight: Callable | None = None, cap: float = 0.0,
-             head: Callable | None = None) -> tuple[jax.Array, dict]:
+             head: Callable | None = None, part: tuple = (0, 1)) -> tuple[jax.Array, dict]:
   """The FLM objective: cross entropy of the denoiser at x_t, token-weighted mean.
 
-  tau ~ U[0, 1] stratified over the batch it is given (the global batch, or each part of
-  it with train.grad_accum), t = t(tau), the network conditioned on tau. The denoiser may
+  tau ~ U[0, 1] stratified over the global batch (of which the tokens are part `part`,
+  stratified_uniform), t = t(tau), the network conditioned on tau. The denoiser may
   return raw logits and leave their cap to `cap` (see token_cross_entropy), or, with
   `head`, the output layer's input features [B, L, D] and leave the output layer to
   head(features, tokens, weights) -> (weighted sum, CE) (head_cross_entropy). `given`
@@ -393,7 +401,7 @@ def flm_loss(denoiser: Callable, embed: jax.Array, tokens: jax.Array, rng: jax.A
   `loss_weight(tau) -> w [B]` turns each token's loss into exp(-w) * loss + w.
   """
   rng_tau, rng_noise, rng_dropout = jax.random.split(rng, 3)
-  tau = stratified_uniform(rng_tau, tokens.shape[0])
+  tau = stratified_uniform(rng_tau, tokens.shape[0], part)
   t = schedule.t(tau)
   h = noisy_latent(rng_noise, embed, tokens, t, latent)
   if given is not None:

@@ -5,8 +5,11 @@ options and the sampler in flmjax/registry.py) and what it needs: a teacher (the
 of config.teacher_checkpoint), boundary rows of the batch (tau_s = 0, tau_t = 1),
 forward-mode differentiation of the model (jvp).
 `build(config, vocab_size, teacher_graphdef, train)` returns the loss function
-(model, batch, rng, frozen) -> (loss, metrics) that the training loop differentiates;
-`train=False` gives the same loss without dropout, for validation on fixed draws.
+(model, batch, rng, frozen, part=(0, 1)) -> (loss, metrics) that the training loop
+differentiates, `part` (index, parts) being which microbatch of train.grad_accum the batch
+is (its times are its share of a draw stratified over the global batch:
+flow.stratified_uniform); `train=False` gives the same loss without dropout, for
+validation on fixed draws.
 """
 
 import dataclasses
@@ -63,7 +66,7 @@ def denoising(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
   chunk = head_chunk(config.model, vocab_size)
   kinds = conditioning.parse_kinds(config.train.condition)
 
-  def objective(model, batch, rng, frozen):
+  def objective(model, batch, rng, frozen, part=(0, 1)):
     del frozen
     dropout = (lambda key: key) if train else (lambda key: None)
     given = None
@@ -87,7 +90,7 @@ def denoising(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
     return flow.flm_loss(denoiser, model.vocab_embed[...], batch["tokens"], rng, schedule,
                          given=given, latent=config.noise == "latent",
                          cap=model.output_cap, head=head,
-                         loss_weight=model.loss_weighting)
+                         loss_weight=model.loss_weighting, part=part)
   return objective
 
 

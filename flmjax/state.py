@@ -29,7 +29,7 @@ import optax
 from flmjax import outputs, sharding
 from flmjax.errors import UsageError
 
-ObjectiveFn = Callable  # (model, batch, rng, frozen) -> (loss, metrics)
+ObjectiveFn = Callable  # (model, batch, rng, frozen, part=(0, 1)) -> (loss, metrics)
 
 
 def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -155,20 +155,22 @@ def _microbatches(batch, count: int):
 
 
 def _gradients(loss_fn, params, batch, rng, parts: int):
-  """(gradients, metrics) of loss_fn(params, batch, rng), averaged over `parts` equal
-  parts of the batch (one at a time, each with its own key)."""
-  def gradients(part, key):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, part, key)
+  """(gradients, metrics) of loss_fn(params, batch, rng, (index, parts)), averaged over
+  `parts` equal parts of the batch (one at a time, each with its own key)."""
+  def gradients(part, key, index):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, part, key, (index, parts))
     return grads, metrics
 
   if parts == 1:
-    return gradients(batch, rng)
+    return gradients(batch, rng, 0)
   split, keys = _microbatches(batch, parts), jax.random.split(rng, parts)
+  indices = jnp.arange(parts)
   total = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-      gradients, jax.tree.map(lambda x: x[0], split), keys[0]))
+      gradients, jax.tree.map(lambda x: x[0], split), keys[0], indices[0]))
   total, _ = jax.lax.scan(
       lambda total, part: (jax.tree.map(jnp.add, total, gradients(*part)), None),
-      total, (split, keys))
+      total, (split, keys, indices))
   return jax.tree.map(lambda x: x / parts, total)
 
 
@@ -186,8 +188,8 @@ def train_step(state: dict, batch: dict, frozen, *, graphdef, tx, objective: Obj
   elif frozen is None:
     frozen = {"step": state["step"]}
 
-  def loss_fn(params, part, key):
-    return objective(nnx.merge(graphdef, params), part, key, frozen)
+  def loss_fn(params, batch, key, part):
+    return objective(nnx.merge(graphdef, params), batch, key, frozen, part=part)
 
   grads, metrics = _gradients(loss_fn, state["params"], batch, rng, cfg.grad_accum)
   with jax.named_scope("optimizer"):

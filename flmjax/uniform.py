@@ -367,10 +367,10 @@ def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
     table = gaussian_table(cfg.gamma_min, cfg.gamma_max, vocab_size)
     span = cfg.gamma_max - cfg.gamma_min
 
-  def loss_fn(model, batch, rng, frozen):
+  def loss_fn(model, batch, rng, frozen, part=(0, 1)):
     x0 = batch["tokens"]
     rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
-    t = absorbing.training_times(rng_t, x0.shape[0])
+    t = absorbing.training_times(rng_t, x0.shape[0], part)
 
     def discrete():
       xt = corrupt(rng_noise, x0, t, vocab_size)
@@ -424,11 +424,11 @@ def dcd_objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_gr
   def gamma(t):
     return cfg.gamma_min + t * (cfg.gamma_max - cfg.gamma_min)
 
-  def loss_fn(student, batch, rng, frozen):
+  def loss_fn(student, batch, rng, frozen, part=(0, 1)):
     x0 = batch["tokens"]
     rng_t, rng_z, rng_dropout = jax.random.split(rng, 3)
     dt = dcd_step(frozen["step"], cfg)
-    t = jnp.minimum(absorbing.training_times(rng_t, x0.shape[0]) + dt, 1.0)
+    t = jnp.minimum(absorbing.training_times(rng_t, x0.shape[0], part) + dt, 1.0)
     g_t, g_s = gamma(t), gamma(t - dt)
     x_t, x_s = trajectory(rng_z, x0, (g_t, g_s), vocab_size)
     teacher = nnx.merge(nnx.graphdef(student), frozen["params"])

@@ -73,12 +73,24 @@ def test_times_of_each_share():
   np.testing.assert_allclose(tau_u, (tau_s + tau_t) / 2)
 
 
+def test_times_of_the_parts_of_an_accumulated_batch_are_stratified_over_it():
+  """With train.grad_accum = 4, each part draws its (8, 1, 16) rows with its own key and
+  its index: together the diagonal times and the off-diagonal gaps take one value in each
+  stratum of the global batch's 32 and 64."""
+  parts = [[np.asarray(x) for x in distill.draw_times(jax.random.key(index), (8, 1, 16),
+                                                      (index, 4))] for index in range(4)]
+  diagonal = np.concatenate([tau_s[:8] for tau_s, _, _ in parts])
+  gap = np.concatenate([tau_t[9:] - tau_s[9:] for tau_s, _, tau_t in parts])
+  np.testing.assert_array_equal(np.sort(np.floor(diagonal * 32)), np.arange(32))
+  np.testing.assert_array_equal(np.sort(np.floor(gap * 64)), np.arange(64))
+
+
 def test_off_diagonal_times_stay_below_one(monkeypatch):
   """Strata draws of 1 - 2^-24 give d = 1 - 2^-24 and tau_s = 2^-24 d, whose float32 sum
   is 1: the off-diagonal tau_t stays below 1 (and t(tau_t) well below), where the Eulerian
   target divides by 1 - t; boundary rows keep tau_t = 1."""
   top = np.float32(1 - 2.0**-24)
-  monkeypatch.setattr(flow, "stratified_uniform", lambda key, n: jnp.full((n,), top))
+  monkeypatch.setattr(flow, "stratified_uniform", lambda key, n, part: jnp.full((n,), top))
   assert np.float32(top * 2.0**-24) + top == 1  # the rounding this guards against
   _, _, tau_t = distill.draw_times(jax.random.key(0), (0, 2, 4))
   np.testing.assert_array_equal(tau_t[:2], 1.0)

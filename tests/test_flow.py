@@ -27,6 +27,22 @@ def test_stratified_uniform_puts_one_draw_in_each_stratum():
   assert within.std() > 0.2  # U[0, 1) has std 0.289; a shared offset gives 0
 
 
+def test_the_parts_of_a_batch_draw_one_time_in_each_of_its_strata():
+  """The 4 parts of an accumulated batch of 64 (train.grad_accum), each drawing 16 with
+  its own key and its index, take one draw in each of the batch's 64 strata, as one draw
+  over the batch does; a part is spread over [0, 1) (every fourth stratum), not a slice."""
+  draws = [np.asarray(flow.stratified_uniform(jax.random.key(index), 16, (index, 4)))
+           for index in range(4)]
+  np.testing.assert_array_equal(np.sort(np.floor(np.concatenate(draws) * 64)), np.arange(64))
+  for index, u in enumerate(draws):
+    np.testing.assert_array_equal(np.sort(np.floor(u * 64)), index + 4 * np.arange(16))
+  # (0, 1), the whole batch: u_i = (r_i / n + i / n) mod 1, permuted, with the same r
+  key = jax.random.key(5)
+  r = jax.random.uniform(jax.random.split(key)[0], (16,))
+  np.testing.assert_array_equal(np.sort(flow.stratified_uniform(key, 16)),
+                                np.sort(np.mod(r / 16 + np.arange(16) / 16, 1.0)))
+
+
 def test_flm_loss_equals_a_hand_computed_cross_entropy():
   """The token mean of -log softmax(logits)[token] over the positions that are not given
   (the denoiser here ignores its input, so only the loss's leaving them out matters)."""

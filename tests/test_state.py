@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from conftest import train_config
-from flmjax import objectives, sharding
+from flmjax import flow, objectives, sharding
 from flmjax import state as train_state
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -147,7 +147,7 @@ def test_gradient_accumulation_equals_the_whole_batch():
   config = train_config()
   tokens = jax.random.randint(jax.random.key(0), (B, L), 0, V)
 
-  def objective(model, batch, rng, frozen):  # deterministic, a mean over equal parts
+  def objective(model, batch, rng, frozen, part=(0, 1)):  # deterministic, a mean of parts
     logits = model(model.vocab_embed[...][batch["tokens"]], jnp.full(batch["tokens"].shape[:1],
                                                                      0.5))
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][..., None],
@@ -166,14 +166,33 @@ def test_gradient_accumulation_equals_the_whole_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_each_part_of_an_accumulated_batch_is_told_its_index():
+  """With train.grad_accum = 4 the objective of each part gets (index, 4): its stratified
+  times (flow.stratified_uniform) are then its share of one draw over the batch of 8. Each
+  part reports the sum of 3^stratum over its times, a sum whose ternary digits count each
+  stratum: over the parts, (3^0 + ... + 3^7) / 4 when every stratum is drawn once."""
+  config = train_config()
+  config.train.grad_accum = 4
+  layout, state = _setup(config, jax.devices()[:1])
+
+  def objective(model, batch, rng, frozen, part=(0, 1)):
+    del frozen
+    u = flow.stratified_uniform(rng, batch["tokens"].shape[0], part)
+    loss = jnp.sum(model.output.bias[...]) * 0.0
+    return loss, {"loss": loss, "strata": jnp.sum(3.0 ** jnp.floor(u * B))}
+  step = _step_fn(layout, config, objective)
+  _, metrics = step(state, {"tokens": jnp.zeros((B, L), jnp.int32)}, None)
+  assert float(metrics["strata"]) == sum(3**k for k in range(B)) / 4
+
+
 def test_each_step_draws_from_its_own_key():
   """The objective's key at step n is fold_in(the state's key, n): tau, the noise and the
   dropout are new draws at every step, and the same on a resumed run."""
   config = train_config()
   layout, state = _setup(config, jax.devices()[:1])
 
-  def objective(model, batch, rng, frozen):
-    del batch, frozen
+  def objective(model, batch, rng, frozen, part=(0, 1)):
+    del batch, frozen, part
     loss = jnp.sum(model.output.bias[...]) * 0.0
     return loss, {"loss": loss, "draw": jax.random.uniform(rng)}
   step = _step_fn(layout, config, objective)

@@ -387,24 +387,45 @@ def _at_step(directory, step):
   return kind, folder, latest
 
 
+def _unreadable(kind: str, folder: epath.Path, step: int | None, error: Exception):
+  """The UsageError for weights that cannot be read, naming them and what to do."""
+  if kind == "export":
+    where, advice = folder, ("write the export again (its distillation, or python -m "
+                             "flmjax.convert), or point at the run's workdir")
+  else:
+    where, advice = folder / str(step), (
+        "resume its run (--mode=train or distill), which moves an unreadable newest "
+        "checkpoint aside and continues from the one before, or restore it from a copy")
+  return UsageError(f"{where} cannot be read ({_why(error)}); {advice}.")
+
+
 def read_record(directory: str | epath.Path, step: int | None = None) -> dict:
   """The run record of the weights in `directory` (a workdir or an export), at its latest
   checkpoint or at `step`."""
   kind, folder, step = _at_step(directory, step)
-  if kind == "export":
-    return json.loads((folder / "record.json").read_text())
-  return Checkpoints(folder).record(step)
+  try:
+    record = (json.loads((folder / "record.json").read_text()) if kind == "export"
+              else Checkpoints(folder).record(step))
+  except Exception as e:  # pylint: disable=broad-except  # Orbax, TensorStore, OS, JSON
+    raise _unreadable(kind, folder, step, e) from None
+  if not isinstance(record, dict):
+    raise _unreadable(kind, folder, step, ValueError("its run record is not a JSON object"))
+  return record
 
 
 def load_ema(directory: str | epath.Path, abstract_params, step: int | None = None):
   """The EMA weights in `directory` (an export, or a workdir's latest checkpoint or
   `step`), placed as the ShapeDtypeStructs of `abstract_params` say."""
   kind, folder, step = _at_step(directory, step)
-  if kind == "export":
-    return ocp.StandardCheckpointer().restore(absolute(folder / "params"), abstract_params)
-  target = {"ema": abstract_params}
-  restore = ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)
-  return Checkpoints(folder).manager.restore(
-      step, args=ocp.args.Composite(state=restore))["state"]["ema"]
+  _drop_abandoned_reads(str(absolute(folder)))
+  try:
+    if kind == "export":
+      return ocp.StandardCheckpointer().restore(absolute(folder / "params"), abstract_params)
+    target = {"ema": abstract_params}
+    restore = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    return Checkpoints(folder).manager.restore(
+        step, args=ocp.args.Composite(state=restore))["state"]["ema"]
+  except Exception as e:  # pylint: disable=broad-except  # Orbax, TensorStore, OS
+    raise _unreadable(kind, folder, step, e) from None

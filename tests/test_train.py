@@ -210,6 +210,22 @@ def _truncate_largest_file(directory: pathlib.Path) -> None:
   os.truncate(largest, largest.stat().st_size // 3)
 
 
+def test_unreadable_exports_are_refused_by_name_with_what_to_do(tmp_path):
+  """An export whose weights or record cannot be read (as sample, eval, generate, a
+  distillation's teacher and convert read them) is one UsageError naming it, not a
+  traceback of Orbax's or of json's."""
+  params = {"w": jnp.arange(4096.0)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  checkpoint.export(tmp_path, params, {"kind": "flm"})
+  _truncate_largest_file(tmp_path / "params")
+  with pytest.raises(UsageError, match=f"{tmp_path} cannot be read .*; write the export again"):
+    checkpoint.load_ema(tmp_path, abstract)
+  for text, why in (('{"kind": "fmlm"', "Expecting"), ("[1, 2]", "its run record is not a JSON object")):
+    (tmp_path / "record.json").write_text(text)
+    with pytest.raises(UsageError, match=f"{tmp_path} cannot be read \\({why}"):
+      checkpoint.read_record(tmp_path)
+
+
 @pytest.mark.slow
 def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resumed(
     tmp_path, capsys, prepared):
@@ -266,16 +282,26 @@ def test_unreadable_checkpoints_are_said_without_orbaxs_tracebacks(tmp_path, pre
   # the command (its sys.argv: flmjax.main and the flags), then, as the process ends, a
   # second for the reads to end and garbage collections
   [_, _, *args] = _command_line(tmp_path, 4, prepared.path.parent)
-  run = subprocess.run(
-      [sys.executable, "-c", "import atexit, gc, runpy, sys, time; atexit.register(lambda: "
-       "[time.sleep(0.2) or gc.collect() for _ in range(5)]); sys.argv = sys.argv[1:]; "
-       "runpy.run_module('flmjax.main', run_name='__main__')", *args],
-      cwd=ROOT, capture_output=True, text=True, check=False)
+
+  def main(args):
+    run = subprocess.run(
+        [sys.executable, "-c", "import atexit, gc, runpy, sys, time; atexit.register(lambda: "
+         "[time.sleep(0.2) or gc.collect() for _ in range(5)]); sys.argv = sys.argv[1:]; "
+         "runpy.run_module('flmjax.main', run_name='__main__')", *args],
+        cwd=ROOT, capture_output=True, text=True, check=False)
+    for trace in ("Traceback", "Exception ignored", "never retrieved", "never awaited"):
+      assert trace not in run.stderr, run.stderr[-3000:]
+    return run
+  run = main(args)
   assert run.returncode == 2 and "checkpoints/2 cannot be read either" in run.stderr, (
       run.stderr[-3000:])
   assert run.stdout.count("checkpoints/4 cannot be read (") == 1, run.stdout
-  for trace in ("Traceback", "Exception ignored", "never retrieved", "never awaited"):
-    assert trace not in run.stderr, run.stderr[-3000:]
+  # sampling it (as eval, generate and a distillation's teacher read it too)
+  run = main([arg.replace("--mode=train", "--mode=sample").replace(
+      f"--workdir={tmp_path}", f"--workdir={tmp_path / 'samples'}") for arg in args]
+             + [f"--config.checkpoint={tmp_path}"])
+  assert run.returncode == 2 and "checkpoints/2 cannot be read (" in run.stderr and (
+      "resume its run" in run.stderr), run.stderr[-3000:]
 
 
 @pytest.mark.slow

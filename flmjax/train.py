@@ -165,15 +165,21 @@ def _data_settings(config) -> dict:
           if field in config[section]}  # (older run records lack some)
 
 
-def _check_same_data(config: ml_collections.ConfigDict, folder: epath.Path) -> None:
-  """Refuses, before anything is prepared, to resume the run in `folder` with another L,
-  corpus, corpus split, tokenizer kind or trained vocabulary size, each of which makes other
-  prepared data (hours of tokenizing for OpenWebText); checkpoint.check_same_data_order
-  checks the prepared data themselves once they are there (a moved corpus or tokenizer
-  file may give the same)."""
+def _check_same_run(config: ml_collections.ConfigDict, objective: Objective,
+                    folder: epath.Path) -> None:
+  """Refuses, before anything is prepared, to resume the run in `folder` as another kind
+  or architecture (checkpoint.check_compatible, the vocabulary and tokenizer left to the
+  check after preparing), or with another L, corpus, corpus split, tokenizer kind or
+  trained vocabulary size, each of which makes other prepared data (hours of tokenizing for
+  OpenWebText); checkpoint.check_same_data_order checks the prepared data themselves once
+  they are there (a moved corpus or tokenizer file may give the same)."""
   saved = checkpoint.Checkpoints(folder).newest_record() if folder.exists() else None
   if saved is None:
     return
+  checkpoint.check_compatible(
+      saved, kind=objective.kind, vocab_size=None,
+      model=registry.with_family(config, objective).model.to_dict(), where=str(folder),
+      advice="use a new --workdir, or run with the checkpoint's config")
   before, now = _data_settings(saved["config"]), _data_settings(config)
   diffs = [f"{name} {before[name]!r} != {now[name]!r}" for name in now
            if name in before and before[name] != now[name]]
@@ -213,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, objective: Objective) -
                          epath.Path(workdir).expanduser(), objective.teacher,
                          objective.self_teacher)
       if objective.teacher else (None, None))
-  _check_same_data(config, epath.Path(workdir).expanduser() / "checkpoints")
+  _check_same_run(config, objective, epath.Path(workdir).expanduser() / "checkpoints")
   config = _with_data_dir(config, workdir, teacher_record)
   path = outputs.create_workdir(workdir)
   prepared = pipeline.prepare(config, workdir)

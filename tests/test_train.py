@@ -432,6 +432,11 @@ def test_checkpoint_of_another_architecture_or_data_order_is_refused(tmp_path):
     config[{"vocab_size": "tokenizer"}.get(field, "data")][field] = value
     with pytest.raises(UsageError, match=rf"holds a run with other data \({message}; saved"):
       train.train(config, str(tmp_path))
+  config = train_config(steps=4)
+  config.model.width, config.data.max_documents = 48, 300  # another architecture, too
+  with pytest.raises(UsageError, match="another kind, vocabulary, tokenizer or architecture "
+                     r"\(model.width 32 != 48; saved"):
+    train.train(config, str(tmp_path))
   assert sorted((tmp_path / "data").glob("prepared-*")) == prepared
   assert sorted(p.name for p in (tmp_path / "data" / "tokenizer").iterdir()) == [
       tokenizer_file.name]

@@ -169,7 +169,9 @@ def test_damaged_or_unfinished_folders(tmp_path):
   with pytest.raises(UsageError, match=rf"train-00000.array_record has {size - 100:,} bytes, "
                      rf"{size:,} when it was written \(a copy cut short\?\); copy it again"):
     pipeline.prepare(config, str(tmp_path))
-  for damaged in (b'{"format_version": ', b'{"\xff": 1}'):  # not JSON; not UTF-8
+  no_splits = {k: v for k, v in prepared.meta.items() if k != "splits"}
+  for damaged in (b'{"format_version": ', b'{"\xff": 1}',  # not JSON; not UTF-8
+                  b"[1, 2]", json.dumps(no_splits).encode()):  # JSON, not a whole meta.json
     (prepared.path / "meta.json").write_bytes(damaged)
     with pytest.raises(UsageError, match=r"meta.json is damaged; move .* away to rebuild"):
       pipeline.prepare(config, str(tmp_path))

@@ -243,10 +243,16 @@ def _prepare(config: ml_collections.ConfigDict, root: pathlib.Path, corpus) -> P
       partial.rename(path)
     except OSError:  # another process finished the same folder first
       shutil.rmtree(partial)
+  damaged = UsageError(f"{path}/meta.json is damaged; move {path} away to rebuild it.")
   try:
     meta = json.loads((path / "meta.json").read_text())
   except ValueError:  # not JSON, or not UTF-8
-    raise UsageError(f"{path}/meta.json is damaged; move {path} away to rebuild it.") from None
+    raise damaged from None
+  if not (isinstance(meta, dict) and isinstance(meta.get("splits"), dict) and all(
+      isinstance(meta["splits"].get(split), dict) and isinstance(
+          meta["splits"][split].get("files"), list) and "examples" in meta["splits"][split]
+      for split in SPLITS)):
+    raise damaged
   mismatched = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
   if mismatched:
     raise UsageError(f"{path} was prepared for another setup {mismatched} (found, expected); "

@@ -11,6 +11,7 @@ setuptools.setup(
     install_requires=[
         "absl-py>=2.1",
         "array-record>=0.8",
+        "etils[epath]>=1.7",
         "flax>=0.12,<0.13",
         # Evaluator LMs: GGUF files (SmolLM2) and Hugging Face safetensors (GPT-2).
         "gguf>=0.19,<1",

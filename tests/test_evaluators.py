@@ -4,6 +4,7 @@ fluent English far more likely than the same words shuffled."""
 
 import importlib.util
 import json
+import os
 import pathlib
 
 import gguf
@@ -278,8 +279,13 @@ def test_llama_gguf_matches_hf_reference(tmp_path, monkeypatch, capsys, tied):
   np.testing.assert_array_equal(uncached.token_logprobs(ids), got)
   assert "not caching the dequantised tiny.gguf in" in capsys.readouterr().err
 
+  # The same file installed again (a new modification time): its cache replaces the old one.
+  (old,) = cache_dir.glob("*.npz")
+  os.utime(gguf_file, ns=(gguf_file.stat().st_atime_ns, gguf_file.stat().st_mtime_ns + 10**9))
+  load_evaluator("smollm2", path=str(gguf_file), cache_dir=str(cache_dir))
+  (new,) = cache_dir.glob("*.npz")
+  assert new != old and new.name.endswith(f".{gguf_file.stat().st_mtime_ns}.npz")
   # The second load reads only the cache: parsing the GGUF file again would fail.
-  assert len(list(cache_dir.glob("*.npz"))) == 1
   monkeypatch.setattr(gguf, "GGUFReader", None)
   cached = load_evaluator("smollm2", path=str(gguf_file), cache_dir=str(cache_dir))
   np.testing.assert_array_equal(cached.token_logprobs(ids), got)

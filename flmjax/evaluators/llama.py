@@ -16,7 +16,9 @@ Dequantised weights and the metadata we use are cached as one .npz keyed by the 
 file's size and mtime, so a second load skips parsing the GGUF file.
 """
 
+import contextlib
 import functools
+import glob
 import json
 import os
 import pathlib
@@ -196,7 +198,9 @@ def _load_cache(cache_file: pathlib.Path) -> tuple[dict, dict]:
 
 
 def load(gguf_file: pathlib.Path, cache_dir: pathlib.Path) -> Evaluator:
-  """A Llama GGUF as an evaluator, through the cache in `cache_dir`."""
+  """A Llama GGUF as an evaluator, through the cache in `cache_dir`, keyed by the file's
+  name, size and modification time. A new cache replaces those of the same name and size
+  (the same file installed again, whose copies would otherwise pile up)."""
   stat = gguf_file.stat()
   cache_file = cache_dir / f"{gguf_file.stem}.{stat.st_size}.{stat.st_mtime_ns}.npz"
   if cache_file.is_file():
@@ -209,6 +213,11 @@ def load(gguf_file: pathlib.Path, cache_dir: pathlib.Path) -> Evaluator:
       print(f"not caching the dequantised {gguf_file.name} in {cache_dir} "
             f"({e.strerror}: {e.filename}); it is read from the GGUF file each time.",
             file=sys.stderr)
+    else:
+      for stale in cache_dir.glob(f"{glob.escape(gguf_file.stem)}.{stat.st_size}.*.npz"):
+        if stale != cache_file:
+          with contextlib.suppress(OSError):
+            stale.unlink()
   hidden_fn = functools.partial(hidden, n_head=meta["n_head"], n_kv_head=meta["n_kv_head"],
                                 eps=meta["eps"], rope_base=meta["rope_base"])
   return Evaluator(name=meta["name"], tokenizer=_tokenizer(meta), eos_id=meta["eos_id"],

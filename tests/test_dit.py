@@ -283,7 +283,8 @@ def test_flash_attention_lowers_to_triton_for_cuda(impl, tiles):
   JAX's default for pallas_call on GPUs is Mosaic GPU, which cannot lower them). Each
   kernel runs with its tile of model.flash_tiles: L / block programs per (row, head), its
   warps and stages; the cap's tanh and the exponentials (exp2) are PTX's approximate
-  instructions, not libdevice's tanhf, expf and exp2f."""
+  instructions, not libdevice's tanhf, expf and exp2f, and the backward kernels' scores
+  and slopes fused multiply-adds."""
   graphdef, params = nnx.split(_model(attention_impl=impl, flash_tiles=tiles))
   h = jax.ShapeDtypeStruct((2, 128, D), jnp.float32)
   tau = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -309,7 +310,7 @@ def test_flash_attention_lowers_to_triton_for_cuda(impl, tiles):
   expected = [(str(128 // t.block), kernel, str(t.stages), str(t.warps))
               for kernel in ("forward", "dkv", "dq") for t in [getattr(parsed, kernel)]]
   assert sorted(launched) == sorted(expected * 2)  # 2 blocks
-  assert "tanh.approx.f32" in module and "ex2.approx.ftz.f32" in module
+  assert all(asm in module for asm in ("tanh.approx.f32", "ex2.approx.ftz.f32", "fma.rn.f32"))
   assert not {"__nv_tanhf", "__nv_expf", "__nv_exp2f"} & set(re.findall(r"__nv_\w+", module))
 
 

@@ -108,18 +108,37 @@ def supports(seq_len: int, head_dim: int, tiles: Tiles | None = None) -> bool:
 LOG2E = math.log2(math.e)
 
 
-def _scores(q, k, scale: float, cap: float, approx: bool):
-  """(capped scores times log2(e), their slope d capped / d raw or None) of a block,
-  float32: exp2 of the first is exp of the capped scores. Two multiplications by constants
-  and, with `approx` (on a GPU), PTX's tanh.approx.f32, one special-function instruction
-  (relative error about 2^-11, as FlashAttention's soft cap computes it), where jnp.tanh,
-  exp and a division by the cap are libdevice routines of many instructions each."""
+def _fma(a, b, c, approx: bool, negate: bool = False):
+  """a b + c (-a b + c with `negate`), broadcast; with `approx` (on a GPU) one fma.rn.f32:
+  the kernels' PTX keeps each product, sum and negation apart (`.rn`), which ptxas does
+  not fuse."""
+  if not approx:
+    return (-a if negate else a) * b + c
+  shape = jnp.broadcast_shapes(*map(jnp.shape, (a, b, c)))
+  result, = plgpu.elementwise_inline_asm(
+      "{ .reg .f32 n; neg.f32 n, $1; fma.rn.f32 $0, n, $2, $3; }" if negate
+      else "fma.rn.f32 $0, $1, $2, $3;",
+      args=[jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in (a, b, c)],
+      constraints="=f,f,f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return result
+
+
+def _scores(q, k, scale: float, cap: float, approx: bool, shift=None):
+  """(capped scores times log2(e), less `shift` [rows] if given, and their slope
+  d capped / d raw, or None without a cap) of a block, float32: exp2 of the first is exp
+  of the capped scores (less the shift). A multiplication by a constant, one fused
+  multiply-add for each of the two and, with `approx` (on a GPU), PTX's tanh.approx.f32,
+  one special-function instruction (relative error about 2^-11, as FlashAttention's soft
+  cap computes it), where jnp.tanh, exp and a division by the cap are libdevice routines
+  of many instructions each."""
   raw = plgpu.dot(q, k, trans_b=True)
+  shift = 0.0 if shift is None else -shift[:, None]
   if not cap:
-    return raw * (scale * LOG2E), None
+    return _fma(raw, scale * LOG2E, shift, approx), None
   x = raw * (scale / cap)
   t = plgpu.approx_tanh(x) if approx else jnp.tanh(x)
-  return (cap * LOG2E) * t, 1 - t * t
+  return _fma(cap * LOG2E, t, shift, approx), _fma(t, t, 1.0, approx, negate=True)
 
 
 def _exp2(x, approx: bool):
@@ -172,8 +191,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, cap, step, ap
 
 def _grad_scores(q, k, v, do, lse, delta, scale, cap, approx):
   """P and the raw scores' gradient dS (1 - t^2) of a (queries, keys) block."""
-  s, slope = _scores(q, k, scale, cap, approx)
-  p = _exp2(s - lse[:, None], approx)
+  s, slope = _scores(q, k, scale, cap, approx, shift=lse)
+  p = _exp2(s, approx)
   ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
   return p, ds if slope is None else ds * slope
 

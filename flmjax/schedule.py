@@ -41,18 +41,33 @@ ONE_MINUS_T_FLOOR = 1e-12
 MONOTONE_SLOPE = 1e-10
 
 
+@functools.cache
+def _hermite(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Gauss-Hermite points z and weights w for E_{z ~ N(0, 1)} f(z) = sum_i w_i f(z_i)."""
+  x, w = np.polynomial.hermite.hermgauss(nodes)
+  return np.sqrt(2.0) * x, w / np.sqrt(np.pi)
+
+
+def argmax_probability(mu, ids: int, nodes: int, weight=None) -> np.ndarray:
+  """E_{z ~ N(0, 1)} weight(z) Phi(z + mu)^(ids - 1), float64 of mu's shape, by `nodes`-
+  point Gauss-Hermite quadrature of exp((ids - 1) log Phi) (Phi ** (V - 1) underflows for
+  V ~ 50k; its log does not). With no weight: the probability that of `ids` coordinates,
+  one N(mu, 1) and the others N(0, 1), the first is the largest. FLM's tau(t) (mu = t /
+  (1 - t), the reference's 100 nodes) and Duo's alpha(g) (flmjax/uniform.py) are affine in
+  it."""
+  z, w = _hermite(nodes)
+  integrand = np.exp((ids - 1) * log_ndtr(z + np.asarray(mu, np.float64)[..., None]))
+  return (integrand if weight is None else integrand * weight(z)) @ w
+
+
 def tau_exact(t: np.ndarray, vocab_size: int) -> np.ndarray:
   """The reference's quadrature for tau(t), float64 of t's shape; no spline."""
   if vocab_size < 2:
     raise UsageError(f"vocab_size={vocab_size}: decoding-error time needs at least two "
                      "tokens; check the tokenizer's vocabulary size.")
   t = np.asarray(t, np.float64)
-  nodes, weights = np.polynomial.hermite.hermgauss(QUADRATURE_NODES)
-  z, weights = np.sqrt(2.0) * nodes, weights / np.sqrt(np.pi)
   shift = t / np.maximum(1.0 - t, ONE_MINUS_T_FLOOR)
-  # Phi ** (V - 1) underflows for V ~ 50k; its log does not.
-  log_integrand = (vocab_size - 1) * log_ndtr(z + shift[..., None])
-  q = np.exp(log_integrand) @ weights
+  q = argmax_probability(shift, vocab_size, QUADRATURE_NODES)
   tau = vocab_size / (vocab_size - 1) * (q - 1.0 / vocab_size)
   # As in the reference: the tilt goes on before the clip, so quadrature error below 0
   # near t = 0 still clips to a short run of zeros (V = 30522), which the inverse table

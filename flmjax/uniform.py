@@ -44,9 +44,8 @@ import jax.numpy as jnp
 from jax.scipy import special
 import ml_collections
 import numpy as np
-from scipy import special as host_special
 
-from flmjax import absorbing, sampling, sharding
+from flmjax import absorbing, sampling, schedule, sharding
 from flmjax.absorbing import EPS, LAST_TIME, alpha, sigma
 from flmjax.errors import UsageError
 from flmjax.flow import HIGHEST
@@ -169,26 +168,18 @@ def sampler(greedy: bool = False):
 # curriculum trains on (argmax z, the relaxed input softmax(z / tau) @ E); its distillation
 # (DCD) on the argmax at two g of one eps.
 
-# Gauss-Hermite nodes and weights for E_{y ~ N(mu, 1)} f(y) = sum_i w_i f(mu + sqrt(2) x_i)
-_NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(200)
+GAUSSIAN_NODES = 200  # of the Gauss-Hermite quadrature of alpha(g), as Duo's tables
 SIGMA_TABLE = 4097  # points of the tables of alpha(g) that the objectives interpolate
-
-
-def _clean_wins(g, vocab_size: int, ids: int | None, weight) -> np.ndarray:
-  """E_{y ~ N(mu, 1)} weight(y - mu) Phi(y)^(ids - 1), mu = e^{-g/2}, in float64."""
-  offset = np.sqrt(2) * _NODES
-  y = np.exp(-np.asarray(g, np.float64) / 2)[..., None] + offset
-  return np.sum(_WEIGHTS / np.sqrt(np.pi) * weight(offset) * np.exp(
-      ((ids or vocab_size) - 1) * host_special.log_ndtr(y)), -1)
 
 
 def gaussian_alpha(g, vocab_size: int, ids: int | None = None) -> np.ndarray:
   """alpha(g) = (V P(g) - 1) / (V - 1) of the argmax state, in float64 on the host, with
   P(g) = E_{y ~ N(mu, 1)} Phi(y)^(ids - 1), mu = e^{-g/2}, the probability that the clean
   id is the argmax over `ids` ids (default V, the argmax that flmjax draws; Duo's GPT-2
-  table takes 50257 for V = 50258), by 200-node Gauss-Hermite
-  quadrature of exp((ids - 1) log Phi)."""
-  probability = _clean_wins(g, vocab_size, ids, np.ones_like)
+  table takes 50257 for V = 50258), by 200-node Gauss-Hermite quadrature
+  (schedule.argmax_probability)."""
+  mu = np.exp(-np.asarray(g, np.float64) / 2)
+  probability = schedule.argmax_probability(mu, ids or vocab_size, GAUSSIAN_NODES)
   return (vocab_size * probability - 1) / (vocab_size - 1)
 
 
@@ -197,8 +188,8 @@ def gaussian_slope(g, vocab_size: int) -> np.ndarray:
   d g = -mu / 2, and d/d mu E_{N(mu, 1)} f = E[(y - mu) f]), by the same quadrature: the
   analytic form of the reference's forward difference (docs/baselines.md)."""
   mu = np.exp(-np.asarray(g, np.float64) / 2)
-  return vocab_size / (vocab_size - 1) * -mu / 2 * _clean_wins(g, vocab_size, None,
-                                                             lambda offset: offset)
+  return vocab_size / (vocab_size - 1) * -mu / 2 * schedule.argmax_probability(
+      mu, vocab_size, GAUSSIAN_NODES, weight=lambda z: z)
 
 
 def gaussian_table(gamma_min: float, gamma_max: float, vocab_size: int):
@@ -384,11 +375,11 @@ def objective(config: ml_collections.ConfigDict, vocab_size: int, teacher_graphd
                             relaxed_blocks(x0.shape, vocab_size))
       return h, xt, sigma_g, jnp.exp(-sigma_g), jnp.log(-jnp.expm1(-sigma_g)), span * slope
 
-    h, xt, time_input, *schedule = (
+    h, xt, time_input, *rates = (
         jax.lax.cond(frozen["step"] < cfg.curriculum_end, relaxed, discrete)
         if curriculum else discrete())
     logits = model(h, time_input, dropout_rng=rng_dropout if train else None)
-    loss = bound(logits, xt, x0, *schedule).mean()
+    loss = bound(logits, xt, x0, *rates).mean()
     return loss, {"loss": loss, "noised": (xt != x0).mean()}
   return loss_fn
 

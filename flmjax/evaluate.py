@@ -81,9 +81,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[st
   an earlier run's file of that name is replaced, saying so) with decoded samples, the
   time per sample (measured on a second, compiled run) and what wrote them: the
   checkpoint (and its step), the seed and the sample options."""
-  path = outputs.create_workdir(workdir)
   record, graphdef, params, tokenizer = load(config, config.checkpoint)
   registry.check_sample_options(record["kind"], config.sample, config.checkpoint)
+  path = outputs.create_workdir(workdir)  # once the checkpoint is found good
   name, sampler = sampler_for(config, record, tokenizer, config.sample.steps,
                               config.sample.num_samples)
   jax.block_until_ready(sampler(graphdef, params, jax.random.PRNGKey(config.seed + 1)))

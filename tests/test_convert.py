@@ -428,6 +428,10 @@ def test_gpt2_sized_import_samples_one_step(tmp_path, capsys, prepared):
   capsys.readouterr()
   evaluate.sample(config, str(tmp_path / "out"))
   assert "flowmap_1.json, replacing the samples there" in capsys.readouterr().out
+  config.sample.sampler = "euler"  # an FLM's: refused before its workdir is made
+  with pytest.raises(UsageError, match="sample.sampler=euler: .* holds a fmlm model"):
+    evaluate.sample(config, str(tmp_path / "refused"))
+  assert not (tmp_path / "refused").exists()
   other = small_config()
   other.tokenizer.path = prepared.tokenizer.source
   with pytest.raises(UsageError, match="V = 50258 but the config's tokenizer"):

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from conftest import randomize, small_dit, train_config
-from flmjax import absorbing, autoregressive, evaluate, generate, registry, sampling, train
+from flmjax import (absorbing, autoregressive, evaluate, flow, generate, registry, sampling,
+                    train)
 from flmjax.data import pipeline
 from flmjax.errors import UsageError
 from flmjax.models import dit
@@ -531,6 +532,37 @@ def test_ar_takes_auto_attention_where_the_run_asks_for_a_kernel_it_cannot_run()
     validate(config, "train", lambda: 8)
   config.family = "ar"
   validate(config, "train", lambda: 8)
+
+
+@pytest.mark.parametrize("name", [name for name in registry.OBJECTIVES if name != "ar"])
+def test_every_objective_draws_its_times_as_its_part_of_the_batch(name, monkeypatch):
+  """The training step tells the objective which part of an accumulated batch it has
+  (part=(index, parts)); every objective that draws times (all but AR's) hands it to the
+  stratified draw, so that the parts' times are stratified over the whole batch."""
+  objective = registry.OBJECTIVES[name]
+  config = train_config()
+  config.model.mask_id = V - 1
+  student = registry.with_family(config, objective)
+  model = dit.builder(student.model, V)()
+  frozen = {"step": jnp.int32(0)}
+  teacher_graphdef = None
+  if objective.teacher == "flm":
+    teacher_graphdef, frozen = nnx.split(dit.builder(
+        registry.with_family(config, registry.OBJECTIVES["flm"]).model, V)())
+    frozen = nnx.to_pure_dict(frozen)
+  elif objective.self_teacher:
+    teacher_graphdef = nnx.graphdef(model)
+    frozen = dict(frozen, params=nnx.to_pure_dict(nnx.state(model)))
+  loss_fn = objective.build(student, V, teacher_graphdef)
+  parts, draw = [], flow.stratified_uniform
+
+  def recorded(rng, n, part=(0, 1)):
+    parts.append(part)
+    return draw(rng, n, part)
+  monkeypatch.setattr(flow, "stratified_uniform", recorded)
+  batch = {"tokens": jnp.zeros((8, 16), jnp.int32)}
+  jax.eval_shape(lambda: loss_fn(model, batch, jax.random.key(0), frozen, part=(1, 4)))
+  assert parts and all(part == (1, 4) for part in parts), parts
 
 
 def test_a_tokenizer_without_a_mask_id_is_refused_for_absorbing_families():

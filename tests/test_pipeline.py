@@ -169,6 +169,13 @@ def test_damaged_or_unfinished_folders(tmp_path):
   with pytest.raises(UsageError, match=rf"train-00000.array_record has {size - 100:,} bytes, "
                      rf"{size:,} when it was written \(a copy cut short\?\); copy it again"):
     pipeline.prepare(config, str(tmp_path))
+  with shard.open("r+b") as cut:  # a damaged copy of the right size: refused when read
+    cut.truncate(size)
+    cut.seek(size // 2)
+    cut.write(bytes(range(256)) * (size // 1024))
+  with pytest.raises(UsageError, match=r"holds a shard that cannot be read \(Corrupted "
+                     r"Riegeli.*\); move .* away to rebuild it"):
+    next(iter(pipeline.train_batches(pipeline.prepare(config, str(tmp_path)), 8, 0)))
   no_splits = {k: v for k, v in prepared.meta.items() if k != "splits"}
   for damaged in (b'{"format_version": ', b'{"\xff": 1}',  # not JSON; not UTF-8
                   b"[1, 2]", json.dumps(no_splits).encode()):  # JSON, not a whole meta.json

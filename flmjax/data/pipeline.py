@@ -295,9 +295,38 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
+class _Shards(grain.sources.ArrayRecordDataSource):
+  """A split's shards; one that cannot be read (a damaged copy of the right size) is a
+  UsageError naming the prepared folder and what to do, where ArrayRecord's error names
+  no file."""
+
+  def __init__(self, prepared: Prepared, split: str):
+    self.folder = prepared.path
+    try:  # opens every shard to count its records
+      super().__init__(prepared.files(split))
+    except RuntimeError as e:
+      raise self._damaged(e) from None
+
+  def _damaged(self, error: RuntimeError) -> UsageError:
+    return UsageError(f"{self.folder} holds a shard that cannot be read "
+                      f"({str(error).splitlines()[0][:300]}); move {self.folder} away to "
+                      "rebuild it.")
+
+  def __getitem__(self, key):
+    try:
+      return super().__getitem__(key)
+    except RuntimeError as e:
+      raise self._damaged(e) from None
+
+  def __getitems__(self, keys):
+    try:
+      return super().__getitems__(keys)
+    except RuntimeError as e:
+      raise self._damaged(e) from None
+
+
 def _split(prepared: Prepared, split: str):
-  source = grain.sources.ArrayRecordDataSource(prepared.files(split)) \
-      if prepared.meta["splits"][split]["examples"] else []
+  source = _Shards(prepared, split) if prepared.meta["splits"][split]["examples"] else []
   return grain.MapDataset.source(source)
 
 

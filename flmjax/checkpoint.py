@@ -346,6 +346,9 @@ def _locate(directory: epath.Path) -> tuple[str, epath.Path, int | None]:
   """A workdir's latest checkpoint, else an export (the folder itself, or WORKDIR/export):
   a distillation resumed past its export (and stopped before exporting again) is read at
   its newer steps."""
+  if not directory.exists():
+    raise UsageError(f"{directory} does not exist: point it at a training or distillation "
+                     "workdir, or an export.")
   if (directory / "checkpoints").is_dir():
     step = Checkpoints(directory / "checkpoints").latest_step()
     if step is not None:

@@ -677,6 +677,9 @@ def test_the_student_starts_from_the_teachers_ema_and_reads_its_data(tmp_path, p
 def test_distill_refuses_a_missing_or_wrong_teacher(tmp_path, teacher):
   config = train_config(steps=2)
   config.teacher_checkpoint = str(tmp_path / "nothing")
+  with pytest.raises(UsageError, match="nothing does not exist: point it at a training"):
+    train.distill(config, str(tmp_path / "s"))
+  (tmp_path / "nothing").mkdir()
   with pytest.raises(UsageError, match="holds no flmjax checkpoint"):
     train.distill(config, str(tmp_path / "s"))
   config.teacher_checkpoint = teacher

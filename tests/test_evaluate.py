@@ -213,7 +213,7 @@ def test_eval_mode_refuses_to_replace_a_table_of_several_models(tmp_path):
                          r"holds the evaluation of FLM, FMLM \(a --mode=pipeline or "
                          r"--mode=compare table\)"),
                         ([row("FLM"), row("FLM"), row("dataset", "data")],
-                         "holds no flmjax checkpoint")):
+                         "missing does not exist")):
     results.write_text(json.dumps({"seq_len": 8, "rows": rows}))
     with pytest.raises(UsageError, match=refusal):
       evaluate.eval_mode(config, str(tmp_path))

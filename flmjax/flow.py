@@ -349,20 +349,22 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
     if gpu:  # else XLA:GPU writes the float32 gradient, and sums the bias's from it
       low = jax.lax.optimization_barrier(low)
     d_features = jnp.matmul(low, kernel_t, preferred_element_type=jnp.float32)
-    d_kernel, d_bias = sums
     if gpu:
+      d_kernel, d_bias = sums
       sums = (d_kernel + jnp.matmul(xc.astype(dtype).T, low,
                                     preferred_element_type=jnp.float32),
               d_bias + jnp.sum(low, axis=0, dtype=jnp.float32))
     else:  # the kernel's and the bias's gradient in one product, [x, 1]^T grad
       ones = jnp.ones((xc.shape[0], 1), dtype)
-      d_params = jnp.matmul(jnp.concatenate([xc.astype(dtype), ones], axis=1).T, low,
-                            preferred_element_type=jnp.float32)
-      sums = d_kernel + d_params[:-1], d_bias + d_params[-1]
+      sums = sums + jnp.matmul(jnp.concatenate([xc.astype(dtype), ones], axis=1).T, low,
+                               preferred_element_type=jnp.float32)
     return sums, ((logsumexp - picked).reshape(shape), d_features.reshape(*shape, -1))
 
-  zeros = jnp.zeros(padded.shape, jnp.float32), jnp.zeros(padded.shape[1], jnp.float32)
-  (d_kernel, d_bias), (cross_entropy, d_features) = jax.lax.scan(one, zeros, (x, t, w))
+  rows, columns = padded.shape
+  zeros = ((jnp.zeros((rows, columns), jnp.float32), jnp.zeros(columns, jnp.float32)) if gpu
+           else jnp.zeros((rows + 1, columns), jnp.float32))  # the bias's gradient last
+  sums, (cross_entropy, d_features) = jax.lax.scan(one, zeros, (x, t, w))
+  d_kernel, d_bias = sums if gpu else (sums[:-1], sums[-1])
   d_kernel, d_bias = d_kernel[:, :vocab], d_bias[:vocab]
   cross_entropy = _unchunk(cross_entropy)
   return (jnp.sum(weights * cross_entropy), cross_entropy), (

@@ -360,9 +360,11 @@ def _head_cross_entropy_fwd(features, kernel, bias, targets, weights, cap, dtype
                                preferred_element_type=jnp.float32)
     return sums, ((logsumexp - picked).reshape(shape), d_features.reshape(*shape, -1))
 
+  # Off GPUs one carry, the bias's gradient its last row: split in two, XLA planned 2.3 GiB
+  # more per chip for the OWT train step on a v5p slice (docs/results.md).
   rows, columns = padded.shape
   zeros = ((jnp.zeros((rows, columns), jnp.float32), jnp.zeros(columns, jnp.float32)) if gpu
-           else jnp.zeros((rows + 1, columns), jnp.float32))  # the bias's gradient last
+           else jnp.zeros((rows + 1, columns), jnp.float32))
   sums, (cross_entropy, d_features) = jax.lax.scan(one, zeros, (x, t, w))
   d_kernel, d_bias = sums if gpu else (sums[:-1], sums[-1])
   d_kernel, d_bias = d_kernel[:, :vocab], d_bias[:vocab]
